@@ -1,0 +1,3 @@
+from .dit import DiT, DiTBlock
+
+__all__ = ["DiT", "DiTBlock"]

@@ -1,0 +1,162 @@
+"""Training data: the built-in digits set, pre-extracted VAE latents (DiT/TinyFusion
+``*_features/*.npy`` + ``*_labels/*.npy`` layout, or the project's safetensors shards) and
+image folders encoded on the fly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import DitcError, UsageError
+
+DIGITS_HELDOUT = 297  # the last 297 of a fixed permutation are never trained on
+
+
+def digits_arrays(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1797 real 8x8 digits as float images in [-1, 1], shape [N, 1, 8, 8]."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images.astype(np.float32) / 16.0) * 2 - 1
+    y = d.target.astype(np.int64)
+    perm = np.random.RandomState(0).permutation(len(x))
+    idx = {"train": perm[:-DIGITS_HELDOUT], "test": perm[-DIGITS_HELDOUT:], "all": perm}.get(split)
+    if idx is None:
+        raise UsageError(f"unknown digits split {split!r} (train, test, all)")
+    return x[idx, None], y[idx]
+
+
+class TensorData:
+    """An indexable set of (x, y). ``get(indices)`` returns a batch."""
+
+    def __init__(self, x, y, name: str = "data", flip_pairs: bool = False):
+        self.x = x
+        self.y = torch.as_tensor(y, dtype=torch.long)
+        self.name = name
+        self.flip_pairs = flip_pairs  # x[i] is (2, C, H, W): image and its horizontal flip
+
+    def __len__(self):
+        return len(self.y)
+
+    @property
+    def sample_shape(self) -> tuple:
+        s = tuple(self.x.shape[1:])
+        return s[1:] if self.flip_pairs else s
+
+    def get(self, idx: torch.Tensor, generator: torch.Generator | None = None):
+        x = torch.as_tensor(np.asarray(self.x[idx.numpy()]) if not torch.is_tensor(self.x) else self.x[idx]).float()
+        if self.flip_pairs:
+            pick = torch.randint(0, 2, (len(idx),), generator=generator)
+            x = x[torch.arange(len(idx)), pick]
+        return x, self.y[idx]
+
+
+class NpyDirData(TensorData):
+    """DiT/TinyFusion extraction layout: ``<root>/*_features/N.npy`` and ``*_labels/N.npy``."""
+
+    def __init__(self, feat_dir: Path, label_dir: Path):
+        files = sorted(feat_dir.glob("*.npy"), key=lambda p: (len(p.stem), p.stem))
+        if not files:
+            raise DitcError(f"no .npy latents in {feat_dir}")
+        self.files = files
+        self.label_dir = label_dir
+        ys = []
+        for f in files:
+            lf = label_dir / f.name
+            if not lf.exists():
+                raise DitcError(f"latent {f.name} has no label file in {label_dir}")
+            ys.append(int(np.asarray(np.load(lf)).reshape(-1)[0]))
+        first = np.load(files[0])
+        shape = first.shape[1:] if first.shape[0] == 1 else first.shape
+        self.flip_pairs = len(shape) == 4 and shape[0] == 2
+        self._shape = shape
+        self.y = torch.tensor(ys, dtype=torch.long)
+        self.name = str(feat_dir.parent)
+        self.x = None
+
+    @property
+    def sample_shape(self) -> tuple:
+        return tuple(self._shape[1:]) if self.flip_pairs else tuple(self._shape)
+
+    def get(self, idx, generator=None):
+        arrs = []
+        for i in idx.tolist():
+            a = np.load(self.files[i])
+            if a.shape[0] == 1:
+                a = a[0]
+            arrs.append(a)
+        x = torch.from_numpy(np.stack(arrs)).float()
+        if self.flip_pairs:
+            pick = torch.randint(0, 2, (len(idx),), generator=generator)
+            x = x[torch.arange(len(idx)), pick]
+        return x, self.y[idx]
+
+
+def load_shards(root: Path) -> TensorData:
+    """The project's own layout: ``shard-*.safetensors`` with ``latents`` and ``labels``."""
+    from safetensors.numpy import load_file
+
+    shards = sorted(root.glob("shard-*.safetensors"))
+    xs, ys = [], []
+    for s in shards:
+        try:
+            d = load_file(str(s))
+        except Exception as e:  # noqa: BLE001 - any decode failure is a bad shard
+            raise DitcError(f"cannot read latent shard {s}: {e}") from None
+        if "latents" not in d or "labels" not in d:
+            raise DitcError(f"latent shard {s} lacks 'latents' or 'labels'")
+        xs.append(d["latents"])
+        ys.append(d["labels"])
+    x = np.concatenate(xs)
+    return TensorData(x, np.concatenate(ys), name=str(root), flip_pairs=x.ndim == 5)
+
+
+def load_data(spec: str, num_classes: int | None = None) -> TensorData:
+    """``digits`` / ``digits:test`` / a latents dir / a shards dir / an image folder."""
+    if spec.startswith("digits"):
+        split = spec.split(":", 1)[1] if ":" in spec else "train"
+        x, y = digits_arrays(split)
+        data = TensorData(torch.from_numpy(x), y, name=f"digits:{split}")
+    else:
+        root = Path(spec)
+        if not root.exists():
+            raise DitcError(f"data path {spec} does not exist")
+        if not root.is_dir():
+            raise DitcError(f"data path {spec} is not a directory")
+        feats = sorted(root.glob("*_features"))
+        if list(root.glob("shard-*.safetensors")):
+            data = load_shards(root)
+        elif feats:
+            labels = root / feats[0].name.replace("_features", "_labels")
+            if not labels.is_dir():
+                raise DitcError(f"{feats[0]} has no matching labels directory {labels.name}")
+            data = NpyDirData(feats[0], labels)
+        elif (root / "manifest.json").exists() or any(p.is_dir() for p in root.iterdir()):
+            from .images import ImageFolderData
+
+            data = ImageFolderData(root)
+        else:
+            raise DitcError(f"{spec} is empty or holds no known data layout (latents, shards or class folders)")
+    if len(data) == 0:
+        raise DitcError(f"data {spec} holds no samples")
+    if num_classes is not None:
+        bad = (data.y < 0) | (data.y >= num_classes)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise DitcError(f"data {spec}: label {int(data.y[i])} of sample {i} is outside 0..{num_classes - 1}")
+    return data
+
+
+def check_fits(data: TensorData, cfg) -> None:
+    want = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    if tuple(data.sample_shape) != want:
+        raise DitcError(
+            f"data {data.name} has samples of shape {tuple(data.sample_shape)} but the model takes {want}"
+        )
+
+
+def write_manifest(path: Path, **info) -> None:
+    path.write_text(json.dumps(info, indent=2))

@@ -1,0 +1,110 @@
+"""Pluggable training losses: plain diffusion, output KD, masked representation KD, FLOPs."""
+
+from __future__ import annotations
+
+import torch
+
+from ..diffusion.gaussian import GaussianDiffusion, mean_flat, normal_kl
+
+
+def plain_loss(diffusion: GaussianDiffusion):
+    def fn(model, batch, step):
+        res = diffusion.training_losses(model, batch["x"], batch["t"], batch["y"], noise=batch["noise"])
+        return {"loss": res["loss"].mean(), "mse": res["mse"].mean().detach(), "vb": res["vb"].mean().detach()}
+
+    return fn
+
+
+def layer_map(student_cfg, teacher_cfg) -> list[int]:
+    """Teacher block whose output each student block should reproduce.
+
+    A student block that stands for source layer k_i replaces source layers
+    k_i .. k_{i+1}-1, so its output is matched to the teacher's output just before
+    source layer k_{i+1} (the last student block to the teacher's last block). For a
+    uniform 1:2 pruning of 28 layers this is TinyFusion's student i <-> teacher 2i+1.
+    """
+    src = student_cfg.kept_layers
+    t_index = {k: j for j, k in enumerate(teacher_cfg.kept_layers)}
+    out = []
+    for i in range(len(src)):
+        boundary = src[i + 1] - 1 if i + 1 < len(src) else teacher_cfg.kept_layers[-1]
+        # the teacher may itself be pruned: take the last of its blocks at or before the boundary
+        cands = [j for k, j in t_index.items() if k <= boundary]
+        out.append(max(cands) if cands else 0)
+    return out
+
+
+def masked_rep_loss(hs: torch.Tensor, ht: torch.Tensor, k: float | None) -> torch.Tensor:
+    """MSE between block outputs, ignoring massive activations (|h - mu| >= k sigma, per sample)."""
+    diff2 = (hs - ht) ** 2
+    if k is None:
+        return diff2.mean()
+
+    def keep(h):
+        flat = h.flatten(1)
+        mu = flat.mean(1).view(-1, *([1] * (h.dim() - 1)))
+        sd = flat.std(1).view(-1, *([1] * (h.dim() - 1)))
+        return (h - mu).abs() < k * sd
+
+    m = (keep(ht) & keep(hs.detach())).to(hs.dtype)
+    return (torch.where(m > 0, diff2, torch.zeros_like(diff2))).sum() / m.sum().clamp(min=1.0)
+
+
+def flops_target(step: int, total: int, target: float, warmup_frac: float) -> float:
+    warm = max(1, int(total * warmup_frac))
+    return 1.0 - (1.0 - target) * min(1.0, step / warm)
+
+
+def combined_loss(diffusion: GaussianDiffusion, model, teacher, kd: dict, total_steps: int):
+    """Plain diffusion loss, plus output KD / masked RepKD with a teacher, plus the FLOPs
+    loss for dynamic models. Returns (loss_fn, status_fn)."""
+    w_out = kd.get("out", 0.9 if teacher is not None else 0.0)
+    w_plain = kd.get("plain", 0.1 if teacher is not None else 1.0)
+    beta = kd.get("rep", 0.0)
+    k_sigma = kd.get("k_sigma", 2.0)
+    lam = model.config.width.target_flops if model.config.width is not None else kd.get("target_flops", 1.0)
+    dynamic = model.config.is_dynamic
+    warmup_frac = kd.get("flops_warmup", 0.3)
+    lmap = layer_map(model.config, teacher.config) if (teacher is not None and beta > 0) else None
+    last = {}
+
+    def fn(m, batch, step):
+        x0, t, y, noise = batch["x"], batch["t"], batch["y"], batch["noise"]
+        need_aux = dynamic or lmap is not None
+        res = diffusion.training_losses(m, x0, t, y, noise=noise, return_aux=need_aux) if need_aux else \
+            diffusion.training_losses(m, x0, t, y, noise=noise)
+        logs = {"mse": res["mse"].mean().detach()}
+        loss = w_plain * res["loss"].mean()
+        if teacher is not None:
+            with torch.no_grad():
+                tout = teacher(res["xt"], diffusion.model_t(t), y, return_aux=lmap is not None)
+            if lmap is not None:
+                tout, taux = tout
+            s_eps, s_v = diffusion.split_output(res["output"], x0)
+            t_eps, t_v = diffusion.split_output(tout, x0)
+            kd_eps = ((s_eps - t_eps) ** 2).mean()
+            logs["kd_eps"] = kd_eps.detach()
+            kd_var = torch.zeros((), device=x0.device)
+            if s_v is not None and t_v is not None:
+                t_mean, t_logv, _, _ = diffusion.p_mean_variance(tout, res["xt"], t)
+                s_mean, s_logv, _, _ = diffusion.p_mean_variance(torch.cat([s_eps.detach(), s_v], 1), res["xt"], t)
+                kd_var = mean_flat(normal_kl(t_mean, t_logv, s_mean, s_logv)).mean() / 0.6931471805599453
+            loss = loss + w_out * (kd_eps + kd_var)
+            if lmap is not None:
+                b = beta * max(0.0, 1.0 - step / max(1, total_steps))
+                rep = sum(masked_rep_loss(hs, taux.features[j], k_sigma) for hs, j in zip(res["aux"].features, lmap)) / len(lmap)
+                logs["rep"] = rep.detach()
+                loss = loss + b * rep
+        if dynamic:
+            ratio = res["aux"].flops_ratio.mean()
+            target = flops_target(step, total_steps, lam, warmup_frac)
+            loss = loss + 2.0 * (ratio - target) ** 2
+            logs["flops_ratio"] = ratio.detach()
+            last["flops"] = float(ratio)
+        logs["loss"] = loss
+        return logs
+
+    def status(m):
+        return f"flops {last['flops']:.2f}" if "flops" in last else ""
+
+    return fn, status

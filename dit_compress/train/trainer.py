@@ -1,0 +1,286 @@
+"""The one training loop of the project, on accelerate.
+
+Determinism: every step reseeds from (seed, step, process), so a resumed run sees exactly
+the batches, timesteps and noise that an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import DitcError, TrainingError
+from ..progress import make_progress
+
+
+class TrainingInterrupted(DitcError):
+    exit_code = 130
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup: int = 0
+    schedule: str = "constant"  # constant | cosine | linear
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    ema: float = 0.9999  # 0 disables
+    mixed_precision: str = "no"
+    seed: int = 0
+    ckpt_every: int = 0
+    log_every: int = 10
+
+    def to_dict(self):
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module
+    ema: torch.nn.Module | None
+    history: list = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+    resumed_from: int = 0
+
+
+def _lr_lambda(cfg: TrainConfig):
+    def f(step):
+        if cfg.warmup and step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        if cfg.schedule == "cosine":
+            p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+        if cfg.schedule == "linear":
+            p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+            return max(0.0, 1 - p)
+        return 1.0
+
+    return f
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
+    for (n, pe), p in zip(ema.named_parameters(), model.parameters()):
+        if p.requires_grad:
+            pe.mul_(decay).add_(p.detach().to(pe.dtype), alpha=1 - decay)
+        else:
+            pe.copy_(p.detach())
+
+
+class Trainer:
+    """Runs ``loss_fn(model, batch, step) -> {"loss": scalar, ...}`` for ``cfg.steps`` steps.
+
+    ``batch_fn(step, generator) -> batch`` draws the data for one step; ``work_dir`` holds
+    ``train_state/`` (checkpoint for exact resume). ``param_groups`` overrides the default
+    single group of trainable parameters (e.g. separate learning rates).
+    """
+
+    def __init__(self, model, loss_fn: Callable, batch_fn: Callable, cfg: TrainConfig, work_dir: Path,
+                 param_groups: list | None = None, on_step: Callable | None = None,
+                 desc: str = "training", status_fn: Callable | None = None, state_modules: dict | None = None):
+        self.model = model
+        self.loss_fn = loss_fn
+        self.batch_fn = batch_fn
+        self.cfg = cfg
+        self.work_dir = Path(work_dir)
+        self.param_groups = param_groups
+        self.on_step = on_step
+        self.desc = desc
+        self.status_fn = status_fn
+        self.state_modules = state_modules or {}  # extra modules saved with the train state
+        self._stop_signal = None
+
+    # ------------------------------------------------------------------ state
+    @property
+    def state_dir(self) -> Path:
+        return self.work_dir / "train_state"
+
+    def _save_state(self, acc, model, ema, opt, sched, step, history):
+        if not acc.is_main_process:
+            acc.wait_for_everyone()
+            return
+        from safetensors.torch import save_file
+
+        tmp = self.work_dir / ".train_state.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        unwrapped = acc.unwrap_model(model)
+        save_file({k: v.detach().contiguous().clone() for k, v in unwrapped.state_dict().items()}, str(tmp / "model.safetensors"))
+        if ema is not None:
+            save_file({k: v.detach().contiguous().clone() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
+        for name, mod in self.state_modules.items():
+            save_file({k: v.detach().contiguous().clone() for k, v in mod.state_dict().items()}, str(tmp / f"{name}.safetensors"))
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optim.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "train_config": self.cfg.to_dict(), "history": history}))
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+        os.replace(tmp, self.state_dir)
+        acc.wait_for_everyone()
+
+    def _load_state(self, acc, model, ema, opt, sched):
+        from safetensors.torch import load_file
+
+        sd = self.state_dir
+        if not (sd / "state.json").exists():
+            raise DitcError(f"--resume: no training state in {self.work_dir} (expected {sd}/state.json)")
+        meta = json.loads((sd / "state.json").read_text())
+        saved = meta["train_config"]
+        for key in ("batch_size", "lr", "seed", "grad_accum"):
+            if saved.get(key) != getattr(self.cfg, key):
+                raise DitcError(
+                    f"--resume: {key} was {saved.get(key)} in the interrupted run but is {getattr(self.cfg, key)} now"
+                )
+        unwrapped = acc.unwrap_model(model)
+        state = load_file(str(sd / "model.safetensors"))
+        mine = unwrapped.state_dict()
+        if set(state) != set(mine) or any(state[k].shape != mine[k].shape for k in state):
+            raise DitcError(f"--resume: the saved training state does not fit this model/config ({sd})")
+        unwrapped.load_state_dict(state)
+        if ema is not None and (sd / "ema.safetensors").exists():
+            ema.load_state_dict(load_file(str(sd / "ema.safetensors")))
+        for name, mod in self.state_modules.items():
+            mod.load_state_dict(load_file(str(sd / f"{name}.safetensors")))
+        opt_state = torch.load(sd / "optim.pt", weights_only=True)
+        opt.load_state_dict(opt_state["optimizer"])
+        sched.load_state_dict(opt_state["scheduler"])
+        return int(meta["step"]), meta.get("history", [])
+
+    # ------------------------------------------------------------------ run
+    def _install_signals(self):
+        old = {}
+
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                old[s] = signal.signal(s, handler)
+            except ValueError:  # not the main thread
+                pass
+        return old
+
+    def run(self, resume: bool = False) -> TrainResult:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        cfg = self.cfg
+        acc = Accelerator(
+            mixed_precision=cfg.mixed_precision if torch.cuda.is_available() or cfg.mixed_precision == "no" else "no",
+            gradient_accumulation_steps=cfg.grad_accum,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+            cpu=not torch.cuda.is_available(),
+        )
+        model = self.model
+        ema = None
+        if cfg.ema > 0:
+            ema = copy.deepcopy(model).eval()
+            for p in ema.parameters():
+                p.requires_grad_(False)
+        groups = self.param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+        model.train()
+        model, opt = acc.prepare(model, opt)
+        if ema is not None:
+            ema.to(acc.device)
+        start, history = 0, []
+        if resume:
+            start, history = self._load_state(acc, model, ema, opt, sched)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        last_good = start if resume else None
+        old_handlers = self._install_signals()
+        t0 = time.time()
+        rank, world = acc.process_index, acc.num_processes
+        try:
+            with make_progress(self.desc, cfg.steps, completed=start) as bar:
+                step = start
+                while step < cfg.steps:
+                    losses = []
+                    for micro in range(cfg.grad_accum):
+                        seed = ((cfg.seed * 1_000_003 + step) * 131 + micro) * 64 + rank
+                        torch.manual_seed(seed)
+                        g = torch.Generator().manual_seed(seed)
+                        batch = self.batch_fn(step, g, rank, world)
+                        with acc.accumulate(model):
+                            with acc.autocast():
+                                out = self.loss_fn(model, batch, step)
+                            loss = out["loss"]
+                            acc.backward(loss)
+                            if acc.sync_gradients and cfg.grad_clip > 0:
+                                acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                            opt.step()
+                            opt.zero_grad(set_to_none=True)
+                        losses.append(out)
+                    sched.step()
+                    loss_val = torch.stack([o["loss"].detach().float() for o in losses]).mean()
+                    loss_val = acc.reduce(loss_val.to(acc.device), reduction="mean")
+                    if not torch.isfinite(loss_val):
+                        kept = f"the last good checkpoint (step {last_good}) is kept in {self.state_dir}" if last_good is not None else "no checkpoint was written"
+                        raise TrainingError(f"loss is {float(loss_val)} at step {step}; stopping ({kept})")
+                    step += 1
+                    if ema is not None:
+                        decay = min(cfg.ema, (1 + step) / (10 + step))
+                        ema_update(ema, acc.unwrap_model(model), decay)
+                    if self.on_step is not None:
+                        self.on_step(step, acc.unwrap_model(model))
+                    if step % cfg.log_every == 0 or step == cfg.steps:
+                        rec = {"step": step, "loss": float(loss_val), "lr": sched.get_last_lr()[0]}
+                        for k, v in losses[-1].items():
+                            if k != "loss" and torch.is_tensor(v) and v.numel() == 1:
+                                rec[k] = float(v.detach())
+                        history.append(rec)
+                    ips = (step - start) / max(1e-9, time.time() - t0)
+                    status = f"loss {float(loss_val):.4f}  {ips:.2f} it/s"
+                    if self.status_fn is not None:
+                        status += "  " + self.status_fn(acc.unwrap_model(model))
+                    bar.advance(1, status=status)
+                    if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
+                        self._save_state(acc, model, ema, opt, sched, step, history)
+                        last_good = step
+                    if self._stop_signal is not None:
+                        self._save_state(acc, model, ema, opt, sched, step, history)
+                        raise TrainingInterrupted(
+                            f"interrupted at step {step}; state saved in {self.state_dir}, continue with --resume"
+                        )
+        finally:
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+        acc.wait_for_everyone()
+        unwrapped = acc.unwrap_model(model)
+        unwrapped.eval()
+        self.accelerator = acc
+        return TrainResult(unwrapped, ema, history, cfg.steps, time.time() - t0, start)
+
+    def discard_state(self):
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+
+def random_batch_fn(data, batch_size: int, stratified_t: bool = False, num_timesteps: int = 1000):
+    """Batches drawn with replacement; timesteps uniform or stratified over the batch."""
+
+    def fn(step, g, rank, world):
+        idx = torch.randint(0, len(data), (batch_size,), generator=g)
+        x, y = data.get(idx, generator=g)
+        if stratified_t:
+            edges = torch.linspace(0, num_timesteps, batch_size + 1)
+            t = (edges[:-1] + torch.rand(batch_size, generator=g) * (edges[1] - edges[0])).long().clamp(max=num_timesteps - 1)
+            t = t[torch.randperm(batch_size, generator=g)]
+        else:
+            t = torch.randint(0, num_timesteps, (batch_size,), generator=g)
+        noise = torch.randn(x.shape, generator=g)
+        return {"x": x, "y": y, "t": t, "noise": noise}
+
+    return fn
