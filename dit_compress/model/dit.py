@@ -404,6 +404,16 @@ class DiT(nn.Module):
         return torch.cat([torch.cat([guided, guided], dim=0), rest], dim=1)
 
     # ------------------------------------------------------------------ helpers
+    def set_numerics(self, kind: str = "original") -> "DiT":
+        """``"original"`` (DiT reference: sinusoid /128, every LayerNorm eps 1e-6) or
+        ``"diffusers"`` (sinusoid /127, pre-MLP LayerNorm eps 1e-5), for bit-level parity."""
+        if kind not in ("original", "diffusers"):
+            raise ValueError(f"unknown numerics {kind!r}")
+        self.t_embedder.freq_shift = 1.0 if kind == "diffusers" else 0.0
+        for b in self.blocks:
+            b.norm2.eps = 1e-5 if kind == "diffusers" else 1e-6
+        return self
+
     def num_params(self, include_routers: bool = True) -> int:
         n = 0
         for name, p in self.named_parameters():

@@ -1,0 +1,383 @@
+"""``ditc``: the command-line shell over the library. Each command parses its options,
+calls the library, renders a rich table and writes reports. Bad input exits with one
+line: code 2 for usage errors, 1 for runtime errors."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import DitcError, UsageError
+
+app = typer.Typer(
+    name="ditc",
+    help="Compress pretrained Diffusion Transformers: prune depth (TinyFusion), add dynamic width and "
+    "token routing (DyDiT), fine-tune, distill, evaluate and benchmark.\n\n"
+    "Every command reads any source (digits-dit, a hub id such as DiT-XL-2, a diffusers dir, an original "
+    ".pt, a ditc checkpoint) and writes a ditc checkpoint, so commands chain.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="markdown",
+    pretty_exceptions_enable=False,
+)
+out_console = Console()
+err_console = Console(stderr=True)
+
+
+def handle_errors(fn):
+    """One clear line and an exit code for every expected failure, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DitcError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code)
+        except KeyboardInterrupt:
+            err_console.print("[bold red]error:[/] interrupted", highlight=False)
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def emit_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def kv_table(title: str, rows: dict) -> Table:
+    t = Table(title=title, show_header=False)
+    t.add_column("field", style="bold")
+    t.add_column("value")
+    for k, v in rows.items():
+        if isinstance(v, float):
+            v = f"{v:.4g}"
+        elif isinstance(v, (list, dict)):
+            v = json.dumps(v, default=str)
+            v = v if len(v) < 200 else v[:197] + "..."
+        t.add_row(str(k), str(v))
+    return t
+
+
+def rows_table(title: str, rows: list[dict]) -> Table:
+    t = Table(title=title)
+    cols = []
+    for r in rows:
+        for k in r:
+            if k not in cols:
+                cols.append(k)
+    for c in cols:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*[f"{r.get(c):.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols])
+    return t
+
+
+def fmt_gflops(g: float) -> str:
+    return f"{g:.2f}" if g < 10 else f"{g:.1f}"
+
+
+def _load(source: str, revision: Optional[str] = None, no_ema: bool = False, num_heads: Optional[int] = None):
+    from .formats import load_model
+
+    return load_model(source, revision=revision, use_ema=not no_ema, num_heads=num_heads)
+
+
+def _write_checkpoint(model, out: Path, force: bool, report: dict, title: str, plots=None):
+    """Atomic ditc checkpoint + report.json/.md (+ optional PNGs drawn by ``plots(dir)``)."""
+    from .formats.atomic import atomic_dir
+    from .formats.ditc import save_ditc_into
+    from .report import write_report
+
+    with atomic_dir(out, force) as tmp:
+        save_ditc_into(model, tmp, report=report)
+        write_report(tmp, report, title)
+        if plots is not None:
+            plots(tmp)
+
+
+def _parse_ints(text: Optional[str], what: str) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        return [int(s) for s in text.split(",") if s.strip() != ""]
+    except ValueError:
+        raise UsageError(f"{what} must be a comma-separated list of integers, got {text!r}") from None
+
+
+SRC_HELP = "Model source: digits-dit, a hub alias/id (DiT-XL-2, facebook/DiT-XL-2-256), a diffusers dir, an original .pt or a ditc checkpoint."
+Src = typer.Argument(..., help=SRC_HELP, show_default=False)
+Out = typer.Option(..., "-o", "--output", help="Output directory (refused if it exists, unless --force).", show_default=False)
+Force = typer.Option(False, "--force", help="Replace an existing output.")
+Revision = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit) for hub sources.")
+NoEma = typer.Option(False, "--no-ema", help="Original training checkpoints: take 'model' instead of the EMA weights.")
+JsonOut = typer.Option(False, "--json", help="Print the result as JSON on stdout (for pipelines).")
+
+
+# ---------------------------------------------------------------------------- info / convert / create
+@app.command()
+@handle_errors
+def info(source: str = Src, revision: Optional[str] = Revision, no_ema: bool = NoEma,
+         num_heads: Optional[int] = typer.Option(None, help="Heads, for original .pt files whose size is not a published one."),
+         sampler: str = typer.Option("ddim", help="Sampler whose timesteps average the FLOPs of dynamic models."),
+         steps: int = typer.Option(50, help="Sampler steps for the FLOPs average."),
+         arch: bool = typer.Option(False, "--arch", help="Treat SOURCE as an architecture name (DiT-XL/2 ...): FLOPs without weights."),
+         json_out: bool = JsonOut):
+    """Describe a model: architecture, parameters, FLOPs, compression spec and lineage.
+
+    Examples:
+
+        ditc info digits-dit
+
+        ditc info --arch DiT-XL/2          # 118.6 GFLOPs, no weights needed
+
+        ditc info tiny/ --json | jq .gflops
+    """
+    from .describe import describe
+
+    if arch:
+        import torch
+
+        from .config import DiTConfig
+        from .model import DiT
+
+        with torch.device("meta"):
+            model = DiT(DiTConfig.preset(source))
+    else:
+        model = _load(source, revision, no_ema, num_heads)
+    d = describe(model, sampler, steps)
+    if json_out:
+        emit_json(d)
+        return
+    d = dict(d)
+    d["gflops"] = fmt_gflops(d["gflops"])
+    d["params"] = f"{d['params']:,}"
+    out_console.print(kv_table(f"ditc info: {source}", d))
+
+
+@app.command()
+@handle_errors
+def convert(source: str = Src, output: Path = Out,
+            to: str = typer.Option("ditc", "--to", help="ditc | diffusers | original"),
+            dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 | bf16 | fp16 (default: keep float32)"),
+            revision: Optional[str] = Revision, no_ema: bool = NoEma,
+            num_heads: Optional[int] = typer.Option(None, help="Heads, for original .pt files of unpublished sizes."),
+            force: bool = Force):
+    """Convert between layouts: ditc checkpoint, diffusers (DiTTransformer2DModel), original .pt.
+
+    Examples:
+
+        ditc convert DiT-XL-2 -o xl-ditc/
+
+        ditc convert tiny/ --to diffusers -o tiny-diffusers/
+
+        ditc convert DiT-XL-2-256.pt --to ditc --dtype bf16 -o xl-bf16/
+    """
+    from .formats import save_model
+
+    model = _load(source, revision, no_ema, num_heads)
+    if to == "original" and output.suffix not in (".pt", ".pth"):
+        raise UsageError(f"--to original writes a single .pt file; give an output ending in .pt (got {output})")
+    model.config = model.config.with_step("convert", to=to, dtype=dtype or "fp32", source=str(source))
+    save_model(model, output, format=to, dtype=dtype, force=force)
+    err_console.print(f"wrote {to} checkpoint {output}")
+
+
+@app.command()
+@handle_errors
+def create(arch: str = typer.Argument(..., help="DiT-S/2, DiT-B/4, DiT-XL/2 ... or 'custom' with the options below."),
+           output: Path = Out,
+           input_size: Optional[int] = typer.Option(None, help="Latent/pixel side (default 32 for presets)."),
+           in_channels: Optional[int] = typer.Option(None),
+           hidden_size: Optional[int] = typer.Option(None),
+           depth: Optional[int] = typer.Option(None),
+           num_heads: Optional[int] = typer.Option(None),
+           patch_size: Optional[int] = typer.Option(None),
+           num_classes: Optional[int] = typer.Option(None),
+           learn_sigma: bool = typer.Option(True, "--learn-sigma/--no-learn-sigma"),
+           pixel: bool = typer.Option(False, "--pixel", help="Pixel-space model (no VAE)."),
+           name: Optional[str] = typer.Option(None),
+           seed: int = typer.Option(0),
+           force: bool = Force):
+    """Create a freshly initialised DiT (reference initialisation) as a ditc checkpoint.
+
+    Examples:
+
+        ditc create DiT-S/2 -o s2/
+
+        ditc create custom --input-size 8 --patch-size 1 --in-channels 1 --hidden-size 128 --depth 12 --num-heads 4 --num-classes 10 --pixel -o digits-new/
+    """
+    import torch
+
+    from .config import DiTConfig
+    from .model import DiT
+
+    over = {k: v for k, v in dict(input_size=input_size, in_channels=in_channels, hidden_size=hidden_size, depth=depth,
+                                   num_heads=num_heads, patch_size=patch_size, num_classes=num_classes).items() if v is not None}
+    over["learn_sigma"] = learn_sigma
+    if pixel:
+        over.update(latent_scale=None, vae=None)
+    if name:
+        over["name"] = name
+    if arch == "custom":
+        need = [k for k in ("input_size", "in_channels", "hidden_size", "depth", "num_heads", "patch_size") if k not in over]
+        if need:
+            raise UsageError(f"custom architecture needs --{need[0].replace('_', '-')}")
+        cfg = DiTConfig(**over)
+    else:
+        cfg = DiTConfig.preset(arch, **over)
+    cfg.lineage.append({"op": "create", "arch": arch, "seed": seed})
+    torch.manual_seed(seed)
+    model = DiT(cfg)
+    _write_checkpoint(model, output, force, {"created": arch, "params": model.num_params()}, "ditc create")
+    err_console.print(f"wrote {output} ({model.num_params():,} parameters)")
+
+
+# ---------------------------------------------------------------------------- training
+def _train_options(steps, batch_size, lr, ema, seed, grad_clip, grad_accum, warmup, schedule, ckpt_every,
+                   mixed_precision, weight_decay):
+    from .train.trainer import TrainConfig
+
+    if steps < 1:
+        raise UsageError("--steps must be at least 1")
+    if batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    if not (0.0 <= ema < 1.0):
+        raise UsageError("--ema must be in [0, 1)")
+    if schedule not in ("constant", "cosine", "linear"):
+        raise UsageError("--schedule must be constant, cosine or linear")
+    return TrainConfig(steps=steps, batch_size=batch_size, lr=lr, ema=ema, seed=seed, grad_clip=grad_clip,
+                       grad_accum=grad_accum, warmup=warmup, schedule=schedule, ckpt_every=ckpt_every,
+                       mixed_precision=mixed_precision, weight_decay=weight_decay)
+
+
+def work_dir_for(output: Path) -> Path:
+    """Where resumable training state lives while a command runs (removed on success)."""
+    return output.parent / f".{output.name}.ditc-work"
+
+
+def _run_training(model, data_spec, output, force, resume, tcfg, teacher=None, kd=None, op="finetune", extra=None):
+    from .formats.atomic import check_output
+    from .train.api import train_model
+    from .train.data import load_data
+
+    check_output(output, force)
+    data = load_data(data_spec, model.config.num_classes)
+    work = work_dir_for(output)
+    if not resume and (work / "train_state").exists():
+        raise UsageError(f"{work} holds an interrupted run: pass --resume to continue it, or delete it")
+    t0 = time.time()
+    res = train_model(model, data, tcfg, work, teacher=teacher, resume=resume, kd=kd, desc=op)
+    final = res.ema if res.ema is not None else res.model
+    final.config = res.model.config.with_step(op, data=data_spec, **tcfg.to_dict(), **(extra or {}))
+    report = {
+        "op": op, "data": data_spec, "steps": tcfg.steps, "seconds": time.time() - t0, "resumed_from": res.resumed_from,
+        "weights": "ema" if res.ema is not None else "raw", "train_config": tcfg.to_dict(),
+        "final_loss": res.history[-1]["loss"] if res.history else None, **(extra or {}), "history": res.history,
+    }
+
+    def plots(d):
+        from .report import plot_lines
+
+        if res.history:
+            plot_lines(d / "loss.png", [h["step"] for h in res.history], {"loss": [h["loss"] for h in res.history]},
+                       f"{op} loss", "step", "loss")
+
+    _write_checkpoint(final, output, force, report, f"ditc {op}", plots)
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    return final, report
+
+
+Steps = typer.Option(1000, "--steps", help="Optimizer steps.")
+Batch = typer.Option(64, "--batch-size", help="Per-process batch size.")
+Lr = typer.Option(1e-4, "--lr", help="AdamW learning rate.")
+Ema = typer.Option(0.9999, "--ema", help="EMA decay of the written weights (0: write the raw weights).")
+Seed = typer.Option(0, "--seed")
+Clip = typer.Option(1.0, "--grad-clip")
+Accum = typer.Option(1, "--grad-accum")
+Warm = typer.Option(0, "--warmup", help="LR warm-up steps.")
+Sched = typer.Option("constant", "--schedule", help="constant | cosine | linear")
+Ckpt = typer.Option(0, "--ckpt-every", help="Save resumable state every N steps (0: only on interrupt).")
+MP = typer.Option("no", "--mixed-precision", help="no | bf16 | fp16 (GPU only)")
+WD = typer.Option(0.0, "--weight-decay")
+Resume = typer.Option(False, "--resume", help="Continue an interrupted run of the same command and output.")
+Data = typer.Option(..., "--data", help="digits | a latents dir (*_features/*.npy or shard-*.safetensors) | an image folder", show_default=False)
+
+
+@app.command()
+@handle_errors
+def finetune(source: str = Src, output: Path = Out, data: str = Data, steps: int = Steps, batch_size: int = Batch,
+             lr: float = Lr, ema: float = Ema, seed: int = Seed, grad_clip: float = Clip, grad_accum: int = Accum,
+             warmup: int = Warm, schedule: str = Sched, ckpt_every: int = Ckpt, mixed_precision: str = MP,
+             weight_decay: float = WD, resume: bool = Resume, force: bool = Force, json_out: bool = JsonOut):
+    """Fine-tune with the DiT hybrid loss (eps MSE + VLB). Dynamic models also train their
+    routers toward the FLOPs target in their config. Runs under `accelerate launch` unchanged.
+
+    Examples:
+
+        ditc finetune tiny/ --data digits --steps 500 -o tiny-ft/
+
+        accelerate launch --num_processes 2 -m dit_compress.cli finetune tiny/ --data latents/ -o tiny-ft/
+    """
+    tcfg = _train_options(steps, batch_size, lr, ema, seed, grad_clip, grad_accum, warmup, schedule, ckpt_every,
+                          mixed_precision, weight_decay)
+    model = _load(source)
+    _, report = _run_training(model, data, output, force, resume, tcfg, op="finetune")
+    _summary(report, json_out)
+
+
+@app.command()
+@handle_errors
+def distill(source: str = Src, output: Path = Out, teacher: str = typer.Option(..., "--teacher", help="Teacher model source.", show_default=False),
+            data: str = Data, kd_out: float = typer.Option(0.9, "--kd-out", help="Weight of output KD (eps MSE + variance KL)."),
+            kd_plain: float = typer.Option(0.1, "--kd-plain", help="Weight of the plain diffusion loss."),
+            kd_rep: float = typer.Option(0.0, "--kd-rep", help="Weight beta of masked representation KD (TinyFusion: 1e-2), decays to 0."),
+            k_sigma: float = typer.Option(2.0, "--k-sigma", help="Mask out block activations with |h - mu| >= k sigma."),
+            no_rep_mask: bool = typer.Option(False, "--no-rep-mask", help="Plain RepKD without the massive-activation mask."),
+            steps: int = Steps, batch_size: int = Batch, lr: float = Lr, ema: float = Ema, seed: int = Seed,
+            grad_clip: float = Clip, grad_accum: int = Accum, warmup: int = Warm, schedule: str = Sched,
+            ckpt_every: int = Ckpt, mixed_precision: str = MP, weight_decay: float = WD, resume: bool = Resume,
+            force: bool = Force, json_out: bool = JsonOut):
+    """Distill a (compressed) student from a teacher: output KD, TinyFusion's masked
+    representation KD (layer map from the kept-layer indices), mixed with the plain loss.
+
+    Examples:
+
+        ditc distill tiny/ --teacher digits-dit --data digits --kd-rep 0.01 --steps 500 -o tiny-kd/
+
+        ditc distill tiny/ --teacher DiT-XL-2 --data latents/ --kd-rep 0.01 --lr 2e-4 -o tiny-kd/
+    """
+    tcfg = _train_options(steps, batch_size, lr, ema, seed, grad_clip, grad_accum, warmup, schedule, ckpt_every,
+                          mixed_precision, weight_decay)
+    student = _load(source)
+    t_model = _load(teacher)
+    kd = {"out": kd_out, "plain": kd_plain, "rep": kd_rep, "k_sigma": None if no_rep_mask else k_sigma}
+    _, report = _run_training(student, data, output, force, resume, tcfg, teacher=t_model, kd=kd, op="distill",
+                              extra={"teacher": teacher, "kd": kd})
+    _summary(report, json_out)
+
+
+def _summary(report: dict, json_out: bool):
+    short = {k: v for k, v in report.items() if k not in ("history",)}
+    if json_out:
+        emit_json(short)
+    else:
+        out_console.print(kv_table(f"ditc {report.get('op', '')}", short))
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

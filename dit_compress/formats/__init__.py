@@ -1,0 +1,155 @@
+"""Detect, load and save every supported checkpoint layout.
+
+Sources: the embedded ``digits-dit``, hub aliases and repo ids, diffusers pipeline or
+transformer dirs, original ``.pt`` files, ditc checkpoint dirs or lone safetensors files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import DiTConfig
+from ..errors import FormatError, UsageError
+from . import hub
+from .atomic import atomic_dir, atomic_file
+from .ditc import load_ditc, read_safetensors, save_ditc_into
+
+FORMATS = ("ditc", "diffusers", "original")
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise UsageError(f"unknown dtype {name!r}; choose fp32, bf16 or fp16")
+    return DTYPES[name]
+
+
+def detect(source: str) -> tuple[str, Path | str]:
+    """(kind, location) where kind is ditc | diffusers | original | hub."""
+    from ..assets import TESTBED_DIR, TESTBED_NAME
+
+    if source == TESTBED_NAME:
+        if not (TESTBED_DIR / "model.safetensors").exists():
+            raise FormatError(f"the embedded {TESTBED_NAME} weights are missing from the installed package")
+        return "ditc", TESTBED_DIR
+    p = Path(source)
+    if p.exists():
+        if p.is_dir():
+            if (p / "model.safetensors").exists():
+                return "ditc", p
+            if (p / "model_index.json").exists():
+                return "diffusers", p
+            cfg = p / "config.json"
+            if cfg.exists():
+                try:
+                    d = json.loads(cfg.read_text())
+                except json.JSONDecodeError as e:
+                    raise FormatError(f"{cfg} is not valid JSON: {e}") from None
+                if "_class_name" in d or "num_attention_heads" in d:
+                    return "diffusers", p
+                return "ditc", p
+            raise FormatError(f"{p} is a directory with no checkpoint in it (no model.safetensors, model_index.json or config.json)")
+        if p.suffix == ".safetensors":
+            return "ditc", p
+        if p.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+            return "original", p
+        raise FormatError(f"{p}: unknown checkpoint file type {p.suffix!r} (expected .safetensors, .pt or .pth)")
+    alias = hub.resolve_alias(source)
+    if alias:
+        return "hub", alias
+    if hub.is_repo_id(source) and not source.startswith((".", "/")):
+        return "hub", source
+    raise hub.unknown_source(source)
+
+
+def build_model(cfg: DiTConfig, state: dict, dtype: torch.dtype | None = None, source: str = ""):
+    """Instantiate without initialising (meta device) and assign the weights, with a clear
+    error naming the first missing, unexpected or mis-shaped key."""
+    from ..model.dit import DiT, sincos_2d
+
+    with torch.device("meta"):
+        model = DiT(cfg)
+    state = dict(state)
+    if "pos_embed" not in state:
+        grid = int(cfg.num_patches ** 0.5)
+        state["pos_embed"] = torch.from_numpy(sincos_2d(cfg.hidden_size, grid)).float().unsqueeze(0)
+    expected = model.state_dict()
+    where = f" in {source}" if source else ""
+    for k, v in expected.items():
+        if k not in state:
+            raise FormatError(f"missing key {k}{where}")
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise FormatError(f"key {k}{where} has shape {tuple(state[k].shape)}, the config expects {tuple(v.shape)}")
+    extra = [k for k in state if k not in expected]
+    if extra:
+        raise FormatError(f"unexpected key {extra[0]}{where} (does the config match the weights?)")
+    target = dtype or torch.float32
+    state = {k: (v.to(target) if v.is_floating_point() else v) for k, v in state.items()}
+    model.load_state_dict(state, assign=True, strict=True)
+    model.pos_embed.requires_grad_(False)
+    for k, v in model.state_dict().items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise FormatError(f"key {k}{where} holds NaN or inf values")
+    return model.eval()
+
+
+def load_state(source: str, revision: str | None = None, use_ema: bool = True,
+               num_heads: int | None = None) -> tuple[DiTConfig, dict]:
+    from .diffusers_fmt import load_diffusers
+    from .original import load_original
+
+    kind, loc = detect(str(source))
+    if kind == "hub":
+        return load_diffusers(hub.download(loc, revision))
+    if kind == "ditc":
+        return load_ditc(loc)
+    if kind == "diffusers":
+        return load_diffusers(loc)
+    return load_original(loc, use_ema=use_ema, num_heads=num_heads)
+
+
+def load_model(source, revision: str | None = None, use_ema: bool = True, dtype=None, device="cpu",
+               num_heads: int | None = None):
+    """Load any supported checkpoint into the ditc DiT module (eval mode, float32 by default)."""
+    cfg, state = load_state(str(source), revision=revision, use_ema=use_ema, num_heads=num_heads)
+    return build_model(cfg, state, parse_dtype(dtype), source=str(source)).to(device)
+
+
+def save_model(model, path, format: str = "ditc", dtype=None, force: bool = False,
+               report: dict | None = None) -> Path:
+    """Write ``model`` atomically as a ditc dir (or lone ``.safetensors``), a diffusers
+    layout, or an original ``.pt``."""
+    from .diffusers_fmt import save_diffusers
+    from .ditc import write_weights
+    from .original import save_original
+
+    if format not in FORMATS:
+        raise UsageError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    dt = parse_dtype(dtype)
+    path = Path(path)
+    if format == "original":
+        if model.config.is_dynamic:
+            raise FormatError("a model with dynamic routers cannot be saved in the original layout; save it as ditc")
+        with atomic_file(path, force) as tmp:
+            save_original(model, tmp, dt)
+    elif format == "ditc" and path.suffix == ".safetensors":
+        with atomic_file(path, force) as tmp:
+            write_weights(model, tmp, dt)
+    elif format == "ditc":
+        with atomic_dir(path, force) as tmp:
+            save_ditc_into(model, tmp, dt, report=report)
+    else:
+        with atomic_dir(path, force) as tmp:
+            save_diffusers(model, tmp, dt)
+    return path
+
+
+__all__ = ["load_model", "save_model", "detect", "build_model", "load_state", "read_safetensors", "atomic_dir"]

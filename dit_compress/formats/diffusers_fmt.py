@@ -1,0 +1,195 @@
+"""The diffusers layout: ``DiTTransformer2DModel`` (legacy ``Transformer2DModel`` configs
+with ``norm_type == "ada_norm_zero"``), as a pipeline dir or a bare transformer dir.
+
+Numerics: diffusers' DiT differs from the original in two places (timestep sinusoid
+divides by 127 instead of 128; the pre-MLP LayerNorm uses eps 1e-5 instead of 1e-6).
+Loaded models keep the ORIGINAL numerics the public weights were trained with, so
+outputs match diffusers to a small tolerance, not bit for bit (see tests/test_formats.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import DiTConfig
+from ..errors import FormatError
+from .ditc import read_safetensors
+
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def transformer_dir(path: Path) -> Path:
+    path = Path(path)
+    if (path / "model_index.json").exists():
+        sub = path / "transformer"
+        if not sub.is_dir():
+            raise FormatError(f"{path} has a model_index.json but no transformer/ folder")
+        return sub
+    return path
+
+
+def config_from_diffusers(d: dict) -> DiTConfig:
+    if d.get("norm_type") not in (None, "ada_norm_zero"):
+        raise FormatError(f"not a DiT transformer (norm_type {d.get('norm_type')!r}, expected 'ada_norm_zero')")
+    try:
+        heads, hd = int(d["num_attention_heads"]), int(d["attention_head_dim"])
+        in_ch = int(d["in_channels"])
+        out_ch = int(d.get("out_channels") or in_ch)
+        cfg = DiTConfig(
+            input_size=int(d["sample_size"]), patch_size=int(d["patch_size"]), in_channels=in_ch,
+            hidden_size=heads * hd, depth=int(d["num_layers"]), num_heads=heads,
+            num_classes=int(d.get("num_embeds_ada_norm") or 1000), learn_sigma=out_ch == 2 * in_ch,
+            latent_scale=0.18215 if in_ch == 4 else None, vae="stabilityai/sd-vae-ft-ema" if in_ch == 4 else None,
+        )
+    except KeyError as e:
+        raise FormatError(f"diffusers transformer config lacks {e.args[0]!r}") from None
+    extra = d.get("_ditc")
+    if extra:  # written by ditc: restore the full config (kept layers, lineage)
+        cfg = DiTConfig.from_dict(extra)
+    return cfg
+
+
+def _read_weights(tdir: Path) -> dict:
+    for name in WEIGHT_FILES:
+        f = tdir / name
+        if f.exists():
+            if name.endswith(".safetensors"):
+                return read_safetensors(f)[0]
+            from .original import safe_torch_load
+
+            obj = safe_torch_load(f)
+            if not isinstance(obj, dict):
+                raise FormatError(f"{f} does not hold a state dict")
+            return obj
+    raise FormatError(f"{tdir} holds no diffusers weights ({' or '.join(WEIGHT_FILES)})")
+
+
+def _check_embedder_copies(sd: dict, depth: int) -> None:
+    """diffusers keeps a copy of the timestep/class embedders in every block; the original
+    layout has one. Refuse checkpoints whose copies have diverged (fine-tuned in diffusers)."""
+    names = ["norm1.emb.timestep_embedder.linear_1.weight", "norm1.emb.timestep_embedder.linear_2.weight",
+             "norm1.emb.class_embedder.embedding_table.weight"]
+    for i in range(1, depth):
+        for n in names:
+            a, b = sd.get(f"transformer_blocks.0.{n}"), sd.get(f"transformer_blocks.{i}.{n}")
+            if a is not None and b is not None and not torch.equal(a, b):
+                diff = float((a.float() - b.float()).abs().max())
+                raise FormatError(
+                    f"transformer_blocks.{i}.{n} differs from block 0's copy (max {diff:.3g}); the per-block "
+                    "embedder copies have diverged, so the original single-embedder layout cannot hold this model"
+                )
+
+
+def diffusers_to_original(sd: dict, depth: int) -> dict:
+    out = {}
+
+    def take(key):
+        if key not in sd:
+            raise FormatError(f"diffusers weights lack {key}")
+        return sd[key]
+
+    for s in ("weight", "bias"):
+        out[f"x_embedder.proj.{s}"] = take(f"pos_embed.proj.{s}")
+        out[f"t_embedder.mlp.0.{s}"] = take(f"transformer_blocks.0.norm1.emb.timestep_embedder.linear_1.{s}")
+        out[f"t_embedder.mlp.2.{s}"] = take(f"transformer_blocks.0.norm1.emb.timestep_embedder.linear_2.{s}")
+        out[f"final_layer.adaLN_modulation.1.{s}"] = take(f"proj_out_1.{s}")
+        out[f"final_layer.linear.{s}"] = take(f"proj_out_2.{s}")
+    out["y_embedder.embedding_table.weight"] = take("transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight")
+    for i in range(depth):
+        p = f"transformer_blocks.{i}"
+        for s in ("weight", "bias"):
+            out[f"blocks.{i}.attn.qkv.{s}"] = torch.cat([take(f"{p}.attn1.to_{n}.{s}") for n in "qkv"], 0)
+            out[f"blocks.{i}.attn.proj.{s}"] = take(f"{p}.attn1.to_out.0.{s}")
+            out[f"blocks.{i}.mlp.fc1.{s}"] = take(f"{p}.ff.net.0.proj.{s}")
+            out[f"blocks.{i}.mlp.fc2.{s}"] = take(f"{p}.ff.net.2.{s}")
+            out[f"blocks.{i}.adaLN_modulation.1.{s}"] = take(f"{p}.norm1.linear.{s}")
+    _check_embedder_copies(sd, depth)
+    known = {k for k in sd if k.startswith("transformer_blocks.") and int(k.split(".")[1]) >= depth}
+    if known:
+        raise FormatError(f"diffusers weights hold more blocks than num_layers={depth} (e.g. {sorted(known)[0]})")
+    return out
+
+
+def original_to_diffusers(sd: dict, depth: int) -> dict:
+    out = {}
+    for s in ("weight", "bias"):
+        out[f"pos_embed.proj.{s}"] = sd[f"x_embedder.proj.{s}"]
+        out[f"proj_out_1.{s}"] = sd[f"final_layer.adaLN_modulation.1.{s}"]
+        out[f"proj_out_2.{s}"] = sd[f"final_layer.linear.{s}"]
+    for i in range(depth):
+        p = f"transformer_blocks.{i}"
+        for s in ("weight", "bias"):
+            # the embedders are copied into every block; safetensors needs separate storage
+            out[f"{p}.norm1.emb.timestep_embedder.linear_1.{s}"] = sd[f"t_embedder.mlp.0.{s}"].clone()
+            out[f"{p}.norm1.emb.timestep_embedder.linear_2.{s}"] = sd[f"t_embedder.mlp.2.{s}"].clone()
+            q, k, v = sd[f"blocks.{i}.attn.qkv.{s}"].chunk(3, 0)
+            out[f"{p}.attn1.to_q.{s}"], out[f"{p}.attn1.to_k.{s}"], out[f"{p}.attn1.to_v.{s}"] = q.clone(), k.clone(), v.clone()
+            out[f"{p}.attn1.to_out.0.{s}"] = sd[f"blocks.{i}.attn.proj.{s}"]
+            out[f"{p}.ff.net.0.proj.{s}"] = sd[f"blocks.{i}.mlp.fc1.{s}"]
+            out[f"{p}.ff.net.2.{s}"] = sd[f"blocks.{i}.mlp.fc2.{s}"]
+            out[f"{p}.norm1.linear.{s}"] = sd[f"blocks.{i}.adaLN_modulation.1.{s}"]
+        out[f"{p}.norm1.emb.class_embedder.embedding_table.weight"] = sd["y_embedder.embedding_table.weight"].clone()
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def load_diffusers(path: Path) -> tuple[DiTConfig, dict]:
+    tdir = transformer_dir(path)
+    cfile = tdir / "config.json"
+    if not cfile.exists():
+        raise FormatError(f"{tdir} has no config.json")
+    try:
+        d = json.loads(cfile.read_text())
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{cfile} is not valid JSON: {e}") from None
+    cfg = config_from_diffusers(d)
+    sd = diffusers_to_original(_read_weights(tdir), cfg.depth)
+    if cfg.name is None:
+        cfg.name = Path(path).name
+    return cfg, sd
+
+
+def diffusers_config(cfg: DiTConfig) -> dict:
+    return {
+        "_class_name": "DiTTransformer2DModel",
+        "activation_fn": "gelu-approximate",
+        "attention_bias": True,
+        "attention_head_dim": cfg.head_dim,
+        "dropout": 0.0,
+        "in_channels": cfg.in_channels,
+        "norm_elementwise_affine": False,
+        "norm_eps": 1e-05,
+        "norm_type": "ada_norm_zero",
+        "num_attention_heads": cfg.num_heads,
+        "num_embeds_ada_norm": cfg.num_classes,
+        "num_layers": cfg.depth,
+        "out_channels": cfg.out_channels,
+        "patch_size": cfg.patch_size,
+        "sample_size": cfg.input_size,
+        "upcast_attention": False,
+        "_ditc": cfg.to_dict(),
+    }
+
+
+def save_diffusers(model, out_dir: Path, dtype: torch.dtype | None = None) -> None:
+    """A transformer-only diffusers layout: ``model_index.json`` + ``transformer/``."""
+    from safetensors.torch import save_file
+
+    cfg = model.config
+    if cfg.is_dynamic:
+        raise FormatError("a model with dynamic routers cannot be expressed in the diffusers layout; save it as ditc")
+    if cfg.mlp_ratio != 4.0:
+        raise FormatError("the diffusers DiT fixes the MLP ratio at 4; this model's is " + str(cfg.mlp_ratio))
+    sd = {k: v.detach() for k, v in model.state_dict().items() if k != "pos_embed"}
+    sd = original_to_diffusers(sd, cfg.depth)
+    if dtype is not None:
+        sd = {k: v.to(dtype) for k, v in sd.items()}
+    tdir = Path(out_dir) / "transformer"
+    tdir.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(tdir / "diffusion_pytorch_model.safetensors"))
+    (tdir / "config.json").write_text(json.dumps(diffusers_config(cfg), indent=2))
+    index = {"_class_name": "DiTPipeline", "_diffusers_version": "0.30.0",
+             "transformer": ["diffusers", "DiTTransformer2DModel"]}
+    (Path(out_dir) / "model_index.json").write_text(json.dumps(index, indent=2))

@@ -1,0 +1,97 @@
+"""Reports for people and machines: report.json, report.md and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if v != v or math.isinf(v):
+            return str(v)
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)) and len(v) > 16:
+        return "[" + ", ".join(_fmt(x) for x in v[:16]) + ", ...]"
+    if isinstance(v, dict):
+        return json.dumps(v, default=str)
+    return str(v)
+
+
+def table_md(rows: list[dict]) -> str:
+    if not rows:
+        return "(empty)\n"
+    cols = []
+    for r in rows:
+        for k in r:
+            if k not in cols:
+                cols.append(k)
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(out) + "\n"
+
+
+def to_markdown(report: dict, title: str) -> str:
+    lines = [f"# {title}", ""]
+    scalars = {k: v for k, v in report.items() if not isinstance(v, (dict, list))}
+    if scalars:
+        lines.append(table_md([{"field": k, "value": v} for k, v in scalars.items()]))
+    for k, v in report.items():
+        if isinstance(v, dict):
+            lines += [f"## {k}", "", table_md([{"field": kk, "value": vv} for kk, vv in v.items()])]
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            shown = v if len(v) <= 50 else v[:: max(1, len(v) // 50)]
+            lines += [f"## {k}", "", table_md(shown)]
+        elif isinstance(v, list):
+            lines += [f"## {k}", "", _fmt(v), ""]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir: Path, report: dict, title: str) -> None:
+    out_dir = Path(out_dir)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (out_dir / "report.md").write_text(to_markdown(report, title))
+
+
+def plot_lines(path: Path, xs, series: dict, title: str, xlabel: str, ylabel: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    for name, ys in series.items():
+        ax.plot(xs, ys, label=name)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if len(series) > 1:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_heatmap(path: Path, matrix, title: str, xlabel: str, ylabel: str, xticks=None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    m = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    im = ax.imshow(m, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1)
+    if xticks is not None:
+        idx = np.linspace(0, len(xticks) - 1, min(8, len(xticks))).astype(int)
+        ax.set_xticks(idx)
+        ax.set_xticklabels([str(xticks[i]) for i in idx])
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
