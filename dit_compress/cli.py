@@ -367,6 +367,155 @@ def distill(source: str = Src, output: Path = Out, teacher: str = typer.Option(.
     _summary(report, json_out)
 
 
+# ---------------------------------------------------------------------------- prune-depth
+@app.command("prune-depth")
+@handle_errors
+def prune_depth_cmd(
+    source: str = Src, output: Path = Out,
+    pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M: keep N of every M consecutive layers (1:2, 2:4, 7:14)."),
+    groups: Optional[str] = typer.Option(None, "--groups", help="Mixed consecutive groups, e.g. 2:4,2:4,3:4,1:2 (must cover the depth)."),
+    method: str = typer.Option("learned", "--method", help="learned | block-influence | uniform | oracle | random | min-loss"),
+    keep: Optional[str] = typer.Option(None, "--keep", help="oracle: the layers to keep, e.g. 0,2,4,6."),
+    data: Optional[str] = typer.Option(None, "--data", help="Training/calibration data (needed by learned, block-influence, min-loss)."),
+    steps: int = typer.Option(500, "--steps", help="learned: search steps."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    lr: float = typer.Option(1e-4, "--lr", help="learned: LoRA (or full) learning rate."),
+    logit_lr: float = typer.Option(1e-3, "--logit-lr", help="learned: mask-logit learning rate."),
+    tau_start: float = typer.Option(4.0, "--tau-start"), tau_end: float = typer.Option(0.1, "--tau-end"),
+    logit_scale: float = typer.Option(100.0, "--logit-scale"), logit_ema: float = typer.Option(0.999, "--logit-ema"),
+    recover: str = typer.Option("lora", "--recover", help="learned: lora | full | frozen recovery during the search."),
+    lora_rank: int = typer.Option(8, "--lora-rank"), lora_alpha: int = typer.Option(16, "--lora-alpha"),
+    keep_recovery_weights: bool = typer.Option(False, "--keep-recovery-weights", help="Merge the recovery weights instead of reloading the originals."),
+    calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration samples (block-influence, min-loss, reported loss)."),
+    num_candidates: int = typer.Option(16, "--candidates", help="min-loss: random masks to try."),
+    measure_cost: bool = typer.Option(True, "--measure-cost/--no-measure-cost", help="learned: time a search step vs a plain training step."),
+    seed: int = Seed, ckpt_every: int = Ckpt, resume: bool = Resume, force: bool = Force, json_out: bool = JsonOut,
+):
+    """Remove layers: TinyFusion's learned N:M selection (Gumbel masks + LoRA recoverability)
+    or a baseline. Writes a smaller standard DiT holding the kept layers' original weights.
+
+    Examples:
+
+        ditc prune-depth --pattern 1:2 digits-dit --data digits --steps 300 -o tiny/
+
+        ditc prune-depth --pattern 1:2 DiT-XL-2 --data latents/ -o tinydit-d14/
+
+        ditc prune-depth --method block-influence --pattern 1:2 digits-dit --data digits -o bi/
+
+        ditc prune-depth --method oracle --keep 0,2,4,6,8,10 digits-dit -o oracle/
+    """
+    from .compress.depth import LearnedConfig, parse_groups, plot_decisions, prune_depth
+    from .formats.atomic import check_output
+
+    check_output(output, force)
+    keep_list = _parse_ints(keep, "--keep")
+    model = _load(source)
+    grp = parse_groups(model.config.depth, pattern, groups) if (pattern or groups) else None
+    ds = None
+    if data is not None:
+        from .train.data import load_data
+
+        ds = load_data(data, model.config.num_classes)
+    lc = LearnedConfig(steps=steps, batch_size=batch_size, lr=lr, logit_lr=logit_lr, tau_start=tau_start, tau_end=tau_end,
+                       logit_scale=logit_scale, logit_ema=logit_ema, recover=recover, lora_rank=lora_rank,
+                       lora_alpha=lora_alpha, seed=seed, ckpt_every=ckpt_every)
+    work = work_dir_for(output)
+    if method == "learned" and not resume and (work / "train_state").exists():
+        raise UsageError(f"{work} holds an interrupted search: pass --resume to continue it, or delete it")
+    pruned, report = prune_depth(model, method, grp, keep_list, ds, lc, work, resume, calib_samples, num_candidates,
+                                 keep_recovery_weights, measure_cost)
+    report["source"] = source
+    _write_checkpoint(pruned, output, force, report, "ditc prune-depth", lambda d: plot_decisions(report, d / "decisions.png"))
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    short = {k: v for k, v in report.items() if k in ("method", "groups", "kept_layers", "depth_after", "params_before",
+             "params_after", "gflops_before", "gflops_after", "calib_loss_chosen", "confidence", "seconds", "search_cost")}
+    if json_out:
+        emit_json(short)
+    else:
+        out_console.print(kv_table("ditc prune-depth", short))
+
+
+# ---------------------------------------------------------------------------- DyDiT
+def _dynamic_report(model, source: str, op: str) -> tuple[dict, object]:
+    from .describe import describe, plot_width_profile
+
+    d = describe(model)
+    d.update(op=op, source=source)
+
+    def plots(out_dir):
+        if model.config.width is not None:
+            plot_width_profile(model, out_dir / "width_profile.png")
+
+    return d, plots
+
+
+@app.command("add-dynamic-width")
+@handle_errors
+def add_dynamic_width_cmd(
+    source: str = Src, output: Path = Out,
+    target_flops: float = typer.Option(0.5, "--target-flops", help="FLOPs ratio lambda the routers are trained toward, in (0, 1]."),
+    sort_by: str = typer.Option("magnitude", "--sort-by", help="Head/channel importance: magnitude | taylor (needs --data) | none."),
+    data: Optional[str] = typer.Option(None, "--data", help="Data for --sort-by taylor."),
+    tau: float = typer.Option(5.0, "--tau", help="Gumbel-sigmoid temperature during training."),
+    init_bias: float = typer.Option(5.0, "--init-bias", help="Router bias at start (high: everything on)."),
+    force: bool = Force, json_out: bool = JsonOut,
+):
+    """Add DyDiT timestep-wise width routers (heads and MLP channel groups). Heads/channels
+    are sorted by importance first (the function is unchanged) and the routers start all-on,
+    so the output reproduces the source until `finetune`/`distill` trains them toward the target.
+
+    Examples:
+
+        ditc add-dynamic-width digits-dit --target-flops 0.5 -o dyn/ && ditc finetune dyn/ --data digits -o dyn-ft/
+
+        ditc add-dynamic-width DiT-XL-2 --target-flops 0.7 -o dydit-xl/
+    """
+    from .compress.dynamic import add_dynamic_width
+
+    from .formats.atomic import check_output
+
+    check_output(output, force)
+    model = _load(source)
+    ds = None
+    if data is not None:
+        from .train.data import load_data
+
+        ds = load_data(data, model.config.num_classes)
+    new = add_dynamic_width(model, target_flops, sort_by, ds, tau, init_bias)
+    report, plots = _dynamic_report(new, source, "add-dynamic-width")
+    _write_checkpoint(new, output, force, report, "ditc add-dynamic-width", plots)
+    _summary({k: v for k, v in report.items() if k not in ("width_profile", "lineage", "kept_layers")}, json_out)
+
+
+@app.command("add-token-router")
+@handle_errors
+def add_token_router_cmd(
+    source: str = Src, output: Path = Out,
+    reduction: int = typer.Option(16, "--reduction", help="Router MLP D -> D/reduction -> 1."),
+    tau: float = typer.Option(5.0, "--tau"), init_bias: float = typer.Option(5.0, "--init-bias"),
+    seed: int = Seed, force: bool = Force, json_out: bool = JsonOut,
+):
+    """Add DyDiT spatial token routers: before each block's MLP a router picks the tokens
+    that enter it; skipped tokens take the residual path only (still attended to).
+
+    Examples:
+
+        ditc add-token-router dyn/ -o dyn-tok/ && ditc finetune dyn-tok/ --data digits -o dyn-tok-ft/
+
+        ditc add-token-router digits-dit -o tok/
+    """
+    from .compress.dynamic import add_token_router
+    from .formats.atomic import check_output
+
+    check_output(output, force)
+    new = add_token_router(_load(source), tau, init_bias, reduction, seed)
+    report, plots = _dynamic_report(new, source, "add-token-router")
+    _write_checkpoint(new, output, force, report, "ditc add-token-router", plots)
+    _summary({k: v for k, v in report.items() if k not in ("width_profile", "lineage", "kept_layers")}, json_out)
+
+
 def _summary(report: dict, json_out: bool):
     short = {k: v for k, v in report.items() if k not in ("history",)}
     if json_out:

@@ -1,0 +1,492 @@
+"""Depth pruning: TinyFusion's learned N:M layer selection and the baselines.
+
+All methods end in ``prune_layers(model, keep)``: a smaller standard DiT holding the kept
+blocks with bit-identical weights, and ``config.kept_layers`` naming their source indices.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..errors import UsageError
+
+METHODS = ("learned", "block-influence", "uniform", "oracle", "random", "min-loss")
+
+
+# ---------------------------------------------------------------------------- patterns
+def parse_groups(depth: int, pattern: str | None = None, groups: str | None = None) -> list[tuple[int, int]]:
+    """``--pattern N:M`` repeated over the depth, or an explicit ``--groups 2:4,2:4,3:4``."""
+    if pattern and groups:
+        raise UsageError("give either --pattern or --groups, not both")
+    text = groups if groups else pattern
+    if not text:
+        raise UsageError("a pattern is needed: --pattern N:M or --groups N:M,N:M,...")
+    out = []
+    for part in text.split(","):
+        try:
+            n, m = (int(v) for v in part.strip().split(":"))
+        except ValueError:
+            raise UsageError(f"bad pattern {part.strip()!r}: expected N:M with integers, e.g. 1:2") from None
+        if m < 1 or n < 1:
+            raise UsageError(f"bad pattern {n}:{m}: N and M must be at least 1")
+        if n >= m:
+            raise UsageError(f"bad pattern {n}:{m}: N must be smaller than M (keep N of every M layers)")
+        out.append((n, m))
+    if groups:
+        total = sum(m for _, m in out)
+        if total != depth:
+            raise UsageError(f"--groups cover {total} layers but the model has {depth}")
+        return out
+    n, m = out[0]
+    if depth % m:
+        raise UsageError(f"pattern {n}:{m} does not divide the depth {depth} (groups of {m} layers)")
+    return [(n, m)] * (depth // m)
+
+
+def group_starts(groups: list[tuple[int, int]]) -> list[int]:
+    starts, s = [], 0
+    for _, m in groups:
+        starts.append(s)
+        s += m
+    return starts
+
+
+def candidates(n: int, m: int) -> list[tuple[int, ...]]:
+    return list(itertools.combinations(range(m), n))
+
+
+def check_keep(keep: list[int], depth: int) -> list[int]:
+    if not keep:
+        raise UsageError("--keep lists no layers")
+    if len(set(keep)) != len(keep):
+        dup = next(k for k in keep if keep.count(k) > 1)
+        raise UsageError(f"--keep lists layer {dup} twice")
+    bad = [k for k in keep if k < 0 or k >= depth]
+    if bad:
+        raise UsageError(f"--keep index {bad[0]} is out of range for a depth of {depth} (0..{depth - 1})")
+    return sorted(keep)
+
+
+# ---------------------------------------------------------------------------- export
+def prune_layers(model, keep: list[int], op_params: dict | None = None):
+    """A new model with blocks ``keep`` (indices into ``model.blocks``), weights copied exactly."""
+    from ..formats import build_model
+
+    keep = check_keep(list(keep), model.config.depth)
+    cfg = model.config.copy(depth=len(keep), kept_layers=[model.config.kept_layers[i] for i in keep])
+    if op_params is not None:
+        cfg = cfg.with_step("prune-depth", **op_params)
+    state = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("blocks."):
+            _, i, rest = k.split(".", 2)
+            if int(i) in keep:
+                state[f"blocks.{keep.index(int(i))}.{rest}"] = v.detach().clone()
+        else:
+            state[k] = v.detach().clone()
+    return build_model(cfg, state, dtype=next(model.parameters()).dtype)
+
+
+# ---------------------------------------------------------------------------- calibration
+@dataclass
+class CalibSet:
+    x: torch.Tensor
+    y: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor
+
+
+def calibration_set(data, n: int, seed: int = 0) -> CalibSet:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(data), (n,), generator=g)
+    x, y = data.get(idx, generator=g)
+    t = torch.randint(0, 1000, (n,), generator=g)
+    return CalibSet(x, y, t, torch.randn(x.shape, generator=g))
+
+
+@torch.no_grad()
+def calibration_loss(model, calib: CalibSet, keep: list[int] | None = None, batch: int = 64) -> float:
+    """Mean DiT hybrid loss of the model with only ``keep`` blocks active (others skipped)."""
+    from ..diffusion.gaussian import GaussianDiffusion
+
+    diff = GaussianDiffusion.create(learn_sigma=model.config.learn_sigma)
+    gates = None
+    if keep is not None:
+        gates = torch.zeros(model.config.depth)
+        gates[list(keep)] = 1.0
+    total, n = 0.0, len(calib.y)
+    for s in range(0, n, batch):
+        sl = slice(s, s + batch)
+        kw = {"gates": gates.expand(len(calib.y[sl]), -1)} if gates is not None else {}
+        res = diff.training_losses(model, calib.x[sl], calib.t[sl], calib.y[sl], noise=calib.noise[sl], **kw)
+        total += float(res["loss"].sum())
+    return total / n
+
+
+@torch.no_grad()
+def block_influence(model, calib: CalibSet, batch: int = 64) -> list[float]:
+    """ShortGPT's Block Influence: 1 - cos(input, output) per block, averaged over tokens."""
+    from ..diffusion.gaussian import GaussianDiffusion
+
+    diff = GaussianDiffusion.create()
+    depth = model.config.depth
+    scores = torch.zeros(depth)
+    count = 0
+    for s in range(0, len(calib.y), batch):
+        sl = slice(s, s + batch)
+        xt = diff.q_sample(calib.x[sl], calib.t[sl], calib.noise[sl])
+        _, aux = model(xt, calib.t[sl], calib.y[sl], return_aux=True)
+        h_in = model.embed(xt, calib.t[sl], calib.y[sl])[0]
+        for i, h_out in enumerate(aux.features):
+            cos = torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1)  # B N
+            scores[i] += float((1 - cos).sum())
+            h_in = h_out
+        count += xt.shape[0] * aux.features[0].shape[1]
+    return (scores / count).tolist()
+
+
+def keep_by_influence(scores: list[float], n_keep: int) -> list[int]:
+    """Remove the blocks with the lowest influence, never the last one."""
+    depth = len(scores)
+    order = sorted(range(depth - 1), key=lambda i: scores[i])  # most similar first
+    removed = set(order[: depth - n_keep])
+    return [i for i in range(depth) if i not in removed]
+
+
+def uniform_keep(groups) -> list[int]:
+    """Evenly spaced positions in each group, ending at its last layer (1:2 keeps odd layers)."""
+    keep = []
+    for s, (n, m) in zip(group_starts(groups), groups):
+        pos = sorted({m - 1 - int(round(k * m / n)) for k in range(n)})
+        keep += [s + p for p in pos]
+    return keep
+
+
+def random_keep(groups, rng: random.Random) -> list[int]:
+    keep = []
+    for s, (n, m) in zip(group_starts(groups), groups):
+        keep += [s + p for p in sorted(rng.sample(range(m), n))]
+    return keep
+
+
+# ---------------------------------------------------------------------------- learned (TinyFusion)
+class MaskSearch(nn.Module):
+    """Per-group logits over all C(M, N) candidate masks, Gumbel-softmax sampled per sample."""
+
+    def __init__(self, groups: list[tuple[int, int]], logit_scale: float = 100.0, ema: float = 0.999):
+        super().__init__()
+        self.groups = groups
+        self.logit_scale = logit_scale
+        self.ema_decay = ema
+        self.logits = nn.ParameterList([nn.Parameter(torch.zeros(math.comb(m, n))) for n, m in groups])
+        for gi, (n, m) in enumerate(groups):
+            mat = torch.zeros(math.comb(m, n), m)
+            for ci, cand in enumerate(candidates(n, m)):
+                mat[ci, list(cand)] = 1.0
+            self.register_buffer(f"cand_{gi}", mat)
+            self.register_buffer(f"ema_{gi}", torch.zeros(math.comb(m, n)))
+        self.tau = 4.0
+
+    def cand(self, gi):
+        return getattr(self, f"cand_{gi}")
+
+    def ema(self, gi):
+        return getattr(self, f"ema_{gi}")
+
+    def sample_gates(self, batch: int) -> torch.Tensor:
+        """[B, depth] hard 0/1 gates with straight-through gradients to the logits."""
+        parts = []
+        for gi, logit in enumerate(self.logits):
+            scaled = logit * self.logit_scale
+            g = -torch.log(-torch.log(torch.rand(batch, len(logit), device=logit.device).clamp(1e-9, 1 - 1e-9)))
+            soft = torch.softmax((scaled.unsqueeze(0) + g) / self.tau, dim=-1)
+            hard = torch.nn.functional.one_hot(soft.argmax(-1), len(logit)).to(soft.dtype)
+            choice = hard - soft.detach() + soft
+            parts.append(choice @ self.cand(gi))
+        return torch.cat(parts, dim=1)
+
+    @torch.no_grad()
+    def update_ema(self):
+        for gi, logit in enumerate(self.logits):
+            self.ema(gi).mul_(self.ema_decay).add_(logit.detach(), alpha=1 - self.ema_decay)
+
+    @torch.no_grad()
+    def probabilities(self, use_ema: bool = True) -> list[list[float]]:
+        src = [self.ema(gi) for gi in range(len(self.groups))] if use_ema else list(self.logits)
+        return [torch.softmax(v * self.logit_scale, -1).tolist() for v in src]
+
+    @torch.no_grad()
+    def decision(self) -> list[int]:
+        keep = []
+        for gi, ((n, m), s) in enumerate(zip(self.groups, group_starts(self.groups))):
+            best = int(self.ema(gi).argmax())
+            keep += [s + p for p in candidates(n, m)[best]]
+        return keep
+
+    def confidence(self) -> float:
+        return min(max(p) for p in self.probabilities())
+
+
+class SearchWrapper(nn.Module):
+    """DiT + MaskSearch: ``forward(x, t, y)`` samples a mask per sample (pruned layers are
+    still computed and blended with the identity: x = m * block(x) + (1 - m) * x)."""
+
+    def __init__(self, dit, search: MaskSearch):
+        super().__init__()
+        self.dit = dit
+        self.search = search
+        self.config = dit.config
+
+    def forward(self, x, t, y, **kw):
+        return self.dit(x, t, y, gates=self.search.sample_gates(x.shape[0]), **kw)
+
+
+LORA_TARGETS = (r"(blocks\.\d+\.attn\.(qkv|proj)|blocks\.\d+\.mlp\.fc[12]|blocks\.\d+\.adaLN_modulation\.1"
+                r"|t_embedder\.mlp\.[02]|final_layer\.linear|final_layer\.adaLN_modulation\.1)")
+
+
+def add_lora(model, rank: int, alpha: int):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS, lora_dropout=0.0, bias="none")
+    model = inject_adapter_in_model(cfg, model)
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    return model
+
+
+def merged_state(model) -> dict:
+    """State dict with LoRA deltas merged into the base weights, in the plain key layout."""
+    from peft.tuners.lora import LoraLayer
+
+    for m in model.modules():
+        if isinstance(m, LoraLayer):
+            m.merge()
+    out = {}
+    for k, v in model.state_dict().items():
+        if "lora_" in k:
+            continue
+        out[k.replace(".base_layer.", ".")] = v.detach().clone()
+    return out
+
+
+@dataclass
+class LearnedConfig:
+    steps: int = 500
+    batch_size: int = 64
+    lr: float = 1e-4  # LoRA / weights
+    logit_lr: float = 1e-3
+    tau_start: float = 4.0
+    tau_end: float = 0.1
+    logit_scale: float = 100.0
+    logit_ema: float = 0.999
+    recover: str = "lora"  # lora | full | frozen
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    seed: int = 0
+    ckpt_every: int = 0
+    log_every: int = 10
+
+
+def learned_search(model, data, groups, lc: LearnedConfig, work_dir, resume: bool = False):
+    """TinyFusion: jointly train mask logits and a recovery (LoRA / full / none). Returns
+    (keep, search module, recovered model, history, seconds)."""
+    import copy
+
+    from ..diffusion.gaussian import GaussianDiffusion
+    from ..train.api import label_dropout_batch_fn
+    from ..train.losses import plain_loss
+    from ..train.trainer import Trainer, TrainConfig
+
+    if lc.recover not in ("lora", "full", "frozen"):
+        raise UsageError(f"--recover must be lora, full or frozen, not {lc.recover!r}")
+    dit = copy.deepcopy(model)
+    dit.train()
+    if lc.recover == "lora":
+        dit = add_lora(dit, lc.lora_rank, lc.lora_alpha)
+    else:
+        for n, p in dit.named_parameters():
+            p.requires_grad_(lc.recover == "full" and n != "pos_embed")
+    search = MaskSearch(groups, lc.logit_scale, lc.logit_ema)
+    wrapper = SearchWrapper(dit, search)
+    groups_param = [{"params": list(search.logits.parameters()), "lr": lc.logit_lr}]
+    weights = [p for n, p in dit.named_parameters() if p.requires_grad]
+    if weights:
+        groups_param.append({"params": weights, "lr": lc.lr})
+    history_probs = []
+
+    def tau_at(step):
+        return lc.tau_start + (lc.tau_end - lc.tau_start) * min(1.0, step / max(1, lc.steps))
+
+    base_loss = plain_loss(GaussianDiffusion.create(learn_sigma=model.config.learn_sigma))
+
+    def loss_fn(m, batch, step):
+        search.tau = tau_at(step)  # a function of the step, so a resumed run anneals identically
+        return base_loss(m, batch, step)
+
+    def on_step(step, w):
+        w.search.update_ema()
+        if step % lc.log_every == 0 or step == lc.steps:
+            history_probs.append({"step": step, "tau": w.search.tau, "probs": w.search.probabilities()})
+
+    def status(w):
+        return f"keep {w.search.decision()} conf {w.search.confidence():.2f}"
+
+    tcfg = TrainConfig(steps=lc.steps, batch_size=lc.batch_size, lr=lc.lr, ema=0.0, seed=lc.seed, grad_clip=1.0,
+                       ckpt_every=lc.ckpt_every, log_every=lc.log_every)
+    batch_fn = label_dropout_batch_fn(data, lc.batch_size, model.config.num_classes, model.config.class_dropout_prob, False)
+    trainer = Trainer(wrapper, loss_fn, batch_fn, tcfg, work_dir, param_groups=groups_param,
+                      on_step=on_step, desc="mask search", status_fn=status)
+    res = trainer.run(resume=resume)
+    w = res.model
+    if resume and not history_probs:
+        history_probs.append({"step": lc.steps, "tau": w.search.tau, "probs": w.search.probabilities()})
+    return w.search.decision(), w.search, w.dit, res.history, history_probs, res.seconds
+
+
+def require_data(method: str, data) -> None:
+    if data is None:
+        raise UsageError(f"--method {method} needs calibration/training data: pass --data (e.g. --data digits)")
+
+
+def step_cost_ratio(model, groups, lc: LearnedConfig, data, reps: int = 3) -> dict:
+    """Seconds per learned-search step vs per plain training step of the unpruned model,
+    same batch, measured side by side (median of ``reps`` after one warm-up step)."""
+    import copy
+    import statistics
+    import time
+
+    from ..diffusion.gaussian import GaussianDiffusion
+
+    diff = GaussianDiffusion.create(learn_sigma=model.config.learn_sigma)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, len(data), (lc.batch_size,), generator=g)
+    x, y = data.get(idx, generator=g)
+    t = torch.randint(0, 1000, (lc.batch_size,), generator=g)
+
+    def timed(module, params):
+        opt = torch.optim.AdamW(params, lr=1e-6)
+        times = []
+        for i in range(reps + 1):
+            t0 = time.perf_counter()
+            loss = diff.training_losses(module, x, t, y)["loss"].mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i:
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    plain = copy.deepcopy(model).train()
+    plain_s = timed(plain, [p for n, p in plain.named_parameters() if n != "pos_embed"])
+    dit = copy.deepcopy(model).train()
+    if lc.recover == "lora":
+        dit = add_lora(dit, lc.lora_rank, lc.lora_alpha)
+    w = SearchWrapper(dit, MaskSearch(groups, lc.logit_scale))
+    search_s = timed(w, [p for p in w.parameters() if p.requires_grad])
+    return {"plain_step_s": plain_s, "search_step_s": search_s, "ratio": search_s / plain_s, "batch_size": lc.batch_size}
+
+
+def prune_depth(model, method: str, groups=None, keep: list[int] | None = None, data=None, lc: LearnedConfig | None = None,
+                work_dir=None, resume: bool = False, calib_samples: int = 128, num_candidates: int = 16,
+                keep_recovery_weights: bool = False, measure_cost: bool = True):
+    """Python twin of ``ditc prune-depth``: returns (pruned model, report dict)."""
+    import time
+
+    from .flops import gflops
+
+    if method not in METHODS:
+        raise UsageError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    lc = lc or LearnedConfig()
+    depth = model.config.depth
+    t0 = time.time()
+    report: dict = {"method": method, "source_depth": depth}
+    if groups is not None:
+        report["groups"] = [f"{n}:{m}" for n, m in groups]
+    if method == "oracle":
+        if keep is None:
+            raise UsageError("--method oracle needs --keep i,j,k,... (the layers to keep)")
+        keep = check_keep(keep, depth)
+    elif keep is not None:
+        raise UsageError("--keep goes with --method oracle")
+    elif groups is None:
+        raise UsageError("a pattern is needed: --pattern N:M or --groups N:M,N:M,...")
+    calib = None
+    if data is not None:
+        from ..train.data import check_fits
+
+        check_fits(data, model.config)
+        calib = calibration_set(data, calib_samples, seed=lc.seed + 12345)
+    recovered = None
+    if method == "uniform":
+        keep = uniform_keep(groups)
+    elif method == "random":
+        keep = random_keep(groups, random.Random(lc.seed))
+    elif method == "block-influence":
+        require_data(method, data)
+        scores = block_influence(model, calib)
+        report["block_influence"] = scores
+        keep = keep_by_influence(scores, sum(n for n, _ in groups))
+    elif method == "min-loss":
+        require_data(method, data)
+        rng = random.Random(lc.seed)
+        tried = []
+        for _ in range(num_candidates):
+            k = random_keep(groups, rng)
+            tried.append({"keep": k, "calib_loss": calibration_loss(model, calib, k)})
+        best = min(tried, key=lambda r: r["calib_loss"])
+        keep = best["keep"]
+        report["candidates"] = tried
+    elif method == "learned":
+        require_data(method, data)
+        keep, search, recovered, hist, probs, secs = learned_search(model, data, groups, lc, work_dir, resume)
+        report.update(search_seconds=secs, search_history=hist, decision_probabilities=probs,
+                      final_probabilities=search.probabilities(), confidence=search.confidence(),
+                      learned_config=lc.__dict__)
+        if measure_cost:
+            report["search_cost"] = step_cost_ratio(model, groups, lc, data)
+    source = model
+    if keep_recovery_weights:
+        if recovered is None:
+            raise UsageError("--keep-recovery-weights applies to --method learned only")
+        from ..formats import build_model
+
+        state = merged_state(recovered) if lc.recover == "lora" else {k: v.detach().clone() for k, v in recovered.state_dict().items()}
+        source = build_model(model.config, state)
+    params = {"method": method, "keep": keep}
+    if groups is not None:
+        params["groups"] = [f"{n}:{m}" for n, m in groups]
+    if method == "learned":
+        params.update(steps=lc.steps, recover=lc.recover, recovery_weights="merged" if keep_recovery_weights else "discarded")
+    pruned = prune_layers(source, keep, params)
+    report.update(
+        kept_layers=keep, kept_source_layers=pruned.config.kept_layers, depth_after=pruned.config.depth,
+        params_before=model.num_params(), params_after=pruned.num_params(),
+        gflops_before=gflops(model.config), gflops_after=gflops(pruned.config),
+        seconds=time.time() - t0,
+    )
+    if calib is not None:
+        report["calib_loss_chosen"] = calibration_loss(model, calib, keep)
+        report["calib_loss_full"] = calibration_loss(model, calib, None)
+    return pruned, report
+
+
+def plot_decisions(report: dict, path) -> None:
+    from ..report import plot_lines
+
+    probs = report.get("decision_probabilities") or []
+    if not probs:
+        return
+    steps = [p["step"] for p in probs]
+    series = {}
+    for gi in range(len(probs[-1]["probs"])):
+        final = probs[-1]["probs"][gi]
+        best = max(range(len(final)), key=lambda c: final[c])
+        series[f"group {gi}"] = [p["probs"][gi][best] for p in probs]
+    plot_lines(path, steps, series, "probability of the final choice per group (EMA logits)", "step", "probability")

@@ -1,0 +1,182 @@
+"""DyDiT transforms: timestep-wise dynamic width (TDW) and spatial dynamic tokens (SDT).
+
+``add_dynamic_width`` first sorts heads and MLP channels by importance (a permutation of
+the weights that leaves the function unchanged), so that the nested masks the routers
+produce keep the most important heads/channels, and inference can run on zero-copy
+prefix slices of the weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import TokenSpec, WidthSpec
+from ..errors import DitcError, UsageError
+from ..model.routers import TokenRouter, WidthRouter
+
+SORTS = ("magnitude", "taylor", "none")
+
+
+def _head_perm_rows(order: torch.Tensor, hd: int) -> torch.Tensor:
+    return (order[:, None] * hd + torch.arange(hd)[None]).reshape(-1)
+
+
+@torch.no_grad()
+def importance(model, kind: str, data=None, batches: int = 4, batch_size: int = 32, seed: int = 0):
+    """Per-block (head scores [H], channel scores [4D]) — larger is more important."""
+    cfg = model.config
+    D, H = cfg.hidden_size, cfg.num_heads
+    hd = D // H
+    grads = None
+    if kind == "taylor":
+        if data is None:
+            raise UsageError("--sort-by taylor needs --data to measure first-order importance")
+        grads = _accumulate_grads(model, data, batches, batch_size, seed)
+    out = []
+    for i, b in enumerate(model.blocks):
+        qkv, proj, fc1, fc2 = b.attn.qkv.weight, b.attn.proj.weight, b.mlp.fc1.weight, b.mlp.fc2.weight
+        if kind == "magnitude":
+            v = qkv[2 * D:].reshape(H, hd, D).norm(dim=(1, 2))
+            o = proj.reshape(D, H, hd).permute(1, 0, 2).norm(dim=(1, 2))
+            heads = v * o
+            chans = fc1.norm(dim=1) * fc2.norm(dim=0)
+        else:
+            g = grads
+            heads = ((qkv * g[f"blocks.{i}.attn.qkv.weight"]).reshape(3, H, hd, D).sum(dim=(0, 2, 3)).abs()
+                     + (proj * g[f"blocks.{i}.attn.proj.weight"]).reshape(D, H, hd).sum(dim=(0, 2)).abs())
+            chans = ((fc1 * g[f"blocks.{i}.mlp.fc1.weight"]).sum(1).abs() + (fc2 * g[f"blocks.{i}.mlp.fc2.weight"]).sum(0).abs())
+        out.append((heads, chans))
+    return out
+
+
+def _accumulate_grads(model, data, batches, batch_size, seed):
+    import copy
+
+    from ..diffusion.gaussian import GaussianDiffusion
+
+    m = copy.deepcopy(model).train()
+    diff = GaussianDiffusion.create(learn_sigma=m.config.learn_sigma)
+    g = torch.Generator().manual_seed(seed)
+    with torch.enable_grad():
+        for _ in range(batches):
+            idx = torch.randint(0, len(data), (batch_size,), generator=g)
+            x, y = data.get(idx, generator=g)
+            t = torch.randint(0, 1000, (batch_size,), generator=g)
+            diff.training_losses(m, x, t, y)["loss"].mean().backward()
+    return {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in m.named_parameters()}
+
+
+@torch.no_grad()
+def sorted_state(model, scores) -> dict:
+    """State dict with heads and MLP channels of every block in descending importance."""
+    cfg = model.config
+    D, H = cfg.hidden_size, cfg.num_heads
+    hd = D // H
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for i, (hs, cs) in enumerate(scores):
+        p = f"blocks.{i}."
+        rows = _head_perm_rows(torch.argsort(hs, descending=True, stable=True), hd)
+        qkv_rows = torch.cat([rows, rows + D, rows + 2 * D])
+        state[p + "attn.qkv.weight"] = state[p + "attn.qkv.weight"][qkv_rows]
+        state[p + "attn.qkv.bias"] = state[p + "attn.qkv.bias"][qkv_rows]
+        state[p + "attn.proj.weight"] = state[p + "attn.proj.weight"][:, rows]
+        ch = torch.argsort(cs, descending=True, stable=True)
+        state[p + "mlp.fc1.weight"] = state[p + "mlp.fc1.weight"][ch]
+        state[p + "mlp.fc1.bias"] = state[p + "mlp.fc1.bias"][ch]
+        state[p + "mlp.fc2.weight"] = state[p + "mlp.fc2.weight"][:, ch]
+    return state
+
+
+def add_dynamic_width(model, target_flops: float = 0.5, sort_by: str = "magnitude", data=None,
+                      tau: float = 5.0, init_bias: float = 5.0):
+    """A copy of ``model`` with sorted heads/channels and all-on timestep routers."""
+    from ..formats import build_model
+
+    cfg = model.config
+    if not (0.0 < target_flops <= 1.0):
+        raise UsageError(f"--target-flops must be in (0, 1], got {target_flops}")
+    if sort_by not in SORTS:
+        raise UsageError(f"--sort-by must be one of {', '.join(SORTS)}")
+    if cfg.width is not None:
+        raise DitcError("this model already has dynamic-width routers (add-dynamic-width was applied before)")
+    if cfg.mlp_hidden % cfg.num_heads:
+        raise UsageError(f"MLP hidden size {cfg.mlp_hidden} cannot be split into {cfg.num_heads} channel groups (one per head)")
+    if sort_by == "none":
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    else:
+        state = sorted_state(model, importance(model, sort_by, data))
+    spec = WidthSpec(target_flops=target_flops, sort_by=sort_by, tau=tau, init_bias=init_bias)
+    new_cfg = cfg.copy(width=spec).with_step("add-dynamic-width", target_flops=target_flops, sort_by=sort_by)
+    for i in range(cfg.depth):
+        for name in ("head_router", "channel_router"):
+            r = WidthRouter(cfg.hidden_size, cfg.num_heads, init_bias)
+            for k, v in r.state_dict().items():
+                state[f"blocks.{i}.{name}.{k}"] = v
+    return build_model(new_cfg, state, dtype=next(model.parameters()).dtype)
+
+
+def add_token_router(model, tau: float = 5.0, init_bias: float = 5.0, reduction: int = 16, seed: int = 0):
+    """A copy of ``model`` with an all-on token router before every block's MLP."""
+    from ..formats import build_model
+
+    cfg = model.config
+    if cfg.tokens is not None:
+        raise DitcError("this model already has token routers (add-token-router was applied before)")
+    if reduction < 1 or cfg.hidden_size // reduction < 1:
+        raise UsageError(f"--reduction {reduction} leaves no router hidden units for hidden size {cfg.hidden_size}")
+    spec = TokenSpec(tau=tau, init_bias=init_bias, reduction=reduction)
+    new_cfg = cfg.copy(tokens=spec).with_step("add-token-router", reduction=reduction)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(seed)
+    for i in range(cfg.depth):
+        r = TokenRouter(cfg.hidden_size, reduction, init_bias)
+        for k, v in r.state_dict().items():
+            state[f"blocks.{i}.token_router.{k}"] = v
+    return build_model(new_cfg, state, dtype=next(model.parameters()).dtype)
+
+
+@torch.no_grad()
+def set_static_width(model, head_share: float, channel_share: float):
+    """Point every width router at a fixed share (for benchmarks): constant masks for all t."""
+    H = model.config.num_heads
+    kh = max(1, round(H * head_share))
+    kc = max(1, round(H * channel_share))
+    for b in model.blocks:
+        for r, k in ((b.head_router, kh), (b.channel_router, kc)):
+            r.linear.weight.zero_()
+            r.linear.bias.copy_(torch.tensor([5.0] * k + [-5.0] * (H - k)))
+    return model
+
+
+@torch.no_grad()
+def set_token_keep(model, share: float, batch: int = 2, seed: int = 0, passes: int = 2):
+    """Token routers that keep about ``share`` of the tokens (for benchmarks): a random
+    projection whose bias is set, per block, to a quantile of its logits on real hidden
+    states (noise inputs at a mid timestep), refined over ``passes`` forward passes."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    D = cfg.hidden_size
+    for b in model.blocks:
+        net = b.token_router.net
+        net[0].weight.copy_(torch.randn(net[0].weight.shape, generator=g) / D ** 0.5)
+        net[0].bias.zero_()
+        net[2].weight.copy_(torch.randn(net[2].weight.shape, generator=g))
+        net[2].bias.zero_()
+    x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
+    t = torch.full((batch,), 500)
+    y = torch.zeros(batch, dtype=torch.long)
+    logits = {}
+    hooks = [b.token_router.register_forward_hook(lambda m, i, o, k=k: logits.__setitem__(k, o.detach().flatten()))
+             for k, b in enumerate(model.blocks)]
+    old = model.routing
+    model.routing = "dense"
+    try:
+        for _ in range(passes):
+            model(x, t, y)
+            for k, b in enumerate(model.blocks):
+                b.token_router.net[2].bias.sub_(torch.quantile(logits[k].float(), 1 - share))
+    finally:
+        model.routing = old
+        for h in hooks:
+            h.remove()
+    return model
