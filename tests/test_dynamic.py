@@ -1,0 +1,179 @@
+"""DyDiT transforms: sorting is a no-op on the function, fast paths equal the masked-dense
+reference, all-on routers reproduce the source, training moves FLOPs toward the target."""
+
+import pytest
+import torch
+from helpers import tiny_config, tiny_model
+from typer.testing import CliRunner
+
+from dit_compress.cli import app
+from dit_compress.compress import depth as D
+from dit_compress.compress import dynamic as Y
+from dit_compress.errors import DitcError, UsageError
+from dit_compress.formats import load_model, save_model
+from dit_compress.model import DiT
+from dit_compress.train.data import load_data
+
+runner = CliRunner()
+
+
+def wide_model(seed=0):
+    return tiny_model(seed=seed, hidden_size=64, num_heads=4, depth=4)
+
+
+def xs(batch=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 4, 8, 8, generator=g), torch.randint(0, 1000, (batch,), generator=g),
+            torch.randint(0, 11, (batch,), generator=g))
+
+
+def outputs(m, x, t, y, mode):
+    m.routing = mode
+    with torch.no_grad():
+        return m(x, t, y)
+
+
+@pytest.mark.parametrize("sort_by", ["magnitude", "taylor"])
+def test_sorting_keeps_function_and_all_on_routers_reproduce(sort_by):
+    m = wide_model()
+    data = None
+    if sort_by == "taylor":
+        from dit_compress.train.data import TensorData
+
+        data = TensorData(torch.randn(16, 4, 8, 8), torch.randint(0, 10, (16,)))
+    w = Y.add_dynamic_width(m, 0.5, sort_by, data)
+    x, t, y = xs()
+    assert not torch.equal(w.state_dict()["blocks.0.mlp.fc1.weight"], m.state_dict()["blocks.0.mlp.fc1.weight"])
+    for mode in ("fast", "dense"):
+        assert torch.allclose(outputs(w, x, t, y, mode), outputs(m, x, t, y, "fast"), atol=1e-5)
+    tk = Y.add_token_router(w)
+    assert torch.allclose(outputs(tk, x, t, y, "fast"), outputs(m, x, t, y, "fast"), atol=1e-5)
+
+
+def test_sorted_order_is_descending_importance():
+    m = wide_model()
+    w = Y.add_dynamic_width(m, 0.5, "magnitude")
+    for hs, cs in Y.importance(w, "magnitude"):
+        assert torch.all(hs[:-1] >= hs[1:] - 1e-6) and torch.all(cs[:-1] >= cs[1:] - 1e-6)
+
+
+def _routed(seed=0, width=True, tokens=True):
+    m = wide_model(seed)
+    if width:
+        m = Y.add_dynamic_width(m, 0.5)
+        with torch.no_grad():  # timestep-dependent routers: different widths at different t
+            g = torch.Generator().manual_seed(seed)
+            for b in m.blocks:
+                for r in (b.head_router, b.channel_router):
+                    r.linear.weight.copy_(torch.randn(r.linear.weight.shape, generator=g) * 0.2)
+                    r.linear.bias.copy_(torch.tensor([1.0, 0.5, 0.0, -0.5]))
+    if tokens:
+        m = Y.add_token_router(m)
+        Y.set_token_keep(m, 0.5)
+    return m
+
+
+@pytest.mark.parametrize("width,tokens", [(True, False), (False, True), (True, True)])
+def test_fast_paths_equal_masked_dense(width, tokens):
+    m = _routed(width=width, tokens=tokens)
+    x, t, y = xs(batch=6)
+    # mixed timesteps in one batch (split by width) and a shared timestep (one slice)
+    for tt in (t, torch.full_like(t, 400)):
+        fast, dense = outputs(m, x, tt, y, "fast"), outputs(m, x, tt, y, "dense")
+        assert torch.allclose(fast, dense, atol=1e-5), (fast - dense).abs().max()
+    # the routers really are switching work off
+    from dit_compress.describe import describe
+
+    d = describe(m)
+    assert d["expected_flops_ratio"] < 0.95
+
+
+def test_fast_path_under_cfg_sampling():
+    import dit_compress
+
+    m = _routed()
+    noise = torch.randn(3, 4, 8, 8)
+    y = torch.tensor([1, 2, 3])
+    m.routing = "fast"
+    a = dit_compress.sample(m, noise, y, sampler="ddim", steps=5, cfg_scale=3.0)
+    m.routing = "dense"
+    b = dit_compress.sample(m, noise, y, sampler="ddim", steps=5, cfg_scale=3.0)
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_chaining_in_any_order():
+    m = tiny_model(hidden_size=64, num_heads=4, depth=4)
+    x, t, y = xs()
+    a = D.prune_layers(Y.add_dynamic_width(m), [0, 2])
+    b = Y.add_dynamic_width(D.prune_layers(m, [0, 2]))
+    c = Y.add_dynamic_width(Y.add_token_router(D.prune_layers(m, [0, 2])))
+    ref = outputs(D.prune_layers(m, [0, 2]), x, t, y, "fast")
+    for mm in (a, b, c):
+        assert mm.config.kept_layers == [0, 2]
+        assert torch.allclose(outputs(mm, x, t, y, "fast"), ref, atol=1e-5)
+    assert [s["op"] for s in c.config.lineage] == ["prune-depth", "add-token-router", "add-dynamic-width"] or \
+        [s["op"] for s in c.config.lineage][-2:] == ["add-token-router", "add-dynamic-width"]
+
+
+def test_bad_inputs():
+    m = wide_model()
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(UsageError, match="target-flops"):
+            Y.add_dynamic_width(m, bad)
+    w = Y.add_dynamic_width(m, 0.5)
+    with pytest.raises(DitcError, match="already has dynamic-width"):
+        Y.add_dynamic_width(w, 0.5)
+    with pytest.raises(DitcError, match="already has token routers"):
+        Y.add_token_router(Y.add_token_router(m))
+    odd = DiT(tiny_config(hidden_size=36, num_heads=4, mlp_ratio=2.5))
+    with pytest.raises(UsageError, match="cannot be split into 4"):
+        Y.add_dynamic_width(odd, 0.5)
+    with pytest.raises(UsageError, match="taylor needs --data"):
+        Y.add_dynamic_width(m, 0.5, "taylor")
+
+
+def test_dynamic_model_round_trips_and_refuses_static_formats(tmp_path):
+    m = _routed()
+    save_model(m, tmp_path / "d")
+    back = load_model(tmp_path / "d")
+    x, t, y = xs()
+    assert torch.equal(outputs(back, x, t, y, "fast"), outputs(m, x, t, y, "fast"))
+    with pytest.raises(DitcError, match="dynamic routers"):
+        save_model(m, tmp_path / "x", format="diffusers")
+    assert not (tmp_path / "x").exists()
+
+
+def test_short_finetune_moves_flops_toward_target(tmp_path):
+    """On the digits testbed: routers trained with the FLOPs loss switch work off."""
+    from dit_compress.train.api import train_model
+    from dit_compress.train.trainer import TrainConfig
+
+    base = load_model("digits-dit")
+    w = Y.add_token_router(Y.add_dynamic_width(base, target_flops=0.5))
+    from dit_compress.describe import describe
+
+    before = describe(w)["expected_flops_ratio"]
+    cfg = TrainConfig(steps=40, batch_size=16, lr=1e-3, ema=0.0, log_every=5)
+    res = train_model(w, load_data("digits"), cfg, tmp_path / "w", kd={"flops_warmup": 0.5})
+    after = describe(res.model)["expected_flops_ratio"]
+    ratios = [h["flops_ratio"] for h in res.history]
+    assert before > 0.95
+    assert after < before - 0.1, (before, after)
+    assert ratios[-1] < ratios[0]
+
+
+def test_cli_transforms(tmp_path):
+    save_model(wide_model(), tmp_path / "m")
+    r = runner.invoke(app, ["add-dynamic-width", str(tmp_path / "m"), "--target-flops", "0.7", "-o", str(tmp_path / "w")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "w" / "width_profile.png").exists()
+    r = runner.invoke(app, ["add-token-router", str(tmp_path / "w"), "-o", str(tmp_path / "wt")])
+    assert r.exit_code == 0, r.output
+    m = load_model(tmp_path / "wt")
+    assert m.config.width.target_flops == 0.7 and m.config.tokens is not None
+    r = runner.invoke(app, ["add-dynamic-width", str(tmp_path / "wt"), "-o", str(tmp_path / "again")])
+    assert r.exit_code == 1 and "already has" in r.stderr
+    r = runner.invoke(app, ["add-dynamic-width", str(tmp_path / "m"), "--target-flops", "2", "-o", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "(0, 1]" in r.stderr
+    r = runner.invoke(app, ["info", str(tmp_path / "wt"), "--json"])
+    assert '"expected_flops_ratio"' in r.stdout and '"token_keep_ratio"' in r.stdout
