@@ -276,6 +276,8 @@ def _run_training(model, data_spec, output, force, resume, tcfg, teacher=None, k
         raise UsageError(f"{work} holds an interrupted run: pass --resume to continue it, or delete it")
     t0 = time.time()
     res = train_model(model, data, tcfg, work, teacher=teacher, resume=resume, kd=kd, desc=op)
+    if not res.is_main:  # under accelerate launch only process 0 writes
+        raise typer.Exit(0)
     final = res.ema if res.ema is not None else res.model
     final.config = res.model.config.with_step(op, data=data_spec, **tcfg.to_dict(), **(extra or {}))
     report = {
@@ -514,6 +516,135 @@ def add_token_router_cmd(
     report, plots = _dynamic_report(new, source, "add-token-router")
     _write_checkpoint(new, output, force, report, "ditc add-token-router", plots)
     _summary({k: v for k, v in report.items() if k not in ("width_profile", "lineage", "kept_layers")}, json_out)
+
+
+# ---------------------------------------------------------------------------- eval / bench
+@app.command("eval")
+@handle_errors
+def eval_cmd(
+    source: str = Src,
+    output: Path = typer.Option(..., "-o", "--output", help="Report dir; holds samples/ shards, samples.npz, report.json/.md. Rerun to resume.", show_default=False),
+    num_samples: int = typer.Option(1000, "--num-samples", "-n"),
+    sampler: str = typer.Option("ddim", "--sampler", help="ddpm | ddim | dpm-solver"),
+    steps: int = typer.Option(50, "--steps"),
+    cfg_scale: float = typer.Option(1.0, "--cfg-scale", help="Classifier-free guidance scale (1: off; DiT uses 1.5 for FID)."),
+    cfg_channels: Optional[int] = typer.Option(None, "--cfg-channels", help="Guide only the first N channels (3 = reference DiT code); default all latent channels (diffusers)."),
+    ref: Optional[str] = typer.Option(None, "--ref", help="digits | an image folder | an ADM .npz with mu/sigma (VIRTUAL_imagenet256_labeled.npz)."),
+    metrics: str = typer.Option("fid,prc", "--metrics", help="Comma list of fid, isc, kid, prc."),
+    inception_weights: Optional[str] = typer.Option(None, "--inception-weights", help="Local .pth of torch-fidelity's inception-v3-compat weights."),
+    extractor: Optional[str] = typer.Option(None, "--extractor", help="digits-cnn (default for the digits testbed) or inception-v3-compat."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="VAE for latent models (default: the config's, e.g. stabilityai/sd-vae-ft-ema)."),
+    seed: int = Seed, shard_size: int = typer.Option(250, "--shard-size"), batch_size: int = typer.Option(125, "--batch-size"),
+    kid_subset_size: Optional[int] = typer.Option(None, "--kid-subset-size"),
+    dense_masks: bool = typer.Option(False, "--dense-masks", help="Dynamic models: masked-dense execution (checking reference) instead of sliced/gathered."),
+    json_out: bool = JsonOut,
+):
+    """Sample class-balanced images (sharded, resumable, split over `accelerate launch`
+    processes) and compute FID / IS / KID / precision-recall with torch-fidelity.
+
+    Examples:
+
+        ditc eval digits-dit -o eval/ -n 2000 --cfg-scale 2
+
+        accelerate launch --num_processes 2 -m dit_compress.cli eval tiny/ -o eval/ -n 2000
+
+        ditc eval tinydit-d14/ -o eval/ -n 50000 --sampler ddpm --steps 250 --cfg-scale 1.5 --ref VIRTUAL_imagenet256_labeled.npz --inception-weights pt_inception-2015-12-05.pth --metrics fid,isc
+    """
+    from accelerate import PartialState
+
+    from .evaluate.fidelity import evaluate
+    from .report import write_report
+
+    model = _load(source)
+    model.routing = "dense" if dense_masks else "fast"
+    state = PartialState(cpu=not __import__("torch").cuda.is_available())
+    output.mkdir(parents=True, exist_ok=True)
+    report = evaluate(model, output, num_samples, sampler, steps, cfg_scale, cfg_channels, seed, ref,
+                      [m.strip() for m in metrics.split(",") if m.strip()], inception_weights, extractor, vae,
+                      shard_size, batch_size, kid_subset_size, state.process_index, state.num_processes,
+                      barrier=state.wait_for_everyone)
+    if report is None:
+        return
+    report["source"] = source
+    write_report(output, report, f"ditc eval: {source}")
+    if report.get("warning"):
+        err_console.print(f"[bold yellow]warning:[/] {report['warning']}")
+    if json_out:
+        emit_json(report)
+    else:
+        out_console.print(kv_table(f"ditc eval: {source}", {**{k: v for k, v in report.items() if k != "metrics"}, **report["metrics"]}))
+
+
+@app.command()
+@handle_errors
+def bench(
+    sources: List[str] = typer.Argument(None, help="Checkpoints (any source) or shape specs; the first is the baseline unless --baseline."),
+    shape: Optional[str] = typer.Option(None, "--shape", help="Benchmark an architecture with random weights, e.g. DiT-XL/2."),
+    variants: Optional[str] = typer.Option(None, "--variants", help="With --shape: comma list of transforms, e.g. d14,d7,width0.5,tokens0.5,width0.5+tokens0.5."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="Baseline source (default: the first)."),
+    batch_sizes: str = typer.Option("1,8", "--batch-sizes"),
+    repeats: int = typer.Option(5, "--repeats"), warmup: int = typer.Option(2, "--warmup"),
+    sampler: str = typer.Option("ddim", "--sampler"), steps: int = typer.Option(50, "--steps", help="Sampler steps: dynamic models are timed and counted over these timesteps."),
+    device: str = typer.Option("cpu", "--device", help="cpu (cuda: not measured on this build)."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | fp16"),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile each model."),
+    dense_masks: bool = typer.Option(False, "--dense-masks", help="Time dynamic models on the masked-dense path."),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Report dir (report.json/.md, speed_vs_flops.png)."),
+    force: bool = Force, json_out: bool = JsonOut,
+):
+    """Measure speed side by side: analytic FLOPs, forward latency (median, IQR), images/s,
+    peak memory, and speedup next to the FLOPs ratio (flagged where they diverge).
+
+    Examples:
+
+        ditc bench --shape DiT-XL/2 --variants d14,d7 --batch-sizes 1,8
+
+        ditc bench --shape DiT-XL/2 --variants width0.5,tokens0.5 -o bench-xl/
+
+        ditc bench digits-dit tiny/ tiny-kd/ --batch-sizes 1,64 --json
+    """
+    from .evaluate.bench import compare, measure, plot_speed_vs_flops
+    from .describe import sampler_timesteps
+    from .report import write_report
+
+    if device != "cpu":
+        raise UsageError("only --device cpu is measured in this build")
+    specs = list(sources or [])
+    if shape:
+        specs = [f"shape:{shape}"] + [f"shape:{shape}+{v.strip()}" for v in (variants or "").split(",") if v.strip()] + specs
+    elif variants:
+        raise UsageError("--variants goes with --shape")
+    if baseline:
+        specs = [baseline] + [s for s in specs if s != baseline]
+    if not specs:
+        raise UsageError("nothing to benchmark: give sources or --shape")
+    bs = _parse_ints(batch_sizes, "--batch-sizes")
+    if output is not None:
+        from .formats.atomic import check_output
+
+        check_output(output, force)
+    ts = sampler_timesteps(sampler, steps)
+    ts = ts[:: max(1, len(ts) // 5)]
+    results = []
+    for s in specs:
+        err_console.print(f"measuring {s} ...")
+        results.append(measure(s, bs, repeats, warmup, ts, threads, dtype, compile_, dense_masks))
+    rows = compare(results)
+    report = {"device": device, "dtype": dtype, "threads": threads or __import__("torch").get_num_threads(),
+              "repeats": repeats, "warmup": warmup, "timesteps": ts, "baseline": specs[0], "rows": rows}
+    if output is not None:
+        from .formats.atomic import atomic_dir
+
+        with atomic_dir(output, force) as tmp:
+            write_report(tmp, report, "ditc bench")
+            plot_speed_vs_flops(rows, tmp / "speed_vs_flops.png")
+    if json_out:
+        emit_json(report)
+    else:
+        out_console.print(rows_table(f"ditc bench (baseline {specs[0]})", [
+            {k: r[k] for k in ("model", "batch", "gflops", "flops_ratio", "latency_ms", "iqr_ms", "speedup", "peak_rss_mb", "diverges")}
+            for r in rows]))
 
 
 def _summary(report: dict, json_out: bool):

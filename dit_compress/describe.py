@@ -51,11 +51,11 @@ def sampler_timesteps(sampler: str = "ddim", steps: int = 50) -> list[int]:
     return space_timesteps(1000, spec)
 
 
-def expected_macs(model, timesteps: list[int], token_ratios=None) -> dict:
+def expected_macs(model, timesteps: list[int], token_ratios=None, token_batch: int = 8) -> dict:
     """Dynamic MACs per timestep and their mean over the given schedule."""
     cfg = model.config
     prof = width_profile(model, timesteps)
-    toks = token_ratios if token_ratios is not None else token_keep_ratio(model, timesteps)
+    toks = token_ratios if token_ratios is not None else token_keep_ratio(model, timesteps, batch=token_batch)
     per_t = []
     for j in range(len(timesteps)):
         per_t.append(dynamic_macs(cfg, [h[j] for h in prof["heads"]], [c[j] for c in prof["channels"]], [k[j] for k in toks]))

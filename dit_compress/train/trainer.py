@@ -55,6 +55,7 @@ class TrainResult:
     steps: int = 0
     seconds: float = 0.0
     resumed_from: int = 0
+    is_main: bool = True
 
 
 def _lr_lambda(cfg: TrainConfig):
@@ -262,7 +263,7 @@ class Trainer:
         unwrapped = acc.unwrap_model(model)
         unwrapped.eval()
         self.accelerator = acc
-        return TrainResult(unwrapped, ema, history, cfg.steps, time.time() - t0, start)
+        return TrainResult(unwrapped, ema, history, cfg.steps, time.time() - t0, start, acc.is_main_process)
 
     def discard_state(self):
         shutil.rmtree(self.state_dir, ignore_errors=True)

@@ -1,0 +1,176 @@
+"""``ditc bench``: analytic FLOPs, measured forward latency, images/s and peak memory.
+
+Each model is measured in a fresh child process (spawned), one after the other, so the
+peak-memory figure (the child's max RSS) belongs to that model alone and one model's
+allocator state cannot flatter the next. Sources may be checkpoints or architecture
+shapes with random weights plus transforms: ``shape:DiT-XL/2``, ``shape:DiT-XL/2+d14``,
+``shape:DiT-XL/2+width0.5+tokens0.5``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import re
+import statistics
+import time
+
+import torch
+
+from ..errors import DitcError, UsageError
+
+VARIANT_RE = re.compile(r"^(d\d+|width[0-9.]+|tokens[0-9.]+)$")
+
+
+def parse_spec(spec: str) -> tuple[str, list[str]]:
+    base, *variants = spec.split("+")
+    for v in variants:
+        if not VARIANT_RE.match(v):
+            raise UsageError(f"unknown bench variant {v!r} in {spec!r} (use dN, widthF, tokensF, e.g. d14, width0.5)")
+    return base, variants
+
+
+def build(spec: str, seed: int = 0):
+    """A model for a source or shape spec (random weights for shapes)."""
+    from ..compress.depth import prune_layers
+    from ..compress.dynamic import add_dynamic_width, add_token_router, set_static_width, set_token_keep
+
+    base, variants = parse_spec(spec)
+    if base.startswith("shape:"):
+        from ..config import DiTConfig
+        from ..formats import build_model
+
+        cfg = DiTConfig.preset(base[len("shape:"):])
+        with torch.device("meta"):
+            from ..model import DiT
+
+            shapes = {k: v.shape for k, v in DiT(cfg).state_dict().items()}
+        g = torch.Generator().manual_seed(seed)
+        state = {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
+        model = build_model(cfg, state)
+    else:
+        from ..formats import load_model
+
+        model = load_model(base)
+    for v in variants:
+        if v.startswith("d"):
+            n = int(v[1:])
+            depth = model.config.depth
+            if not (0 < n <= depth):
+                raise UsageError(f"variant {v}: depth {n} is not in 1..{depth}")
+            step = depth / n
+            keep = sorted({min(depth - 1, int(round((i + 1) * step)) - 1) for i in range(n)})
+            model = prune_layers(model, keep)
+        elif v.startswith("width"):
+            share = float(v[5:])
+            if model.config.width is None:
+                model = add_dynamic_width(model, share, sort_by="none")
+            set_static_width(model, share, share)
+        elif v.startswith("tokens"):
+            share = float(v[6:])
+            if model.config.tokens is None:
+                model = add_token_router(model)
+            set_token_keep(model, share)
+    return model.eval()
+
+
+def _measure_child(spec, batch_sizes, repeats, warmup, timesteps, threads, dtype_name, compile_, dense, q):
+    try:
+        import resource
+
+        torch.set_num_threads(threads)
+        from ..compress.flops import static_macs
+        from ..describe import expected_macs
+
+        model = build(spec)
+        if dense:
+            model.routing = "dense"
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+        model = model.to(dtype)
+        cfg = model.config
+        macs = static_macs(cfg)["total"]
+        if cfg.is_dynamic:
+            model.float()
+            macs = expected_macs(model, timesteps, token_batch=2)["mean"]
+            model.to(dtype)
+        fwd = torch.compile(model) if compile_ else model
+        rows = []
+        rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for bs in batch_sizes:
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(bs, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(dtype)
+            y = torch.randint(0, cfg.num_classes, (bs,), generator=g)
+            times = []
+            with torch.inference_mode():
+                for i in range(warmup + repeats):
+                    t = torch.full((bs,), timesteps[i % len(timesteps)])
+                    t0 = time.perf_counter()
+                    fwd(x, t, y)
+                    if i >= warmup:
+                        times.append(time.perf_counter() - t0)
+            med = statistics.median(times)
+            q_lo, q_hi = (statistics.quantiles(times, n=4)[0], statistics.quantiles(times, n=4)[2]) if len(times) > 1 else (med, med)
+            rows.append({"batch": bs, "latency_ms": med * 1e3, "iqr_ms": (q_hi - q_lo) * 1e3, "images_per_s": bs / med})
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        q.put({"spec": spec, "gflops": macs / 1e9, "params": model.num_params(), "depth": cfg.depth,
+               "rows": rows, "peak_rss_mb": peak / 1024, "rss_after_load_mb": rss_after_load / 1024})
+    except Exception as e:  # noqa: BLE001 - reported to the parent as one line
+        q.put({"spec": spec, "error": f"{type(e).__name__}: {e}"})
+
+
+def measure(spec: str, batch_sizes=(1, 8), repeats: int = 5, warmup: int = 2, timesteps=(500,), threads: int | None = None,
+            dtype: str = "fp32", compile_: bool = False, dense: bool = False, timeout: float = 3600) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_measure_child, args=(spec, list(batch_sizes), repeats, warmup, list(timesteps),
+                                                 threads or torch.get_num_threads(), dtype, compile_, dense, q))
+    p.start()
+    try:
+        res = q.get(timeout=timeout)
+    finally:
+        p.join(timeout=30)
+        if p.is_alive():
+            p.kill()
+    if "error" in res:
+        raise DitcError(f"benchmark of {spec} failed: {res['error']}")
+    return res
+
+
+def compare(results: list[dict], baseline: int = 0, tolerance: float = 0.25) -> list[dict]:
+    """Rows with speedup next to the FLOPs ratio; ``diverges`` flags speedup/FLOPs-ratio
+    disagreements beyond ``tolerance`` (relative)."""
+    base = results[baseline]
+    out = []
+    for r in results:
+        for row, brow in zip(r["rows"], base["rows"]):
+            speedup = brow["latency_ms"] / row["latency_ms"]
+            fr = base["gflops"] / r["gflops"]
+            out.append({
+                "model": r["spec"], "batch": row["batch"], "gflops": r["gflops"], "flops_ratio": fr,
+                "latency_ms": row["latency_ms"], "iqr_ms": row["iqr_ms"], "images_per_s": row["images_per_s"],
+                "speedup": speedup, "speedup_per_flops": speedup / fr, "peak_rss_mb": r["peak_rss_mb"],
+                "peak_mem_ratio": r["peak_rss_mb"] / base["peak_rss_mb"],
+                "diverges": abs(speedup / fr - 1) > tolerance,
+            })
+    return out
+
+
+def plot_speed_vs_flops(rows: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for bs in sorted({r["batch"] for r in rows}):
+        sel = [r for r in rows if r["batch"] == bs]
+        ax.scatter([r["flops_ratio"] for r in sel], [r["speedup"] for r in sel], label=f"batch {bs}")
+        for r in sel:
+            ax.annotate(r["model"].split("+", 1)[-1] if "+" in r["model"] else "base", (r["flops_ratio"], r["speedup"]), fontsize=6)
+    lim = max(max(r["flops_ratio"] for r in rows), max(r["speedup"] for r in rows)) * 1.1
+    ax.plot([0, lim], [0, lim], "k--", lw=0.8, label="speedup = FLOPs ratio")
+    ax.set_xlabel("FLOPs reduction (x)")
+    ax.set_ylabel("measured speedup (x)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,304 @@
+"""``ditc eval``: class-balanced, sharded, resumable sampling and torch-fidelity metrics.
+
+Determinism: shard ``i`` always holds the same sample indices and draws its noise from a
+generator seeded by (seed, i), so the images do not depend on how many processes ran or
+whether the run was interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import DitcError, UsageError
+from ..progress import make_progress
+
+METRICS = ("fid", "isc", "kid", "prc")
+
+
+# ---------------------------------------------------------------------------- images
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] images [B, C, H, W] -> uint8 [B, H, W, 3]."""
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    if x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+class ArrayImages(torch.utils.data.Dataset):
+    """uint8 [N, H, W, 3] array as torch-fidelity's input (uint8 [3, H, W] tensors)."""
+
+    def __init__(self, arr: np.ndarray):
+        self.arr = arr
+
+    def __len__(self):
+        return len(self.arr)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(np.ascontiguousarray(self.arr[i])).permute(2, 0, 1)
+
+
+def digits_reference(split: str = "train") -> np.ndarray:
+    from ..train.data import digits_arrays
+
+    x, _ = digits_arrays(split)
+    return to_uint8(torch.from_numpy(x))
+
+
+def load_image_folder(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    files = sorted(p for p in Path(path).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if not files:
+        raise DitcError(f"reference folder {path} holds no images (.png, .jpg)")
+    arrs = []
+    size = None
+    for f in files:
+        a = np.asarray(Image.open(f).convert("RGB"))
+        if size is None:
+            size = a.shape
+        elif a.shape != size:
+            raise DitcError(f"reference folder {path}: {f.name} is {a.shape[1]}x{a.shape[0]}, others are {size[1]}x{size[0]}")
+        arrs.append(a)
+    return np.stack(arrs)
+
+
+# ---------------------------------------------------------------------------- sampling
+def decode(model, x: torch.Tensor, vae=None) -> torch.Tensor:
+    if model.config.latent_scale is None:
+        return x
+    if vae is None:
+        raise UsageError("this is a latent model: pass --vae (e.g. stabilityai/sd-vae-ft-ema or a local dir)")
+    with torch.no_grad():
+        return vae.decode(x / model.config.latent_scale).sample
+
+
+def load_vae(name: str | None):
+    if name is None:
+        return None
+    from diffusers import AutoencoderKL
+
+    try:
+        return AutoencoderKL.from_pretrained(name).eval()
+    except Exception as e:  # noqa: BLE001 - hub/IO errors of several kinds
+        raise DitcError(f"cannot load the VAE {name}: {str(e).splitlines()[0]}") from None
+
+
+def sample_shards(model, out_dir: Path, num_samples: int, sampler: str = "ddim", steps: int = 50,
+                  cfg_scale: float = 1.0, cfg_channels: int | None = None, seed: int = 0, shard_size: int = 250,
+                  batch_size: int = 125, vae=None, rank: int = 0, world: int = 1) -> list[int]:
+    """Write the shards this process owns (shard i -> process i % world); skip finished
+    ones. Returns the shard ids written now."""
+    from PIL import Image
+
+    from ..diffusion.sampling import class_balanced_labels, sample
+
+    cfg = model.config
+    labels = class_balanced_labels(num_samples, cfg.num_classes)
+    n_shards = (num_samples + shard_size - 1) // shard_size
+    sdir = Path(out_dir) / "samples"
+    sdir.mkdir(parents=True, exist_ok=True)
+    mine = [i for i in range(n_shards) if i % world == rank]
+    todo = [i for i in mine if not (sdir / f"shard-{i:05d}.npz").exists()]
+    written = []
+    with make_progress(f"sampling ({sampler} {steps})", len(mine) * shard_size, completed=(len(mine) - len(todo)) * shard_size) as bar:
+        for i in todo:
+            lo, hi = i * shard_size, min(num_samples, (i + 1) * shard_size)
+            g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+            imgs = []
+            for b in range(lo, hi, batch_size):
+                e = min(hi, b + batch_size)
+                noise = torch.randn(e - b, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
+                y = torch.from_numpy(labels[b:e]).long()
+                x = sample(model, noise, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+                           cfg_channels=cfg_channels, generator=g)
+                imgs.append(to_uint8(decode(model, x, vae)))
+                bar.advance(e - b)
+            arr = np.concatenate(imgs)
+            png_dir = sdir / f"shard-{i:05d}"
+            png_dir.mkdir(exist_ok=True)
+            for j, a in enumerate(arr):
+                Image.fromarray(a).save(png_dir / f"{lo + j:06d}.png")
+            tmp = sdir / f".shard-{i:05d}.npz.tmp"
+            with open(tmp, "wb") as f:
+                np.savez(f, images=arr, labels=labels[lo:hi])
+            os.replace(tmp, sdir / f"shard-{i:05d}.npz")  # the shard counts as done only now
+            written.append(i)
+    return written
+
+
+def gather_samples(out_dir: Path, num_samples: int, shard_size: int) -> tuple[np.ndarray, np.ndarray]:
+    sdir = Path(out_dir) / "samples"
+    n_shards = (num_samples + shard_size - 1) // shard_size
+    imgs, labels = [], []
+    for i in range(n_shards):
+        f = sdir / f"shard-{i:05d}.npz"
+        if not f.exists():
+            raise DitcError(f"shard {i} is missing from {sdir}; rerun to finish it")
+        d = np.load(f)
+        imgs.append(d["images"])
+        labels.append(d["labels"])
+    return np.concatenate(imgs), np.concatenate(labels)
+
+
+# ---------------------------------------------------------------------------- metrics
+def resolve_reference(ref: str | None, model_cfg) -> tuple[str, object]:
+    """(kind, value): ('array', uint8 array) | ('stats', {'mu','sigma'})."""
+    if ref is None:
+        if model_cfg.latent_scale is None and model_cfg.input_size == 8:
+            ref = "digits"
+        else:
+            raise UsageError("--ref is required: an image folder, an ADM .npz (mu/sigma) or 'digits'")
+    if ref.startswith("digits"):
+        split = ref.split(":", 1)[1] if ":" in ref else "train"
+        return "array", digits_reference(split)
+    p = Path(ref)
+    if not p.exists():
+        raise DitcError(f"reference {ref} does not exist")
+    if p.is_dir():
+        return "array", load_image_folder(p)
+    if p.suffix == ".npz":
+        d = np.load(p)
+        if "mu" in d and "sigma" in d:
+            return "stats", {"mu": d["mu"], "sigma": d["sigma"]}
+        if "arr_0" in d:
+            return "array", d["arr_0"]
+        raise DitcError(f"reference {ref} holds neither mu/sigma statistics nor an arr_0 image batch")
+    raise DitcError(f"reference {ref}: expected an image folder, a .npz or 'digits'")
+
+
+def choose_extractor(model_cfg, inception_weights: str | None, extractor: str | None) -> dict:
+    if extractor is None:
+        extractor = "digits-cnn" if (model_cfg.latent_scale is None and model_cfg.input_size == 8) else "inception-v3-compat"
+    kw = {"feature_extractor": extractor}
+    if extractor == "digits-cnn":
+        from .features import register
+
+        register()
+    elif extractor.startswith("inception"):
+        if inception_weights is None:
+            raise UsageError("Inception features need local weights here: pass --inception-weights PATH (a .pth file)")
+    if inception_weights is not None:
+        p = Path(inception_weights)
+        if not p.exists():
+            raise DitcError(f"Inception weights {p} do not exist")
+        try:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise DitcError(f"Inception weights {p} do not load: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        if not isinstance(state, dict) or not state:
+            raise DitcError(f"Inception weights {p} do not hold a state dict")
+        kw["feature_extractor_weights_path"] = str(p)
+    return kw
+
+
+def compute_metrics(samples: np.ndarray, ref_kind: str, ref, metrics: list[str], extractor_kw: dict,
+                    kid_subset_size: int | None = None) -> dict:
+    import torch_fidelity
+
+    bad = [m for m in metrics if m not in METRICS]
+    if bad:
+        raise UsageError(f"unknown metric {bad[0]!r}; choose from {', '.join(METRICS)}")
+    n = len(samples)
+    if "kid" in metrics:
+        kss = kid_subset_size or min(1000, n, len(ref) if ref_kind == "array" else n)
+        if kss > n or (ref_kind == "array" and kss > len(ref)):
+            raise UsageError(f"KID subset size {kss} is larger than the number of samples ({n}) or reference images")
+    if ref_kind == "array" and ref.shape[1:3] != samples.shape[1:3]:
+        raise DitcError(f"reference images are {ref.shape[2]}x{ref.shape[1]} but samples are {samples.shape[2]}x{samples.shape[1]}")
+    out = {}
+    common = dict(cuda=torch.cuda.is_available(), verbose=False, cache=False, batch_size=256, **extractor_kw)
+    if ref_kind == "stats":
+        if metrics != ["fid"] and set(metrics) - {"fid", "isc"}:
+            raise UsageError("reference statistics (mu/sigma) support fid and isc only")
+        from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+        from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+        fe = create_feature_extractor(extractor_kw["feature_extractor"], ["2048" if "inception" in extractor_kw["feature_extractor"] else "128"],
+                                      cuda=common["cuda"], **{k: v for k, v in extractor_kw.items() if k != "feature_extractor"})
+        feats = get_featuresdict_from_dataset(ArrayImages(samples), fe, 256, common["cuda"], False, False)
+        stat = fid_features_to_statistics(next(iter(feats.values())))
+        out.update(fid_statistics_to_metric(stat, ref, False))
+        metrics = [m for m in metrics if m != "fid"]
+        if not metrics:
+            return out
+    kw = dict(common, fid="fid" in metrics and ref_kind == "array", isc="isc" in metrics, kid="kid" in metrics,
+              prc="prc" in metrics)
+    if "kid" in metrics:
+        kw["kid_subset_size"] = kid_subset_size or min(1000, n, len(ref))
+    res = torch_fidelity.calculate_metrics(input1=ArrayImages(samples), input2=ArrayImages(ref) if ref_kind == "array" else None, **kw)
+    out.update({k: float(v) for k, v in res.items()})
+    return out
+
+
+def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str = "ddim", steps: int = 50,
+             cfg_scale: float = 1.0, cfg_channels: int | None = None, seed: int = 0, ref: str | None = None,
+             metrics: list[str] | None = None, inception_weights: str | None = None, extractor: str | None = None,
+             vae_name: str | None = None, shard_size: int = 250, batch_size: int = 125, kid_subset_size: int | None = None,
+             rank: int = 0, world: int = 1, barrier=None) -> dict | None:
+    """Python twin of ``ditc eval``: returns the report (on process 0), None elsewhere."""
+    import time
+
+    metrics = metrics or ["fid", "prc"]
+    if num_samples < 1:
+        raise UsageError("--num-samples must be at least 1")
+    ref_kind, ref_val = resolve_reference(ref, model.config)
+    ex_kw = choose_extractor(model.config, inception_weights, extractor)
+    if "kid" in metrics:
+        kss = kid_subset_size or 1000
+        if kid_subset_size is not None and kss > num_samples:
+            raise UsageError(f"--num-samples {num_samples} is smaller than the KID subset size {kss}")
+    vae = load_vae(vae_name or (model.config.vae if model.config.latent_scale is not None else None))
+    t0 = time.time()
+    written = sample_shards(model, out_dir, num_samples, sampler, steps, cfg_scale, cfg_channels, seed, shard_size,
+                            batch_size, vae, rank, world)
+    if barrier is not None:
+        barrier()
+    if rank != 0:
+        return None
+    imgs, labels = gather_samples(out_dir, num_samples, shard_size)
+    np.savez(Path(out_dir) / "samples.npz", arr_0=imgs, labels=labels)
+    report = {
+        "num_samples": num_samples, "sampler": sampler, "steps": steps, "cfg_scale": cfg_scale,
+        "cfg_channels": "all latent channels" if cfg_channels is None else f"first {cfg_channels}",
+        "seed": seed, "reference": ref or "digits", "extractor": ex_kw["feature_extractor"],
+        "shards_written_now": len(written), "sampling_seconds": time.time() - t0, "processes": world,
+    }
+    if num_samples < 50_000 and "fid" in metrics:
+        msg = f"FID from {num_samples} samples (< 50,000) is biased upward: compare only with figures at the same N"
+        warnings.warn(msg)
+        report["warning"] = msg
+    report["metrics"] = compute_metrics(imgs, ref_kind, ref_val, metrics, ex_kw, kid_subset_size)
+    if ex_kw["feature_extractor"] == "digits-cnn":
+        from .features import class_accuracy
+
+        x = torch.from_numpy(imgs).float().mean(-1, keepdim=True).permute(0, 3, 1, 2) / 127.5 - 1
+        report["metrics"]["class_accuracy"] = class_accuracy(x, torch.from_numpy(labels).long())
+    (Path(out_dir) / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+def sample_grid(model, path: Path, per_class: int = 8, sampler: str = "ddim", steps: int = 50, cfg_scale: float = 1.0,
+                seed: int = 0, scale: int = 4) -> None:
+    """A PNG grid: one row per class."""
+    from PIL import Image
+
+    from ..diffusion.sampling import sample
+
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(cfg.num_classes).repeat_interleave(per_class)
+    noise = torch.randn(len(y), cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
+    x = sample(model, noise, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale, generator=g)
+    arr = to_uint8(x)
+    H, W = arr.shape[1:3]
+    grid = np.zeros((cfg.num_classes * H, per_class * W, 3), dtype=np.uint8)
+    for i, a in enumerate(arr):
+        r, c = divmod(i, per_class)
+        grid[r * H:(r + 1) * H, c * W:(c + 1) * W] = a
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
