@@ -282,6 +282,7 @@ def _run_training(model, data_spec, output, force, resume, tcfg, teacher=None, k
     final.config = res.model.config.with_step(op, data=data_spec, **tcfg.to_dict(), **(extra or {}))
     report = {
         "op": op, "data": data_spec, "steps": tcfg.steps, "seconds": time.time() - t0, "resumed_from": res.resumed_from,
+        "processes": res.processes,
         "weights": "ema" if res.ema is not None else "raw", "train_config": tcfg.to_dict(),
         "final_loss": res.history[-1]["loss"] if res.history else None, **(extra or {}), "history": res.history,
     }
@@ -604,7 +605,7 @@ def bench(
 
         ditc bench digits-dit tiny/ tiny-kd/ --batch-sizes 1,64 --json
     """
-    from .evaluate.bench import compare, measure, plot_speed_vs_flops
+    from .evaluate.bench import compare, measure, parse_spec, plot_speed_vs_flops
     from .describe import sampler_timesteps
     from .report import write_report
 
@@ -619,6 +620,8 @@ def bench(
         specs = [baseline] + [s for s in specs if s != baseline]
     if not specs:
         raise UsageError("nothing to benchmark: give sources or --shape")
+    for s in specs:
+        parse_spec(s)  # every spec is checked before anything runs
     bs = _parse_ints(batch_sizes, "--batch-sizes")
     if output is not None:
         from .formats.atomic import check_output

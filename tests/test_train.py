@@ -195,10 +195,11 @@ def test_two_process_accelerate_launch(tmp_path):
     save_model(small_digits(), tmp_path / "m")
     env = dict(os.environ, DITC_NO_PROGRESS="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu",
+           "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "dit_compress.cli", "finetune", str(tmp_path / "m"), "--data", "digits", "--steps", "4",
            "--batch-size", "4", "-o", str(tmp_path / "o")]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     m = load_model(tmp_path / "o")
     assert m.config.lineage[-1]["op"] == "finetune"
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["processes"] == 2

@@ -223,7 +223,10 @@ def compute_metrics(samples: np.ndarray, ref_kind: str, ref, metrics: list[str],
                                       cuda=common["cuda"], **{k: v for k, v in extractor_kw.items() if k != "feature_extractor"})
         feats = get_featuresdict_from_dataset(ArrayImages(samples), fe, 256, common["cuda"], False, False)
         stat = fid_features_to_statistics(next(iter(feats.values())))
-        out.update(fid_statistics_to_metric(stat, ref, False))
+        if ref["mu"].shape != stat["mu"].shape:
+            raise DitcError(f"reference statistics have {ref['mu'].shape[0]} features, the extractor gives {stat['mu'].shape[0]}")
+        ref = {k: np.asarray(v, dtype=stat[k].dtype) for k, v in ref.items()}
+        out.update({k: float(v) for k, v in fid_statistics_to_metric(stat, ref, False).items()})
         metrics = [m for m in metrics if m != "fid"]
         if not metrics:
             return out

@@ -56,6 +56,7 @@ class TrainResult:
     seconds: float = 0.0
     resumed_from: int = 0
     is_main: bool = True
+    processes: int = 1
 
 
 def _lr_lambda(cfg: TrainConfig):
@@ -263,7 +264,7 @@ class Trainer:
         unwrapped = acc.unwrap_model(model)
         unwrapped.eval()
         self.accelerator = acc
-        return TrainResult(unwrapped, ema, history, cfg.steps, time.time() - t0, start, acc.is_main_process)
+        return TrainResult(unwrapped, ema, history, cfg.steps, time.time() - t0, start, acc.is_main_process, acc.num_processes)
 
     def discard_state(self):
         shutil.rmtree(self.state_dir, ignore_errors=True)
