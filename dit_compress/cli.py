@@ -270,7 +270,7 @@ def _run_training(model, data_spec, output, force, resume, tcfg, teacher=None, k
     from .train.data import load_data
 
     check_output(output, force)
-    data = load_data(data_spec, model.config.num_classes)
+    data = load_data(data_spec, model.config.num_classes, model.config)
     work = work_dir_for(output)
     if not resume and (work / "train_state").exists():
         raise UsageError(f"{work} holds an interrupted run: pass --resume to continue it, or delete it")
@@ -463,6 +463,7 @@ def add_dynamic_width_cmd(
     data: Optional[str] = typer.Option(None, "--data", help="Data for --sort-by taylor."),
     tau: float = typer.Option(5.0, "--tau", help="Gumbel-sigmoid temperature during training."),
     init_bias: float = typer.Option(5.0, "--init-bias", help="Router bias at start (high: everything on)."),
+    static: bool = typer.Option(False, "--static", help="Static width pruning instead (same heads/channels dropped at every t, routers frozen): the baseline DyDiT is compared with."),
     force: bool = Force, json_out: bool = JsonOut,
 ):
     """Add DyDiT timestep-wise width routers (heads and MLP channel groups). Heads/channels
@@ -486,7 +487,7 @@ def add_dynamic_width_cmd(
         from .train.data import load_data
 
         ds = load_data(data, model.config.num_classes)
-    new = add_dynamic_width(model, target_flops, sort_by, ds, tau, init_bias)
+    new = add_dynamic_width(model, target_flops, sort_by, ds, tau, init_bias, static)
     report, plots = _dynamic_report(new, source, "add-dynamic-width")
     _write_checkpoint(new, output, force, report, "ditc add-dynamic-width", plots)
     _summary({k: v for k, v in report.items() if k not in ("width_profile", "lineage", "kept_layers")}, json_out)
@@ -648,6 +649,87 @@ def bench(
         out_console.print(rows_table(f"ditc bench (baseline {specs[0]})", [
             {k: r[k] for k in ("model", "batch", "gflops", "flops_ratio", "latency_ms", "iqr_ms", "speedup", "peak_rss_mb", "diverges")}
             for r in rows]))
+
+
+@app.command("prepare-data")
+@handle_errors
+def prepare_data_cmd(
+    images: Path = typer.Argument(..., help="Image folder with one sub-folder per class.", show_default=False),
+    output: Path = Out,
+    vae: Optional[str] = typer.Option("stabilityai/sd-vae-ft-ema", "--vae", help="VAE (hub id or local dir); 'none' stores pixels."),
+    image_size: int = typer.Option(256, "--image-size"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    shard_size: int = typer.Option(1024, "--shard-size"),
+    json_out: bool = JsonOut,
+):
+    """Encode an image folder into latent shards (center crop, image + horizontal flip,
+    scale 0.18215) for `finetune` / `distill` / `prune-depth --data`. Rerun to resume.
+
+    Examples:
+
+        ditc prepare-data /data/imagenet/train -o imagenet256-latents/
+
+        ditc prepare-data my-images/ --vae ./local-vae --image-size 512 -o latents512/
+    """
+    from .train.images import prepare
+
+    if output.exists() and not (output / "manifest.json").exists() and not list(output.glob("shard-*.safetensors")) and any(output.iterdir()):
+        raise UsageError(f"output {output} exists and is not a latent-shard folder")
+    info = prepare(images, output, None if vae in (None, "none") else vae, image_size, batch_size, shard_size)
+    _summary({"op": "prepare-data", **info}, json_out)
+
+
+# ---------------------------------------------------------------------------- recipes
+@app.command("run")
+@handle_errors
+def run_cmd(
+    recipe: str = typer.Argument(..., help="A recipe YAML file or a built-in name (see `ditc recipes`).", show_default=False),
+    overrides: List[str] = typer.Argument(None, help="key=value (recipe variables) or step.option=value.", show_default=False),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Run directory (default runs/<recipe name>); rerun to resume."),
+    json_out: bool = JsonOut,
+):
+    """Run a recipe: subcommand steps chained through one run directory, checked before
+    anything runs, resumed at the first unfinished step.
+
+    Examples:
+
+        ditc run recipes/quickstart.yaml
+
+        ditc run quickstart prune_steps=50 distill_steps=50 -o runs/qs-small
+
+        ditc run recipes/tinydit-d14.yaml data=/data/imagenet-latents
+    """
+    from .pipeline import run_recipe
+
+    summary = run_recipe(recipe, output, list(overrides or []), echo=lambda m: err_console.print(m, highlight=False))
+    if json_out:
+        emit_json(summary)
+        return
+    if summary["quality"]:
+        out_console.print(rows_table("quality", summary["quality"]))
+    if summary["speed"]:
+        out_console.print(rows_table("speed", summary["speed"]))
+
+
+@app.command("recipes")
+@handle_errors
+def recipes_cmd():
+    """List the built-in recipes.
+
+    Example:
+
+        ditc recipes
+    """
+    import yaml
+
+    from .pipeline import builtin_recipes
+
+    rows = []
+    for name, path in builtin_recipes().items():
+        d = yaml.safe_load(path.read_text()) or {}
+        rows.append({"name": name, "steps": " -> ".join(s.get("command", "?") for s in d.get("steps", [])),
+                     "description": (d.get("description", "").split(". ")[0].strip() + ".")})
+    out_console.print(rows_table("built-in recipes", rows))
 
 
 def _summary(report: dict, json_out: bool):

@@ -29,6 +29,7 @@ class WidthSpec:
     sort_by: str = "magnitude"
     tau: float = 5.0
     init_bias: float = 5.0
+    static: bool = False  # constant masks for every t (static width pruning); routers are not trained
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -203,3 +203,38 @@ def test_two_process_accelerate_launch(tmp_path):
     m = load_model(tmp_path / "o")
     assert m.config.lineage[-1]["op"] == "finetune"
     assert json.loads((tmp_path / "o" / "report.json").read_text())["processes"] == 2
+
+
+def _image_folder(root, n_per_class=3, size=20):
+    from PIL import Image
+
+    rng = np.random.RandomState(0)
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(n_per_class):
+            Image.fromarray(rng.randint(0, 255, (size, size + 4, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+
+
+def test_prepare_data_with_local_vae_and_resume(tmp_path):
+    from diffusers import AutoencoderKL
+
+    _image_folder(tmp_path / "imgs")
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32,),
+                  down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",)).save_pretrained(tmp_path / "vae")
+    args = ["prepare-data", tmp_path / "imgs", "-o", tmp_path / "lat", "--vae", tmp_path / "vae", "--image-size", "16",
+            "--shard-size", "4", "--json"]
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["shards_written_now"] == 2
+    d = load_data(str(tmp_path / "lat"), 2)
+    assert len(d) == 6 and d.sample_shape == (4, 16, 16) and d.y.tolist() == [0, 0, 0, 1, 1, 1]
+    (tmp_path / "lat" / "shard-00001.safetensors").unlink()
+    assert json.loads(run(*args).stdout)["shards_written_now"] == 1
+
+
+def test_image_folder_on_the_fly_for_pixel_models(tmp_path):
+    _image_folder(tmp_path / "imgs")
+    m = small_digits()
+    d = load_data(str(tmp_path / "imgs"), 10, m.config)
+    x, y = d.get(torch.tensor([0, 4]))
+    assert x.shape == (2, 1, 8, 8) and x.min() >= -1 and x.max() <= 1 and y.tolist() == [0, 1]

@@ -88,8 +88,12 @@ def sorted_state(model, scores) -> dict:
 
 
 def add_dynamic_width(model, target_flops: float = 0.5, sort_by: str = "magnitude", data=None,
-                      tau: float = 5.0, init_bias: float = 5.0):
-    """A copy of ``model`` with sorted heads/channels and all-on timestep routers."""
+                      tau: float = 5.0, init_bias: float = 5.0, static: bool = False):
+    """A copy of ``model`` with sorted heads/channels and all-on timestep routers.
+
+    ``static=True`` is plain width pruning for comparison: the same share of heads and
+    channels (the least important, after sorting) is dropped at every timestep, sized so
+    the blocks reach ``target_flops``; the routers are frozen at that choice."""
     from ..formats import build_model
 
     cfg = model.config
@@ -105,14 +109,19 @@ def add_dynamic_width(model, target_flops: float = 0.5, sort_by: str = "magnitud
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     else:
         state = sorted_state(model, importance(model, sort_by, data))
-    spec = WidthSpec(target_flops=target_flops, sort_by=sort_by, tau=tau, init_bias=init_bias)
-    new_cfg = cfg.copy(width=spec).with_step("add-dynamic-width", target_flops=target_flops, sort_by=sort_by)
+    spec = WidthSpec(target_flops=target_flops, sort_by=sort_by, tau=tau, init_bias=init_bias, static=static)
+    new_cfg = cfg.copy(width=spec).with_step("add-dynamic-width", target_flops=target_flops, sort_by=sort_by, static=static)
     for i in range(cfg.depth):
         for name in ("head_router", "channel_router"):
             r = WidthRouter(cfg.hidden_size, cfg.num_heads, init_bias)
             for k, v in r.state_dict().items():
                 state[f"blocks.{i}.{name}.{k}"] = v
-    return build_model(new_cfg, state, dtype=next(model.parameters()).dtype)
+    new = build_model(new_cfg, state, dtype=next(model.parameters()).dtype)
+    if static:
+        H = cfg.num_heads
+        k = max(1, min(H, round(H * target_flops)))
+        set_static_width(new, k / H, k / H)
+    return new
 
 
 def add_token_router(model, tau: float = 5.0, init_bias: float = 5.0, reduction: int = 16, seed: int = 0):

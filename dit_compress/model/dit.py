@@ -160,6 +160,7 @@ class DiTBlock(nn.Module):
         self.head_router: WidthRouter | None = None
         self.channel_router: WidthRouter | None = None
         self.token_router: TokenRouter | None = None
+        self.static_width = False
 
     # ------------------------------------------------------------------ masks
     def width_masks(self, t_emb, mode: str, tau: float):
@@ -167,7 +168,7 @@ class DiTBlock(nn.Module):
         if self.head_router is None:
             return None, None
         hl, cl = self.head_router(t_emb), self.channel_router(t_emb)
-        if mode == "train":
+        if mode == "train" and not self.static_width:
             hm, cm = gumbel_sigmoid_mask(hl, tau), gumbel_sigmoid_mask(cl, tau)
         else:
             hm, cm = (hl > 0).to(t_emb.dtype), (cl > 0).to(t_emb.dtype)
@@ -288,6 +289,7 @@ class DiT(nn.Module):
         for b in self.blocks:
             b.head_router = WidthRouter(c.hidden_size, c.num_heads, c.width.init_bias)
             b.channel_router = WidthRouter(c.hidden_size, c.num_heads, c.width.init_bias)
+            b.static_width = c.width.static
 
     def _add_token_routers(self):
         c = self.config

@@ -44,6 +44,10 @@ def train_model(model, data: TensorData, cfg: TrainConfig, work_dir: Path, teach
                 f"the student {mc.in_channels}x{mc.input_size}x{mc.input_size} with {mc.num_classes}"
             )
         teacher.eval().requires_grad_(False)
+    if model.config.width is not None and model.config.width.static:
+        for b in model.blocks:  # static width pruning: the chosen widths stay fixed
+            b.head_router.requires_grad_(False)
+            b.channel_router.requires_grad_(False)
     diffusion = GaussianDiffusion.create(learn_sigma=model.config.learn_sigma)
     loss_fn, status_fn = combined_loss(diffusion, model, teacher, kd or {}, cfg.steps)
     batch_fn = label_dropout_batch_fn(

@@ -114,7 +114,7 @@ def load_shards(root: Path) -> TensorData:
     return TensorData(x, np.concatenate(ys), name=str(root), flip_pairs=x.ndim == 5)
 
 
-def load_data(spec: str, num_classes: int | None = None) -> TensorData:
+def load_data(spec: str, num_classes: int | None = None, cfg=None) -> TensorData:
     """``digits`` / ``digits:test`` / a latents dir / a shards dir / an image folder."""
     if spec.startswith("digits"):
         split = spec.split(":", 1)[1] if ":" in spec else "train"
@@ -134,10 +134,10 @@ def load_data(spec: str, num_classes: int | None = None) -> TensorData:
             if not labels.is_dir():
                 raise DitcError(f"{feats[0]} has no matching labels directory {labels.name}")
             data = NpyDirData(feats[0], labels)
-        elif (root / "manifest.json").exists() or any(p.is_dir() for p in root.iterdir()):
+        elif any(p.is_dir() for p in root.iterdir()):
             from .images import ImageFolderData
 
-            data = ImageFolderData(root)
+            data = ImageFolderData(root, cfg)
         else:
             raise DitcError(f"{spec} is empty or holds no known data layout (latents, shards or class folders)")
     if len(data) == 0:

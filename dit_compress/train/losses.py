@@ -63,7 +63,8 @@ def combined_loss(diffusion: GaussianDiffusion, model, teacher, kd: dict, total_
     beta = kd.get("rep", 0.0)
     k_sigma = kd.get("k_sigma", 2.0)
     lam = model.config.width.target_flops if model.config.width is not None else kd.get("target_flops", 1.0)
-    dynamic = model.config.is_dynamic
+    w = model.config.width
+    dynamic = model.config.tokens is not None or (w is not None and not w.static)
     warmup_frac = kd.get("flops_warmup", 0.3)
     lmap = layer_map(model.config, teacher.config) if (teacher is not None and beta > 0) else None
     last = {}

@@ -1,0 +1,250 @@
+"""``ditc run RECIPE.yaml``: a list of subcommand steps chained through one run directory.
+
+Recipe format::
+
+    name: quickstart
+    vars: {base: digits-dit, steps: 300}        # ${steps} anywhere below; override: steps=50
+    steps:
+      - name: prune                             # output: RUN_DIR/prune
+        command: prune-depth
+        args: {source: "${base}", pattern: "1:2", data: digits, steps: "${steps}"}
+      - name: kd
+        command: distill
+        args: {source: "@prune", teacher: "${base}", data: digits}   # @prune = RUN_DIR/prune
+
+Everything is checked before the first step runs (unknown commands, options a command
+does not take, references to steps that do not come earlier). A step whose output holds a
+``report.json`` is finished; a rerun continues at the first unfinished step.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import click
+import yaml
+
+from .errors import DitcError, UsageError
+
+VAR_RE = re.compile(r"\$\{([A-Za-z_][\w]*)\}")
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+def builtin_recipes() -> dict[str, Path]:
+    out = {}
+    for d in (RECIPES_DIR, Path.cwd() / "recipes"):
+        if d.is_dir():
+            for p in sorted(d.glob("*.yaml")):
+                out.setdefault(p.stem, p)
+    return out
+
+
+def load_recipe(path_or_name: str) -> tuple[dict, Path]:
+    p = Path(path_or_name)
+    if not p.exists():
+        known = builtin_recipes()
+        if path_or_name in known:
+            p = known[path_or_name]
+        else:
+            raise UsageError(f"no recipe {path_or_name!r} (not a file; built-in: {', '.join(known) or 'none'})")
+    try:
+        recipe = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise UsageError(f"recipe {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("steps"), list) or not recipe["steps"]:
+        raise UsageError(f"recipe {p} needs a non-empty 'steps' list")
+    return recipe, p
+
+
+def _subst(value, variables: dict):
+    if isinstance(value, str):
+        full = VAR_RE.fullmatch(value)
+        if full:
+            if full.group(1) not in variables:
+                raise UsageError(f"recipe uses ${{{full.group(1)}}} but defines no such variable")
+            return variables[full.group(1)]
+
+        def rep(m):
+            if m.group(1) not in variables:
+                raise UsageError(f"recipe uses ${{{m.group(1)}}} but defines no such variable")
+            return str(variables[m.group(1)])
+
+        return VAR_RE.sub(rep, value)
+    if isinstance(value, list):
+        return [_subst(v, variables) for v in value]
+    if isinstance(value, dict):
+        return {k: _subst(v, variables) for k, v in value.items()}
+    return value
+
+
+def _parse_override(text: str):
+    if "=" not in text:
+        raise UsageError(f"override {text!r} must look like key=value or step.option=value")
+    k, v = text.split("=", 1)
+    return k.strip(), yaml.safe_load(v)
+
+
+def resolve(recipe: dict, overrides: list[str]) -> dict:
+    """Substitute variables and apply ``key=value`` / ``step.option=value`` overrides."""
+    variables = dict(recipe.get("vars") or {})
+    step_over: dict[str, dict] = {}
+    names = [s.get("name") for s in recipe["steps"]]
+    for o in overrides:
+        k, v = _parse_override(o)
+        if "." in k:
+            step, opt = k.split(".", 1)
+            if step not in names:
+                raise UsageError(f"override {o!r}: no step named {step!r} (steps: {', '.join(map(str, names))})")
+            step_over.setdefault(step, {})[opt.replace("-", "_")] = v
+        else:
+            if k not in variables:
+                raise UsageError(f"override {o!r}: the recipe has no variable {k!r} (variables: {', '.join(variables) or 'none'})")
+            variables[k] = v
+    steps = []
+    for s in recipe["steps"]:
+        if not isinstance(s, dict) or "name" not in s or "command" not in s:
+            raise UsageError("every recipe step needs a 'name' and a 'command'")
+        args = dict(s.get("args") or {})
+        args.update(step_over.get(s["name"], {}))
+        steps.append({"name": s["name"], "command": s["command"], "args": _subst(args, variables)})
+    return {"name": recipe.get("name", "recipe"), "description": recipe.get("description", ""), "vars": variables, "steps": steps}
+
+
+def _commands() -> dict[str, click.Command]:
+    import typer
+
+    from .cli import app
+
+    group = typer.main.get_command(app)
+    return dict(group.commands)
+
+
+def _ref(value, outputs: dict, step: str):
+    if isinstance(value, str) and value.startswith("@"):
+        ref = value[1:]
+        if ref not in outputs:
+            raise UsageError(f"step {step!r} refers to @{ref}, which is not an earlier step of the recipe")
+        return str(outputs[ref])
+    if isinstance(value, list):
+        return [_ref(v, outputs, step) for v in value]
+    return value
+
+
+def build_argv(step: dict, outputs: dict, run_dir: Path, commands: dict) -> list[str]:
+    """Translate one step into the subcommand's argv, checking every option name."""
+    name, command = step["name"], step["command"]
+    if command in ("run", "recipes"):
+        raise UsageError(f"step {name!r}: a recipe cannot run {command!r}")
+    if command not in commands:
+        raise UsageError(f"step {name!r}: unknown command {command!r} (commands: {', '.join(sorted(commands))})")
+    cmd = commands[command]
+    params = {p.name: p for p in cmd.params}
+    argv_pos, argv_opt = [], []
+    args = dict(step["args"])
+    if "output" in params and "output" not in args:
+        args["output"] = str(run_dir / name)
+    for key, value in args.items():
+        pname = key.replace("-", "_")
+        if pname == "json_out" or key == "json":
+            continue
+        if pname not in params:
+            opts = sorted(p.name.replace("_", "-") for p in cmd.params if getattr(p, "param_type_name", "") == "option")
+            raise UsageError(f"step {name!r}: {command} takes no option {key!r} (it takes: {', '.join(opts)})")
+        p = params[pname]
+        value = _ref(value, outputs, name)
+        if getattr(p, "param_type_name", "") == "argument":
+            argv_pos += [str(v) for v in value] if isinstance(value, list) else [str(value)]
+            continue
+        if p.is_flag:
+            if value is True:
+                argv_opt.append(p.opts[0])
+            elif value is False and p.secondary_opts:
+                argv_opt.append(p.secondary_opts[0])
+            continue
+        if isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        argv_opt += [p.opts[0] if p.opts[0].startswith("--") else p.opts[-1], str(value)]
+    return [command, *argv_pos, *argv_opt]
+
+
+def step_finished(run_dir: Path, name: str) -> bool:
+    return (run_dir / name / "report.json").exists()
+
+
+def plan(recipe: dict, run_dir: Path) -> list[tuple[dict, list[str]]]:
+    commands = _commands()
+    outputs, out = {}, []
+    seen = set()
+    for step in recipe["steps"]:
+        if step["name"] in seen:
+            raise UsageError(f"two steps are named {step['name']!r}")
+        seen.add(step["name"])
+        argv = build_argv(step, outputs, run_dir, commands)
+        outputs[step["name"]] = run_dir / step["name"]
+        out.append((step, argv))
+    return out
+
+
+def run_recipe(path_or_name: str, run_dir: Path | None, overrides: list[str], echo=print) -> dict:
+    recipe, path = load_recipe(path_or_name)
+    resolved = resolve(recipe, overrides)
+    run_dir = Path(run_dir or Path("runs") / resolved["name"])
+    steps = plan(resolved, run_dir)  # everything is checked before anything runs
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.resolved.yaml").write_text(yaml.safe_dump({**resolved, "source": str(path)}, sort_keys=False))
+    import typer
+
+    from .cli import app
+
+    group = typer.main.get_command(app)
+    timings = []
+    for step, argv in steps:
+        if step_finished(run_dir, step["name"]):
+            echo(f"[{step['name']}] finished earlier, skipped")
+            timings.append({"step": step["name"], "command": step["command"], "seconds": None, "skipped": True})
+            continue
+        echo(f"[{step['name']}] ditc {' '.join(argv)}")
+        t0 = time.time()
+        try:
+            group.main(args=argv, prog_name="ditc", standalone_mode=False)
+            code = 0
+        except click.exceptions.Exit as e:
+            code = e.exit_code
+        except click.ClickException as e:
+            raise UsageError(f"step {step['name']!r}: {e.format_message()}") from None
+        if code:
+            raise DitcError(f"step {step['name']!r} ({step['command']}) failed with exit code {code}; fix it and rerun to resume here",
+                            exit_code=code)
+        timings.append({"step": step["name"], "command": step["command"], "seconds": time.time() - t0, "skipped": False})
+    summary = summarize(run_dir, resolved, timings)
+    return summary
+
+
+def summarize(run_dir: Path, resolved: dict, timings: list[dict]) -> dict:
+    """One table over the run: per eval step its metrics, per bench step its rows."""
+    from .report import table_md
+
+    evals, benches = [], []
+    for step in resolved["steps"]:
+        rep_file = run_dir / step["name"] / "report.json"
+        if not rep_file.exists():
+            continue
+        rep = json.loads(rep_file.read_text())
+        if step["command"] == "eval":
+            evals.append({"step": step["name"], "model": rep.get("source"), **rep.get("metrics", {}),
+                          "samples": rep.get("num_samples")})
+        if step["command"] == "bench":
+            for r in rep.get("rows", []):
+                benches.append({"step": step["name"], **{k: r[k] for k in ("model", "batch", "gflops", "flops_ratio", "latency_ms", "speedup")}})
+    summary = {"recipe": resolved["name"], "steps": timings, "quality": evals, "speed": benches}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    md = [f"# Run summary: {resolved['name']}", "", resolved.get("description", ""), "", "## Steps", "", table_md(timings)]
+    if evals:
+        md += ["## Quality", "", table_md(evals)]
+    if benches:
+        md += ["## Speed", "", table_md(benches)]
+    (run_dir / "summary.md").write_text("\n".join(md) + "\n")
+    return summary
