@@ -541,6 +541,8 @@ def eval_cmd(
     seed: int = Seed, shard_size: int = typer.Option(250, "--shard-size"), batch_size: int = typer.Option(125, "--batch-size"),
     kid_subset_size: Optional[int] = typer.Option(None, "--kid-subset-size"),
     dense_masks: bool = typer.Option(False, "--dense-masks", help="Dynamic models: masked-dense execution (checking reference) instead of sliced/gathered."),
+    loss_data: Optional[str] = typer.Option(None, "--loss-data", help="Also report the diffusion loss on held-out data (default digits:test for the digits testbed; 'none' to skip)."),
+    grid: bool = typer.Option(True, "--grid/--no-grid", help="Write samples.png (a grid of the first samples)."),
     json_out: bool = JsonOut,
 ):
     """Sample class-balanced images (sharded, resumable, split over `accelerate launch`
@@ -563,12 +565,16 @@ def eval_cmd(
     model.routing = "dense" if dense_masks else "fast"
     state = PartialState(cpu=not __import__("torch").cuda.is_available())
     output.mkdir(parents=True, exist_ok=True)
+    if loss_data is None and model.config.latent_scale is None and model.config.input_size == 8:
+        loss_data = "digits:test"
     report = evaluate(model, output, num_samples, sampler, steps, cfg_scale, cfg_channels, seed, ref,
                       [m.strip() for m in metrics.split(",") if m.strip()], inception_weights, extractor, vae,
                       shard_size, batch_size, kid_subset_size, state.process_index, state.num_processes,
-                      barrier=state.wait_for_everyone)
+                      barrier=state.wait_for_everyone, loss_data=None if loss_data == "none" else loss_data)
     if report is None:
         return
+    if grid:
+        _sample_grid_png(output / "samples.png", output, model.config.num_classes)
     report["source"] = source
     write_report(output, report, f"ditc eval: {source}")
     if report.get("warning"):
@@ -577,6 +583,23 @@ def eval_cmd(
         emit_json(report)
     else:
         out_console.print(kv_table(f"ditc eval: {source}", {**{k: v for k, v in report.items() if k != "metrics"}, **report["metrics"]}))
+
+
+def _sample_grid_png(path: Path, eval_dir: Path, num_classes: int, per_class: int = 10, scale: int = 4):
+    """The first samples of each class, one row per class, from the eval's samples.npz."""
+    import numpy as np
+    from PIL import Image
+
+    d = np.load(eval_dir / "samples.npz")
+    imgs, labels = d["arr_0"], d["labels"]
+    rows = min(num_classes, 10)
+    H, W = imgs.shape[1:3]
+    grid = np.zeros((rows * H, per_class * W, 3), dtype=np.uint8)
+    for c in range(rows):
+        sel = imgs[labels == c][:per_class]
+        for j, a in enumerate(sel):
+            grid[c * H:(c + 1) * H, j * W:(j + 1) * W] = a
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
 
 
 @app.command()

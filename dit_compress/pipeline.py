@@ -141,17 +141,22 @@ def build_argv(step: dict, outputs: dict, run_dir: Path, commands: dict) -> list
     if command not in commands:
         raise UsageError(f"step {name!r}: unknown command {command!r} (commands: {', '.join(sorted(commands))})")
     cmd = commands[command]
-    params = {p.name: p for p in cmd.params}
+    params = {}
+    for p in cmd.params:  # a recipe may use the parameter name or the option's own spelling
+        params[p.name] = p
+        for o in getattr(p, "opts", []):
+            if o.startswith("--"):
+                params.setdefault(o[2:].replace("-", "_"), p)
     argv_pos, argv_opt = [], []
     args = dict(step["args"])
     if "output" in params and "output" not in args:
         args["output"] = str(run_dir / name)
     for key, value in args.items():
         pname = key.replace("-", "_")
-        if pname == "json_out" or key == "json":
+        if pname in ("json_out", "json"):
             continue
         if pname not in params:
-            opts = sorted(p.name.replace("_", "-") for p in cmd.params if getattr(p, "param_type_name", "") == "option")
+            opts = sorted(p.opts[0].lstrip("-") for p in cmd.params if getattr(p, "param_type_name", "") == "option")
             raise UsageError(f"step {name!r}: {command} takes no option {key!r} (it takes: {', '.join(opts)})")
         p = params[pname]
         value = _ref(value, outputs, name)

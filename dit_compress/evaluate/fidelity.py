@@ -243,7 +243,7 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str = "ddim
              cfg_scale: float = 1.0, cfg_channels: int | None = None, seed: int = 0, ref: str | None = None,
              metrics: list[str] | None = None, inception_weights: str | None = None, extractor: str | None = None,
              vae_name: str | None = None, shard_size: int = 250, batch_size: int = 125, kid_subset_size: int | None = None,
-             rank: int = 0, world: int = 1, barrier=None) -> dict | None:
+             rank: int = 0, world: int = 1, barrier=None, loss_data: str | None = None) -> dict | None:
     """Python twin of ``ditc eval``: returns the report (on process 0), None elsewhere."""
     import time
 
@@ -277,6 +277,8 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str = "ddim
         warnings.warn(msg)
         report["warning"] = msg
     report["metrics"] = compute_metrics(imgs, ref_kind, ref_val, metrics, ex_kw, kid_subset_size)
+    if loss_data:
+        report["metrics"].update(heldout_loss(model, loss_data, seed))
     if ex_kw["feature_extractor"] == "digits-cnn":
         from .features import class_accuracy
 
@@ -286,22 +288,23 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str = "ddim
     return report
 
 
-def sample_grid(model, path: Path, per_class: int = 8, sampler: str = "ddim", steps: int = 50, cfg_scale: float = 1.0,
-                seed: int = 0, scale: int = 4) -> None:
-    """A PNG grid: one row per class."""
-    from PIL import Image
+def heldout_loss(model, spec: str, seed: int = 0, repeats: int = 4) -> dict:
+    """Mean DiT hybrid loss and eps-MSE on held-out data, every sample at ``repeats`` fixed
+    random timesteps/noises (a sensitive, sampling-free quality measure)."""
+    from ..compress.depth import calibration_set
+    from ..diffusion.gaussian import GaussianDiffusion
+    from ..train.data import check_fits, load_data
 
-    from ..diffusion.sampling import sample
-
-    cfg = model.config
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(cfg.num_classes).repeat_interleave(per_class)
-    noise = torch.randn(len(y), cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
-    x = sample(model, noise, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale, generator=g)
-    arr = to_uint8(x)
-    H, W = arr.shape[1:3]
-    grid = np.zeros((cfg.num_classes * H, per_class * W, 3), dtype=np.uint8)
-    for i, a in enumerate(arr):
-        r, c = divmod(i, per_class)
-        grid[r * H:(r + 1) * H, c * W:(c + 1) * W] = a
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+    data = load_data(spec, model.config.num_classes, model.config)
+    check_fits(data, model.config)
+    calib = calibration_set(data, len(data) * repeats, seed=seed + 777)
+    diff = GaussianDiffusion.create(learn_sigma=model.config.learn_sigma)
+    loss = mse = 0.0
+    with torch.no_grad():
+        for s in range(0, len(calib.y), 256):
+            sl = slice(s, s + 256)
+            r = diff.training_losses(model, calib.x[sl], calib.t[sl], calib.y[sl], noise=calib.noise[sl])
+            loss += float(r["loss"].sum())
+            mse += float(r["mse"].sum())
+    n = len(calib.y)
+    return {"heldout_loss": loss / n, "heldout_mse": mse / n}
