@@ -443,17 +443,19 @@ def prune_depth_cmd(
 
 
 # ---------------------------------------------------------------------------- DyDiT
-def _dynamic_report(model, source: str, op: str) -> tuple[dict, object]:
+def _finish_dynamic(model, source: str, op: str, output: Path, force: bool, json_out: bool) -> None:
+    """Write a routed model with its report (width profile PNG) and print the summary."""
     from .describe import describe, plot_width_profile
 
-    d = describe(model)
-    d.update(op=op, source=source)
+    report = describe(model)
+    report.update(op=op, source=source)
 
     def plots(out_dir):
         if model.config.width is not None:
             plot_width_profile(model, out_dir / "width_profile.png")
 
-    return d, plots
+    _write_checkpoint(model, output, force, report, f"ditc {op}", plots)
+    _summary({k: v for k, v in report.items() if k not in ("width_profile", "lineage", "kept_layers")}, json_out)
 
 
 @app.command("add-dynamic-width")
@@ -489,10 +491,8 @@ def add_dynamic_width_cmd(
         from .train.data import load_data
 
         ds = load_data(data, model.config.num_classes)
-    new = add_dynamic_width(model, target_flops, sort_by, ds, tau, init_bias, static)
-    report, plots = _dynamic_report(new, source, "add-dynamic-width")
-    _write_checkpoint(new, output, force, report, "ditc add-dynamic-width", plots)
-    _summary({k: v for k, v in report.items() if k not in ("width_profile", "lineage", "kept_layers")}, json_out)
+    _finish_dynamic(add_dynamic_width(model, target_flops, sort_by, ds, tau, init_bias, static), source,
+                    "add-dynamic-width", output, force, json_out)
 
 
 @app.command("add-token-router")
@@ -516,10 +516,8 @@ def add_token_router_cmd(
     from .formats.atomic import check_output
 
     check_output(output, force)
-    new = add_token_router(_load(source), tau, init_bias, reduction, seed)
-    report, plots = _dynamic_report(new, source, "add-token-router")
-    _write_checkpoint(new, output, force, report, "ditc add-token-router", plots)
-    _summary({k: v for k, v in report.items() if k not in ("width_profile", "lineage", "kept_layers")}, json_out)
+    _finish_dynamic(add_token_router(_load(source), tau, init_bias, reduction, seed), source, "add-token-router",
+                    output, force, json_out)
 
 
 # ---------------------------------------------------------------------------- eval / bench
