@@ -51,11 +51,22 @@ def sampler_timesteps(sampler: str = "ddim", steps: int = 50) -> list[int]:
     return space_timesteps(1000, spec)
 
 
-def expected_macs(model, timesteps: list[int], token_ratios=None, token_batch: int = 8) -> dict:
-    """Dynamic MACs per timestep and their mean over the given schedule."""
+def expected_macs(model, timesteps: list[int], token_ratios=None, token_batch: int = 8, token_points: int = 10) -> dict:
+    """Dynamic MACs per timestep and their mean over the given schedule. Width masks are
+    exact per timestep (they depend on t only); token keep ratios depend on the input and are
+    measured on noise inputs at up to ``token_points`` timesteps of the schedule (nearest used)."""
     cfg = model.config
     prof = width_profile(model, timesteps)
-    toks = token_ratios if token_ratios is not None else token_keep_ratio(model, timesteps, batch=token_batch)
+    toks = token_ratios
+    if toks is None:
+        if cfg.tokens is None:
+            toks = [[1.0] * len(timesteps) for _ in range(cfg.depth)]
+        else:
+            stride = max(1, len(timesteps) // token_points)
+            probe_idx = list(range(0, len(timesteps), stride))
+            probe = token_keep_ratio(model, [timesteps[i] for i in probe_idx], batch=token_batch)
+            nearest = [min(range(len(probe_idx)), key=lambda k: abs(probe_idx[k] - j)) for j in range(len(timesteps))]
+            toks = [[row[nearest[j]] for j in range(len(timesteps))] for row in probe]
     per_t = []
     for j in range(len(timesteps)):
         per_t.append(dynamic_macs(cfg, [h[j] for h in prof["heads"]], [c[j] for c in prof["channels"]], [k[j] for k in toks]))
