@@ -187,7 +187,8 @@ def convert(source: str = Src, output: Path = Out,
     if to == "original" and output.suffix not in (".pt", ".pth"):
         raise UsageError(f"--to original writes a single .pt file; give an output ending in .pt (got {output})")
     model.config = model.config.with_step("convert", to=to, dtype=dtype or "fp32", source=str(source))
-    save_model(model, output, format=to, dtype=dtype, force=force)
+    save_model(model, output, format=to, dtype=dtype, force=force,
+               report={"op": "convert", "source": str(source), "to": to, "dtype": dtype or "fp32"})
     err_console.print(f"wrote {to} checkpoint {output}")
 
 

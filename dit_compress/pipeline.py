@@ -176,7 +176,9 @@ def build_argv(step: dict, outputs: dict, run_dir: Path, commands: dict) -> list
 
 
 def step_finished(run_dir: Path, name: str) -> bool:
-    return (run_dir / name / "report.json").exists()
+    """Outputs appear atomically when complete; eval's dir appears early, its report.json last."""
+    out = run_dir / name
+    return out.is_file() or (out / "report.json").exists() or (out / "model_index.json").exists()
 
 
 def plan(recipe: dict, run_dir: Path) -> list[tuple[dict, list[str]]]:
@@ -252,4 +254,31 @@ def summarize(run_dir: Path, resolved: dict, timings: list[dict]) -> dict:
     if benches:
         md += ["## Speed", "", table_md(benches)]
     (run_dir / "summary.md").write_text("\n".join(md) + "\n")
+    plot_quality_vs_speed(evals, benches, run_dir / "quality_vs_speed.png")
     return summary
+
+
+def plot_quality_vs_speed(evals: list[dict], benches: list[dict], path: Path) -> None:
+    """FID against measured speedup (largest benchmarked batch) for models with both."""
+    if not evals or not benches:
+        return
+    big = max(r["batch"] for r in benches)
+    speed = {str(r["model"]): r["speedup"] for r in benches if r["batch"] == big}
+    pts = [(speed[str(e["model"])], e["frechet_inception_distance"], e["step"]) for e in evals
+           if str(e.get("model")) in speed and "frechet_inception_distance" in e]
+    if not pts:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+    for x, y, label in pts:
+        ax.scatter([x], [y])
+        ax.annotate(label, (x, y), fontsize=7)
+    ax.set_xlabel(f"measured speedup (batch {big})")
+    ax.set_ylabel("FID (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

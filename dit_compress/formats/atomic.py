@@ -42,6 +42,9 @@ def atomic_dir(path: Path, force: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for f in tmp.rglob("*"):  # some writers (safetensors) create 0600 files
+        if f.is_file():
+            os.chmod(f, 0o666 & ~_umask())
     if path.exists():
         if path.is_dir():
             shutil.rmtree(path)

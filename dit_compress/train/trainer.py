@@ -155,6 +155,8 @@ class Trainer:
             ema.load_state_dict(load_file(str(sd / "ema.safetensors")))
         for name, mod in self.state_modules.items():
             mod.load_state_dict(load_file(str(sd / f"{name}.safetensors")))
+        if int(meta["step"]) > self.cfg.steps:
+            raise DitcError(f"--resume: the interrupted run is already at step {meta['step']}, past --steps {self.cfg.steps}")
         opt_state = torch.load(sd / "optim.pt", weights_only=True)
         opt.load_state_dict(opt_state["optimizer"])
         sched.load_state_dict(opt_state["scheduler"])
