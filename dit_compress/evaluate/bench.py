@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import re
+from pathlib import Path
 import statistics
 import time
 
@@ -75,8 +76,6 @@ def build(spec: str, seed: int = 0):
 
 def _measure_child(spec, batch_sizes, repeats, warmup, timesteps, threads, dtype_name, compile_, dense, q):
     try:
-        import resource
-
         torch.set_num_threads(threads)
         from ..compress.flops import static_macs
         from ..describe import expected_macs
@@ -94,7 +93,24 @@ def _measure_child(spec, batch_sizes, repeats, warmup, timesteps, threads, dtype
             model.to(dtype)
         fwd = torch.compile(model) if compile_ else model
         rows = []
-        rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        import gc
+        import threading
+
+        import psutil
+
+        gc.collect()
+        proc = psutil.Process()
+        rss_after_load = proc.memory_info().rss
+        peak = [rss_after_load]
+        stop = threading.Event()
+
+        def sample_rss():  # resident memory while the forwards run (ru_maxrss would include loading)
+            while not stop.is_set():
+                peak[0] = max(peak[0], proc.memory_info().rss)
+                stop.wait(0.002)
+
+        sampler = threading.Thread(target=sample_rss, daemon=True)
+        sampler.start()
         for bs in batch_sizes:
             g = torch.Generator().manual_seed(0)
             x = torch.randn(bs, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(dtype)
@@ -110,28 +126,63 @@ def _measure_child(spec, batch_sizes, repeats, warmup, timesteps, threads, dtype
             med = statistics.median(times)
             q_lo, q_hi = (statistics.quantiles(times, n=4)[0], statistics.quantiles(times, n=4)[2]) if len(times) > 1 else (med, med)
             rows.append({"batch": bs, "latency_ms": med * 1e3, "iqr_ms": (q_hi - q_lo) * 1e3, "images_per_s": bs / med})
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        stop.set()
+        sampler.join()
         q.put({"spec": spec, "gflops": macs / 1e9, "params": model.num_params(), "depth": cfg.depth,
-               "rows": rows, "peak_rss_mb": peak / 1024, "rss_after_load_mb": rss_after_load / 1024})
+               "rows": rows, "peak_rss_mb": peak[0] / 2**20, "rss_after_load_mb": rss_after_load / 2**20})
     except Exception as e:  # noqa: BLE001 - reported to the parent as one line
         q.put({"spec": spec, "error": f"{type(e).__name__}: {e}"})
 
 
-def measure(spec: str, batch_sizes=(1, 8), repeats: int = 5, warmup: int = 2, timesteps=(500,), threads: int | None = None,
-            dtype: str = "fp32", compile_: bool = False, dense: bool = False, timeout: float = 3600) -> dict:
+def _materialize_child(spec: str, out: str, q):
+    try:
+        from ..formats import save_model
+
+        save_model(build(spec), out, force=True)
+        q.put({"ok": True})
+    except Exception as e:  # noqa: BLE001
+        q.put({"error": f"{type(e).__name__}: {e}"})
+
+
+def _run_child(target, args, timeout: float) -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_measure_child, args=(spec, list(batch_sizes), repeats, warmup, list(timesteps),
-                                                 threads or torch.get_num_threads(), dtype, compile_, dense, q))
+    p = ctx.Process(target=target, args=(*args, q))
     p.start()
     try:
-        res = q.get(timeout=timeout)
+        return q.get(timeout=timeout)
     finally:
         p.join(timeout=30)
         if p.is_alive():
             p.kill()
+
+
+def measure(spec: str, batch_sizes=(1, 8), repeats: int = 5, warmup: int = 2, timesteps=(500,), threads: int | None = None,
+            dtype: str = "fp32", compile_: bool = False, dense: bool = False, timeout: float = 3600) -> dict:
+    """Shapes and transformed variants are first built and saved by one child; a second child
+    loads that checkpoint and measures, so peak memory is inference memory, not the transient
+    copies of building random weights or applying transforms."""
+    import shutil
+    import tempfile
+
+    base, variants = parse_spec(spec)
+    source, tmp = spec, None
+    if base.startswith("shape:") or variants:
+        tmp = tempfile.mkdtemp(prefix="ditc-bench-")
+        res = _run_child(_materialize_child, (spec, str(Path(tmp) / "m")), timeout)
+        if "error" in res:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DitcError(f"benchmark of {spec} failed: {res['error']}")
+        source = str(Path(tmp) / "m")
+    try:
+        res = _run_child(_measure_child, (source, list(batch_sizes), repeats, warmup, list(timesteps),
+                                          threads or torch.get_num_threads(), dtype, compile_, dense), timeout)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     if "error" in res:
         raise DitcError(f"benchmark of {spec} failed: {res['error']}")
+    res["spec"] = spec
     return res
 
 
