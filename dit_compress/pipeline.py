@@ -19,8 +19,10 @@ does not take, references to steps that do not come earlier). A step whose outpu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -84,7 +86,10 @@ def _parse_override(text: str):
     if "=" not in text:
         raise UsageError(f"override {text!r} must look like key=value or step.option=value")
     k, v = text.split("=", 1)
-    return k.strip(), yaml.safe_load(v)
+    try:  # numbers, true/false, lists; anything else (e.g. "1:2", which YAML 1.1 reads as 62) stays text
+        return k.strip(), json.loads(v)
+    except json.JSONDecodeError:
+        return k.strip(), v
 
 
 def resolve(recipe: dict, overrides: list[str]) -> dict:
@@ -216,8 +221,10 @@ def run_recipe(path_or_name: str, run_dir: Path | None, overrides: list[str], ec
         echo(f"[{step['name']}] ditc {' '.join(argv)}")
         t0 = time.time()
         try:
-            group.main(args=argv, prog_name="ditc", standalone_mode=False)
-            code = 0
+            # a step's own tables go to stderr, so `ditc run --json` prints only the summary
+            with contextlib.redirect_stdout(sys.stderr):
+                code = group.main(args=argv, prog_name="ditc", standalone_mode=False)
+            code = code if isinstance(code, int) else 0  # click returns Exit codes here
         except click.exceptions.Exit as e:
             code = e.exit_code
         except click.ClickException as e:

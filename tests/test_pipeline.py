@@ -72,7 +72,8 @@ def test_failing_step_stops_with_its_code(tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_recipe_at_reduced_budget(tmp_path):
-    r = run("run", "quickstart", "prune_steps=10", "distill_steps=10", "samples=50", "-o", tmp_path / "qs", "--json")
+    r = run("run", "quickstart", "prune_steps=5", "distill_steps=5", "samples=20", "prune.calib_samples=16",
+            "prune.measure_cost=false", "eval-base.steps=10", "eval-pruned.steps=10", "bench.repeats=2", "-o", tmp_path / "qs", "--json")
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
     assert {q["step"] for q in s["quality"]} == {"eval-base", "eval-pruned"}
