@@ -97,8 +97,14 @@ class Attention(nn.Module):
 
     def forward(self, x, head_mask=None):
         B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # B H N hd
+        H, hd = self.heads, D // self.heads
+        W, b = self.qkv.weight, self.qkv.bias
+        # three projections on views of the fused weight: each output is contiguous per head
+        # layout, which the CPU attention kernel handles faster than slices of one fused output
+        q = F.linear(x, W[:D], b[:D]).view(B, N, H, hd).transpose(1, 2)
+        k = F.linear(x, W[D:2 * D], b[D:2 * D]).view(B, N, H, hd).transpose(1, 2)
+        v = F.linear(x, W[2 * D:], b[2 * D:]).view(B, N, H, hd).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v)  # B H N hd
         if head_mask is not None:
             o = o * head_mask[:, :, None, None].to(o.dtype)
         return self.proj(o.transpose(1, 2).reshape(B, N, D))
