@@ -69,7 +69,7 @@ def dynamic_table(run: Path, base_run: Path | None) -> str:
 
     out = ["| model | GFLOPs (expected) | FLOPs ratio | speedup b1 | speedup b64 | " + QH[2:], "|---" * 11 + "|"]
     rows = [("base", "digits-dit", None)]
-    rows += [(n, f"/{n}", n) for n in ("dyn07", "dyn05", "static07", "static05")]
+    rows += [(n, f"/{n}", n) for n in ("dyn07", "dyn05", "static05")]
     for label, suffix, step in rows:
         b1, b64 = speed(suffix, 1), speed(suffix, 64)
         m = metrics(run, f"eval-{step}") if step else (metrics(base_run, "eval-base") if base_run else {})
