@@ -124,7 +124,7 @@ def test_learned_search_converges(digits, tmp_path):
     """On the digits testbed the search reaches a confident decision within its budget."""
     m = load_model("digits-dit")
     g = D.parse_groups(12, "1:2")
-    lc = D.LearnedConfig(steps=60, batch_size=16, logit_ema=0.9, logit_lr=2e-2, log_every=5)
+    lc = D.LearnedConfig(steps=80, batch_size=16, logit_ema=0.9, logit_lr=3e-2, log_every=5)
     p, rep = D.prune_depth(m, "learned", g, data=digits, lc=lc, work_dir=tmp_path / "w", calib_samples=32,
                            measure_cost=False)
     assert rep["confidence"] > 0.9, rep["final_probabilities"]
