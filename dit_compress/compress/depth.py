@@ -111,8 +111,8 @@ def calibration_set(data, n: int, seed: int = 0) -> CalibSet:
 
 
 @torch.no_grad()
-def calibration_loss(model, calib: CalibSet, keep: list[int] | None = None, batch: int = 64) -> float:
-    """Mean DiT hybrid loss of the model with only ``keep`` blocks active (others skipped)."""
+def calibration_losses(model, calib: CalibSet, keep: list[int] | None = None, batch: int = 64) -> dict:
+    """Mean DiT hybrid loss and eps-MSE with only ``keep`` blocks active (others skipped)."""
     from ..diffusion.gaussian import GaussianDiffusion
 
     diff = GaussianDiffusion.create(learn_sigma=model.config.learn_sigma)
@@ -120,13 +120,19 @@ def calibration_loss(model, calib: CalibSet, keep: list[int] | None = None, batc
     if keep is not None:
         gates = torch.zeros(model.config.depth)
         gates[list(keep)] = 1.0
-    total, n = 0.0, len(calib.y)
+    loss = mse = 0.0
+    n = len(calib.y)
     for s in range(0, n, batch):
         sl = slice(s, s + batch)
         kw = {"gates": gates.expand(len(calib.y[sl]), -1)} if gates is not None else {}
         res = diff.training_losses(model, calib.x[sl], calib.t[sl], calib.y[sl], noise=calib.noise[sl], **kw)
-        total += float(res["loss"].sum())
-    return total / n
+        loss += float(res["loss"].sum())
+        mse += float(res["mse"].sum())
+    return {"loss": loss / n, "mse": mse / n}
+
+
+def calibration_loss(model, calib: CalibSet, keep: list[int] | None = None, batch: int = 64) -> float:
+    return calibration_losses(model, calib, keep, batch)["loss"]
 
 
 @torch.no_grad()

@@ -46,7 +46,6 @@ def static_macs(cfg: DiTConfig) -> dict:
 
 def dynamic_macs(cfg: DiTConfig, head_frac, channel_frac, token_frac) -> float:
     """MACs for given per-layer active shares (lists of floats, one per block)."""
-    N, D, p = cfg.num_patches, cfg.hidden_size, cfg.patch_size
     attn, mlp = block_macs(cfg)
     s = static_macs(cfg)
     total = s["adaln"] + s["routers"] + s["embed_final"]

@@ -291,20 +291,10 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str = "ddim
 def heldout_loss(model, spec: str, seed: int = 0, repeats: int = 4) -> dict:
     """Mean DiT hybrid loss and eps-MSE on held-out data, every sample at ``repeats`` fixed
     random timesteps/noises (a sensitive, sampling-free quality measure)."""
-    from ..compress.depth import calibration_set
-    from ..diffusion.gaussian import GaussianDiffusion
+    from ..compress.depth import calibration_losses, calibration_set
     from ..train.data import check_fits, load_data
 
     data = load_data(spec, model.config.num_classes, model.config)
     check_fits(data, model.config)
-    calib = calibration_set(data, len(data) * repeats, seed=seed + 777)
-    diff = GaussianDiffusion.create(learn_sigma=model.config.learn_sigma)
-    loss = mse = 0.0
-    with torch.no_grad():
-        for s in range(0, len(calib.y), 256):
-            sl = slice(s, s + 256)
-            r = diff.training_losses(model, calib.x[sl], calib.t[sl], calib.y[sl], noise=calib.noise[sl])
-            loss += float(r["loss"].sum())
-            mse += float(r["mse"].sum())
-    n = len(calib.y)
-    return {"heldout_loss": loss / n, "heldout_mse": mse / n}
+    r = calibration_losses(model, calibration_set(data, len(data) * repeats, seed=seed + 777), batch=256)
+    return {"heldout_loss": r["loss"], "heldout_mse": r["mse"]}

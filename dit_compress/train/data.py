@@ -4,7 +4,6 @@ image folders encoded on the fly."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +156,3 @@ def check_fits(data: TensorData, cfg) -> None:
             f"data {data.name} has samples of shape {tuple(data.sample_shape)} but the model takes {want}"
         )
 
-
-def write_manifest(path: Path, **info) -> None:
-    path.write_text(json.dumps(info, indent=2))

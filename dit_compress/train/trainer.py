@@ -117,15 +117,17 @@ class Trainer:
             return
         from safetensors.torch import save_file
 
+        from ..formats.ditc import _state_for_save
+
         tmp = self.work_dir / ".train_state.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         unwrapped = acc.unwrap_model(model)
-        save_file({k: v.detach().contiguous().clone() for k, v in unwrapped.state_dict().items()}, str(tmp / "model.safetensors"))
+        save_file(_state_for_save(unwrapped), str(tmp / "model.safetensors"))
         if ema is not None:
-            save_file({k: v.detach().contiguous().clone() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
+            save_file(_state_for_save(ema), str(tmp / "ema.safetensors"))
         for name, mod in self.state_modules.items():
-            save_file({k: v.detach().contiguous().clone() for k, v in mod.state_dict().items()}, str(tmp / f"{name}.safetensors"))
+            save_file(_state_for_save(mod), str(tmp / f"{name}.safetensors"))
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optim.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "train_config": self.cfg.to_dict(), "history": history}))
         shutil.rmtree(self.state_dir, ignore_errors=True)
@@ -267,9 +269,6 @@ class Trainer:
         unwrapped.eval()
         self.accelerator = acc
         return TrainResult(unwrapped, ema, history, cfg.steps, time.time() - t0, start, acc.is_main_process, acc.num_processes)
-
-    def discard_state(self):
-        shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
 def random_batch_fn(data, batch_size: int, stratified_t: bool = False, num_timesteps: int = 1000):
