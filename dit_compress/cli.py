@@ -85,10 +85,15 @@ def fmt_gflops(g: float) -> str:
     return f"{g:.2f}" if g < 10 else f"{g:.1f}"
 
 
-def _load(source: str, revision: Optional[str] = None, no_ema: bool = False, num_heads: Optional[int] = None):
+def _load(source: str, facts: dict, revision: Optional[str] = None, no_ema: bool = False):
     from .formats import load_model
 
-    return load_model(source, revision=revision, use_ema=not no_ema, num_heads=num_heads)
+    return load_model(source, revision=revision, use_ema=not no_ema, **facts)
+
+
+def _facts(num_heads: Optional[int], prediction: Optional[str], numerics: Optional[str]) -> dict:
+    """The facts a user may supply for sources that do not state them (load_model keywords)."""
+    return {k: v for k, v in dict(num_heads=num_heads, prediction=prediction, numerics=numerics).items() if v is not None}
 
 
 def _write_checkpoint(model, out: Path, force: bool, report: dict, title: str, plots=None):
@@ -120,15 +125,20 @@ Force = typer.Option(False, "--force", help="Replace an existing output.")
 Revision = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit) for hub sources.")
 NoEma = typer.Option(False, "--no-ema", help="Original training checkpoints: take 'model' instead of the EMA weights.")
 JsonOut = typer.Option(False, "--json", help="Print the result as JSON on stdout (for pipelines).")
+NumHeads = typer.Option(None, "--num-heads", help="Attention heads of an original .pt whose size is no published preset and whose args do not say (refused without it).")
+Prediction = typer.Option(None, "--prediction", help="eps | velocity: what a plain original-layout state dict predicts (eps is assumed, and said, without it).")
+Numerics = typer.Option(None, "--numerics", help="original | diffusers: the timestep/LayerNorm numerics the weights were trained with (inferred, and said, without it).")
+Spacing = typer.Option(None, "--timestep-spacing", help="linspace | leading | trailing (default linspace: the reference DiT respacing).")
 
 
 # ---------------------------------------------------------------------------- info / convert / create
 @app.command()
 @handle_errors
 def info(source: str = Src, revision: Optional[str] = Revision, no_ema: bool = NoEma,
-         num_heads: Optional[int] = typer.Option(None, help="Heads, for original .pt files whose size is not a published one."),
+         num_heads: Optional[int] = NumHeads, prediction: Optional[str] = Prediction, numerics: Optional[str] = Numerics,
          sampler: str = typer.Option("ddim", help="Sampler whose timesteps average the FLOPs of dynamic models."),
          steps: int = typer.Option(50, help="Sampler steps for the FLOPs average."),
+         timestep_spacing: Optional[str] = Spacing,
          arch: bool = typer.Option(False, "--arch", help="Treat SOURCE as an architecture name (DiT-XL/2 ...): FLOPs without weights."),
          json_out: bool = JsonOut):
     """Describe a model: architecture, parameters, FLOPs, compression spec and lineage.
@@ -152,8 +162,8 @@ def info(source: str = Src, revision: Optional[str] = Revision, no_ema: bool = N
         with torch.device("meta"):
             model = DiT(DiTConfig.preset(source))
     else:
-        model = _load(source, revision, no_ema, num_heads)
-    d = describe(model, sampler, steps)
+        model = _load(source, _facts(num_heads, prediction, numerics), revision, no_ema)
+    d = describe(model, sampler, steps, timestep_spacing)
     if json_out:
         emit_json(d)
         return
@@ -169,7 +179,7 @@ def convert(source: str = Src, output: Path = Out,
             to: str = typer.Option("ditc", "--to", help="ditc | diffusers | original"),
             dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 | bf16 | fp16 (default: keep float32)"),
             revision: Optional[str] = Revision, no_ema: bool = NoEma,
-            num_heads: Optional[int] = typer.Option(None, help="Heads, for original .pt files of unpublished sizes."),
+            num_heads: Optional[int] = NumHeads, prediction: Optional[str] = Prediction, numerics: Optional[str] = Numerics,
             force: bool = Force):
     """Convert between layouts: ditc checkpoint, diffusers (DiTTransformer2DModel), original .pt.
 
@@ -180,10 +190,12 @@ def convert(source: str = Src, output: Path = Out,
         ditc convert tiny/ --to diffusers -o tiny-diffusers/
 
         ditc convert DiT-XL-2-256.pt --to ditc --dtype bf16 -o xl-bf16/
+
+        ditc convert my-dit.pt --num-heads 4 -o my-dit/      # heads of an unpublished size, recorded once
     """
     from .formats import save_model
 
-    model = _load(source, revision, no_ema, num_heads)
+    model = _load(source, _facts(num_heads, prediction, numerics), revision, no_ema)
     if to == "original" and output.suffix not in (".pt", ".pth"):
         raise UsageError(f"--to original writes a single .pt file; give an output ending in .pt (got {output})")
     model.config = model.config.with_step("convert", to=to, dtype=dtype or "fp32", source=str(source))
@@ -325,7 +337,8 @@ Data = typer.Option(..., "--data", help="digits | a latents dir (*_features/*.np
 def finetune(source: str = Src, output: Path = Out, data: str = Data, steps: int = Steps, batch_size: int = Batch,
              lr: float = Lr, ema: float = Ema, seed: int = Seed, grad_clip: float = Clip, grad_accum: int = Accum,
              warmup: int = Warm, schedule: str = Sched, ckpt_every: int = Ckpt, mixed_precision: str = MP,
-             weight_decay: float = WD, resume: bool = Resume, force: bool = Force, json_out: bool = JsonOut):
+             weight_decay: float = WD, resume: bool = Resume, force: bool = Force, json_out: bool = JsonOut,
+             num_heads: Optional[int] = NumHeads, prediction: Optional[str] = Prediction, numerics: Optional[str] = Numerics):
     """Fine-tune with the DiT hybrid loss (eps MSE + VLB). Dynamic models also train their
     routers toward the FLOPs target in their config. Runs under `accelerate launch` unchanged.
 
@@ -337,7 +350,7 @@ def finetune(source: str = Src, output: Path = Out, data: str = Data, steps: int
     """
     tcfg = _train_options(steps, batch_size, lr, ema, seed, grad_clip, grad_accum, warmup, schedule, ckpt_every,
                           mixed_precision, weight_decay)
-    model = _load(source)
+    model = _load(source, _facts(num_heads, prediction, numerics))
     _, report = _run_training(model, data, output, force, resume, tcfg, op="finetune")
     _summary(report, json_out)
 
@@ -353,7 +366,8 @@ def distill(source: str = Src, output: Path = Out, teacher: str = typer.Option(.
             steps: int = Steps, batch_size: int = Batch, lr: float = Lr, ema: float = Ema, seed: int = Seed,
             grad_clip: float = Clip, grad_accum: int = Accum, warmup: int = Warm, schedule: str = Sched,
             ckpt_every: int = Ckpt, mixed_precision: str = MP, weight_decay: float = WD, resume: bool = Resume,
-            force: bool = Force, json_out: bool = JsonOut):
+            force: bool = Force, json_out: bool = JsonOut,
+            num_heads: Optional[int] = NumHeads, prediction: Optional[str] = Prediction, numerics: Optional[str] = Numerics):
     """Distill a (compressed) student from a teacher: output KD, TinyFusion's masked
     representation KD (layer map from the kept-layer indices), mixed with the plain loss.
 
@@ -365,8 +379,9 @@ def distill(source: str = Src, output: Path = Out, teacher: str = typer.Option(.
     """
     tcfg = _train_options(steps, batch_size, lr, ema, seed, grad_clip, grad_accum, warmup, schedule, ckpt_every,
                           mixed_precision, weight_decay)
-    student = _load(source)
-    t_model = _load(teacher)
+    facts = _facts(num_heads, prediction, numerics)
+    student = _load(source, facts)
+    t_model = _load(teacher, facts)
     kd = {"out": kd_out, "plain": kd_plain, "rep": kd_rep, "k_sigma": None if no_rep_mask else k_sigma}
     _, report = _run_training(student, data, output, force, resume, tcfg, teacher=t_model, kd=kd, op="distill",
                               extra={"teacher": teacher, "kd": kd})
@@ -396,6 +411,7 @@ def prune_depth_cmd(
     num_candidates: int = typer.Option(16, "--candidates", help="min-loss: random masks to try."),
     measure_cost: bool = typer.Option(True, "--measure-cost/--no-measure-cost", help="learned: time a search step vs a plain training step."),
     seed: int = Seed, ckpt_every: int = Ckpt, resume: bool = Resume, force: bool = Force, json_out: bool = JsonOut,
+    num_heads: Optional[int] = NumHeads, prediction: Optional[str] = Prediction, numerics: Optional[str] = Numerics,
 ):
     """Remove layers: TinyFusion's learned N:M selection (Gumbel masks + LoRA recoverability)
     or a baseline. Writes a smaller standard DiT holding the kept layers' original weights.
@@ -415,7 +431,7 @@ def prune_depth_cmd(
 
     check_output(output, force)
     keep_list = _parse_ints(keep, "--keep")
-    model = _load(source)
+    model = _load(source, _facts(num_heads, prediction, numerics))
     grp = parse_groups(model.config.depth, pattern, groups) if (pattern or groups) else None
     ds = None
     if data is not None:
@@ -470,6 +486,7 @@ def add_dynamic_width_cmd(
     init_bias: float = typer.Option(5.0, "--init-bias", help="Router bias at start (high: everything on)."),
     static: bool = typer.Option(False, "--static", help="Static width pruning instead (same heads/channels dropped at every t, routers frozen): the baseline DyDiT is compared with."),
     force: bool = Force, json_out: bool = JsonOut,
+    num_heads: Optional[int] = NumHeads, prediction: Optional[str] = Prediction, numerics: Optional[str] = Numerics,
 ):
     """Add DyDiT timestep-wise width routers (heads and MLP channel groups). Heads/channels
     are sorted by importance first (the function is unchanged) and the routers start all-on,
@@ -486,7 +503,7 @@ def add_dynamic_width_cmd(
     from .formats.atomic import check_output
 
     check_output(output, force)
-    model = _load(source)
+    model = _load(source, _facts(num_heads, prediction, numerics))
     ds = None
     if data is not None:
         from .train.data import load_data
@@ -503,6 +520,7 @@ def add_token_router_cmd(
     reduction: int = typer.Option(16, "--reduction", help="Router MLP D -> D/reduction -> 1."),
     tau: float = typer.Option(5.0, "--tau"), init_bias: float = typer.Option(5.0, "--init-bias"),
     seed: int = Seed, force: bool = Force, json_out: bool = JsonOut,
+    num_heads: Optional[int] = NumHeads, prediction: Optional[str] = Prediction, numerics: Optional[str] = Numerics,
 ):
     """Add DyDiT spatial token routers: before each block's MLP a router picks the tokens
     that enter it; skipped tokens take the residual path only (still attended to).
@@ -517,7 +535,8 @@ def add_token_router_cmd(
     from .formats.atomic import check_output
 
     check_output(output, force)
-    _finish_dynamic(add_token_router(_load(source), tau, init_bias, reduction, seed), source, "add-token-router",
+    model = _load(source, _facts(num_heads, prediction, numerics))
+    _finish_dynamic(add_token_router(model, tau, init_bias, reduction, seed), source, "add-token-router",
                     output, force, json_out)
 
 
@@ -542,7 +561,9 @@ def eval_cmd(
     dense_masks: bool = typer.Option(False, "--dense-masks", help="Dynamic models: masked-dense execution (checking reference) instead of sliced/gathered."),
     loss_data: Optional[str] = typer.Option(None, "--loss-data", help="Also report the diffusion loss on held-out data (default digits:test for the digits testbed; 'none' to skip)."),
     grid: bool = typer.Option(True, "--grid/--no-grid", help="Write samples.png (a grid of the first samples)."),
+    timestep_spacing: Optional[str] = Spacing,
     json_out: bool = JsonOut,
+    num_heads: Optional[int] = NumHeads, prediction: Optional[str] = Prediction, numerics: Optional[str] = Numerics,
 ):
     """Sample class-balanced images (sharded, resumable, split over `accelerate launch`
     processes) and compute FID / IS / KID / precision-recall with torch-fidelity.
@@ -560,7 +581,10 @@ def eval_cmd(
     from .evaluate.fidelity import evaluate
     from .report import write_report
 
-    model = _load(source)
+    from .diffusion.sampling import resolve_spacing
+
+    resolve_spacing(sampler, timestep_spacing)  # checked before anything is written
+    model = _load(source, _facts(num_heads, prediction, numerics))
     model.routing = "dense" if dense_masks else "fast"
     state = PartialState(cpu=not __import__("torch").cuda.is_available())
     output.mkdir(parents=True, exist_ok=True)
@@ -569,7 +593,8 @@ def eval_cmd(
     report = evaluate(model, output, num_samples, sampler, steps, cfg_scale, cfg_channels, seed, ref,
                       [m.strip() for m in metrics.split(",") if m.strip()], inception_weights, extractor, vae,
                       shard_size, batch_size, kid_subset_size, state.process_index, state.num_processes,
-                      barrier=state.wait_for_everyone, loss_data=None if loss_data == "none" else loss_data)
+                      barrier=state.wait_for_everyone, loss_data=None if loss_data == "none" else loss_data,
+                      timestep_spacing=timestep_spacing)
     if report is None:
         return
     if grid:
@@ -617,7 +642,9 @@ def bench(
     dense_masks: bool = typer.Option(False, "--dense-masks", help="Time dynamic models on the masked-dense path."),
     threads: Optional[int] = typer.Option(None, "--threads"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Report dir (report.json/.md, speed_vs_flops.png)."),
+    timestep_spacing: Optional[str] = Spacing,
     force: bool = Force, json_out: bool = JsonOut,
+    num_heads: Optional[int] = NumHeads, prediction: Optional[str] = Prediction, numerics: Optional[str] = Numerics,
 ):
     """Measure speed side by side: analytic FLOPs, forward latency (median, IQR), images/s,
     peak memory, and speedup next to the FLOPs ratio (flagged where they diverge).
@@ -630,8 +657,8 @@ def bench(
 
         ditc bench digits-dit tiny/ tiny-kd/ --batch-sizes 1,64 --json
     """
+    from .diffusion.sampling import sampler_timesteps
     from .evaluate.bench import compare, measure, parse_spec, plot_speed_vs_flops
-    from .describe import sampler_timesteps
     from .report import write_report
 
     if device != "cpu":
@@ -652,12 +679,13 @@ def bench(
         from .formats.atomic import check_output
 
         check_output(output, force)
-    ts = sampler_timesteps(sampler, steps)
+    ts = sampler_timesteps(sampler, steps, timestep_spacing)
     ts = ts[:: max(1, len(ts) // 5)]
     results = []
     for s in specs:
         err_console.print(f"measuring {s} ...")
-        results.append(measure(s, bs, repeats, warmup, ts, threads, dtype, compile_, dense_masks))
+        results.append(measure(s, bs, repeats, warmup, ts, threads, dtype, compile_, dense_masks,
+                               load=_facts(num_heads, prediction, numerics)))
     rows = compare(results)
     report = {"device": device, "dtype": dtype, "threads": threads or __import__("torch").get_num_threads(),
               "repeats": repeats, "warmup": warmup, "timesteps": ts, "baseline": specs[0], "rows": rows}

@@ -11,6 +11,8 @@ from typing import Any
 from .errors import FormatError, UsageError
 
 FORMAT_VERSION = 1
+NUMERICS = ("original", "diffusers")
+PREDICTIONS = ("eps", "velocity")
 
 # Published architectures (DiT paper, Table 1).
 ARCHS = {
@@ -66,6 +68,8 @@ class DiTConfig:
     learn_sigma: bool = True
     class_dropout_prob: float = 0.1
     prediction: str = "eps"  # "eps" (DiT) or "velocity" (SiT flow matching)
+    numerics: str = "original"  # "original" (DiT code: sinusoid /128, LN eps 1e-6) or "diffusers" (/127, pre-MLP eps 1e-5)
+    block_embedders: bool = False  # each block owns its timestep/class embedders (DiTs made in diffusers)
     latent_scale: float | None = 0.18215  # None for pixel-space models
     vae: str | None = "stabilityai/sd-vae-ft-ema"
     name: str | None = None
@@ -74,6 +78,7 @@ class DiTConfig:
     width: WidthSpec | None = None
     tokens: TokenSpec | None = None
     lineage: list[dict[str, Any]] = field(default_factory=list)
+    provenance: dict[str, str] = field(default_factory=dict)  # where each fact came from, as the loader read it
 
     def __post_init__(self):
         if self.source_depth is None:
@@ -108,7 +113,7 @@ class DiTConfig:
         return self.width is not None or self.tokens is not None
 
     def validate(self) -> None:
-        if self.hidden_size % self.num_heads:
+        if self.num_heads < 1 or self.hidden_size % self.num_heads:
             raise UsageError(
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
             )
@@ -120,6 +125,10 @@ class DiTConfig:
             raise FormatError(
                 f"config lists {len(self.kept_layers)} kept layers for a depth of {self.depth}"
             )
+        if self.numerics not in NUMERICS:
+            raise UsageError(f"unknown numerics {self.numerics!r}; choose {' or '.join(NUMERICS)}")
+        if self.prediction not in PREDICTIONS:
+            raise UsageError(f"unknown prediction type {self.prediction!r}; choose {' or '.join(PREDICTIONS)}")
         if self.width is not None and self.mlp_hidden % self.num_heads:
             raise UsageError(
                 f"MLP hidden size {self.mlp_hidden} cannot be split into {self.num_heads} groups"

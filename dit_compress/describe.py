@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .compress.flops import dynamic_macs, static_macs
+from .diffusion.sampling import resolve_spacing, sampler_timesteps
 
 
 @torch.no_grad()
@@ -13,10 +14,12 @@ def width_profile(model, timesteps: list[int]) -> dict:
     """Active share of heads / MLP channels per layer for each timestep (masks depend on t only)."""
     cfg = model.config
     t = torch.tensor(timesteps, dtype=torch.long)
+    y = torch.zeros_like(t)  # width routers read the timestep embedding only
     t_emb = model.t_embedder(t)
+    conds = model.block_conditions(t, y, t_emb, t_emb)
     heads, chans = [], []
-    for b in model.blocks:
-        hm, cm = b.width_masks(t_emb, "dense", 0.0)
+    for b, (bt, _) in zip(model.blocks, conds):
+        hm, cm = b.width_masks(bt, "dense", 0.0)
         heads.append(hm.mean(1).tolist() if hm is not None else [1.0] * len(timesteps))
         chans.append(cm.mean(1).tolist() if cm is not None else [1.0] * len(timesteps))
     return {"timesteps": timesteps, "heads": heads, "channels": chans, "depth": cfg.depth}
@@ -44,13 +47,6 @@ def token_keep_ratio(model, timesteps: list[int], batch: int = 8, seed: int = 0)
     return out
 
 
-def sampler_timesteps(sampler: str = "ddim", steps: int = 50) -> list[int]:
-    from .diffusion.gaussian import space_timesteps
-
-    spec = f"ddim{steps}" if sampler == "ddim" else str(steps)
-    return space_timesteps(1000, spec)
-
-
 def expected_macs(model, timesteps: list[int], token_ratios=None, token_batch: int = 8, token_points: int = 10) -> dict:
     """Dynamic MACs per timestep and their mean over the given schedule. Width masks are
     exact per timestep (they depend on t only); token keep ratios depend on the input and are
@@ -73,9 +69,10 @@ def expected_macs(model, timesteps: list[int], token_ratios=None, token_batch: i
     return {"per_t": per_t, "mean": sum(per_t) / len(per_t), "profile": prof, "tokens": toks}
 
 
-def describe(model, sampler: str = "ddim", steps: int = 50) -> dict:
+def describe(model, sampler: str = "ddim", steps: int = 50, timestep_spacing: str | None = None) -> dict:
     cfg = model.config
     s = static_macs(cfg)
+    spacing = resolve_spacing(sampler, timestep_spacing)
     info = {
         "name": cfg.name,
         "architecture": cfg.describe_arch(),
@@ -90,19 +87,23 @@ def describe(model, sampler: str = "ddim", steps: int = 50) -> dict:
         "num_classes": cfg.num_classes,
         "learn_sigma": cfg.learn_sigma,
         "prediction": cfg.prediction,
+        "numerics": cfg.numerics,
+        "embedders": "per block (final layer: the source's block 0)" if cfg.block_embedders else "shared",
+        "latent": f"x{cfg.latent_scale} of {cfg.vae}" if cfg.latent_scale is not None else "pixels",
         "params": model.num_params(),
         "params_without_routers": model.num_params(include_routers=False),
         "gflops": s["total"] / 1e9,
         "dynamic_width": cfg.width.to_dict() if cfg.width else None,
         "token_routing": cfg.tokens.to_dict() if cfg.tokens else None,
         "lineage": cfg.lineage,
+        "provenance": cfg.provenance,
     }
     if cfg.is_dynamic:
-        ts = sampler_timesteps(sampler, steps)
+        ts = sampler_timesteps(sampler, steps, spacing)
         e = expected_macs(model, ts)
         info["expected_gflops"] = e["mean"] / 1e9
         info["expected_flops_ratio"] = e["mean"] / s["total"]
-        info["expected_over"] = f"{sampler} {steps} steps"
+        info["expected_over"] = f"{sampler} {steps} steps ({spacing} spacing)"
         mean_tok = [sum(r) / len(r) for r in e["tokens"]]
         info["token_keep_ratio"] = sum(mean_tok) / len(mean_tok)
         info["width_profile"] = {

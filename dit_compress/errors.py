@@ -24,3 +24,8 @@ class FormatError(DitcError):
 
 class TrainingError(DitcError):
     """A training run that cannot continue (NaN loss, data mismatch)."""
+
+
+class MissingFactError(UsageError):
+    """A checkpoint does not state a fact (e.g. heads of an unpublished size) and the user
+    did not supply it: the message names the fact and the option that supplies it."""

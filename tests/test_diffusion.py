@@ -94,7 +94,7 @@ def test_ddim_trajectory_matches_diffusers():
 
     m = tiny_model()
     noise, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 4])
-    ours = dit_compress.sample(m, noise, y, sampler="ddim", steps=10)
+    ours = dit_compress.sample(m, noise, y, sampler="ddim", steps=10, timestep_spacing="leading")
     sched = DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                           set_alpha_to_one=True, clip_sample=False, timestep_spacing="leading", steps_offset=0)
     sched.set_timesteps(10)

@@ -14,9 +14,13 @@ def linear_betas(steps: int = 1000, start: float = 1e-4, end: float = 0.02) -> n
     return np.linspace(scale * start, scale * end, steps, dtype=np.float64)
 
 
+SPACINGS = ("linspace", "leading", "trailing")
+
+
 def space_timesteps(num_timesteps: int, spec: str | int) -> list[int]:
-    """Which original steps a respaced process keeps: ``"250"`` (even, rounded) or
-    ``"ddim50"`` (a fixed integer stride)."""
+    """The reference respacing (ADM/DiT ``space_timesteps``): ``"250"`` keeps 250 steps
+    evenly spaced over [0, T-1] with both ends (cumulative float stride, rounded), ``"ddim50"``
+    a fixed integer stride from 0."""
     spec = str(spec)
     if spec.startswith("ddim"):
         want = int(spec[4:])
@@ -27,10 +31,28 @@ def space_timesteps(num_timesteps: int, spec: str | int) -> list[int]:
     count = int(spec)
     if count < 1 or count > num_timesteps:
         raise ValueError(f"cannot respace {num_timesteps} steps into {count}")
-    if count == 1:
-        return [0]
-    stride = (num_timesteps - 1) / (count - 1)
-    return sorted({round(i * stride) for i in range(count)})
+    stride = 1 if count <= 1 else (num_timesteps - 1) / (count - 1)
+    cur, taken = 0.0, []
+    for _ in range(count):
+        taken.append(round(cur))
+        cur += stride
+    return sorted(set(taken))
+
+
+def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "linspace") -> list[int]:
+    """The kept original steps (ascending), with diffusers' ``timestep_spacing`` names:
+    ``linspace`` = the reference DiT respacing ``create_diffusion(str(N))`` (0, 111, ..., 999 for
+    N = 10); ``leading`` = stride T // N from 0 (0, 100, ..., 900; ADM's ``ddimN`` when N divides T);
+    ``trailing`` = from T-1 down by T / N (99, 199, ..., 999)."""
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; choose {', '.join(SPACINGS)}")
+    if steps < 1 or steps > num_timesteps:
+        raise ValueError(f"cannot respace {num_timesteps} steps into {steps}")
+    if spacing == "linspace":
+        return space_timesteps(num_timesteps, str(steps))
+    if spacing == "leading":
+        return [i * (num_timesteps // steps) for i in range(steps)]
+    return sorted(int(v) - 1 for v in np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)))
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
@@ -79,11 +101,17 @@ class GaussianDiffusion:
         self.posterior_mean_coef2 = (1.0 - acp_prev) * np.sqrt(alphas) / (1.0 - acp)
 
     @classmethod
-    def create(cls, steps: str | int | None = None, learn_sigma: bool = True, num_timesteps: int = 1000):
+    def create(cls, steps: str | int | None = None, learn_sigma: bool = True, num_timesteps: int = 1000,
+               spacing: str = "linspace"):
+        """The 1000-step process, or one respaced to ``steps`` (an int with ``spacing``, or a
+        reference spec string such as ``"250"`` / ``"ddim50"``)."""
         base = linear_betas(num_timesteps)
-        if steps is None or str(steps) == str(num_timesteps):
+        if steps is None or (str(steps) == str(num_timesteps) and spacing == "linspace"):
             return cls(base, learn_sigma=learn_sigma)
-        use = space_timesteps(num_timesteps, steps)
+        if isinstance(steps, int):
+            use = spaced_timesteps(num_timesteps, steps, spacing)
+        else:
+            use = space_timesteps(num_timesteps, steps)
         acp = np.cumprod(1.0 - base)
         last, new_betas = 1.0, []
         for i in use:

@@ -9,9 +9,30 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
-from .gaussian import GaussianDiffusion
+from .gaussian import SPACINGS, GaussianDiffusion, spaced_timesteps
 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver")
+# The reference DiT code respaces every sampler with create_diffusion(str(N)): linspace.
+DEFAULT_SPACING = {"ddpm": "linspace", "ddim": "linspace", "dpm-solver": "linspace"}
+
+
+def resolve_spacing(sampler: str, spacing: str | None) -> str:
+    if spacing is None:
+        return DEFAULT_SPACING.get(sampler, "linspace")
+    if spacing not in SPACINGS:
+        raise UsageError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    return spacing
+
+
+def sampler_timesteps(sampler: str = "ddim", steps: int = 50, spacing: str | None = None) -> list[int]:
+    """The original timesteps (ascending) at which ``sample`` calls the model."""
+    spacing = resolve_spacing(sampler, spacing)
+    if sampler == "dpm-solver":
+        return sorted(int(t) for t in _dpm_scheduler(steps, spacing).timesteps)
+    try:
+        return spaced_timesteps(1000, steps, spacing)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _guided(model, cfg_scale: float, cfg_channels: int | None):
@@ -41,12 +62,15 @@ def _progress(total: int, desc: str, enabled: bool):
 @torch.no_grad()
 def sample(model, noise: torch.Tensor, y: torch.Tensor, sampler: str = "ddpm", steps: int = 250,
            cfg_scale: float = 1.0, cfg_channels: int | None = None, progress: bool = False,
-           generator: torch.Generator | None = None, clip: bool = False) -> torch.Tensor:
+           generator: torch.Generator | None = None, clip: bool = False,
+           timestep_spacing: str | None = None) -> torch.Tensor:
     """Draw samples from ``noise`` (x_T) for labels ``y``.
 
     ``cfg_channels=None`` guides all latent channels (diffusers' DiTPipeline convention);
     ``cfg_channels=3`` guides the first three (the reference DiT code). ``generator`` drives
     the DDPM noise, so a fixed seed gives the same images on any process split.
+    ``timestep_spacing`` (diffusers' names): ``linspace`` (default: the reference code's
+    respacing, ``create_diffusion(str(steps))``), ``leading`` or ``trailing``.
     """
     if sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -54,14 +78,14 @@ def sample(model, noise: torch.Tensor, y: torch.Tensor, sampler: str = "ddpm", s
         raise UsageError("steps must be at least 1")
     if getattr(model.config, "prediction", "eps") != "eps":
         raise UsageError("sampling is implemented for eps-prediction (DiT) models; this is a velocity (SiT) model")
+    spacing = resolve_spacing(sampler, timestep_spacing)
     fn = _guided(model, cfg_scale, cfg_channels)
     learn_sigma = model.config.learn_sigma
     x = noise
     if sampler == "dpm-solver":
-        return _dpm_solver(fn, x, y, steps, learn_sigma, progress)
-    spec = f"ddim{steps}" if sampler == "ddim" else str(steps)
+        return _dpm_solver(fn, x, y, steps, spacing, progress)
     try:
-        diff = GaussianDiffusion.create(spec, learn_sigma=learn_sigma)
+        diff = GaussianDiffusion.create(int(steps), learn_sigma=learn_sigma, spacing=spacing)
     except ValueError as e:
         raise UsageError(str(e)) from None
     with _progress(diff.num_timesteps, f"{sampler} sampling", progress) as bar:
@@ -86,14 +110,19 @@ def sample(model, noise: torch.Tensor, y: torch.Tensor, sampler: str = "ddpm", s
     return x
 
 
-def _dpm_solver(fn, x, y, steps, learn_sigma, progress):
+def _dpm_scheduler(steps: int, spacing: str):
     from diffusers import DPMSolverMultistepScheduler
 
     sched = DPMSolverMultistepScheduler(
         num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-        algorithm_type="dpmsolver++", solver_order=2,
+        algorithm_type="dpmsolver++", solver_order=2, timestep_spacing=spacing,
     )
     sched.set_timesteps(steps)
+    return sched
+
+
+def _dpm_solver(fn, x, y, steps, spacing, progress):
+    sched = _dpm_scheduler(steps, spacing)
     with _progress(len(sched.timesteps), "dpm-solver sampling", progress) as bar:
         for t in sched.timesteps:
             tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)

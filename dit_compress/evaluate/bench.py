@@ -30,8 +30,9 @@ def parse_spec(spec: str) -> tuple[str, list[str]]:
     return base, variants
 
 
-def build(spec: str, seed: int = 0):
-    """A model for a source or shape spec (random weights for shapes)."""
+def build(spec: str, seed: int = 0, load: dict | None = None):
+    """A model for a source or shape spec (random weights for shapes); ``load`` holds
+    ``load_model`` keywords (num_heads, prediction, numerics) for checkpoint sources."""
     from ..compress.depth import prune_layers
     from ..compress.dynamic import add_dynamic_width, add_token_router, set_static_width, set_token_keep
 
@@ -51,7 +52,7 @@ def build(spec: str, seed: int = 0):
     else:
         from ..formats import load_model
 
-        model = load_model(base)
+        model = load_model(base, **(load or {}))
     for v in variants:
         if v.startswith("d"):
             n = int(v[1:])
@@ -74,13 +75,13 @@ def build(spec: str, seed: int = 0):
     return model.eval()
 
 
-def _measure_child(spec, batch_sizes, repeats, warmup, timesteps, threads, dtype_name, compile_, dense, q):
+def _measure_child(spec, batch_sizes, repeats, warmup, timesteps, threads, dtype_name, compile_, dense, load, q):
     try:
         torch.set_num_threads(threads)
         from ..compress.flops import static_macs
         from ..describe import expected_macs
 
-        model = build(spec)
+        model = build(spec, load=load)
         if dense:
             model.routing = "dense"
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
@@ -134,11 +135,11 @@ def _measure_child(spec, batch_sizes, repeats, warmup, timesteps, threads, dtype
         q.put({"spec": spec, "error": f"{type(e).__name__}: {e}"})
 
 
-def _materialize_child(spec: str, out: str, q):
+def _materialize_child(spec: str, out: str, load, q):
     try:
         from ..formats import save_model
 
-        save_model(build(spec), out, force=True)
+        save_model(build(spec, load=load), out, force=True)
         q.put({"ok": True})
     except Exception as e:  # noqa: BLE001
         q.put({"error": f"{type(e).__name__}: {e}"})
@@ -158,7 +159,8 @@ def _run_child(target, args, timeout: float) -> dict:
 
 
 def measure(spec: str, batch_sizes=(1, 8), repeats: int = 5, warmup: int = 2, timesteps=(500,), threads: int | None = None,
-            dtype: str = "fp32", compile_: bool = False, dense: bool = False, timeout: float = 3600) -> dict:
+            dtype: str = "fp32", compile_: bool = False, dense: bool = False, timeout: float = 3600,
+            load: dict | None = None) -> dict:
     """Shapes and transformed variants are first built and saved by one child; a second child
     loads that checkpoint and measures, so peak memory is inference memory, not the transient
     copies of building random weights or applying transforms."""
@@ -169,14 +171,15 @@ def measure(spec: str, batch_sizes=(1, 8), repeats: int = 5, warmup: int = 2, ti
     source, tmp = spec, None
     if base.startswith("shape:") or variants:
         tmp = tempfile.mkdtemp(prefix="ditc-bench-")
-        res = _run_child(_materialize_child, (spec, str(Path(tmp) / "m")), timeout)
+        res = _run_child(_materialize_child, (spec, str(Path(tmp) / "m"), load), timeout)
         if "error" in res:
             shutil.rmtree(tmp, ignore_errors=True)
             raise DitcError(f"benchmark of {spec} failed: {res['error']}")
         source = str(Path(tmp) / "m")
     try:
         res = _run_child(_measure_child, (source, list(batch_sizes), repeats, warmup, list(timesteps),
-                                          threads or torch.get_num_threads(), dtype, compile_, dense), timeout)
+                                          threads or torch.get_num_threads(), dtype, compile_, dense,
+                                          load if tmp is None else None), timeout)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -91,7 +91,8 @@ def load_vae(name: str | None):
 
 def sample_shards(model, out_dir: Path, num_samples: int, sampler: str = "ddim", steps: int = 50,
                   cfg_scale: float = 1.0, cfg_channels: int | None = None, seed: int = 0, shard_size: int = 250,
-                  batch_size: int = 125, vae=None, rank: int = 0, world: int = 1) -> list[int]:
+                  batch_size: int = 125, vae=None, rank: int = 0, world: int = 1,
+                  timestep_spacing: str | None = None) -> list[int]:
     """Write the shards this process owns (shard i -> process i % world); skip finished
     ones. Returns the shard ids written now."""
     from PIL import Image
@@ -116,7 +117,7 @@ def sample_shards(model, out_dir: Path, num_samples: int, sampler: str = "ddim",
                 noise = torch.randn(e - b, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
                 y = torch.from_numpy(labels[b:e]).long()
                 x = sample(model, noise, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                           cfg_channels=cfg_channels, generator=g)
+                           cfg_channels=cfg_channels, generator=g, timestep_spacing=timestep_spacing)
                 imgs.append(to_uint8(decode(model, x, vae)))
                 bar.advance(e - b)
             arr = np.concatenate(imgs)
@@ -243,11 +244,15 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str = "ddim
              cfg_scale: float = 1.0, cfg_channels: int | None = None, seed: int = 0, ref: str | None = None,
              metrics: list[str] | None = None, inception_weights: str | None = None, extractor: str | None = None,
              vae_name: str | None = None, shard_size: int = 250, batch_size: int = 125, kid_subset_size: int | None = None,
-             rank: int = 0, world: int = 1, barrier=None, loss_data: str | None = None) -> dict | None:
+             rank: int = 0, world: int = 1, barrier=None, loss_data: str | None = None,
+             timestep_spacing: str | None = None) -> dict | None:
     """Python twin of ``ditc eval``: returns the report (on process 0), None elsewhere."""
     import time
 
+    from ..diffusion.sampling import resolve_spacing
+
     metrics = metrics or ["fid", "prc"]
+    spacing = resolve_spacing(sampler, timestep_spacing)
     if num_samples < 1:
         raise UsageError("--num-samples must be at least 1")
     ref_kind, ref_val = resolve_reference(ref, model.config)
@@ -259,7 +264,7 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str = "ddim
     vae = load_vae(vae_name or (model.config.vae if model.config.latent_scale is not None else None))
     t0 = time.time()
     written = sample_shards(model, out_dir, num_samples, sampler, steps, cfg_scale, cfg_channels, seed, shard_size,
-                            batch_size, vae, rank, world)
+                            batch_size, vae, rank, world, spacing)
     if barrier is not None:
         barrier()
     if rank != 0:
@@ -267,7 +272,7 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str = "ddim
     imgs, labels = gather_samples(out_dir, num_samples, shard_size)
     np.savez(Path(out_dir) / "samples.npz", arr_0=imgs, labels=labels)
     report = {
-        "num_samples": num_samples, "sampler": sampler, "steps": steps, "cfg_scale": cfg_scale,
+        "num_samples": num_samples, "sampler": sampler, "steps": steps, "timestep_spacing": spacing, "cfg_scale": cfg_scale,
         "cfg_channels": "all latent channels" if cfg_channels is None else f"first {cfg_channels}",
         "seed": seed, "reference": ref or "digits", "extractor": ex_kw["feature_extractor"],
         "shards_written_now": len(written), "sampling_seconds": time.time() - t0, "processes": world,

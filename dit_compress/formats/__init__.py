@@ -7,11 +7,13 @@ transformer dirs, original ``.pt`` files, ditc checkpoint dirs or lone safetenso
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import torch
 
-from ..config import DiTConfig
+from ..config import NUMERICS, PREDICTIONS, DiTConfig
 from ..errors import FormatError, UsageError
 from . import hub
 from .atomic import atomic_dir, atomic_file
@@ -101,25 +103,70 @@ def build_model(cfg: DiTConfig, state: dict, dtype: torch.dtype | None = None, s
     return model.eval()
 
 
-def load_state(source: str, revision: str | None = None, use_ema: bool = True,
-               num_heads: int | None = None) -> tuple[DiTConfig, dict]:
+def _note(msg: str) -> None:
+    """One line on stderr for every fact the loader inferred or assumed (never silent)."""
+    if os.environ.get("DITC_QUIET_NOTES") != "1":
+        print(f"note: {msg}", file=sys.stderr)
+
+
+def _apply_overrides(cfg: DiTConfig, where: str, num_heads: int | None, prediction: str | None,
+                     numerics: str | None) -> DiTConfig:
+    """User-given facts: must agree with what the checkpoint states; numerics may be overridden."""
+    if num_heads is not None and num_heads != cfg.num_heads:
+        raise UsageError(f"{where} states {cfg.num_heads} attention heads; --num-heads {num_heads} contradicts it")
+    if prediction is not None and prediction != cfg.prediction:
+        if not cfg.provenance.get("prediction", "").startswith("assumed"):
+            raise UsageError(f"{where} states prediction {cfg.prediction!r}; --prediction {prediction} contradicts it")
+        cfg.prediction = prediction
+        cfg.provenance["prediction"] = "given (--prediction)"
+    if numerics is not None:
+        if numerics != cfg.numerics:
+            cfg.numerics = numerics
+        cfg.provenance["numerics"] = "given (--numerics)"
+    cfg.validate()
+    return cfg
+
+
+def load_state(source: str, *, revision: str | None = None, use_ema: bool = True, num_heads: int | None = None,
+               prediction: str | None = None, numerics: str | None = None) -> tuple[DiTConfig, dict]:
+    """(config, state dict in the original key layout) of any source. What the source does not
+    state comes from a preset, the checkpoint's args or these keywords, never from a guess;
+    every inferred or assumed fact is written to stderr as one ``note:`` line and recorded in
+    ``config.provenance`` (shown by ``ditc info``)."""
     from .diffusers_fmt import load_diffusers
     from .original import load_original
 
+    for name, value, allowed in (("prediction", prediction, PREDICTIONS), ("numerics", numerics, NUMERICS)):
+        if value is not None and value not in allowed:
+            raise UsageError(f"unknown --{name} {value!r}; choose {' or '.join(allowed)}")
+    if num_heads is not None and num_heads < 1:
+        raise UsageError(f"--num-heads must be positive, got {num_heads}")
     kind, loc = detect(str(source))
     if kind == "hub":
-        return load_diffusers(hub.download(loc, revision))
-    if kind == "ditc":
-        return load_ditc(loc)
-    if kind == "diffusers":
-        return load_diffusers(loc)
-    return load_original(loc, use_ema=use_ema, num_heads=num_heads)
+        cfg, state = load_diffusers(hub.download(loc, revision))
+    elif kind == "ditc":
+        cfg, state = load_ditc(loc)
+    elif kind == "diffusers":
+        cfg, state = load_diffusers(loc)
+    else:
+        cfg, state = load_original(loc, use_ema=use_ema, num_heads=num_heads, prediction=prediction)
+    cfg = _apply_overrides(cfg, str(source), num_heads, prediction, numerics)
+    if kind != "ditc":
+        for fact, how in cfg.provenance.items():
+            if how.startswith(("inferred", "assumed")):
+                _note(f"{source}: {fact} = {getattr(cfg, fact, '')!s}: {how}".replace(" = : ", ": "))
+    return cfg, state
 
 
-def load_model(source, revision: str | None = None, use_ema: bool = True, dtype=None, device="cpu",
-               num_heads: int | None = None):
-    """Load any supported checkpoint into the ditc DiT module (eval mode, float32 by default)."""
-    cfg, state = load_state(str(source), revision=revision, use_ema=use_ema, num_heads=num_heads)
+def load_model(source, *, revision: str | None = None, use_ema: bool = True, dtype=None, device="cpu",
+               num_heads: int | None = None, prediction: str | None = None, numerics: str | None = None):
+    """Load any supported checkpoint into the ditc DiT module (eval mode, float32 by default).
+
+    ``num_heads``, ``prediction`` (eps | velocity) and ``numerics`` (original | diffusers)
+    supply facts a file does not state (``ditc --num-heads`` ...); a ditc checkpoint written
+    once records them."""
+    cfg, state = load_state(str(source), revision=revision, use_ema=use_ema, num_heads=num_heads,
+                            prediction=prediction, numerics=numerics)
     return build_model(cfg, state, parse_dtype(dtype), source=str(source)).to(device)
 
 
@@ -138,6 +185,12 @@ def save_model(model, path, format: str = "ditc", dtype=None, force: bool = Fals
     if format == "original":
         if model.config.is_dynamic:
             raise FormatError("a model with dynamic routers cannot be saved in the original layout; save it as ditc")
+        if model.config.block_embedders:
+            raise FormatError("the original layout holds one timestep/class embedder and this model has per-block "
+                              "embedders (a DiT made in diffusers); save it as ditc or diffusers")
+        if model.config.numerics != "original":
+            raise FormatError("the original layout implies the original DiT numerics and this model runs with "
+                              f"{model.config.numerics}'s; save it as ditc or diffusers")
         with atomic_file(path, force) as tmp:
             save_original(model, tmp, dt)
     elif format == "ditc" and path.suffix == ".safetensors":

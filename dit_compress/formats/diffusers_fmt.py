@@ -67,23 +67,34 @@ def _read_weights(tdir: Path) -> dict:
     raise FormatError(f"{tdir} holds no diffusers weights ({' or '.join(WEIGHT_FILES)})")
 
 
-def _check_embedder_copies(sd: dict, depth: int) -> None:
-    """diffusers keeps a copy of the timestep/class embedders in every block; the original
-    layout has one. Refuse checkpoints whose copies have diverged (fine-tuned in diffusers)."""
-    names = ["norm1.emb.timestep_embedder.linear_1.weight", "norm1.emb.timestep_embedder.linear_2.weight",
-             "norm1.emb.class_embedder.embedding_table.weight"]
+EMB_KEYS = {  # diffusers per-block embedder -> original layout (relative to the embedder owner)
+    "norm1.emb.timestep_embedder.linear_1": "t_embedder.mlp.0",
+    "norm1.emb.timestep_embedder.linear_2": "t_embedder.mlp.2",
+    "norm1.emb.class_embedder.embedding_table": "y_embedder.embedding_table",
+}
+
+
+def _emb_params():
+    for dk, ok in EMB_KEYS.items():
+        for s in (("weight",) if "embedding_table" in dk else ("weight", "bias")):
+            yield f"{dk}.{s}", f"{ok}.{s}"
+
+
+def embedders_identical(sd: dict, depth: int) -> bool:
+    """True when every block's timestep/class embedder equals block 0's (checkpoints converted
+    from the original code); DiTs created or trained in diffusers hold independent ones."""
     for i in range(1, depth):
-        for n in names:
-            a, b = sd.get(f"transformer_blocks.0.{n}"), sd.get(f"transformer_blocks.{i}.{n}")
+        for dk, _ in _emb_params():
+            a, b = sd.get(f"transformer_blocks.0.{dk}"), sd.get(f"transformer_blocks.{i}.{dk}")
             if a is not None and b is not None and not torch.equal(a, b):
-                diff = float((a.float() - b.float()).abs().max())
-                raise FormatError(
-                    f"transformer_blocks.{i}.{n} differs from block 0's copy (max {diff:.3g}); the per-block "
-                    "embedder copies have diverged, so the original single-embedder layout cannot hold this model"
-                )
+                return False
+    return True
 
 
-def diffusers_to_original(sd: dict, depth: int) -> dict:
+def diffusers_to_original(sd: dict, depth: int, block_embedders: bool = False) -> dict:
+    """Original key layout. The final layer is conditioned through block 0's embedders, which
+    become the top-level ``t_embedder``/``y_embedder``; with ``block_embedders`` every block
+    also keeps its own copy (``blocks.i.t_embedder`` ...)."""
     out = {}
 
     def take(key):
@@ -93,11 +104,10 @@ def diffusers_to_original(sd: dict, depth: int) -> dict:
 
     for s in ("weight", "bias"):
         out[f"x_embedder.proj.{s}"] = take(f"pos_embed.proj.{s}")
-        out[f"t_embedder.mlp.0.{s}"] = take(f"transformer_blocks.0.norm1.emb.timestep_embedder.linear_1.{s}")
-        out[f"t_embedder.mlp.2.{s}"] = take(f"transformer_blocks.0.norm1.emb.timestep_embedder.linear_2.{s}")
         out[f"final_layer.adaLN_modulation.1.{s}"] = take(f"proj_out_1.{s}")
         out[f"final_layer.linear.{s}"] = take(f"proj_out_2.{s}")
-    out["y_embedder.embedding_table.weight"] = take("transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight")
+    for dk, ok in _emb_params():
+        out[ok] = take(f"transformer_blocks.0.{dk}")
     for i in range(depth):
         p = f"transformer_blocks.{i}"
         for s in ("weight", "bias"):
@@ -106,32 +116,40 @@ def diffusers_to_original(sd: dict, depth: int) -> dict:
             out[f"blocks.{i}.mlp.fc1.{s}"] = take(f"{p}.ff.net.0.proj.{s}")
             out[f"blocks.{i}.mlp.fc2.{s}"] = take(f"{p}.ff.net.2.{s}")
             out[f"blocks.{i}.adaLN_modulation.1.{s}"] = take(f"{p}.norm1.linear.{s}")
-    _check_embedder_copies(sd, depth)
+        if block_embedders:
+            for dk, ok in _emb_params():
+                out[f"blocks.{i}.{ok}"] = take(f"{p}.{dk}")
     known = {k for k in sd if k.startswith("transformer_blocks.") and int(k.split(".")[1]) >= depth}
     if known:
         raise FormatError(f"diffusers weights hold more blocks than num_layers={depth} (e.g. {sorted(known)[0]})")
     return out
 
 
-def original_to_diffusers(sd: dict, depth: int) -> dict:
+def original_to_diffusers(sd: dict, depth: int, block_embedders: bool = False) -> dict:
     out = {}
     for s in ("weight", "bias"):
         out[f"pos_embed.proj.{s}"] = sd[f"x_embedder.proj.{s}"]
         out[f"proj_out_1.{s}"] = sd[f"final_layer.adaLN_modulation.1.{s}"]
         out[f"proj_out_2.{s}"] = sd[f"final_layer.linear.{s}"]
+    if block_embedders:
+        # diffusers conditions the final layer through block 0's embedders
+        for _, ok in _emb_params():
+            if not torch.equal(sd[ok], sd[f"blocks.0.{ok}"]):
+                raise FormatError(
+                    "the diffusers layout conditions the final layer through block 0's embedders, and this model's "
+                    "final-layer embedders differ from its first block's (the source's block 0 was pruned); save it as ditc")
     for i in range(depth):
         p = f"transformer_blocks.{i}"
         for s in ("weight", "bias"):
-            # the embedders are copied into every block; safetensors needs separate storage
-            out[f"{p}.norm1.emb.timestep_embedder.linear_1.{s}"] = sd[f"t_embedder.mlp.0.{s}"].clone()
-            out[f"{p}.norm1.emb.timestep_embedder.linear_2.{s}"] = sd[f"t_embedder.mlp.2.{s}"].clone()
             q, k, v = sd[f"blocks.{i}.attn.qkv.{s}"].chunk(3, 0)
             out[f"{p}.attn1.to_q.{s}"], out[f"{p}.attn1.to_k.{s}"], out[f"{p}.attn1.to_v.{s}"] = q.clone(), k.clone(), v.clone()
             out[f"{p}.attn1.to_out.0.{s}"] = sd[f"blocks.{i}.attn.proj.{s}"]
             out[f"{p}.ff.net.0.proj.{s}"] = sd[f"blocks.{i}.mlp.fc1.{s}"]
             out[f"{p}.ff.net.2.{s}"] = sd[f"blocks.{i}.mlp.fc2.{s}"]
             out[f"{p}.norm1.linear.{s}"] = sd[f"blocks.{i}.adaLN_modulation.1.{s}"]
-        out[f"{p}.norm1.emb.class_embedder.embedding_table.weight"] = sd["y_embedder.embedding_table.weight"].clone()
+        for dk, ok in _emb_params():
+            # shared embedders are copied into every block; safetensors needs separate storage
+            out[f"{p}.{dk}"] = (sd[f"blocks.{i}.{ok}"] if block_embedders else sd[ok]).clone()
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -145,7 +163,32 @@ def load_diffusers(path: Path) -> tuple[DiTConfig, dict]:
     except json.JSONDecodeError as e:
         raise FormatError(f"{cfile} is not valid JSON: {e}") from None
     cfg = config_from_diffusers(d)
-    sd = diffusers_to_original(_read_weights(tdir), cfg.depth)
+    raw = _read_weights(tdir)
+    identical = embedders_identical(raw, cfg.depth)
+    if "_ditc" in d:  # written by ditc: the config states both facts
+        if not cfg.block_embedders and not identical:
+            raise FormatError(f"{tdir}: its ditc config says the embedders are shared but the blocks' copies differ")
+    else:
+        cfg.block_embedders = not identical
+        if identical:
+            cfg.numerics = "original"
+            cfg.provenance["numerics"] = ("inferred: per-block embedders identical, i.e. converted from the original "
+                                          "DiT code, trained with its numerics; --numerics diffusers overrides")
+        else:
+            cfg.numerics = "diffusers"
+            cfg.provenance["numerics"] = ("inferred: per-block embedders differ, i.e. created or trained in diffusers, "
+                                          "with its numerics; --numerics original overrides")
+        cfg.provenance["embedders"] = ("one shared (identical copies in every block)" if identical
+                                       else "per block (each block owns its own; the final layer uses block 0's)")
+        cfg.provenance["num_heads"] = "config.json (num_attention_heads)"
+        cfg.provenance["prediction"] = "diffusers DiT: eps (DiTPipeline)"
+    sd = diffusers_to_original(raw, cfg.depth, cfg.block_embedders)
+    vae_dir = Path(path) / "vae"
+    if "_ditc" not in d and cfg.in_channels == 4:
+        if (Path(path) / "model_index.json").exists() and (vae_dir / "config.json").exists():
+            cfg.vae, cfg.provenance["vae"] = str(vae_dir.resolve()), "the pipeline's vae/ folder"
+        else:
+            cfg.provenance["vae"] = "assumed: 4-channel latents of sd-vae-ft-ema (DiT's); eval --vae overrides"
     if cfg.name is None:
         cfg.name = Path(path).name
     return cfg, sd
@@ -183,7 +226,7 @@ def save_diffusers(model, out_dir: Path, dtype: torch.dtype | None = None) -> No
     if cfg.mlp_ratio != 4.0:
         raise FormatError("the diffusers DiT fixes the MLP ratio at 4; this model's is " + str(cfg.mlp_ratio))
     sd = {k: v.detach() for k, v in model.state_dict().items() if k != "pos_embed"}
-    sd = original_to_diffusers(sd, cfg.depth)
+    sd = original_to_diffusers(sd, cfg.depth, cfg.block_embedders)
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
     tdir = Path(out_dir) / "transformer"

@@ -6,14 +6,15 @@ from __future__ import annotations
 import argparse
 import math
 import pickle
+import re
 from pathlib import Path
 
 import torch
 
 from ..config import ARCHS, DiTConfig
-from ..errors import FormatError
+from ..errors import FormatError, MissingFactError, UsageError
 
-DEFAULT_HEADS = {a["hidden_size"]: a["num_heads"] for a in ARCHS.values()}
+TRAINING_ONLY = ("projectors",)  # REPA: projector heads used only by its alignment loss
 
 
 def safe_torch_load(file: Path):
@@ -49,39 +50,106 @@ def extract_state(obj, use_ema: bool = True) -> tuple[dict, object]:
     return {k: v for k, v in state.items() if torch.is_tensor(v)}, args
 
 
-def infer_config(state: dict, args=None, num_heads: int | None = None) -> DiTConfig:
+PRESET_RE = re.compile(r"^(DiT|SiT)-(S|B|L|XL)/(2|4|8)$")
+HEADS_BY_HIDDEN = {a["hidden_size"]: (name, a["num_heads"]) for name, a in ARCHS.items()}
+
+
+def _heads(hidden: int, args, num_heads: int | None, where: str) -> tuple[int, str]:
+    """Heads from the user, the checkpoint's ``args.model`` preset, or the published size
+    whose hidden width this is; otherwise a one-line error naming ``--num-heads``."""
+    if num_heads is not None:
+        if num_heads < 1 or hidden % num_heads:
+            raise UsageError(f"--num-heads {num_heads} does not divide the hidden size {hidden}")
+        return num_heads, "given (--num-heads)"
+    model_name = str(getattr(args, "model", "") or "") if args is not None else ""
+    m = PRESET_RE.match(model_name)
+    if m:
+        arch = ARCHS[m.group(2)]
+        if arch["hidden_size"] != hidden:
+            raise FormatError(f"{where}: args.model says {model_name} (hidden {arch['hidden_size']}) but the weights "
+                              f"have hidden {hidden}; give --num-heads")
+        return arch["num_heads"], f"preset {model_name} (args.model)"
+    if hidden in HEADS_BY_HIDDEN:
+        name, heads = HEADS_BY_HIDDEN[hidden]
+        return heads, f"inferred: published DiT-{name} width (hidden {hidden}); --num-heads overrides"
+    said = f" (args.model {model_name!r} is no published preset)" if model_name else ""
+    raise MissingFactError(f"{where}: cannot tell the number of attention heads (hidden {hidden} is no published DiT "
+                      f"size){said}; give --num-heads")
+
+
+def _prediction(args, prediction: str | None, where: str) -> tuple[str, str]:
+    """SiT/REPA training args state the objective; a plain state dict does not."""
+    path = getattr(args, "path_type", None) if args is not None else None
+    if path is not None:
+        if str(path).lower() != "linear":
+            raise FormatError(f"{where}: SiT path type {path!r} is not supported (only the linear interpolant)")
+        pred = str(getattr(args, "prediction", "velocity")).lower()
+        if pred not in ("velocity", "v"):
+            raise FormatError(f"{where}: SiT prediction {pred!r} is not supported (only velocity)")
+        if prediction not in (None, "velocity"):
+            raise UsageError(f"{where}: the checkpoint's args state a velocity (SiT) model; --prediction {prediction} contradicts it")
+        return "velocity", "args (path_type linear, velocity)"
+    if args is not None:
+        if prediction not in (None, "eps"):
+            raise UsageError(f"{where}: the checkpoint's args are a DiT's (no path_type); --prediction {prediction} contradicts it")
+        return "eps", "args (DiT training args, no path_type)"
+    if prediction is not None:
+        return prediction, "given (--prediction)"
+    return "eps", "assumed: a plain original-layout state dict is an eps DiT; --prediction velocity for SiT"
+
+
+def infer_config(state: dict, args=None, num_heads: int | None = None, prediction: str | None = None,
+                 where: str = "checkpoint") -> DiTConfig:
     w = state["x_embedder.proj.weight"]
     hidden, in_ch, patch = w.shape[0], w.shape[1], w.shape[2]
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
     out = state["final_layer.linear.weight"].shape[0] // (patch * patch)
+    prov = {}
+    image_size = getattr(args, "image_size", None) or getattr(args, "resolution", None) if args is not None else None
     if "pos_embed" in state:
         n = state["pos_embed"].shape[1]
-    elif args is not None and getattr(args, "image_size", None):
-        n = (args.image_size // 8 // patch) ** 2
+        prov["input_size"] = "pos_embed (tokens)"
+    elif image_size and in_ch == 4:
+        n = (int(image_size) // 8 // patch) ** 2
+        prov["input_size"] = f"args image size {image_size} / 8 (VAE)"
     else:
-        raise FormatError("cannot tell the input size: no pos_embed in the state dict")
+        raise MissingFactError(f"{where}: cannot tell the input size (no pos_embed in the state dict and no image size in its args)")
     grid = int(round(math.sqrt(n)))
-    if num_heads is None:
-        model_name = getattr(args, "model", "") if args is not None else ""
-        for name, arch in ARCHS.items():
-            if str(model_name).startswith(f"DiT-{name}/") or str(model_name).startswith(f"SiT-{name}/"):
-                num_heads = arch["num_heads"]
-        num_heads = num_heads or DEFAULT_HEADS.get(hidden, max(1, hidden // 64))
+    if grid * grid != n:
+        raise FormatError(f"{where}: pos_embed holds {n} tokens, not a square grid")
+    heads, prov["num_heads"] = _heads(hidden, args, num_heads, where)
+    pred, prov["prediction"] = _prediction(args, prediction, where)
     rows = state["y_embedder.embedding_table.weight"].shape[0]
-    prediction = "velocity" if args is not None and hasattr(args, "path_type") else "eps"
+    n_cls = getattr(args, "num_classes", None) if args is not None else None
+    if n_cls is not None and int(n_cls) + 1 != rows:
+        raise FormatError(f"{where}: args.num_classes is {n_cls} but the class table has {rows} rows "
+                          "(expected num_classes + 1 with the null class)")
+    prov["num_classes"] = "class table rows - 1 (last row: null class)"
     mlp_hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
     latent = in_ch == 4
+    vae = None
+    if latent:
+        kind = getattr(args, "vae", None) if args is not None else None
+        if kind in ("ema", "mse"):
+            vae, prov["vae"] = f"stabilityai/sd-vae-ft-{kind}", "args.vae"
+        else:
+            vae, prov["vae"] = "stabilityai/sd-vae-ft-ema", "assumed: 4-channel latents of sd-vae-ft-ema (DiT's); eval --vae overrides"
+    prov["numerics"] = "original layout: the DiT reference numerics"
     return DiTConfig(
         input_size=grid * patch, patch_size=patch, in_channels=in_ch, hidden_size=hidden, depth=depth,
-        num_heads=num_heads, mlp_ratio=mlp_hidden / hidden, num_classes=rows - 1, learn_sigma=out == 2 * in_ch,
-        prediction=prediction, latent_scale=0.18215 if latent else None,
-        vae="stabilityai/sd-vae-ft-ema" if latent else None,
+        num_heads=heads, mlp_ratio=mlp_hidden / hidden, num_classes=rows - 1, learn_sigma=out == 2 * in_ch,
+        prediction=pred, latent_scale=0.18215 if latent else None, vae=vae, provenance=prov,
     )
 
 
-def load_original(file: Path, use_ema: bool = True, num_heads: int | None = None) -> tuple[DiTConfig, dict]:
+def load_original(file: Path, use_ema: bool = True, num_heads: int | None = None,
+                  prediction: str | None = None) -> tuple[DiTConfig, dict]:
     state, args = extract_state(safe_torch_load(file), use_ema)
-    cfg = infer_config(state, args, num_heads)
+    skipped = sorted({k.split(".")[0] for k in state if k.split(".")[0] in TRAINING_ONLY})
+    state = {k: v for k, v in state.items() if k.split(".")[0] not in TRAINING_ONLY}
+    cfg = infer_config(state, args, num_heads, prediction, where=str(file))
+    if skipped:
+        cfg.provenance["skipped"] = f"{', '.join(skipped)} (REPA projector heads: training loss only)"
     cfg.name = Path(file).stem
     return cfg, state
 

@@ -72,8 +72,10 @@ class TimestepEmbedder(nn.Module):
         self.freq_shift = 0.0
 
     def forward(self, t):
-        emb = timestep_sinusoid(t, freq_shift=self.freq_shift)
-        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+        return self.embed_freq(timestep_sinusoid(t, freq_shift=self.freq_shift))
+
+    def embed_freq(self, freq: torch.Tensor) -> torch.Tensor:
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):
@@ -155,8 +157,13 @@ class BlockStats:
 
 
 class DiTBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, num_classes: int | None = None):
+        """``num_classes`` given: the block owns timestep/class embedders (``t_embedder``,
+        ``y_embedder``), as every block of a DiT created or trained in diffusers does."""
         super().__init__()
+        if num_classes is not None:
+            self.t_embedder = TimestepEmbedder(dim)
+            self.y_embedder = LabelEmbedder(num_classes, dim)
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -280,7 +287,8 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(config.num_classes, D)
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches, D), requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(D, config.num_heads, config.mlp_ratio) for _ in range(config.depth)])
+        own = config.num_classes if config.block_embedders else None
+        self.blocks = nn.ModuleList([DiTBlock(D, config.num_heads, config.mlp_ratio, own) for _ in range(config.depth)])
         self.final_layer = FinalLayer(D, config.patch_size, config.out_channels)
         self.routing = "fast"
         if config.width is not None:
@@ -288,6 +296,7 @@ class DiT(nn.Module):
         if config.tokens is not None:
             self._add_token_routers()
         self.initialize_weights()
+        self._apply_numerics(config.numerics)
 
     # ------------------------------------------------------------------ construction
     def _add_width_routers(self):
@@ -321,6 +330,10 @@ class DiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for b in self.blocks:
+            if self.config.block_embedders:
+                nn.init.normal_(b.y_embedder.embedding_table.weight, std=0.02)
+                nn.init.normal_(b.t_embedder.mlp[0].weight, std=0.02)
+                nn.init.normal_(b.t_embedder.mlp[2].weight, std=0.02)
             nn.init.zeros_(b.adaLN_modulation[-1].weight)
             nn.init.zeros_(b.adaLN_modulation[-1].bias)
             for r in (b.head_router, b.channel_router, b.token_router):
@@ -346,18 +359,31 @@ class DiT(nn.Module):
         c = t_emb + self.y_embedder(y)
         return x, t_emb, c
 
+    def block_conditions(self, t, y, t_emb, c) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(t_emb, c) for each block: the shared embedding, or each block's own embedders.
+        The top-level embedders always condition the final layer (diffusers: block 0's)."""
+        if not self.config.block_embedders:
+            return [(t_emb, c)] * len(self.blocks)
+        freq = timestep_sinusoid(t, freq_shift=self.t_embedder.freq_shift)
+        out = []
+        for b in self.blocks:
+            te = b.t_embedder.embed_freq(freq)
+            out.append((te, te + b.y_embedder(y)))
+        return out
+
     def forward(self, x, t, y, gates=None, return_aux: bool = False):
         """``gates`` [B, depth] blends each block with the identity (depth search only)."""
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         h, t_emb, c = self.embed(x, t, y)
+        conds = self.block_conditions(t, y, t_emb, c)
         mode = "train" if (self.training and self.config.is_dynamic) else self.routing
         tau = self._tau()
         aux = ForwardAux() if return_aux else None
         want_stats = return_aux and self.config.is_dynamic
         for i, block in enumerate(self.blocks):
             st = BlockStats() if want_stats else None
-            out = block(h, c, t_emb, mode, tau, st)
+            out = block(h, conds[i][1], conds[i][0], mode, tau, st)
             if gates is not None:
                 g = gates[:, i].to(out.dtype).view(-1, 1, 1)
                 out = g * out + (1 - g) * h
@@ -414,13 +440,19 @@ class DiT(nn.Module):
     # ------------------------------------------------------------------ helpers
     def set_numerics(self, kind: str = "original") -> "DiT":
         """``"original"`` (DiT reference: sinusoid /128, every LayerNorm eps 1e-6) or
-        ``"diffusers"`` (sinusoid /127, pre-MLP LayerNorm eps 1e-5), for bit-level parity."""
-        if kind not in ("original", "diffusers"):
-            raise ValueError(f"unknown numerics {kind!r}")
-        self.t_embedder.freq_shift = 1.0 if kind == "diffusers" else 0.0
+        ``"diffusers"`` (sinusoid /127, pre-MLP LayerNorm eps 1e-5): the numerics the
+        weights were trained with. Recorded in the config (and so in saved checkpoints)."""
+        self.config = self.config.copy(numerics=kind)
+        self._apply_numerics(kind)
+        return self
+
+    def _apply_numerics(self, kind: str) -> None:
+        shift = 1.0 if kind == "diffusers" else 0.0
+        self.t_embedder.freq_shift = shift
         for b in self.blocks:
             b.norm2.eps = 1e-5 if kind == "diffusers" else 1e-6
-        return self
+            if hasattr(b, "t_embedder"):
+                b.t_embedder.freq_shift = shift
 
     def num_params(self, include_routers: bool = True) -> int:
         n = 0
