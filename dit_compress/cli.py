@@ -136,9 +136,10 @@ Spacing = typer.Option(None, "--timestep-spacing", help="linspace | leading | tr
 @handle_errors
 def info(source: str = Src, revision: Optional[str] = Revision, no_ema: bool = NoEma,
          num_heads: Optional[int] = NumHeads, prediction: Optional[str] = Prediction, numerics: Optional[str] = Numerics,
-         sampler: str = typer.Option("ddim", help="Sampler whose timesteps average the FLOPs of dynamic models."),
-         steps: int = typer.Option(50, help="Sampler steps for the FLOPs average."),
+         sampler: Optional[str] = typer.Option(None, help="Sampler whose timesteps average the FLOPs of dynamic models (default: ddim for eps models, euler for velocity models)."),
+         steps: Optional[int] = typer.Option(None, help="Sampler steps for the FLOPs average (default 50)."),
          timestep_spacing: Optional[str] = Spacing,
+         cfg_scale: float = typer.Option(1.0, "--cfg-scale", help="Guidance of the sampling run that measures token-routed FLOPs."),
          arch: bool = typer.Option(False, "--arch", help="Treat SOURCE as an architecture name (DiT-XL/2 ...): FLOPs without weights."),
          json_out: bool = JsonOut):
     """Describe a model: architecture, parameters, FLOPs, compression spec and lineage.
@@ -163,7 +164,7 @@ def info(source: str = Src, revision: Optional[str] = Revision, no_ema: bool = N
             model = DiT(DiTConfig.preset(source))
     else:
         model = _load(source, _facts(num_heads, prediction, numerics), revision, no_ema)
-    d = describe(model, sampler, steps, timestep_spacing)
+    d = describe(model, sampler, steps, timestep_spacing, cfg_scale)
     if json_out:
         emit_json(d)
         return
@@ -217,6 +218,7 @@ def create(arch: str = typer.Argument(..., help="DiT-S/2, DiT-B/4, DiT-XL/2 ... 
            num_classes: Optional[int] = typer.Option(None),
            learn_sigma: bool = typer.Option(True, "--learn-sigma/--no-learn-sigma"),
            pixel: bool = typer.Option(False, "--pixel", help="Pixel-space model (no VAE)."),
+           prediction: str = typer.Option("eps", "--prediction", help="eps (DiT, Gaussian diffusion) | velocity (SiT, flow matching on the linear path)."),
            name: Optional[str] = typer.Option(None),
            label_init_std: float = typer.Option(0.02, "--label-init-std", help="Std of the class-embedding init (reference 0.02; larger learns class conditioning faster on small budgets)."),
            seed: int = typer.Option(0),
@@ -237,6 +239,7 @@ def create(arch: str = typer.Argument(..., help="DiT-S/2, DiT-B/4, DiT-XL/2 ... 
     over = {k: v for k, v in dict(input_size=input_size, in_channels=in_channels, hidden_size=hidden_size, depth=depth,
                                    num_heads=num_heads, patch_size=patch_size, num_classes=num_classes).items() if v is not None}
     over["learn_sigma"] = learn_sigma
+    over["prediction"] = prediction
     if pixel:
         over.update(latent_scale=None, vae=None)
     if name:
@@ -274,6 +277,24 @@ def _train_options(steps, batch_size, lr, ema, seed, grad_clip, grad_accum, warm
                        mixed_precision=mixed_precision, weight_decay=weight_decay)
 
 
+def _dynamic_options(hold, decay, full_loss, full_steps, strata) -> dict:
+    if hold < 0 or (decay is not None and decay < 1) or full_loss < 0 or strata < 0:
+        raise UsageError("--flops-hold, --full-model-loss and --t-strata must be >= 0, --flops-decay >= 1")
+    return {"flops_hold": hold, "flops_decay": decay, "full_loss": full_loss, "full_steps": full_steps, "t_strata": strata}
+
+
+def _parse_interval(text: Optional[str]):
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"--guidance-interval takes LOW,HIGH (e.g. 0,0.7), got {text!r}") from None
+    if not (0.0 <= lo <= hi <= 1.0):
+        raise UsageError(f"--guidance-interval needs 0 <= LOW <= HIGH <= 1, got {text!r}")
+    return lo, hi
+
+
 def work_dir_for(output: Path) -> Path:
     """Where resumable training state lives while a command runs (removed on success)."""
     return output.parent / f".{output.name}.ditc-work"
@@ -309,6 +330,14 @@ def _run_training(model, data_spec, output, force, resume, tcfg, teacher=None, k
             plot_lines(d / "loss.png", [h["step"] for h in res.history], {"loss": [h["loss"] for h in res.history]},
                        f"{op} loss", "step", "loss")
 
+    if final.config.is_dynamic:  # what the written (EMA) model runs at inference, next to its target
+        from .describe import inference_flops
+
+        e = inference_flops(final)  # its eval sampler: DDIM-50 (eps) or Euler-50 (velocity)
+        report["inference_block_flops_ratio"] = e["block_flops_ratio"]
+        report["inference_flops_ratio"] = e["flops_ratio"]
+        report["inference_measured_on"] = e["measured_on"]
+        report["target_block_flops"] = final.config.width.target_flops if final.config.width else None
     _write_checkpoint(final, output, force, report, f"ditc {op}", plots)
     import shutil
 
@@ -329,6 +358,11 @@ Ckpt = typer.Option(0, "--ckpt-every", help="Save resumable state every N steps 
 MP = typer.Option("no", "--mixed-precision", help="no | bf16 | fp16 (GPU only)")
 WD = typer.Option(0.0, "--weight-decay")
 Resume = typer.Option(False, "--resume", help="Continue an interrupted run of the same command and output.")
+FlopsHold = typer.Option(100, "--flops-hold", help="Dynamic models: steps the FLOPs target stays at 1.0 (DyDiT: 100).")
+FlopsDecay = typer.Option(None, "--flops-decay", help="Dynamic models: steps from 1.0 down to the target (DyDiT: about 3% of training; default 3% of --steps).")
+FullLoss = typer.Option(1.0, "--full-model-loss", help="Dynamic models: weight of the full-width model's diffusion loss added each step (DyDiT stage 1: 1.0; 0 turns it off).")
+FullSteps = typer.Option(None, "--full-model-steps", help="Dynamic models: steps that add the full-model loss (default all, as DyDiT's lambda 0.7 run).")
+TStrata = typer.Option(4, "--t-strata", help="Dynamic models: timestep ranges the batch is stratified over (DyDiT: 4; 0 = uniform).")
 Data = typer.Option(..., "--data", help="digits | a latents dir (*_features/*.npy or shard-*.safetensors) | an image folder", show_default=False)
 
 
@@ -338,6 +372,8 @@ def finetune(source: str = Src, output: Path = Out, data: str = Data, steps: int
              lr: float = Lr, ema: float = Ema, seed: int = Seed, grad_clip: float = Clip, grad_accum: int = Accum,
              warmup: int = Warm, schedule: str = Sched, ckpt_every: int = Ckpt, mixed_precision: str = MP,
              weight_decay: float = WD, resume: bool = Resume, force: bool = Force, json_out: bool = JsonOut,
+             flops_hold: int = FlopsHold, flops_decay: Optional[int] = FlopsDecay, full_model_loss: float = FullLoss,
+             full_model_steps: Optional[int] = FullSteps, t_strata: int = TStrata,
              num_heads: Optional[int] = NumHeads, prediction: Optional[str] = Prediction, numerics: Optional[str] = Numerics):
     """Fine-tune with the DiT hybrid loss (eps MSE + VLB). Dynamic models also train their
     routers toward the FLOPs target in their config. Runs under `accelerate launch` unchanged.
@@ -351,7 +387,9 @@ def finetune(source: str = Src, output: Path = Out, data: str = Data, steps: int
     tcfg = _train_options(steps, batch_size, lr, ema, seed, grad_clip, grad_accum, warmup, schedule, ckpt_every,
                           mixed_precision, weight_decay)
     model = _load(source, _facts(num_heads, prediction, numerics))
-    _, report = _run_training(model, data, output, force, resume, tcfg, op="finetune")
+    kd = _dynamic_options(flops_hold, flops_decay, full_model_loss, full_model_steps, t_strata)
+    _, report = _run_training(model, data, output, force, resume, tcfg, kd=kd, op="finetune",
+                              extra={"dynamic": kd} if model.config.is_dynamic else None)
     _summary(report, json_out)
 
 
@@ -363,10 +401,14 @@ def distill(source: str = Src, output: Path = Out, teacher: str = typer.Option(.
             kd_rep: float = typer.Option(0.0, "--kd-rep", help="Weight beta of masked representation KD (TinyFusion: 1e-2), decays to 0."),
             k_sigma: float = typer.Option(2.0, "--k-sigma", help="Mask out block activations with |h - mu| >= k sigma."),
             no_rep_mask: bool = typer.Option(False, "--no-rep-mask", help="Plain RepKD without the massive-activation mask."),
+            rep_pairs: str = typer.Option("paper", "--rep-pairs", help="paper: student i <-> teacher (i+1)*T//S-1 (TinyFusion; 2i+1 for 28->14) | kept: from the kept-layer indices."),
+            rep_mask_form: str = typer.Option("paper", "--rep-mask-form", help="paper: mean((m_s*h_s - m_t*h_t)^2) over all elements (TinyFusion) | joint: both masks, renormalised."),
             steps: int = Steps, batch_size: int = Batch, lr: float = Lr, ema: float = Ema, seed: int = Seed,
             grad_clip: float = Clip, grad_accum: int = Accum, warmup: int = Warm, schedule: str = Sched,
             ckpt_every: int = Ckpt, mixed_precision: str = MP, weight_decay: float = WD, resume: bool = Resume,
             force: bool = Force, json_out: bool = JsonOut,
+            flops_hold: int = FlopsHold, flops_decay: Optional[int] = FlopsDecay, full_model_loss: float = FullLoss,
+            full_model_steps: Optional[int] = FullSteps, t_strata: int = TStrata,
             num_heads: Optional[int] = NumHeads, prediction: Optional[str] = Prediction, numerics: Optional[str] = Numerics):
     """Distill a (compressed) student from a teacher: output KD, TinyFusion's masked
     representation KD (layer map from the kept-layer indices), mixed with the plain loss.
@@ -382,7 +424,13 @@ def distill(source: str = Src, output: Path = Out, teacher: str = typer.Option(.
     facts = _facts(num_heads, prediction, numerics)
     student = _load(source, facts)
     t_model = _load(teacher, facts)
-    kd = {"out": kd_out, "plain": kd_plain, "rep": kd_rep, "k_sigma": None if no_rep_mask else k_sigma}
+    from .train.losses import REP_MASK_FORMS, REP_PAIRS
+
+    if rep_pairs not in REP_PAIRS or rep_mask_form not in REP_MASK_FORMS:
+        raise UsageError(f"--rep-pairs takes {' or '.join(REP_PAIRS)}, --rep-mask-form {' or '.join(REP_MASK_FORMS)}")
+    kd = {"out": kd_out, "plain": kd_plain, "rep": kd_rep, "k_sigma": None if no_rep_mask else k_sigma,
+          "rep_pairs": rep_pairs, "rep_mask_form": rep_mask_form,
+          **_dynamic_options(flops_hold, flops_decay, full_model_loss, full_model_steps, t_strata)}
     _, report = _run_training(student, data, output, force, resume, tcfg, teacher=t_model, kd=kd, op="distill",
                               extra={"teacher": teacher, "kd": kd})
     _summary(report, json_out)
@@ -409,6 +457,7 @@ def prune_depth_cmd(
     keep_recovery_weights: bool = typer.Option(False, "--keep-recovery-weights", help="Merge the recovery weights instead of reloading the originals."),
     calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration samples (block-influence, min-loss, reported loss)."),
     num_candidates: int = typer.Option(16, "--candidates", help="min-loss: random masks to try."),
+    influence_input: str = typer.Option("clean", "--influence-input", help="block-influence: clean latents with random t (TinyFusion's scorer) | noisy x_t."),
     measure_cost: bool = typer.Option(True, "--measure-cost/--no-measure-cost", help="learned: time a search step vs a plain training step."),
     seed: int = Seed, ckpt_every: int = Ckpt, resume: bool = Resume, force: bool = Force, json_out: bool = JsonOut,
     num_heads: Optional[int] = NumHeads, prediction: Optional[str] = Prediction, numerics: Optional[str] = Numerics,
@@ -444,8 +493,10 @@ def prune_depth_cmd(
     work = work_dir_for(output)
     if method == "learned" and not resume and (work / "train_state").exists():
         raise UsageError(f"{work} holds an interrupted search: pass --resume to continue it, or delete it")
+    if influence_input not in ("clean", "noisy"):
+        raise UsageError(f"--influence-input takes clean or noisy, got {influence_input!r}")
     pruned, report = prune_depth(model, method, grp, keep_list, ds, lc, work, resume, calib_samples, num_candidates,
-                                 keep_recovery_weights, measure_cost)
+                                 keep_recovery_weights, measure_cost, influence_input == "noisy")
     report["source"] = source
     _write_checkpoint(pruned, output, force, report, "ditc prune-depth", lambda d: plot_decisions(report, d / "decisions.png"))
     import shutil
@@ -483,9 +534,9 @@ def add_dynamic_width_cmd(
     sort_by: str = typer.Option("magnitude", "--sort-by", help="Head/channel importance: magnitude | taylor (needs --data) | none."),
     data: Optional[str] = typer.Option(None, "--data", help="Data for --sort-by taylor."),
     tau: float = typer.Option(5.0, "--tau", help="Gumbel-sigmoid temperature during training."),
-    init_bias: float = typer.Option(5.0, "--init-bias", help="Router bias at start (high: everything on)."),
-    static: bool = typer.Option(False, "--static", help="Static width pruning instead (same heads/channels dropped at every t, routers frozen): the baseline DyDiT is compared with."),
-    force: bool = Force, json_out: bool = JsonOut,
+    init_bias: float = typer.Option(15.0, "--init-bias", help="Router bias at start, with xavier weights (DyDiT: 15; high: everything on)."),
+    static: bool = typer.Option(False, "--static", help="Static width pruning instead (same heads/channels dropped at every t, routers frozen; the share spread over layers to meet --target-flops): the baseline DyDiT is compared with."),
+    seed: int = Seed, force: bool = Force, json_out: bool = JsonOut,
     num_heads: Optional[int] = NumHeads, prediction: Optional[str] = Prediction, numerics: Optional[str] = Numerics,
 ):
     """Add DyDiT timestep-wise width routers (heads and MLP channel groups). Heads/channels
@@ -509,7 +560,7 @@ def add_dynamic_width_cmd(
         from .train.data import load_data
 
         ds = load_data(data, model.config.num_classes)
-    _finish_dynamic(add_dynamic_width(model, target_flops, sort_by, ds, tau, init_bias, static), source,
+    _finish_dynamic(add_dynamic_width(model, target_flops, sort_by, ds, tau, init_bias, static, seed), source,
                     "add-dynamic-width", output, force, json_out)
 
 
@@ -518,7 +569,8 @@ def add_dynamic_width_cmd(
 def add_token_router_cmd(
     source: str = Src, output: Path = Out,
     reduction: int = typer.Option(16, "--reduction", help="Router MLP D -> D/reduction -> 1."),
-    tau: float = typer.Option(5.0, "--tau"), init_bias: float = typer.Option(5.0, "--init-bias"),
+    tau: float = typer.Option(5.0, "--tau", help="Gumbel-sigmoid temperature during training (DyDiT: 5)."),
+    init_bias: float = typer.Option(35.0, "--init-bias", help="Bias of the router's last layer at start (DyDiT: 35; everything on)."),
     seed: int = Seed, force: bool = Force, json_out: bool = JsonOut,
     num_heads: Optional[int] = NumHeads, prediction: Optional[str] = Prediction, numerics: Optional[str] = Numerics,
 ):
@@ -547,8 +599,9 @@ def eval_cmd(
     source: str = Src,
     output: Path = typer.Option(..., "-o", "--output", help="Report dir; holds samples/ shards, samples.npz, report.json/.md. Rerun to resume.", show_default=False),
     num_samples: int = typer.Option(1000, "--num-samples", "-n"),
-    sampler: str = typer.Option("ddim", "--sampler", help="ddpm | ddim | dpm-solver"),
-    steps: int = typer.Option(50, "--steps"),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="eps models: ddpm | ddim | dpm-solver (default ddim); velocity models: euler | heun | sde | dopri5 (default euler)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default 50; for SiT samplers as SiT's --num-sampling-steps)."),
+    guidance_interval: Optional[str] = typer.Option(None, "--guidance-interval", help="LOW,HIGH: guide only while the noise level (1 = noise) is in [LOW, HIGH] (REPA: 0,0.7)."),
     cfg_scale: float = typer.Option(1.0, "--cfg-scale", help="Classifier-free guidance scale (1: off; DiT uses 1.5 for FID)."),
     cfg_channels: Optional[int] = typer.Option(None, "--cfg-channels", help="Guide only the first N channels (3 = reference DiT code); default all latent channels (diffusers)."),
     ref: Optional[str] = typer.Option(None, "--ref", help="digits | an image folder | an ADM .npz with mu/sigma (VIRTUAL_imagenet256_labeled.npz)."),
@@ -581,11 +634,15 @@ def eval_cmd(
     from .evaluate.fidelity import evaluate
     from .report import write_report
 
-    from .diffusion.sampling import resolve_spacing
+    from .diffusion.sampling import eval_sampler, resolve_spacing
 
-    resolve_spacing(sampler, timestep_spacing)  # checked before anything is written
+    interval = _parse_interval(guidance_interval)
     model = _load(source, _facts(num_heads, prediction, numerics))
-    model.routing = "dense" if dense_masks else "fast"
+    sampler, steps = eval_sampler(model.config, sampler, steps)
+    resolve_spacing(sampler, timestep_spacing)  # checked before anything is written
+    from .model import Routing
+
+    model.routing = Routing.DENSE if dense_masks else Routing.FAST
     state = PartialState(cpu=not __import__("torch").cuda.is_available())
     output.mkdir(parents=True, exist_ok=True)
     if loss_data is None and model.config.latent_scale is None and model.config.input_size == 8:
@@ -594,7 +651,7 @@ def eval_cmd(
                       [m.strip() for m in metrics.split(",") if m.strip()], inception_weights, extractor, vae,
                       shard_size, batch_size, kid_subset_size, state.process_index, state.num_processes,
                       barrier=state.wait_for_everyone, loss_data=None if loss_data == "none" else loss_data,
-                      timestep_spacing=timestep_spacing)
+                      timestep_spacing=timestep_spacing, guidance_interval=interval)
     if report is None:
         return
     if grid:
@@ -635,7 +692,8 @@ def bench(
     baseline: Optional[str] = typer.Option(None, "--baseline", help="Baseline source (default: the first)."),
     batch_sizes: str = typer.Option("1,8", "--batch-sizes"),
     repeats: int = typer.Option(5, "--repeats"), warmup: int = typer.Option(2, "--warmup"),
-    sampler: str = typer.Option("ddim", "--sampler"), steps: int = typer.Option(50, "--steps", help="Sampler steps: dynamic models are timed and counted over these timesteps."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="Whose timesteps the forwards use (default: ddim for eps models, euler for velocity models)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default 50): dynamic models are timed and counted over these timesteps."),
     device: str = typer.Option("cpu", "--device", help="cpu (cuda: not measured on this build)."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | fp16"),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile each model."),
@@ -657,7 +715,7 @@ def bench(
 
         ditc bench digits-dit tiny/ tiny-kd/ --batch-sizes 1,64 --json
     """
-    from .diffusion.sampling import sampler_timesteps
+    from .diffusion.sampling import resolve_spacing
     from .evaluate.bench import compare, measure, parse_spec, plot_speed_vs_flops
     from .report import write_report
 
@@ -679,16 +737,17 @@ def bench(
         from .formats.atomic import check_output
 
         check_output(output, force)
-    ts = sampler_timesteps(sampler, steps, timestep_spacing)
-    ts = ts[:: max(1, len(ts) // 5)]
+    if sampler is not None:
+        resolve_spacing(sampler, timestep_spacing)  # checked before anything runs
     results = []
     for s in specs:
         err_console.print(f"measuring {s} ...")
-        results.append(measure(s, bs, repeats, warmup, ts, threads, dtype, compile_, dense_masks,
+        results.append(measure(s, bs, repeats, warmup, (sampler, steps, timestep_spacing), threads, dtype, compile_, dense_masks,
                                load=_facts(num_heads, prediction, numerics)))
     rows = compare(results)
     report = {"device": device, "dtype": dtype, "threads": threads or __import__("torch").get_num_threads(),
-              "repeats": repeats, "warmup": warmup, "timesteps": ts, "baseline": specs[0], "rows": rows}
+              "repeats": repeats, "warmup": warmup, "timesteps": {r["spec"]: r.get("timesteps") for r in results},
+              "baseline": specs[0], "rows": rows}
     if output is not None:
         from .formats.atomic import atomic_dir
 

@@ -30,7 +30,7 @@ class WidthSpec:
     target_flops: float = 0.5
     sort_by: str = "magnitude"
     tau: float = 5.0
-    init_bias: float = 5.0
+    init_bias: float = 15.0  # DyDiT: bias 15, xavier weights
     static: bool = False  # constant masks for every t (static width pruning); routers are not trained
 
     def to_dict(self) -> dict:
@@ -42,7 +42,7 @@ class TokenSpec:
     """Spatial dynamic tokens (DyDiT SDT): a router per block before the MLP."""
 
     tau: float = 5.0
-    init_bias: float = 5.0
+    init_bias: float = 35.0  # DyDiT: bias 35 on the router's last layer
     reduction: int = 16
 
     def to_dict(self) -> dict:
@@ -68,6 +68,8 @@ class DiTConfig:
     learn_sigma: bool = True
     class_dropout_prob: float = 0.1
     prediction: str = "eps"  # "eps" (DiT) or "velocity" (SiT flow matching)
+    path_type: str = "linear"  # velocity models: SiT's linear interpolant (the only one supported)
+    time_input: str = "sit"  # velocity models: network fed t (SiT: t=1 data) or 1 - t (REPA: t=1 noise)
     numerics: str = "original"  # "original" (DiT code: sinusoid /128, LN eps 1e-6) or "diffusers" (/127, pre-MLP eps 1e-5)
     block_embedders: bool = False  # each block owns its timestep/class embedders (DiTs made in diffusers)
     latent_scale: float | None = 0.18215  # None for pixel-space models
@@ -127,6 +129,10 @@ class DiTConfig:
             )
         if self.numerics not in NUMERICS:
             raise UsageError(f"unknown numerics {self.numerics!r}; choose {' or '.join(NUMERICS)}")
+        if self.time_input not in ("sit", "repa"):
+            raise UsageError(f"unknown time input {self.time_input!r}; choose sit or repa")
+        if self.path_type != "linear":
+            raise UsageError(f"unsupported path type {self.path_type!r}; only SiT's linear interpolant is supported")
         if self.prediction not in PREDICTIONS:
             raise UsageError(f"unknown prediction type {self.prediction!r}; choose {' or '.join(PREDICTIONS)}")
         if self.width is not None and self.mlp_hidden % self.num_heads:

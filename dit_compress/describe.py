@@ -5,73 +5,136 @@ from __future__ import annotations
 
 import torch
 
-from .compress.flops import dynamic_macs, static_macs
-from .diffusion.sampling import resolve_spacing, sampler_timesteps
+from .compress.flops import block_macs, dynamic_macs, static_macs
+from .diffusion.sampling import eval_sampler, resolve_spacing, sampler_timesteps
+from .model.routers import Routing, expected_prefix_mask, expected_topk_mask
 
 
 @torch.no_grad()
 def width_profile(model, timesteps: list[int]) -> dict:
     """Active share of heads / MLP channels per layer for each timestep (masks depend on t only)."""
     cfg = model.config
-    t = torch.tensor(timesteps, dtype=torch.long)
-    y = torch.zeros_like(t)  # width routers read the timestep embedding only
+    t = torch.tensor(timesteps)  # network time inputs (ints for DiT, floats for SiT)
+    y = torch.zeros(len(timesteps), dtype=torch.long)  # width routers read the timestep embedding only
     t_emb = model.t_embedder(t)
     conds = model.block_conditions(t, y, t_emb, t_emb)
     heads, chans = [], []
     for b, (bt, _) in zip(model.blocks, conds):
-        hm, cm = b.width_masks(bt, "dense", 0.0)
+        hm, cm = b.width_masks(bt, Routing.DENSE, 0.0)
         heads.append(hm.mean(1).tolist() if hm is not None else [1.0] * len(timesteps))
         chans.append(cm.mean(1).tolist() if cm is not None else [1.0] * len(timesteps))
     return {"timesteps": timesteps, "heads": heads, "channels": chans, "depth": cfg.depth}
 
 
+class FlopsMeter:
+    """Records what a dynamic model actually computes, call by call: ``with FlopsMeter(model)
+    as m: <sample / forward>``, then ``m.result()``. Router outputs are read through hooks and
+    turned into masks with the same inference rules the blocks use, so the figure is the one
+    of the run itself (the sampler's real x_t, CFG batch included), not an estimate."""
+
+    def __init__(self, model):
+        self.model, self.calls, self._hooks = model, [], []
+
+    def __enter__(self):
+        m = self.model
+        self._hooks.append(m.register_forward_pre_hook(lambda mod, args: self.calls.append(self._new_call(args))))
+        for i, b in enumerate(m.blocks):
+            for name in ("head_router", "channel_router", "token_router"):
+                r = getattr(b, name, None)
+                if r is not None:
+                    self._hooks.append(r.register_forward_hook(lambda mod, a, out, i=i, n=name: self._record(i, n, out)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def _new_call(self, args):
+        t = args[1] if len(args) > 1 else None
+        return {"t": int(t.flatten()[0]) if torch.is_tensor(t) and t.numel() else None, "layers": {}}
+
+    def _record(self, i, name, logits):
+        if not self.calls or self.model.routing == Routing.FULL:
+            return
+        with torch.no_grad():
+            if name == "token_router":
+                kept, total = float(expected_topk_mask(logits.detach()).sum()), float(logits.numel())
+            else:
+                mask = expected_prefix_mask(logits.detach())
+                kept, total = float(mask.sum()), float(mask.numel())
+        acc = self.calls[-1]["layers"].setdefault(i, {}).setdefault(name, [0.0, 0.0])
+        acc[0] += kept
+        acc[1] += total
+
+    def _shares(self, call, name):
+        out = []
+        for i in range(self.model.config.depth):
+            kt = call["layers"].get(i, {}).get(name)
+            out.append(kt[0] / kt[1] if kt and kt[1] else 1.0)
+        return out
+
+    def result(self) -> dict:
+        """Mean over the recorded calls: whole-model MACs and ratio, and DyDiT's block ratio
+        (attention + MLP FLOPs dynamic / static, the quantity the FLOPs loss trains toward)."""
+        cfg = self.model.config
+        attn, mlp = block_macs(cfg)
+        total, blocks, per_t, toks = [], [], {}, []
+        for c in self.calls:
+            h, ch, tk = (self._shares(c, n) for n in ("head_router", "channel_router", "token_router"))
+            toks.append(sum(tk) / len(tk))
+            total.append(dynamic_macs(cfg, h, ch, tk))
+            blocks.append(sum(attn * a + mlp * b * k for a, b, k in zip(h, ch, tk)) / (cfg.depth * (attn + mlp)))
+            per_t.setdefault(c["t"], []).append(blocks[-1])
+        if not total:
+            return {"calls": 0}
+        static = static_macs(cfg)["total"]
+        mean = sum(total) / len(total)
+        return {"calls": len(total), "macs": mean, "gflops": mean / 1e9, "flops_ratio": mean / static,
+                "block_flops_ratio": sum(blocks) / len(blocks), "token_keep_ratio": sum(toks) / len(toks),
+                "block_ratio_per_t": {t: sum(v) / len(v) for t, v in sorted(per_t.items(), key=lambda kv: -1 if kv[0] is None else kv[0])}}
+
+
 @torch.no_grad()
-def token_keep_ratio(model, timesteps: list[int], batch: int = 8, seed: int = 0) -> list[list[float]]:
-    """Share of tokens routed to the MLP per layer, measured on noise inputs at each t."""
+def inference_flops(model, sampler: str | None = None, steps: int | None = None, timestep_spacing: str | None = None,
+                    cfg_scale: float = 1.0, probe: int = 10, seed: int = 0) -> dict:
+    """FLOPs of ``model`` as it runs at inference over a sampler's timesteps. Width masks
+    depend on t only (exact from the routers); with token routers a class-balanced probe
+    batch is really sampled and every call measured on its actual x_t."""
+    from .diffusion.sampling import class_balanced_labels, sample
+
     cfg = model.config
+    sampler, steps = eval_sampler(cfg, sampler, steps)
+    ts = sampler_timesteps(sampler, steps, timestep_spacing, cfg)
     if cfg.tokens is None:
-        return [[1.0] * len(timesteps) for _ in range(cfg.depth)]
+        prof = width_profile(model, ts)
+        attn, mlp = block_macs(cfg)
+        per_t = [dynamic_macs(cfg, [h[j] for h in prof["heads"]], [c[j] for c in prof["channels"]], [1.0] * cfg.depth)
+                 for j in range(len(ts))]
+        blocks = [sum(attn * h[j] + mlp * c[j] for h, c in zip(prof["heads"], prof["channels"])) / (cfg.depth * (attn + mlp))
+                  for j in range(len(ts))]
+        mean = sum(per_t) / len(per_t)
+        return {"calls": len(ts), "macs": mean, "gflops": mean / 1e9, "flops_ratio": mean / static_macs(cfg)["total"],
+                "block_flops_ratio": sum(blocks) / len(blocks), "token_keep_ratio": 1.0,
+                "block_ratio_per_t": dict(zip(ts, blocks)),
+                "measured_on": f"{sampler} {steps} steps ({resolve_spacing(sampler, timestep_spacing)}): router masks per timestep"}
     g = torch.Generator().manual_seed(seed)
-    out = [[0.0] * len(timesteps) for _ in range(cfg.depth)]
-    old = model.routing
-    model.routing = "dense"
-    try:
-        for j, tt in enumerate(timesteps):
-            x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
-            y = torch.randint(0, cfg.num_classes, (batch,), generator=g)
-            _, aux = model(x, torch.full((batch,), tt), y, return_aux=True)
-            for i, st in enumerate(aux.stats):
-                out[i][j] = float(st.token_frac.mean()) if st.token_frac is not None else 1.0
-    finally:
-        model.routing = old
-    return out
+    noise = torch.randn(probe, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
+    y = torch.from_numpy(class_balanced_labels(probe, cfg.num_classes)).long()
+    with FlopsMeter(model) as meter:
+        sample(model, noise, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale, generator=g,
+               timestep_spacing=timestep_spacing)
+    res = meter.result()
+    res["measured_on"] = (f"{sampler} {steps} steps ({resolve_spacing(sampler, timestep_spacing)}), cfg {cfg_scale}: "
+                          f"{probe} sampled images")
+    return res
 
 
-def expected_macs(model, timesteps: list[int], token_ratios=None, token_batch: int = 8, token_points: int = 10) -> dict:
-    """Dynamic MACs per timestep and their mean over the given schedule. Width masks are
-    exact per timestep (they depend on t only); token keep ratios depend on the input and are
-    measured on noise inputs at up to ``token_points`` timesteps of the schedule (nearest used)."""
-    cfg = model.config
-    prof = width_profile(model, timesteps)
-    toks = token_ratios
-    if toks is None:
-        if cfg.tokens is None:
-            toks = [[1.0] * len(timesteps) for _ in range(cfg.depth)]
-        else:
-            stride = max(1, len(timesteps) // token_points)
-            probe_idx = list(range(0, len(timesteps), stride))
-            probe = token_keep_ratio(model, [timesteps[i] for i in probe_idx], batch=token_batch)
-            nearest = [min(range(len(probe_idx)), key=lambda k: abs(probe_idx[k] - j)) for j in range(len(timesteps))]
-            toks = [[row[nearest[j]] for j in range(len(timesteps))] for row in probe]
-    per_t = []
-    for j in range(len(timesteps)):
-        per_t.append(dynamic_macs(cfg, [h[j] for h in prof["heads"]], [c[j] for c in prof["channels"]], [k[j] for k in toks]))
-    return {"per_t": per_t, "mean": sum(per_t) / len(per_t), "profile": prof, "tokens": toks}
-
-
-def describe(model, sampler: str = "ddim", steps: int = 50, timestep_spacing: str | None = None) -> dict:
+def describe(model, sampler: str | None = None, steps: int | None = None, timestep_spacing: str | None = None,
+             cfg_scale: float = 1.0) -> dict:
     cfg = model.config
     s = static_macs(cfg)
+    sampler, steps = eval_sampler(cfg, sampler, steps)
     spacing = resolve_spacing(sampler, timestep_spacing)
     info = {
         "name": cfg.name,
@@ -86,7 +149,8 @@ def describe(model, sampler: str = "ddim", steps: int = 50, timestep_spacing: st
         "tokens": cfg.num_patches,
         "num_classes": cfg.num_classes,
         "learn_sigma": cfg.learn_sigma,
-        "prediction": cfg.prediction,
+        "prediction": cfg.prediction if cfg.prediction == "eps" else
+        f"velocity ({cfg.path_type} path; network time: {'t, 1 = data (SiT)' if cfg.time_input == 'sit' else '1 - t, 1 = noise (REPA)'})",
         "numerics": cfg.numerics,
         "embedders": "per block (final layer: the source's block 0)" if cfg.block_embedders else "shared",
         "latent": f"x{cfg.latent_scale} of {cfg.vae}" if cfg.latent_scale is not None else "pixels",
@@ -99,25 +163,28 @@ def describe(model, sampler: str = "ddim", steps: int = 50, timestep_spacing: st
         "provenance": cfg.provenance,
     }
     if cfg.is_dynamic:
-        ts = sampler_timesteps(sampler, steps, spacing)
-        e = expected_macs(model, ts)
-        info["expected_gflops"] = e["mean"] / 1e9
-        info["expected_flops_ratio"] = e["mean"] / s["total"]
-        info["expected_over"] = f"{sampler} {steps} steps ({spacing} spacing)"
-        mean_tok = [sum(r) / len(r) for r in e["tokens"]]
-        info["token_keep_ratio"] = sum(mean_tok) / len(mean_tok)
-        info["width_profile"] = {
-            "timesteps": ts,
-            "mean_heads_per_layer": [sum(h) / len(h) for h in e["profile"]["heads"]],
-            "mean_channels_per_layer": [sum(c) / len(c) for c in e["profile"]["channels"]],
-        }
+        e = inference_flops(model, sampler, steps, spacing, cfg_scale)
+        info["inference_gflops"] = e["gflops"]
+        info["inference_flops_ratio"] = e["flops_ratio"]
+        info["inference_block_flops_ratio"] = e["block_flops_ratio"]
+        info["target_block_flops"] = cfg.width.target_flops if cfg.width is not None else None
+        info["token_keep_ratio"] = e["token_keep_ratio"]
+        info["inference_measured_on"] = e["measured_on"]
+        if cfg.width is not None:
+            prof = width_profile(model, sampler_timesteps(sampler, steps, spacing, cfg))
+            info["width_profile"] = {
+                "timesteps": prof["timesteps"],
+                "mean_heads_per_layer": [sum(h) / len(h) for h in prof["heads"]],
+                "mean_channels_per_layer": [sum(c) / len(c) for c in prof["channels"]],
+            }
     return info
 
 
-def plot_width_profile(model, path, sampler: str = "ddim", steps: int = 50) -> None:
+def plot_width_profile(model, path, sampler: str | None = None, steps: int | None = None) -> None:
     from .report import plot_heatmap
 
-    ts = sampler_timesteps(sampler, steps)
+    sampler, steps = eval_sampler(model.config, sampler, steps)
+    ts = sampler_timesteps(sampler, steps, None, model.config)
     prof = width_profile(model, ts)
     import numpy as np
 

@@ -201,3 +201,22 @@ def test_cli_prune_depth_and_bad_inputs(tmp_path):
         assert r.exit_code == 2, (extra, r.output)
         assert msg in r.stderr, (extra, r.stderr)
         assert not (tmp_path / "bad").exists()
+
+
+def test_block_influence_reads_clean_latents(digits):
+    """TinyFusion's scorer: 1 - cos(block input, block output) on the clean latents at random t."""
+    import torch.nn.functional as F
+
+    m = digits_model()
+    calib = D.calibration_set(digits, 16, seed=1)
+    h = m.x_embedder(calib.x) + m.pos_embed  # clean input, no q_sample
+    c = m.t_embedder(calib.t) + m.y_embedder(calib.y)
+    ref = []
+    with torch.no_grad():
+        for b in m.blocks:
+            out = b(h, c, None)
+            ref.append(float((1 - F.cosine_similarity(h, out, dim=-1)).mean()))
+            h = out
+    got = D.block_influence(m, calib)
+    assert got == pytest.approx(ref, rel=1e-4)
+    assert D.block_influence(m, calib, noisy=True) != pytest.approx(ref, rel=1e-2)

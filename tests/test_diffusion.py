@@ -151,4 +151,6 @@ def test_samplers_run_and_are_seeded():
     from dit_compress.errors import UsageError
 
     with pytest.raises(UsageError, match="unknown sampler"):
+        dit_compress.sample(m, noise, y, sampler="rk45")
+    with pytest.raises(UsageError, match="for velocity .SiT. models"):
         dit_compress.sample(m, noise, y, sampler="euler")

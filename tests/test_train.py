@@ -114,8 +114,32 @@ def test_layer_map_from_kept_layers():
     t = tiny_config(depth=28)
     s = tiny_config(depth=14, kept_layers=list(range(0, 28, 2)))
     assert L.layer_map(s, t) == [2 * i + 1 for i in range(14)]
+    assert L.layer_map(s, t, "kept") == [2 * i + 1 for i in range(14)]
     s = tiny_config(depth=3, kept_layers=[1, 2, 7])
-    assert L.layer_map(s, tiny_config(depth=8)) == [1, 6, 7]
+    assert L.layer_map(s, tiny_config(depth=8), "kept") == [1, 6, 7]
+    # TinyFusion's fixed pairs by depth ratio, whichever layers were kept
+    assert L.layer_map(s, tiny_config(depth=8)) == [1, 4, 7]
+
+
+def test_masked_rep_loss_forms_match_their_definitions():
+    import numpy as np
+
+    g = torch.Generator().manual_seed(3)
+    hs, ht = torch.randn(2, 5, 4, generator=g), torch.randn(2, 5, 4, generator=g)
+    ht[1, 2, 3] = 40.0
+    a, b = hs.numpy().astype(np.float64), ht.numpy().astype(np.float64)
+
+    def keep(h):  # per sample over tokens x channels, unbiased std as torch.std
+        f = h.reshape(h.shape[0], -1)
+        mu, sd = f.mean(1)[:, None, None], f.std(1, ddof=1)[:, None, None]
+        return np.abs(h - mu) < 2 * sd
+
+    ms, mt = keep(a), keep(b)
+    assert not mt[1, 2, 3]
+    paper = np.mean((a * ms - b * mt) ** 2)
+    joint = ((a - b) ** 2 * (ms & mt)).sum() / (ms & mt).sum()
+    assert abs(float(L.masked_rep_loss(hs, ht, 2.0)) - paper) < 1e-5
+    assert abs(float(L.masked_rep_loss(hs, ht, 2.0, "joint")) - joint) < 1e-5
 
 
 def test_distill_cli_with_masked_repkd(tmp_path):

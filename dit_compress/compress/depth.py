@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..diffusion import objective_for
 from ..errors import UsageError
 
 METHODS = ("learned", "block-influence", "uniform", "oracle", "random", "min-loss")
@@ -113,9 +114,7 @@ def calibration_set(data, n: int, seed: int = 0) -> CalibSet:
 @torch.no_grad()
 def calibration_losses(model, calib: CalibSet, keep: list[int] | None = None, batch: int = 64) -> dict:
     """Mean DiT hybrid loss and eps-MSE with only ``keep`` blocks active (others skipped)."""
-    from ..diffusion.gaussian import GaussianDiffusion
-
-    diff = GaussianDiffusion.create(learn_sigma=model.config.learn_sigma)
+    diff = objective_for(model.config)
     gates = None
     if keep is not None:
         gates = torch.zeros(model.config.depth)
@@ -125,7 +124,8 @@ def calibration_losses(model, calib: CalibSet, keep: list[int] | None = None, ba
     for s in range(0, n, batch):
         sl = slice(s, s + batch)
         kw = {"gates": gates.expand(len(calib.y[sl]), -1)} if gates is not None else {}
-        res = diff.training_losses(model, calib.x[sl], calib.t[sl], calib.y[sl], noise=calib.noise[sl], **kw)
+        res = diff.training_losses(model, calib.x[sl], diff.continuous_t(calib.t[sl]), calib.y[sl],
+                                   noise=calib.noise[sl], **kw)
         loss += float(res["loss"].sum())
         mse += float(res["mse"].sum())
     return {"loss": loss / n, "mse": mse / n}
@@ -136,19 +136,20 @@ def calibration_loss(model, calib: CalibSet, keep: list[int] | None = None, batc
 
 
 @torch.no_grad()
-def block_influence(model, calib: CalibSet, batch: int = 64) -> list[float]:
-    """ShortGPT's Block Influence: 1 - cos(input, output) per block, averaged over tokens."""
-    from ..diffusion.gaussian import GaussianDiffusion
-
-    diff = GaussianDiffusion.create()
+def block_influence(model, calib: CalibSet, batch: int = 64, noisy: bool = False) -> list[float]:
+    """ShortGPT's Block Influence: 1 - cos(input, output) per block, averaged over tokens.
+    Fed the clean latents with random t, as TinyFusion's reference scorer does (``noisy``:
+    x_t = q_sample(x, t) instead)."""
+    diff = objective_for(model.config)
     depth = model.config.depth
     scores = torch.zeros(depth)
     count = 0
     for s in range(0, len(calib.y), batch):
         sl = slice(s, s + batch)
-        xt = diff.q_sample(calib.x[sl], calib.t[sl], calib.noise[sl])
-        _, aux = model(xt, calib.t[sl], calib.y[sl], return_aux=True)
-        h_in = model.embed(xt, calib.t[sl], calib.y[sl])[0]
+        t = diff.continuous_t(calib.t[sl])
+        xt = diff.q_sample(calib.x[sl], t, calib.noise[sl]) if noisy else calib.x[sl]
+        _, aux = model(xt, diff.model_t(t), calib.y[sl], return_aux=True)
+        h_in = model.embed(xt, diff.model_t(t), calib.y[sl])[0]
         for i, h_out in enumerate(aux.features):
             cos = torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1)  # B N
             scores[i] += float((1 - cos).sum())
@@ -305,7 +306,6 @@ def learned_search(model, data, groups, lc: LearnedConfig, work_dir, resume: boo
     (keep, search module, recovered model, history, seconds)."""
     import copy
 
-    from ..diffusion.gaussian import GaussianDiffusion
     from ..train.api import label_dropout_batch_fn
     from ..train.losses import plain_loss
     from ..train.trainer import Trainer, TrainConfig
@@ -330,7 +330,7 @@ def learned_search(model, data, groups, lc: LearnedConfig, work_dir, resume: boo
     def tau_at(step):
         return lc.tau_start + (lc.tau_end - lc.tau_start) * min(1.0, step / max(1, lc.steps))
 
-    base_loss = plain_loss(GaussianDiffusion.create(learn_sigma=model.config.learn_sigma))
+    base_loss = plain_loss(objective_for(model.config))
 
     def loss_fn(m, batch, step):
         search.tau = tau_at(step)  # a function of the step, so a resumed run anneals identically
@@ -368,9 +368,7 @@ def step_cost_ratio(model, groups, lc: LearnedConfig, data, reps: int = 3) -> di
     import statistics
     import time
 
-    from ..diffusion.gaussian import GaussianDiffusion
-
-    diff = GaussianDiffusion.create(learn_sigma=model.config.learn_sigma)
+    diff = objective_for(model.config)
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, len(data), (lc.batch_size,), generator=g)
     x, y = data.get(idx, generator=g)
@@ -401,7 +399,7 @@ def step_cost_ratio(model, groups, lc: LearnedConfig, data, reps: int = 3) -> di
 
 def prune_depth(model, method: str, groups=None, keep: list[int] | None = None, data=None, lc: LearnedConfig | None = None,
                 work_dir=None, resume: bool = False, calib_samples: int = 128, num_candidates: int = 16,
-                keep_recovery_weights: bool = False, measure_cost: bool = True):
+                keep_recovery_weights: bool = False, measure_cost: bool = True, influence_noisy: bool = False):
     """Python twin of ``ditc prune-depth``: returns (pruned model, report dict)."""
     import time
 
@@ -436,7 +434,8 @@ def prune_depth(model, method: str, groups=None, keep: list[int] | None = None, 
         keep = random_keep(groups, random.Random(lc.seed))
     elif method == "block-influence":
         require_data(method, data)
-        scores = block_influence(model, calib)
+        scores = block_influence(model, calib, noisy=influence_noisy)
+        report["influence_input"] = "noisy x_t" if influence_noisy else "clean latents, random t (TinyFusion's scorer)"
         report["block_influence"] = scores
         keep = keep_by_influence(scores, sum(n for n, _ in groups))
     elif method == "min-loss":

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 from ..config import TokenSpec, WidthSpec
+from ..diffusion import objective_for
 from ..errors import DitcError, UsageError
-from ..model.routers import TokenRouter, WidthRouter
+from ..model.routers import Routing, TokenRouter, WidthRouter, routing
 
 SORTS = ("magnitude", "taylor", "none")
 
@@ -52,10 +53,8 @@ def importance(model, kind: str, data=None, batches: int = 4, batch_size: int = 
 def _accumulate_grads(model, data, batches, batch_size, seed):
     import copy
 
-    from ..diffusion.gaussian import GaussianDiffusion
-
     m = copy.deepcopy(model).train()
-    diff = GaussianDiffusion.create(learn_sigma=m.config.learn_sigma)
+    diff = objective_for(m.config)
     g = torch.Generator().manual_seed(seed)
     with torch.enable_grad():
         for _ in range(batches):
@@ -88,7 +87,7 @@ def sorted_state(model, scores) -> dict:
 
 
 def add_dynamic_width(model, target_flops: float = 0.5, sort_by: str = "magnitude", data=None,
-                      tau: float = 5.0, init_bias: float = 5.0, static: bool = False):
+                      tau: float = 5.0, init_bias: float = 15.0, static: bool = False, seed: int = 0):
     """A copy of ``model`` with sorted heads/channels and all-on timestep routers.
 
     ``static=True`` is plain width pruning for comparison: the same share of heads and
@@ -111,6 +110,7 @@ def add_dynamic_width(model, target_flops: float = 0.5, sort_by: str = "magnitud
         state = sorted_state(model, importance(model, sort_by, data))
     spec = WidthSpec(target_flops=target_flops, sort_by=sort_by, tau=tau, init_bias=init_bias, static=static)
     new_cfg = cfg.copy(width=spec).with_step("add-dynamic-width", target_flops=target_flops, sort_by=sort_by, static=static)
+    torch.manual_seed(seed)
     for i in range(cfg.depth):
         for name in ("head_router", "channel_router"):
             r = WidthRouter(cfg.hidden_size, cfg.num_heads, init_bias)
@@ -118,13 +118,11 @@ def add_dynamic_width(model, target_flops: float = 0.5, sort_by: str = "magnitud
                 state[f"blocks.{i}.{name}.{k}"] = v
     new = build_model(new_cfg, state, dtype=next(model.parameters()).dtype)
     if static:
-        H = cfg.num_heads
-        k = max(1, min(H, round(H * target_flops)))
-        set_static_width(new, k / H, k / H)
+        set_static_width(new, target_flops, target_flops)
     return new
 
 
-def add_token_router(model, tau: float = 5.0, init_bias: float = 5.0, reduction: int = 16, seed: int = 0):
+def add_token_router(model, tau: float = 5.0, init_bias: float = 35.0, reduction: int = 16, seed: int = 0):
     """A copy of ``model`` with an all-on token router before every block's MLP."""
     from ..formats import build_model
 
@@ -144,16 +142,26 @@ def add_token_router(model, tau: float = 5.0, init_bias: float = 5.0, reduction:
     return build_model(new_cfg, state, dtype=next(model.parameters()).dtype)
 
 
+def spread_widths(groups: int, share: float, layers: int) -> list[int]:
+    """Per-layer active group counts whose mean is the closest to ``share * groups`` that
+    whole groups allow (``round(share * groups * layers)`` groups over the model, the extra
+    ones evenly spread), each layer keeping at least one group."""
+    total = max(layers, min(groups * layers, round(share * groups * layers)))
+    base, extra = divmod(total, layers)
+    up = {int(i * layers / extra) for i in range(extra)} if extra else set()
+    return [base + (1 if i in up else 0) for i in range(layers)]
+
+
 @torch.no_grad()
 def set_static_width(model, head_share: float, channel_share: float):
-    """Point every width router at a fixed share (for benchmarks): constant masks for all t."""
-    H = model.config.num_heads
-    kh = max(1, round(H * head_share))
-    kc = max(1, round(H * channel_share))
-    for b in model.blocks:
+    """Point every width router at a fixed share: constant (saturated) masks for all t, the
+    shares spread over the layers so the model's mean width is as close to them as whole
+    heads/groups allow (static width pruning, and the benchmarks' fixed routers)."""
+    H, L = model.config.num_heads, model.config.depth
+    for b, kh, kc in zip(model.blocks, spread_widths(H, head_share, L), spread_widths(H, channel_share, L)):
         for r, k in ((b.head_router, kh), (b.channel_router, kc)):
             r.linear.weight.zero_()
-            r.linear.bias.copy_(torch.tensor([5.0] * k + [-5.0] * (H - k)))
+            r.linear.bias.copy_(torch.tensor([30.0] * k + [-30.0] * (H - k)))  # saturated: exact prefix k
     return model
 
 
@@ -169,7 +177,8 @@ def set_token_keep(model, share: float, batch: int = 2, seed: int = 0, passes: i
         net = b.token_router.net
         net[0].weight.copy_(torch.randn(net[0].weight.shape, generator=g) / D ** 0.5)
         net[0].bias.zero_()
-        net[2].weight.copy_(torch.randn(net[2].weight.shape, generator=g))
+        # large logits: sigmoid saturates, so the expected keep count equals the count of positive logits
+        net[2].weight.copy_(torch.randn(net[2].weight.shape, generator=g) * 1e3)
         net[2].bias.zero_()
     x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
     t = torch.full((batch,), 500)
@@ -177,15 +186,13 @@ def set_token_keep(model, share: float, batch: int = 2, seed: int = 0, passes: i
     logits = {}
     hooks = [b.token_router.register_forward_hook(lambda m, i, o, k=k: logits.__setitem__(k, o.detach().flatten()))
              for k, b in enumerate(model.blocks)]
-    old = model.routing
-    model.routing = "dense"
     try:
-        for _ in range(passes):
-            model(x, t, y)
-            for k, b in enumerate(model.blocks):
-                b.token_router.net[2].bias.sub_(torch.quantile(logits[k].float(), 1 - share))
+        with routing(model, Routing.DENSE):
+            for _ in range(passes):
+                model(x, t, y)
+                for k, b in enumerate(model.blocks):
+                    b.token_router.net[2].bias.sub_(torch.quantile(logits[k].float(), 1 - share))
     finally:
-        model.routing = old
         for h in hooks:
             h.remove()
     return model

@@ -128,6 +128,14 @@ class GaussianDiffusion:
     def model_t(self, t: torch.Tensor) -> torch.Tensor:
         return torch.tensor(self.timestep_map, device=t.device, dtype=torch.long)[t]
 
+    @staticmethod
+    def batch_t(batch: dict) -> torch.Tensor:
+        return batch["t"]
+
+    @staticmethod
+    def continuous_t(t: torch.Tensor, frac=None) -> torch.Tensor:
+        return t  # integer steps are this process's own time
+
     def q_sample(self, x0, t, noise):
         return self._take(self.sqrt_alphas_cumprod, t, x0.shape) * x0 + self._take(
             self.sqrt_one_minus_alphas_cumprod, t, x0.shape

@@ -1,5 +1,7 @@
-"""Samplers: respaced DDPM (ancestral), DDIM (eta 0) and DPM-Solver++ (diffusers'
-scheduler), each with classifier-free guidance in both conventions."""
+"""Samplers. eps-prediction (DiT): respaced DDPM (ancestral), DDIM (eta 0), DPM-Solver++
+(diffusers' scheduler). velocity (SiT flow matching): ODE Euler / Heun / dopri5 (torchdiffeq)
+and SiT's SDE (Euler-Maruyama). All with classifier-free guidance in both channel
+conventions, and a guidance interval."""
 
 from __future__ import annotations
 
@@ -9,14 +11,24 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
+from .flow import FlowMatching
 from .gaussian import SPACINGS, GaussianDiffusion, spaced_timesteps
 
-SAMPLERS = ("ddpm", "ddim", "dpm-solver")
+EPS_SAMPLERS = ("ddpm", "ddim", "dpm-solver")
+FLOW_SAMPLERS = ("sde", "euler", "heun", "dopri5")
+SAMPLERS = EPS_SAMPLERS + FLOW_SAMPLERS
+# The papers' evaluation samplers: DiT DDPM-250 (reference respacing), SiT SDE-250.
+NATURAL = {"eps": ("ddpm", 250), "velocity": ("sde", 250)}
+SDE_LAST_STEP = 0.04  # SiT: --last-step Mean --last-step-size 0.04
 # The reference DiT code respaces every sampler with create_diffusion(str(N)): linspace.
 DEFAULT_SPACING = {"ddpm": "linspace", "ddim": "linspace", "dpm-solver": "linspace"}
 
 
-def resolve_spacing(sampler: str, spacing: str | None) -> str:
+def resolve_spacing(sampler: str, spacing: str | None) -> str | None:
+    if sampler in FLOW_SAMPLERS:
+        if spacing is not None:
+            raise UsageError(f"--timestep-spacing applies to the eps samplers ({', '.join(EPS_SAMPLERS)}), not {sampler}")
+        return None
     if spacing is None:
         return DEFAULT_SPACING.get(sampler, "linspace")
     if spacing not in SPACINGS:
@@ -24,9 +36,53 @@ def resolve_spacing(sampler: str, spacing: str | None) -> str:
     return spacing
 
 
-def sampler_timesteps(sampler: str = "ddim", steps: int = 50, spacing: str | None = None) -> list[int]:
-    """The original timesteps (ascending) at which ``sample`` calls the model."""
+def resolve_sampler(config, sampler: str | None, steps: int | None) -> tuple[str, int]:
+    """The sampler for this model (its natural one when ``sampler`` is None), checked
+    against its prediction type."""
+    pred = getattr(config, "prediction", "eps")
+    if sampler is None:
+        sampler, default_steps = NATURAL[pred]
+        steps = steps or default_steps
+    if sampler not in SAMPLERS:
+        raise UsageError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if pred == "velocity" and sampler in EPS_SAMPLERS:
+        raise UsageError(f"sampler {sampler} is for eps-prediction (DiT) models and this is a velocity (SiT) model; "
+                         f"use {', '.join(FLOW_SAMPLERS)}")
+    if pred == "eps" and sampler in FLOW_SAMPLERS:
+        raise UsageError(f"sampler {sampler} is for velocity (SiT) models and this is an eps (DiT) model; "
+                         f"use {', '.join(EPS_SAMPLERS)}")
+    steps = 250 if steps is None else steps
+    if steps < 1 or (sampler in FLOW_SAMPLERS and steps < 2):
+        raise UsageError(f"steps must be at least {2 if sampler in FLOW_SAMPLERS else 1} for {sampler}")
+    return sampler, int(steps)
+
+
+def eval_sampler(config, sampler: str | None, steps: int | None) -> tuple[str, int]:
+    """``eval``/``bench``/``info`` defaults: a deterministic 50-step sampler of the model's
+    family (DDIM for eps, ODE Euler for velocity) unless one is given."""
+    if sampler is None:
+        sampler = "euler" if getattr(config, "prediction", "eps") == "velocity" else "ddim"
+    return resolve_sampler(config, sampler, 50 if steps is None else steps)
+
+
+def flow_times(sampler: str, steps: int) -> list[float]:
+    """SiT time grid (0 = noise, 1 = data), as SiT's ``--num-sampling-steps N`` defines it:
+    ODE: linspace(0, 1, N) (N - 1 Euler/Heun steps); SDE: linspace(0, 1 - 0.04, N) (N - 1
+    Euler-Maruyama steps, then the mean-only last step of 0.04)."""
+    end = 1.0 - SDE_LAST_STEP if sampler == "sde" else 1.0
+    return torch.linspace(0.0, end, steps, dtype=torch.float64).tolist()
+
+
+def sampler_timesteps(sampler: str = "ddim", steps: int = 50, spacing: str | None = None,
+                      config=None) -> list:
+    """The network's time inputs, in the order ``sample`` first calls them (ascending for the
+    eps samplers' original steps; SiT time for the flow samplers, fed as the config says)."""
     spacing = resolve_spacing(sampler, spacing)
+    if sampler in FLOW_SAMPLERS:
+        ts = flow_times(sampler, steps)
+        calls = ts if sampler == "sde" else ts[:-1]
+        repa = config is not None and getattr(config, "time_input", "sit") == "repa"
+        return [1.0 - t if repa else t for t in calls]
     if sampler == "dpm-solver":
         return sorted(int(t) for t in _dpm_scheduler(steps, spacing).timesteps)
     try:
@@ -60,34 +116,41 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 @torch.no_grad()
-def sample(model, noise: torch.Tensor, y: torch.Tensor, sampler: str = "ddpm", steps: int = 250,
+def sample(model, noise: torch.Tensor, y: torch.Tensor, sampler: str | None = None, steps: int | None = None,
            cfg_scale: float = 1.0, cfg_channels: int | None = None, progress: bool = False,
            generator: torch.Generator | None = None, clip: bool = False,
-           timestep_spacing: str | None = None) -> torch.Tensor:
-    """Draw samples from ``noise`` (x_T) for labels ``y``.
+           timestep_spacing: str | None = None, guidance_interval: tuple[float, float] | None = None) -> torch.Tensor:
+    """Draw samples from ``noise`` for labels ``y``.
 
-    ``cfg_channels=None`` guides all latent channels (diffusers' DiTPipeline convention);
-    ``cfg_channels=3`` guides the first three (the reference DiT code). ``generator`` drives
-    the DDPM noise, so a fixed seed gives the same images on any process split.
-    ``timestep_spacing`` (diffusers' names): ``linspace`` (default: the reference code's
-    respacing, ``create_diffusion(str(steps))``), ``leading`` or ``trailing``.
+    ``sampler=None`` uses the model's natural sampler: DDPM-250 for eps (DiT), SiT's SDE-250
+    for velocity models. ``cfg_channels=None`` guides all latent channels (diffusers'
+    DiTPipeline convention); ``cfg_channels=3`` guides the first three (the reference DiT and
+    SiT code). ``guidance_interval=(lo, hi)`` applies guidance only while the noise level
+    (REPA's t: 1 = noise, 0 = data) is within [lo, hi]. ``generator`` drives the sampler noise,
+    so a fixed seed gives the same images on any process split. ``timestep_spacing``
+    (diffusers' names, eps samplers): ``linspace`` (default: the reference code's respacing,
+    ``create_diffusion(str(steps))``), ``leading`` or ``trailing``.
     """
-    if sampler not in SAMPLERS:
-        raise UsageError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if steps < 1:
-        raise UsageError("steps must be at least 1")
-    if getattr(model.config, "prediction", "eps") != "eps":
-        raise UsageError("sampling is implemented for eps-prediction (DiT) models; this is a velocity (SiT) model")
+    sampler, steps = resolve_sampler(model.config, sampler, steps)
     spacing = resolve_spacing(sampler, timestep_spacing)
-    fn = _guided(model, cfg_scale, cfg_channels)
+    if guidance_interval is not None:
+        lo, hi = guidance_interval
+        if not (0.0 <= lo <= hi <= 1.0):
+            raise UsageError(f"guidance interval must satisfy 0 <= low <= high <= 1, got {guidance_interval}")
+    if sampler in FLOW_SAMPLERS:
+        return _flow_sample(model, noise, y, sampler, steps, cfg_scale, cfg_channels, progress, generator,
+                            guidance_interval)
+    plain, guided = _guided(model, 1.0, cfg_channels), _guided(model, cfg_scale, cfg_channels)
     learn_sigma = model.config.learn_sigma
     x = noise
     if sampler == "dpm-solver":
+        fn = _interval_fn(plain, guided, guidance_interval, lambda t: float(t.flatten()[0]) / 999.0)
         return _dpm_solver(fn, x, y, steps, spacing, progress)
     try:
         diff = GaussianDiffusion.create(int(steps), learn_sigma=learn_sigma, spacing=spacing)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    fn = _interval_fn(plain, guided, guidance_interval, lambda t: float(t.flatten()[0]) / 999.0)
     with _progress(diff.num_timesteps, f"{sampler} sampling", progress) as bar:
         for i in reversed(range(diff.num_timesteps)):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
@@ -108,6 +171,65 @@ def sample(model, noise: torch.Tensor, y: torch.Tensor, sampler: str = "ddpm", s
             if bar is not None:
                 bar.advance()
     return x
+
+
+def _interval_fn(plain, guided, interval, noise_level):
+    """Guided outside-in: the guided model while the noise level is within ``interval``."""
+    if interval is None:
+        return guided
+    lo, hi = interval
+    return lambda x, t, y: guided(x, t, y) if lo <= noise_level(t) <= hi else plain(x, t, y)
+
+
+def _flow_sample(model, noise, y, sampler, steps, cfg_scale, cfg_channels, progress, generator, interval):
+    """SiT's samplers in SiT time (0 = noise, 1 = data); see diffusion/flow.py for the equations."""
+    flow = FlowMatching(model.config.time_input)
+    C = noise.shape[1]
+    plain, guided = _guided(model, 1.0, cfg_channels), _guided(model, cfg_scale, cfg_channels)
+
+    def velocity(x, s: float):
+        t = torch.full((x.shape[0],), s, device=x.device, dtype=x.dtype)
+        use = guided if interval is None or interval[0] <= 1.0 - s <= interval[1] else plain
+        return use(x, flow.model_t(t), y)[:, :C]
+
+    if sampler == "dopri5":
+        return _dopri5(velocity, noise)
+    ts = flow_times(sampler, steps)
+    x = noise
+    with _progress(len(ts), f"{sampler} sampling", progress) as bar:
+        for s0, s1 in zip(ts[:-1], ts[1:]):
+            h = s1 - s0
+            v = velocity(x, s0)
+            if sampler == "euler":
+                x = x + h * v
+            elif sampler == "heun":
+                xe = x + h * v
+                x = x + 0.5 * h * (v + velocity(xe, s1))
+            else:  # Euler-Maruyama: drift v + w * score, diffusion w = sigma_t = 1 - t
+                w = 1.0 - s0
+                drift = v + w * flow.score_from_velocity(v, x, torch.full((x.shape[0],), s0, dtype=x.dtype))
+                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                x = x + drift * h + (2.0 * w) ** 0.5 * h ** 0.5 * z
+            if bar is not None:
+                bar.advance()
+        if sampler == "sde":  # SiT's last step "Mean": drift only, size 0.04, at t = 1 - 0.04
+            s = ts[-1]
+            v = velocity(x, s)
+            drift = v + (1.0 - s) * flow.score_from_velocity(v, x, torch.full((x.shape[0],), s, dtype=x.dtype))
+            x = x + drift * SDE_LAST_STEP
+    return x
+
+
+def _dopri5(velocity, noise, atol: float = 1e-6, rtol: float = 1e-3):
+    try:
+        from torchdiffeq import odeint
+    except ImportError:
+        raise UsageError("sampler dopri5 needs torchdiffeq (pip install torchdiffeq); euler, heun and sde need nothing") from None
+
+    def f(t, x):
+        return velocity(x, float(t))
+
+    return odeint(f, noise, torch.tensor([0.0, 1.0], dtype=noise.dtype), method="dopri5", atol=atol, rtol=rtol)[-1]
 
 
 def _dpm_scheduler(steps: int, spacing: str):

@@ -18,6 +18,7 @@ import time
 import torch
 
 from ..errors import DitcError, UsageError
+from ..model.routers import Routing
 
 VARIANT_RE = re.compile(r"^(d\d+|width[0-9.]+|tokens[0-9.]+)$")
 
@@ -75,23 +76,34 @@ def build(spec: str, seed: int = 0, load: dict | None = None):
     return model.eval()
 
 
-def _measure_child(spec, batch_sizes, repeats, warmup, timesteps, threads, dtype_name, compile_, dense, load, q):
+def _measure_child(spec, batch_sizes, repeats, warmup, schedule, threads, dtype_name, compile_, dense, load, q):
     try:
         torch.set_num_threads(threads)
         from ..compress.flops import static_macs
-        from ..describe import expected_macs
+        from ..describe import FlopsMeter
+
+        from ..diffusion.sampling import eval_sampler, sampler_timesteps
 
         model = build(spec, load=load)
+        sampler, steps, spacing = schedule
+        sampler, steps = eval_sampler(model.config, sampler, steps)
+        timesteps = sampler_timesteps(sampler, steps, spacing, model.config)
+        timesteps = timesteps[:: max(1, len(timesteps) // 5)]
         if dense:
-            model.routing = "dense"
+            model.routing = Routing.DENSE
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
         model = model.to(dtype)
         cfg = model.config
         macs = static_macs(cfg)["total"]
-        if cfg.is_dynamic:
-            model.float()
-            macs = expected_macs(model, timesteps, token_batch=2)["mean"]
-            model.to(dtype)
+        if cfg.is_dynamic:  # FLOPs of the very forwards that are timed below (same inputs, same t)
+            g = torch.Generator().manual_seed(0)
+            bs0 = batch_sizes[0]
+            x = torch.randn(bs0, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(dtype)
+            y = torch.randint(0, cfg.num_classes, (bs0,), generator=g)
+            with torch.inference_mode(), FlopsMeter(model) as meter:
+                for tt in timesteps:
+                    model(x, torch.full((bs0,), tt), y)
+            macs = meter.result()["macs"]
         fwd = torch.compile(model) if compile_ else model
         rows = []
         import gc
@@ -129,7 +141,7 @@ def _measure_child(spec, batch_sizes, repeats, warmup, timesteps, threads, dtype
             rows.append({"batch": bs, "latency_ms": med * 1e3, "iqr_ms": (q_hi - q_lo) * 1e3, "images_per_s": bs / med})
         stop.set()
         sampler.join()
-        q.put({"spec": spec, "gflops": macs / 1e9, "params": model.num_params(), "depth": cfg.depth,
+        q.put({"spec": spec, "gflops": macs / 1e9, "sampler": f"{sampler} {steps}", "timesteps": timesteps, "params": model.num_params(), "depth": cfg.depth,
                "rows": rows, "peak_rss_mb": peak[0] / 2**20, "rss_after_load_mb": rss_after_load / 2**20})
     except Exception as e:  # noqa: BLE001 - reported to the parent as one line
         q.put({"spec": spec, "error": f"{type(e).__name__}: {e}"})
@@ -158,7 +170,8 @@ def _run_child(target, args, timeout: float) -> dict:
             p.kill()
 
 
-def measure(spec: str, batch_sizes=(1, 8), repeats: int = 5, warmup: int = 2, timesteps=(500,), threads: int | None = None,
+def measure(spec: str, batch_sizes=(1, 8), repeats: int = 5, warmup: int = 2, schedule=(None, None, None),
+            threads: int | None = None,
             dtype: str = "fp32", compile_: bool = False, dense: bool = False, timeout: float = 3600,
             load: dict | None = None) -> dict:
     """Shapes and transformed variants are first built and saved by one child; a second child
@@ -177,7 +190,7 @@ def measure(spec: str, batch_sizes=(1, 8), repeats: int = 5, warmup: int = 2, ti
             raise DitcError(f"benchmark of {spec} failed: {res['error']}")
         source = str(Path(tmp) / "m")
     try:
-        res = _run_child(_measure_child, (source, list(batch_sizes), repeats, warmup, list(timesteps),
+        res = _run_child(_measure_child, (source, list(batch_sizes), repeats, warmup, tuple(schedule),
                                           threads or torch.get_num_threads(), dtype, compile_, dense,
                                           load if tmp is None else None), timeout)
     finally:

@@ -7,6 +7,8 @@ whether the run was interrupted.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import warnings
@@ -92,7 +94,7 @@ def load_vae(name: str | None):
 def sample_shards(model, out_dir: Path, num_samples: int, sampler: str = "ddim", steps: int = 50,
                   cfg_scale: float = 1.0, cfg_channels: int | None = None, seed: int = 0, shard_size: int = 250,
                   batch_size: int = 125, vae=None, rank: int = 0, world: int = 1,
-                  timestep_spacing: str | None = None) -> list[int]:
+                  timestep_spacing: str | None = None, guidance_interval=None) -> list[int]:
     """Write the shards this process owns (shard i -> process i % world); skip finished
     ones. Returns the shard ids written now."""
     from PIL import Image
@@ -117,7 +119,8 @@ def sample_shards(model, out_dir: Path, num_samples: int, sampler: str = "ddim",
                 noise = torch.randn(e - b, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
                 y = torch.from_numpy(labels[b:e]).long()
                 x = sample(model, noise, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                           cfg_channels=cfg_channels, generator=g, timestep_spacing=timestep_spacing)
+                           cfg_channels=cfg_channels, generator=g, timestep_spacing=timestep_spacing,
+                           guidance_interval=guidance_interval)
                 imgs.append(to_uint8(decode(model, x, vae)))
                 bar.advance(e - b)
             arr = np.concatenate(imgs)
@@ -240,18 +243,19 @@ def compute_metrics(samples: np.ndarray, ref_kind: str, ref, metrics: list[str],
     return out
 
 
-def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str = "ddim", steps: int = 50,
+def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None = None, steps: int | None = None,
              cfg_scale: float = 1.0, cfg_channels: int | None = None, seed: int = 0, ref: str | None = None,
              metrics: list[str] | None = None, inception_weights: str | None = None, extractor: str | None = None,
              vae_name: str | None = None, shard_size: int = 250, batch_size: int = 125, kid_subset_size: int | None = None,
              rank: int = 0, world: int = 1, barrier=None, loss_data: str | None = None,
-             timestep_spacing: str | None = None) -> dict | None:
+             timestep_spacing: str | None = None, guidance_interval=None) -> dict | None:
     """Python twin of ``ditc eval``: returns the report (on process 0), None elsewhere."""
     import time
 
-    from ..diffusion.sampling import resolve_spacing
+    from ..diffusion.sampling import eval_sampler, resolve_spacing
 
     metrics = metrics or ["fid", "prc"]
+    sampler, steps = eval_sampler(model.config, sampler, steps)
     spacing = resolve_spacing(sampler, timestep_spacing)
     if num_samples < 1:
         raise UsageError("--num-samples must be at least 1")
@@ -263,8 +267,11 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str = "ddim
             raise UsageError(f"--num-samples {num_samples} is smaller than the KID subset size {kss}")
     vae = load_vae(vae_name or (model.config.vae if model.config.latent_scale is not None else None))
     t0 = time.time()
-    written = sample_shards(model, out_dir, num_samples, sampler, steps, cfg_scale, cfg_channels, seed, shard_size,
-                            batch_size, vae, rank, world, spacing)
+    from ..describe import FlopsMeter
+
+    with FlopsMeter(model) if model.config.is_dynamic else contextlib.nullcontext() as meter:
+        written = sample_shards(model, out_dir, num_samples, sampler, steps, cfg_scale, cfg_channels, seed, shard_size,
+                                batch_size, vae, rank, world, spacing, guidance_interval)
     if barrier is not None:
         barrier()
     if rank != 0:
@@ -273,10 +280,16 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str = "ddim
     np.savez(Path(out_dir) / "samples.npz", arr_0=imgs, labels=labels)
     report = {
         "num_samples": num_samples, "sampler": sampler, "steps": steps, "timestep_spacing": spacing, "cfg_scale": cfg_scale,
+        "guidance_interval": guidance_interval,
         "cfg_channels": "all latent channels" if cfg_channels is None else f"first {cfg_channels}",
         "seed": seed, "reference": ref or "digits", "extractor": ex_kw["feature_extractor"],
         "shards_written_now": len(written), "sampling_seconds": time.time() - t0, "processes": world,
     }
+    if meter is not None and meter.calls:  # what the routers ran over this very sampling (process 0's shards)
+        r = meter.result()
+        report["inference_flops_ratio"], report["inference_block_flops_ratio"] = r["flops_ratio"], r["block_flops_ratio"]
+        report["token_keep_ratio"] = r["token_keep_ratio"]
+        report["target_block_flops"] = model.config.width.target_flops if model.config.width is not None else None
     if num_samples < 50_000 and "fid" in metrics:
         msg = f"FID from {num_samples} samples (< 50,000) is biased upward: compare only with figures at the same N"
         warnings.warn(msg)

@@ -118,7 +118,8 @@ def _apply_overrides(cfg: DiTConfig, where: str, num_heads: int | None, predicti
         if not cfg.provenance.get("prediction", "").startswith("assumed"):
             raise UsageError(f"{where} states prediction {cfg.prediction!r}; --prediction {prediction} contradicts it")
         cfg.prediction = prediction
-        cfg.provenance["prediction"] = "given (--prediction)"
+        cfg.provenance["prediction"] = "given (--prediction)" + ("; SiT time (t = 1 is data), linear path"
+                                                                 if prediction == "velocity" else "")
     if numerics is not None:
         if numerics != cfg.numerics:
             cfg.numerics = numerics

@@ -77,29 +77,41 @@ def _heads(hidden: int, args, num_heads: int | None, where: str) -> tuple[int, s
                       f"size){said}; give --num-heads")
 
 
-def _prediction(args, prediction: str | None, where: str) -> tuple[str, str]:
-    """SiT/REPA training args state the objective; a plain state dict does not."""
+REPA_ARGS = ("enc_type", "encoder_depth", "proj_coeff", "projector_embed_dims")
+
+
+def _prediction(args, prediction: str | None, where: str, repa_keys: bool) -> tuple[str, str, str]:
+    """(prediction, time input, provenance). SiT/REPA training args state the objective
+    (REPA: t = 1 is noise, SiT: t = 1 is data); a plain state dict does not."""
     path = getattr(args, "path_type", None) if args is not None else None
+    repa = repa_keys or (args is not None and any(hasattr(args, k) for k in REPA_ARGS))
     if path is not None:
         if str(path).lower() != "linear":
-            raise FormatError(f"{where}: SiT path type {path!r} is not supported (only the linear interpolant)")
+            raise FormatError(f"{where}: path type {path!r} is not supported (only the linear interpolant)")
         pred = str(getattr(args, "prediction", "velocity")).lower()
         if pred not in ("velocity", "v"):
-            raise FormatError(f"{where}: SiT prediction {pred!r} is not supported (only velocity)")
+            raise FormatError(f"{where}: prediction {pred!r} is not supported for flow models (only velocity)")
         if prediction not in (None, "velocity"):
             raise UsageError(f"{where}: the checkpoint's args state a velocity (SiT) model; --prediction {prediction} contradicts it")
-        return "velocity", "args (path_type linear, velocity)"
+        who = "REPA (t = 1 is noise)" if repa else "SiT (t = 1 is data)"
+        return "velocity", "repa" if repa else "sit", f"args: linear path, velocity, {who}"
     if args is not None:
         if prediction not in (None, "eps"):
             raise UsageError(f"{where}: the checkpoint's args are a DiT's (no path_type); --prediction {prediction} contradicts it")
-        return "eps", "args (DiT training args, no path_type)"
+        return "eps", "sit", "args (DiT training args, no path_type)"
+    if repa_keys:
+        if prediction not in (None, "velocity"):
+            raise UsageError(f"{where}: REPA projector heads mark a velocity model; --prediction {prediction} contradicts it")
+        return "velocity", "repa", "inferred: REPA projector heads (velocity, linear path, t = 1 is noise)"
+    if prediction == "velocity":
+        return "velocity", "sit", "given (--prediction); SiT time (t = 1 is data), linear path"
     if prediction is not None:
-        return prediction, "given (--prediction)"
-    return "eps", "assumed: a plain original-layout state dict is an eps DiT; --prediction velocity for SiT"
+        return prediction, "sit", "given (--prediction)"
+    return "eps", "sit", "assumed: a plain original-layout state dict is an eps DiT; --prediction velocity for SiT"
 
 
 def infer_config(state: dict, args=None, num_heads: int | None = None, prediction: str | None = None,
-                 where: str = "checkpoint") -> DiTConfig:
+                 where: str = "checkpoint", repa_keys: bool = False) -> DiTConfig:
     w = state["x_embedder.proj.weight"]
     hidden, in_ch, patch = w.shape[0], w.shape[1], w.shape[2]
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
@@ -118,7 +130,7 @@ def infer_config(state: dict, args=None, num_heads: int | None = None, predictio
     if grid * grid != n:
         raise FormatError(f"{where}: pos_embed holds {n} tokens, not a square grid")
     heads, prov["num_heads"] = _heads(hidden, args, num_heads, where)
-    pred, prov["prediction"] = _prediction(args, prediction, where)
+    pred, time_input, prov["prediction"] = _prediction(args, prediction, where, repa_keys)
     rows = state["y_embedder.embedding_table.weight"].shape[0]
     n_cls = getattr(args, "num_classes", None) if args is not None else None
     if n_cls is not None and int(n_cls) + 1 != rows:
@@ -138,7 +150,7 @@ def infer_config(state: dict, args=None, num_heads: int | None = None, predictio
     return DiTConfig(
         input_size=grid * patch, patch_size=patch, in_channels=in_ch, hidden_size=hidden, depth=depth,
         num_heads=heads, mlp_ratio=mlp_hidden / hidden, num_classes=rows - 1, learn_sigma=out == 2 * in_ch,
-        prediction=pred, latent_scale=0.18215 if latent else None, vae=vae, provenance=prov,
+        prediction=pred, time_input=time_input, latent_scale=0.18215 if latent else None, vae=vae, provenance=prov,
     )
 
 
@@ -147,7 +159,7 @@ def load_original(file: Path, use_ema: bool = True, num_heads: int | None = None
     state, args = extract_state(safe_torch_load(file), use_ema)
     skipped = sorted({k.split(".")[0] for k in state if k.split(".")[0] in TRAINING_ONLY})
     state = {k: v for k, v in state.items() if k.split(".")[0] not in TRAINING_ONLY}
-    cfg = infer_config(state, args, num_heads, prediction, where=str(file))
+    cfg = infer_config(state, args, num_heads, prediction, where=str(file), repa_keys=bool(skipped))
     if skipped:
         cfg.provenance["skipped"] = f"{', '.join(skipped)} (REPA projector heads: training loss only)"
     cfg.name = Path(file).stem

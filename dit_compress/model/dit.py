@@ -6,11 +6,11 @@ Compression lives in the same module, described by the config:
 - dynamic width (DyDiT TDW): ``blocks.i.head_router`` / ``blocks.i.channel_router``;
 - dynamic tokens (DyDiT SDT): ``blocks.i.token_router``.
 
-Routers run in one of three modes (``model.routing``):
-- ``"train"``: Gumbel-sigmoid straight-through masks, dense compute (a training device);
-- ``"dense"``: deterministic masks multiplied in, dense compute (the checking reference);
-- ``"fast"``: deterministic masks, only active heads/channels computed (sliced weights,
-  zero-copy prefix views) and only routed tokens enter the MLP (gather/scatter).
+Routers run in one of the modes of ``routers.Routing`` (``with routing(model, mode)``):
+``TRAIN`` (Gumbel-sigmoid straight-through masks, dense compute; whenever ``model.training``),
+``DENSE`` (deterministic masks multiplied in: the checking reference), ``FAST`` (deterministic
+masks, only active heads/channels computed on zero-copy prefix views, only routed tokens
+enter the MLP) and ``FULL`` (everything on: DyDiT's stage-1 full-model loss).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import DiTConfig
-from .routers import TokenRouter, WidthRouter, gumbel_sigmoid_mask
+from .routers import (Routing, TokenRouter, WidthRouter, expected_prefix_mask, expected_topk_mask,
+                      gumbel_sigmoid_mask, prefix_from_gates)
 
 FREQ_DIM = 256
 
@@ -177,32 +178,29 @@ class DiTBlock(nn.Module):
 
     # ------------------------------------------------------------------ masks
     def width_masks(self, t_emb, mode: str, tau: float):
-        """Nested (prefix) masks over heads and MLP channel groups: [B, H] each, or None."""
-        if self.head_router is None:
+        """Nested (prefix) masks over heads and MLP channel groups: [B, H] each, or None.
+        Training: hard Gumbel gates, prefix = cumulative product; inference: the expected
+        prefix length of that process (see routers.expected_prefix_mask)."""
+        if self.head_router is None or mode == Routing.FULL:
             return None, None
         hl, cl = self.head_router(t_emb), self.channel_router(t_emb)
-        if mode == "train" and not self.static_width:
-            hm, cm = gumbel_sigmoid_mask(hl, tau), gumbel_sigmoid_mask(cl, tau)
-        else:
-            hm, cm = (hl > 0).to(t_emb.dtype), (cl > 0).to(t_emb.dtype)
-        # group 0 always on; prefix structure after importance sorting
-        hm = torch.cat([torch.ones_like(hm[:, :1]), hm[:, 1:]], 1).cumprod(1)
-        cm = torch.cat([torch.ones_like(cm[:, :1]), cm[:, 1:]], 1).cumprod(1)
-        return hm, cm
+        if mode == Routing.TRAIN and not self.static_width:
+            return prefix_from_gates(gumbel_sigmoid_mask(hl, tau)), prefix_from_gates(gumbel_sigmoid_mask(cl, tau))
+        return expected_prefix_mask(hl).to(t_emb.dtype), expected_prefix_mask(cl).to(t_emb.dtype)
 
     def token_mask(self, x, mode: str, tau: float):
-        if self.token_router is None:
+        if self.token_router is None or mode == Routing.FULL:
             return None
         logits = self.token_router(x)
-        if mode == "train":
+        if mode == Routing.TRAIN:
             return gumbel_sigmoid_mask(logits, tau)
-        return (logits > 0).to(x.dtype)
+        return expected_topk_mask(logits).to(x.dtype)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x, c, t_emb=None, mode: str = "dense", tau: float = 5.0, stats: BlockStats | None = None):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         hm, cm = self.width_masks(t_emb, mode, tau)
-        if mode == "fast" and hm is not None:
+        if mode == Routing.FAST and hm is not None:
             return self._forward_fast_width(x, hm, cm, (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), stats)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), hm)
         tm = self.token_mask(x, mode, tau)
@@ -210,7 +208,7 @@ class DiTBlock(nn.Module):
             stats.head_frac = hm.mean(1) if hm is not None else None
             stats.channel_frac = cm.mean(1) if cm is not None else None
             stats.token_frac = tm.mean(1) if tm is not None else None
-        if mode == "fast" and tm is not None:
+        if mode == Routing.FAST and tm is not None:
             return self._mlp_on_tokens(x, tm, shift_mlp, scale_mlp, gate_mlp, None)
         h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp), cm)
         if tm is not None:
@@ -247,7 +245,7 @@ class DiTBlock(nn.Module):
         gs = self.mlp.fc1.out_features // cm.shape[1]
         ch = int(k_groups[0]) * gs
         x = x + gate_msa.unsqueeze(1) * self.attn.forward_sliced(modulate(self.norm1(x), shift_msa, scale_msa), k)
-        tm = self.token_mask(x, "fast", 0.0)
+        tm = self.token_mask(x, Routing.FAST, 0.0)
         if stats is not None:
             stats.head_frac, stats.channel_frac = hm.mean(1), cm.mean(1)
             stats.token_frac = tm.mean(1) if tm is not None else None
@@ -290,7 +288,7 @@ class DiT(nn.Module):
         own = config.num_classes if config.block_embedders else None
         self.blocks = nn.ModuleList([DiTBlock(D, config.num_heads, config.mlp_ratio, own) for _ in range(config.depth)])
         self.final_layer = FinalLayer(D, config.patch_size, config.out_channels)
-        self.routing = "fast"
+        self.routing = Routing.FAST  # set with dit_compress.model.routing(model, mode)
         if config.width is not None:
             self._add_width_routers()
         if config.tokens is not None:
@@ -377,7 +375,7 @@ class DiT(nn.Module):
             t = t.expand(x.shape[0])
         h, t_emb, c = self.embed(x, t, y)
         conds = self.block_conditions(t, y, t_emb, c)
-        mode = "train" if (self.training and self.config.is_dynamic) else self.routing
+        mode = self._mode()
         tau = self._tau()
         aux = ForwardAux() if return_aux else None
         want_stats = return_aux and self.config.is_dynamic
@@ -398,6 +396,13 @@ class DiT(nn.Module):
         if want_stats:
             aux.flops_ratio = self.block_flops_ratio(aux.stats, x.shape[0], x.device)
         return out, aux
+
+    def _mode(self) -> Routing:
+        if self.routing == Routing.FULL:
+            return Routing.FULL
+        if self.training and self.config.is_dynamic:
+            return Routing.TRAIN
+        return Routing(self.routing)
 
     def _tau(self) -> float:
         c = self.config

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import torch
 
-from ..diffusion.gaussian import GaussianDiffusion
+from ..diffusion import objective_for
 from .data import TensorData, check_fits
 from .losses import combined_loss
 from .trainer import Trainer, TrainConfig, TrainResult, random_batch_fn
 
 
-def label_dropout_batch_fn(data: TensorData, batch_size: int, num_classes: int, p_drop: float, stratified_t: bool):
-    base = random_batch_fn(data, batch_size, stratified_t=stratified_t)
+def label_dropout_batch_fn(data: TensorData, batch_size: int, num_classes: int, p_drop: float, t_strata: int = 0):
+    base = random_batch_fn(data, batch_size, t_strata=t_strata)
 
     def fn(step, g, rank, world):
         b = base(step, g, rank, world)
@@ -30,7 +30,10 @@ def train_model(model, data: TensorData, cfg: TrainConfig, work_dir: Path, teach
     """Fine-tune (``teacher=None``) or distill ``model`` on ``data``.
 
     Dynamic models (routers in the config) automatically get the FLOPs loss toward
-    ``config.width.target_flops`` and timestep-stratified batches.
+    ``config.width.target_flops`` (DyDiT's schedule: ``kd["flops_hold"]`` steps at 1.0, then
+    linear over ``kd["flops_decay"]`` steps, default 3% of the run), the full-width model's
+    loss added during ``kd["full_steps"]`` (default all) with weight ``kd["full_loss"]``
+    (default 1.0), and batches stratified into ``kd["t_strata"]`` (default 4) timestep ranges.
     """
     check_fits(data, model.config)
     if teacher is not None:
@@ -48,11 +51,11 @@ def train_model(model, data: TensorData, cfg: TrainConfig, work_dir: Path, teach
         for b in model.blocks:  # static width pruning: the chosen widths stay fixed
             b.head_router.requires_grad_(False)
             b.channel_router.requires_grad_(False)
-    diffusion = GaussianDiffusion.create(learn_sigma=model.config.learn_sigma)
+    diffusion = objective_for(model.config)
     loss_fn, status_fn = combined_loss(diffusion, model, teacher, kd or {}, cfg.steps)
     batch_fn = label_dropout_batch_fn(
         data, cfg.batch_size, model.config.num_classes, model.config.class_dropout_prob,
-        stratified_t=model.config.is_dynamic,
+        t_strata=int((kd or {}).get("t_strata", 4)) if model.config.is_dynamic else 0,
     )
     trainer = Trainer(model, loss_fn, batch_fn, cfg, work_dir, desc=desc, status_fn=status_fn)
     return trainer.run(resume=resume)

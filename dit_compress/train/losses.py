@@ -5,24 +5,36 @@ from __future__ import annotations
 import torch
 
 from ..diffusion.gaussian import GaussianDiffusion, mean_flat, normal_kl
+from ..model.routers import Routing, routing
 
 
 def plain_loss(diffusion: GaussianDiffusion):
     def fn(model, batch, step):
-        res = diffusion.training_losses(model, batch["x"], batch["t"], batch["y"], noise=batch["noise"])
+        res = diffusion.training_losses(model, batch["x"], diffusion.batch_t(batch), batch["y"], noise=batch["noise"])
         return {"loss": res["loss"].mean(), "mse": res["mse"].mean().detach(), "vb": res["vb"].mean().detach()}
 
     return fn
 
 
-def layer_map(student_cfg, teacher_cfg) -> list[int]:
+REP_PAIRS = ("paper", "kept")
+REP_MASK_FORMS = ("paper", "joint")
+
+
+def layer_map(student_cfg, teacher_cfg, pairs: str = "paper") -> list[int]:
     """Teacher block whose output each student block should reproduce.
 
-    A student block that stands for source layer k_i replaces source layers
-    k_i .. k_{i+1}-1, so its output is matched to the teacher's output just before
-    source layer k_{i+1} (the last student block to the teacher's last block). For a
-    uniform 1:2 pruning of 28 layers this is TinyFusion's student i <-> teacher 2i+1.
+    ``paper`` (TinyFusion): fixed pairs by depth ratio, student i <-> teacher
+    (i + 1) * T // S - 1, i.e. 2i + 1 for 28 -> 14, whichever layers were kept.
+    ``kept``: a student block that stands for source layer k_i replaces source layers
+    k_i .. k_{i+1}-1, so its output is matched to the teacher's output just before source
+    layer k_{i+1} (the last student block to the teacher's last block); equal to ``paper``
+    for a uniform 1:2 pruning.
     """
+    S, T = student_cfg.depth, teacher_cfg.depth
+    if pairs == "paper":
+        return [(i + 1) * T // S - 1 for i in range(S)]
+    if pairs != "kept":
+        raise ValueError(f"unknown layer pairs {pairs!r}; choose {' or '.join(REP_PAIRS)}")
     src = student_cfg.kept_layers
     t_index = {k: j for j, k in enumerate(teacher_cfg.kept_layers)}
     out = []
@@ -34,25 +46,42 @@ def layer_map(student_cfg, teacher_cfg) -> list[int]:
     return out
 
 
-def masked_rep_loss(hs: torch.Tensor, ht: torch.Tensor, k: float | None) -> torch.Tensor:
-    """MSE between block outputs, ignoring massive activations (|h - mu| >= k sigma, per sample)."""
-    diff2 = (hs - ht) ** 2
+def _keep_mask(h: torch.Tensor, k: float) -> torch.Tensor:
+    """Elements within k sigma of the per-sample mean (over tokens and channels)."""
+    flat = h.flatten(1)
+    shape = (-1, *([1] * (h.dim() - 1)))
+    mu, sd = flat.mean(1).view(shape), flat.std(1).view(shape)
+    return (h - mu).abs() < k * sd
+
+
+def masked_rep_loss(hs: torch.Tensor, ht: torch.Tensor, k: float | None, form: str = "paper") -> torch.Tensor:
+    """MSE between block outputs, ignoring massive activations (|h - mu| >= k sigma, per sample).
+
+    ``paper`` (TinyFusion): each feature zeroed where its own mask is off, the squared
+    difference averaged over all elements: mean((m_s * h_s - m_t * h_t)^2). ``joint``: only
+    elements both masks keep, averaged over those."""
     if k is None:
-        return diff2.mean()
+        return ((hs - ht) ** 2).mean()
+    ms, mt = _keep_mask(hs.detach(), k), _keep_mask(ht, k)
+    if form == "paper":
+        return ((hs * ms - ht * mt) ** 2).mean()
+    if form != "joint":
+        raise ValueError(f"unknown mask form {form!r}; choose {' or '.join(REP_MASK_FORMS)}")
+    m = (ms & mt).to(hs.dtype)
+    diff2 = (hs - ht) ** 2
+    return torch.where(m > 0, diff2, torch.zeros_like(diff2)).sum() / m.sum().clamp(min=1.0)
 
-    def keep(h):
-        flat = h.flatten(1)
-        mu = flat.mean(1).view(-1, *([1] * (h.dim() - 1)))
-        sd = flat.std(1).view(-1, *([1] * (h.dim() - 1)))
-        return (h - mu).abs() < k * sd
 
-    m = (keep(ht) & keep(hs.detach())).to(hs.dtype)
-    return (torch.where(m > 0, diff2, torch.zeros_like(diff2))).sum() / m.sum().clamp(min=1.0)
+def flops_target(step: int, target: float, hold: int = 100, decay: int = 1) -> float:
+    """DyDiT's schedule: 1.0 for ``hold`` steps, then linear to ``target`` over ``decay`` steps."""
+    return 1.0 - (1.0 - target) * min(1.0, max(0, step - hold) / max(1, decay))
 
 
-def flops_target(step: int, total: int, target: float, warmup_frac: float) -> float:
-    warm = max(1, int(total * warmup_frac))
-    return 1.0 - (1.0 - target) * min(1.0, step / warm)
+def flops_schedule(kd: dict, total_steps: int) -> tuple[int, int]:
+    """(hold, decay): DyDiT holds 1.0 for 100 iterations and reaches lambda within ~3% of training."""
+    hold = int(kd.get("flops_hold", 100))
+    decay = kd.get("flops_decay")
+    return hold, max(1, int(decay) if decay is not None else round(0.03 * total_steps))
 
 
 def combined_loss(diffusion: GaussianDiffusion, model, teacher, kd: dict, total_steps: int):
@@ -65,12 +94,16 @@ def combined_loss(diffusion: GaussianDiffusion, model, teacher, kd: dict, total_
     lam = model.config.width.target_flops if model.config.width is not None else kd.get("target_flops", 1.0)
     w = model.config.width
     dynamic = model.config.tokens is not None or (w is not None and not w.static)
-    warmup_frac = kd.get("flops_warmup", 0.3)
-    lmap = layer_map(model.config, teacher.config) if (teacher is not None and beta > 0) else None
+    hold, decay = flops_schedule(kd, total_steps)
+    w_full = kd.get("full_loss", 1.0) if dynamic else 0.0  # DyDiT stage 1: the full model's loss too
+    full_steps = kd.get("full_steps")
+    full_steps = total_steps if full_steps is None else int(full_steps)
+    lmap = layer_map(model.config, teacher.config, kd.get("rep_pairs", "paper")) if (teacher is not None and beta > 0) else None
+    mask_form = kd.get("rep_mask_form", "paper")
     last = {}
 
     def fn(m, batch, step):
-        x0, t, y, noise = batch["x"], batch["t"], batch["y"], batch["noise"]
+        x0, t, y, noise = batch["x"], diffusion.batch_t(batch), batch["y"], batch["noise"]
         need_aux = dynamic or lmap is not None
         res = diffusion.training_losses(m, x0, t, y, noise=noise, return_aux=need_aux) if need_aux else \
             diffusion.training_losses(m, x0, t, y, noise=noise)
@@ -93,15 +126,20 @@ def combined_loss(diffusion: GaussianDiffusion, model, teacher, kd: dict, total_
             loss = loss + w_out * (kd_eps + kd_var)
             if lmap is not None:
                 b = beta * max(0.0, 1.0 - step / max(1, total_steps))
-                rep = sum(masked_rep_loss(hs, taux.features[j], k_sigma) for hs, j in zip(res["aux"].features, lmap)) / len(lmap)
+                rep = sum(masked_rep_loss(hs, taux.features[j], k_sigma, mask_form) for hs, j in zip(res["aux"].features, lmap)) / len(lmap)
                 logs["rep"] = rep.detach()
                 loss = loss + b * rep
+        if dynamic and w_full > 0 and step < full_steps:
+            with routing(m, Routing.FULL):
+                full = diffusion.training_losses(m, x0, t, y, noise=noise)
+            logs["full_loss"] = full["loss"].mean().detach()
+            loss = loss + w_full * full["loss"].mean()
         if dynamic:
             ratio = res["aux"].flops_ratio.mean()
-            target = flops_target(step, total_steps, lam, warmup_frac)
+            target = flops_target(step, lam, hold, decay)
             loss = loss + 2.0 * (ratio - target) ** 2
             logs["flops_ratio"] = ratio.detach()
-            last["flops"] = float(ratio)
+            last["flops"] = float(ratio.detach())
         logs["loss"] = loss
         return logs
 

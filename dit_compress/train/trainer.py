@@ -271,15 +271,18 @@ class Trainer:
         return TrainResult(unwrapped, ema, history, cfg.steps, time.time() - t0, start, acc.is_main_process, acc.num_processes)
 
 
-def random_batch_fn(data, batch_size: int, stratified_t: bool = False, num_timesteps: int = 1000):
-    """Batches drawn with replacement; timesteps uniform or stratified over the batch."""
+def random_batch_fn(data, batch_size: int, t_strata: int = 0, num_timesteps: int = 1000):
+    """Batches drawn with replacement; timesteps uniform, or with ``t_strata`` = k > 0 the
+    batch split into k parts whose timesteps are uniform in the k equal ranges of [0, T)
+    (DyDiT: 4 quarters)."""
 
     def fn(step, g, rank, world):
         idx = torch.randint(0, len(data), (batch_size,), generator=g)
         x, y = data.get(idx, generator=g)
-        if stratified_t:
-            edges = torch.linspace(0, num_timesteps, batch_size + 1)
-            t = (edges[:-1] + torch.rand(batch_size, generator=g) * (edges[1] - edges[0])).long().clamp(max=num_timesteps - 1)
+        if t_strata > 0:
+            stratum = torch.arange(batch_size) * t_strata // batch_size
+            width = num_timesteps / t_strata
+            t = ((stratum + torch.rand(batch_size, generator=g)) * width).long().clamp(max=num_timesteps - 1)
             t = t[torch.randperm(batch_size, generator=g)]
         else:
             t = torch.randint(0, num_timesteps, (batch_size,), generator=g)
