@@ -58,23 +58,61 @@ def distill_table(run: Path) -> str:
     return "\n".join(out)
 
 
-def dynamic_table(run: Path, base_run: Path | None) -> str:
-    bench = rj(run / "bench" / "report.json").get("rows", [])
+def mean_sd(values: list) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "-"
+    m = sum(vals) / len(vals)
+    if len(vals) == 1:
+        return f"{m:.4f} (1 seed)"
+    sd = (sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+    return f"{m:.4f} ± {sd:.4f}"
 
-    def speed(model_suffix, batch):
-        for r in bench:
-            if r["model"].endswith(model_suffix) and r["batch"] == batch:
-                return r
-        return {}
 
-    out = ["| model | GFLOPs (expected) | FLOPs ratio | speedup b1 | speedup b64 | " + QH[2:], "|---" * 11 + "|"]
-    rows = [("base", "digits-dit", None)]
-    rows += [(n, f"/{n}", n) for n in ("dyn07", "dyn05", "static05")]
-    for label, suffix, step in rows:
-        b1, b64 = speed(suffix, 1), speed(suffix, 64)
-        m = metrics(run, f"eval-{step}") if step else (metrics(base_run, "eval-base") if base_run else {})
-        out.append(f"| {label} | {fmt(b1.get('gflops'), 4)} | {fmt(b1.get('flops_ratio'), 2)} | {fmt(b1.get('speedup'), 2)} | "
-                   f"{fmt(b64.get('speedup'), 2)} | " + " | ".join(quality_cols(m)) + " |")
+def seeded_runs(root: Path, name: str) -> list[Path]:
+    return sorted(p for p in root.glob(f"{name}-s*") if p.is_dir())
+
+
+DYN_ROWS = (("base", None), ("dynamic width, lambda 0.7", "dynw07"), ("dynamic width + tokens, lambda 0.7", "dynwt07"),
+            ("static width 0.7", "static07"), ("dynamic width, lambda 0.5", "dynw05"),
+            ("dynamic width + tokens, lambda 0.5", "dynwt05"), ("static width 0.5", "static05"))
+
+
+def dynamic_table(root: Path) -> str:
+    """Table 3 from results-dynamic runs named dynamic-s0, dynamic-s1, ...: FLOPs the written
+    (EMA) model runs at inference (DDIM-50, mean over seeds), FID / class accuracy of seed 0
+    (its eval has the FID samples), held-out loss mean ± sd over the seeds."""
+    runs = seeded_runs(root, "dynamic")
+    out = ["| model | target | inference block FLOPs (EMA, DDIM-50) | FLOPs over the eval's sampling | token keep | "
+           f"FID (seed 0, N) | class acc (seed 0) | held-out loss ({len(runs)} seeds) | held-out MSE |", "|---" * 9 + "|"]
+    for label, step in DYN_ROWS:
+        ft = [rj(r / step / "report.json") for r in runs] if step else []
+        ev = [metrics(r, f"eval-{step or 'base'}") for r in runs]
+        ev0 = rj(runs[0] / f"eval-{step or 'base'}" / "report.json") if runs else {}
+        m0 = ev0.get("metrics", {})
+        target = next((f.get("target_block_flops") for f in ft if f.get("target_block_flops")), None)
+        if step and step.startswith("static"):
+            target = float(step[-2:]) / 10
+        inf = [f.get("inference_block_flops_ratio") for f in ft]
+        out.append(f"| {label} | {fmt(target, 2) if step else '1.00'} | {mean_sd(inf) if step and any(inf) else ('1.00' if not step else 'static')} | "
+                   f"{fmt(ev0.get('inference_block_flops_ratio'), 3) if ev0.get('inference_block_flops_ratio') else '-'} | "
+                   f"{fmt(ev0.get('token_keep_ratio'), 3) if ev0.get('token_keep_ratio') else '-'} | "
+                   f"{fmt(m0.get('frechet_inception_distance'), 2)} ({ev0.get('num_samples', '-')}) | {fmt(m0.get('class_accuracy'), 3)} | "
+                   f"{mean_sd([e.get('heldout_loss') for e in ev])} | {mean_sd([e.get('heldout_mse') for e in ev])} |")
+    return "\n".join(out)
+
+
+def sit_depth_table(root: Path) -> str:
+    runs = seeded_runs(root, "sit-depth")
+    out = [f"| method | kept layers (seed 0) | FID (per seed) | class acc (per seed) | held-out velocity loss ({len(runs)} seeds) |",
+           "|---" * 5 + "|"]
+    for m in ("learned", "uniform", "block-influence"):
+        ev = [metrics(r, f"eval-{m}") for r in runs]
+        if not any(ev):
+            continue
+        kept = rj(runs[0] / m / "report.json").get("kept_layers")
+        out.append(f"| {m} | {kept} | {', '.join(fmt(e.get('frechet_inception_distance'), 1) for e in ev)} | "
+                   f"{', '.join(fmt(e.get('class_accuracy'), 3) for e in ev)} | {mean_sd([e.get('heldout_loss') for e in ev])} |")
     return "\n".join(out)
 
 
@@ -93,7 +131,8 @@ def main():
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs")
     print("## 1. Depth pruning\n\n" + depth_table(root / "results-depth") + "\n")
     print("## 2. Distillation\n\n" + distill_table(root / "results-distill") + "\n")
-    print("## 3. Dynamic width + tokens\n\n" + dynamic_table(root / "results-dynamic", root / "results-depth") + "\n")
+    print("## 3. Dynamic width + tokens\n\n" + dynamic_table(root) + "\n")
+    print("## 5. Flow matching: depth pruning on digits-sit\n\n" + sit_depth_table(root) + "\n")
     print("## 4. Speed at DiT-XL/2 shape\n\n" + speed_table(root / "results-speed") + "\n")
 
 

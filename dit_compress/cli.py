@@ -696,7 +696,9 @@ def bench(
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default 50): dynamic models are timed and counted over these timesteps."),
     device: str = typer.Option("cpu", "--device", help="cpu (cuda: not measured on this build)."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | fp16"),
-    compile_: bool = typer.Option(False, "--compile", help="torch.compile each model."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile each model's forward (compile time: first_run_s in --loop mode)."),
+    loop: bool = typer.Option(False, "--loop", help="Time the whole sampling loop (--sampler, --steps, --cfg-scale; routers act as in eval): seconds_per_image, images_per_s, FLOPs per image over the loop."),
+    cfg_scale: float = typer.Option(1.0, "--cfg-scale", help="--loop: classifier-free guidance scale (> 1 doubles every forward)."),
     dense_masks: bool = typer.Option(False, "--dense-masks", help="Time dynamic models on the masked-dense path."),
     threads: Optional[int] = typer.Option(None, "--threads"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Report dir (report.json/.md, speed_vs_flops.png)."),
@@ -714,6 +716,8 @@ def bench(
         ditc bench --shape DiT-XL/2 --variants width0.5,tokens0.5 -o bench-xl/
 
         ditc bench digits-dit tiny/ tiny-kd/ --batch-sizes 1,64 --json
+
+        ditc bench --loop --sampler ddim --steps 50 --cfg-scale 1.5 digits-dit tiny/ dyn/ --batch-sizes 1,8
     """
     from .diffusion.sampling import resolve_spacing
     from .evaluate.bench import compare, measure, parse_spec, plot_speed_vs_flops
@@ -743,9 +747,10 @@ def bench(
     for s in specs:
         err_console.print(f"measuring {s} ...")
         results.append(measure(s, bs, repeats, warmup, (sampler, steps, timestep_spacing), threads, dtype, compile_, dense_masks,
-                               load=_facts(num_heads, prediction, numerics)))
+                               load=_facts(num_heads, prediction, numerics), loop={"cfg_scale": cfg_scale} if loop else None))
     rows = compare(results)
-    report = {"device": device, "dtype": dtype, "threads": threads or __import__("torch").get_num_threads(),
+    report = {"mode": "sampling loop" if loop else "single forward", "cfg_scale": cfg_scale if loop else None,
+              "sampler": {r["spec"]: r.get("sampler") for r in results}, "device": device, "dtype": dtype, "threads": threads or __import__("torch").get_num_threads(),
               "repeats": repeats, "warmup": warmup, "timesteps": {r["spec"]: r.get("timesteps") for r in results},
               "baseline": specs[0], "rows": rows}
     if output is not None:
@@ -757,9 +762,10 @@ def bench(
     if json_out:
         emit_json(report)
     else:
-        out_console.print(rows_table(f"ditc bench (baseline {specs[0]})", [
-            {k: r[k] for k in ("model", "batch", "gflops", "flops_ratio", "latency_ms", "iqr_ms", "speedup", "peak_rss_mb", "diverges")}
-            for r in rows]))
+        cols = ("model", "batch", "gflops", "flops_ratio", "latency_ms", "iqr_ms", "speedup", "peak_rss_mb", "diverges")
+        if loop:
+            cols = ("model", "batch", "gflops", "flops_ratio", "seconds_per_image", "images_per_s", "speedup", "first_run_s", "diverges")
+        out_console.print(rows_table(f"ditc bench (baseline {specs[0]})", [{k: r.get(k) for k in cols} for r in rows]))
 
 
 @app.command("prepare-data")

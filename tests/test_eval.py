@@ -161,3 +161,26 @@ def test_bench_rows_and_report(pixel_model, tmp_path):
     assert (tmp_path / "b" / "speed_vs_flops.png").exists() and (tmp_path / "b" / "report.md").exists()
     r = run("bench", path, f"{path}+x9")
     assert r.exit_code == 2 and "unknown bench variant" in r.stderr
+
+
+def test_bench_loop_mode_agrees_with_info_flops(tmp_path):
+    """--loop times the whole sampler; for a dynamic model its FLOPs per image over the loop
+    equal what `ditc info --sampler` reports for the same sampler (times the calls)."""
+    from dit_compress.compress.dynamic import add_dynamic_width, set_static_width
+    from dit_compress.describe import describe
+    from dit_compress.formats import load_model, save_model
+
+    m = add_dynamic_width(load_model("digits-dit"), 0.5)
+    set_static_width(m, 0.5, 0.75)
+    save_model(m, tmp_path / "dyn")
+    r = runner.invoke(app, ["bench", "--loop", "--sampler", "ddim", "--steps", "4", "--cfg-scale", "2",
+                            "digits-dit", str(tmp_path / "dyn"), "--batch-sizes", "2", "--repeats", "1",
+                            "--warmup", "0", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    base, dyn = d["rows"]
+    assert d["mode"] == "sampling loop" and dyn["seconds_per_image"] > 0
+    info = describe(load_model(tmp_path / "dyn"), "ddim", 4)
+    assert dyn["gflops"] == pytest.approx(info["inference_gflops"] * 4 * 2, rel=1e-6)  # 4 calls, CFG doubles
+    assert dyn["flops_ratio"] == pytest.approx(base["gflops"] / dyn["gflops"], rel=1e-9)
+    assert 1.4 < dyn["flops_ratio"] < 1.7

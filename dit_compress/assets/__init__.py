@@ -5,6 +5,8 @@ from pathlib import Path
 ASSETS = Path(__file__).parent
 TESTBED_NAME = "digits-dit"
 TESTBED_DIR = ASSETS / "digits-dit"
+# Embedded testbeds by name: the eps DiT and its flow-matching twin (same network, SiT objective).
+EMBEDDED = {TESTBED_NAME: TESTBED_DIR, "digits-sit": ASSETS / "digits-sit"}
 FEATURES_FILE = ASSETS / "digits-features.safetensors"
 
 

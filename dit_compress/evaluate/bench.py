@@ -76,12 +76,86 @@ def build(spec: str, seed: int = 0, load: dict | None = None):
     return model.eval()
 
 
-def _measure_child(spec, batch_sizes, repeats, warmup, schedule, threads, dtype_name, compile_, dense, load, q):
+def _static_forward_rows(model, fwd, cfg, batch_sizes, repeats, warmup, timesteps, dtype):
+    rows = []
+    for bs in batch_sizes:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(bs, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(dtype)
+        y = torch.randint(0, cfg.num_classes, (bs,), generator=g)
+        times = []
+        with torch.inference_mode():
+            for i in range(warmup + repeats):
+                t = torch.full((bs,), timesteps[i % len(timesteps)])
+                t0 = time.perf_counter()
+                fwd(x, t, y)
+                if i >= warmup:
+                    times.append(time.perf_counter() - t0)
+        rows.append({"batch": bs, **_stats(times), "images_per_s": bs / statistics.median(times)})
+    return rows
+
+
+def _stats(times: list[float]) -> dict:
+    med = statistics.median(times)
+    q_lo, q_hi = (statistics.quantiles(times, n=4)[0], statistics.quantiles(times, n=4)[2]) if len(times) > 1 else (med, med)
+    return {"latency_ms": med * 1e3, "iqr_ms": (q_hi - q_lo) * 1e3}
+
+
+def _loop_rows(model, cfg, batch_sizes, repeats, warmup, sampler, steps, spacing, cfg_scale, dtype):
+    """The whole sampling loop, CFG included, routers acting as in eval (``first_run_s`` holds
+    the first, warm-up run: with --compile, the compile time)."""
+    from ..diffusion.sampling import class_balanced_labels, sample
+
+    rows = []
+    for bs in batch_sizes:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(bs, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(dtype)
+        y = torch.from_numpy(class_balanced_labels(bs, cfg.num_classes)).long()
+
+        def run():
+            return sample(model, x, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale, timestep_spacing=spacing,
+                          generator=torch.Generator().manual_seed(1))
+
+        times, first = [], None
+        with torch.inference_mode():
+            for i in range(warmup + repeats):
+                t0 = time.perf_counter()
+                run()
+                dt = time.perf_counter() - t0
+                first = dt if first is None else first
+                if i >= warmup:
+                    times.append(dt)
+        med = statistics.median(times)
+        rows.append({"batch": bs, **_stats(times), "seconds_per_image": med / bs, "images_per_s": bs / med,
+                     "first_run_s": first})
+    return rows
+
+
+def _loop_macs(model, cfg, sampler, steps, spacing, cfg_scale, dtype) -> tuple[float, int]:
+    """(MACs per image over one sampling loop, model calls per loop), measured on a batch of 2."""
+    from ..describe import FlopsMeter
+    from ..diffusion.sampling import class_balanced_labels, sample
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(dtype)
+    y = torch.from_numpy(class_balanced_labels(2, cfg.num_classes)).long()
+    with torch.inference_mode(), FlopsMeter(model) as meter:
+        sample(model, x, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale, timestep_spacing=spacing,
+               generator=torch.Generator().manual_seed(1))
+    r = meter.result()
+    per_row = 2 if cfg_scale != 1.0 else 1  # CFG runs the conditional and the null row for every image
+    return r["macs"] * r["calls"] * per_row, r["calls"]
+
+
+def _measure_child(spec, batch_sizes, repeats, warmup, schedule, threads, dtype_name, compile_, dense, load, loop, q):
     try:
         torch.set_num_threads(threads)
+        import gc
+        import threading
+
+        import psutil
+
         from ..compress.flops import static_macs
         from ..describe import FlopsMeter
-
         from ..diffusion.sampling import eval_sampler, sampler_timesteps
 
         model = build(spec, load=load)
@@ -94,23 +168,25 @@ def _measure_child(spec, batch_sizes, repeats, warmup, schedule, threads, dtype_
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
         model = model.to(dtype)
         cfg = model.config
-        macs = static_macs(cfg)["total"]
-        if cfg.is_dynamic:  # FLOPs of the very forwards that are timed below (same inputs, same t)
-            g = torch.Generator().manual_seed(0)
-            bs0 = batch_sizes[0]
-            x = torch.randn(bs0, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(dtype)
-            y = torch.randint(0, cfg.num_classes, (bs0,), generator=g)
-            with torch.inference_mode(), FlopsMeter(model) as meter:
-                for tt in timesteps:
-                    model(x, torch.full((bs0,), tt), y)
-            macs = meter.result()["macs"]
-        fwd = torch.compile(model) if compile_ else model
-        rows = []
-        import gc
-        import threading
-
-        import psutil
-
+        out = {"spec": spec, "sampler": f"{sampler} {steps}", "params": model.num_params(), "depth": cfg.depth}
+        if loop is not None:
+            macs, calls = _loop_macs(model, cfg, sampler, steps, spacing, loop["cfg_scale"], dtype)
+            out.update(loop_gflops_per_image=macs / 1e9, calls_per_loop=calls, cfg_scale=loop["cfg_scale"])
+        else:
+            macs = static_macs(cfg)["total"]
+            out["timesteps"] = timesteps
+            if cfg.is_dynamic:  # FLOPs of the very forwards that are timed below (same inputs, same t)
+                g = torch.Generator().manual_seed(0)
+                bs0 = batch_sizes[0]
+                x = torch.randn(bs0, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(dtype)
+                y = torch.randint(0, cfg.num_classes, (bs0,), generator=g)
+                with torch.inference_mode(), FlopsMeter(model) as meter:
+                    for tt in timesteps:
+                        model(x, torch.full((bs0,), tt), y)
+                macs = meter.result()["macs"]
+        fwd = model
+        if compile_:  # compile the forward in place, so CFG (forward_with_cfg -> forward) runs compiled too
+            model.forward = torch.compile(model.forward, dynamic=False)
         gc.collect()
         proc = psutil.Process()
         rss_after_load = proc.memory_info().rss
@@ -122,27 +198,16 @@ def _measure_child(spec, batch_sizes, repeats, warmup, schedule, threads, dtype_
                 peak[0] = max(peak[0], proc.memory_info().rss)
                 stop.wait(0.002)
 
-        sampler = threading.Thread(target=sample_rss, daemon=True)
-        sampler.start()
-        for bs in batch_sizes:
-            g = torch.Generator().manual_seed(0)
-            x = torch.randn(bs, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(dtype)
-            y = torch.randint(0, cfg.num_classes, (bs,), generator=g)
-            times = []
-            with torch.inference_mode():
-                for i in range(warmup + repeats):
-                    t = torch.full((bs,), timesteps[i % len(timesteps)])
-                    t0 = time.perf_counter()
-                    fwd(x, t, y)
-                    if i >= warmup:
-                        times.append(time.perf_counter() - t0)
-            med = statistics.median(times)
-            q_lo, q_hi = (statistics.quantiles(times, n=4)[0], statistics.quantiles(times, n=4)[2]) if len(times) > 1 else (med, med)
-            rows.append({"batch": bs, "latency_ms": med * 1e3, "iqr_ms": (q_hi - q_lo) * 1e3, "images_per_s": bs / med})
+        rss_thread = threading.Thread(target=sample_rss, daemon=True)
+        rss_thread.start()
+        if loop is not None:
+            rows = _loop_rows(model, cfg, batch_sizes, repeats, warmup, sampler, steps, spacing, loop["cfg_scale"], dtype)
+        else:
+            rows = _static_forward_rows(model, fwd, cfg, batch_sizes, repeats, warmup, timesteps, dtype)
         stop.set()
-        sampler.join()
-        q.put({"spec": spec, "gflops": macs / 1e9, "sampler": f"{sampler} {steps}", "timesteps": timesteps, "params": model.num_params(), "depth": cfg.depth,
-               "rows": rows, "peak_rss_mb": peak[0] / 2**20, "rss_after_load_mb": rss_after_load / 2**20})
+        rss_thread.join()
+        q.put({**out, "gflops": macs / 1e9, "rows": rows, "peak_rss_mb": peak[0] / 2**20,
+               "rss_after_load_mb": rss_after_load / 2**20})
     except Exception as e:  # noqa: BLE001 - reported to the parent as one line
         q.put({"spec": spec, "error": f"{type(e).__name__}: {e}"})
 
@@ -173,7 +238,7 @@ def _run_child(target, args, timeout: float) -> dict:
 def measure(spec: str, batch_sizes=(1, 8), repeats: int = 5, warmup: int = 2, schedule=(None, None, None),
             threads: int | None = None,
             dtype: str = "fp32", compile_: bool = False, dense: bool = False, timeout: float = 3600,
-            load: dict | None = None) -> dict:
+            load: dict | None = None, loop: dict | None = None) -> dict:
     """Shapes and transformed variants are first built and saved by one child; a second child
     loads that checkpoint and measures, so peak memory is inference memory, not the transient
     copies of building random weights or applying transforms."""
@@ -192,7 +257,7 @@ def measure(spec: str, batch_sizes=(1, 8), repeats: int = 5, warmup: int = 2, sc
     try:
         res = _run_child(_measure_child, (source, list(batch_sizes), repeats, warmup, tuple(schedule),
                                           threads or torch.get_num_threads(), dtype, compile_, dense,
-                                          load if tmp is None else None), timeout)
+                                          load if tmp is None else None, loop), timeout)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -217,6 +282,7 @@ def compare(results: list[dict], baseline: int = 0, tolerance: float = 0.25) -> 
                 "speedup": speedup, "speedup_per_flops": speedup / fr, "peak_rss_mb": r["peak_rss_mb"],
                 "peak_mem_ratio": r["peak_rss_mb"] / base["peak_rss_mb"],
                 "diverges": abs(speedup / fr - 1) > tolerance,
+                **{k: row[k] for k in ("seconds_per_image", "first_run_s") if k in row},
             })
     return out
 

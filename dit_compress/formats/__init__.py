@@ -36,12 +36,12 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 
 def detect(source: str) -> tuple[str, Path | str]:
     """(kind, location) where kind is ditc | diffusers | original | hub."""
-    from ..assets import TESTBED_DIR, TESTBED_NAME
+    from ..assets import EMBEDDED
 
-    if source == TESTBED_NAME:
-        if not (TESTBED_DIR / "model.safetensors").exists():
-            raise FormatError(f"the embedded {TESTBED_NAME} weights are missing from the installed package")
-        return "ditc", TESTBED_DIR
+    if source in EMBEDDED:
+        if not (EMBEDDED[source] / "model.safetensors").exists():
+            raise FormatError(f"the embedded {source} weights are missing from the installed package")
+        return "ditc", EMBEDDED[source]
     p = Path(source)
     if p.exists():
         if p.is_dir():

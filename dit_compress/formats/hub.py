@@ -53,5 +53,5 @@ def download(repo_id: str, revision: str | None = None) -> Path:
 
 
 def unknown_source(source: str) -> UsageError:
-    names = ", ".join(sorted(set(ALIASES)) + ["digits-dit"])
+    names = ", ".join(sorted(set(ALIASES)) + ["digits-dit", "digits-sit"])
     return UsageError(f"unknown model {source!r}: not a path, a known alias ({names}) or a hub repo id (org/name)")

@@ -435,7 +435,7 @@ class DiT(nn.Module):
         """
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)
-        out = self.forward(combined, t, y)
+        out = self(combined, t, y)  # through __call__: hooks (FLOPs meter, LoRA) see guided calls too
         n = self.config.in_channels if guide_channels is None else guide_channels
         eps, rest = out[:, :n], out[:, n:]
         cond, uncond = torch.split(eps, len(eps) // 2, dim=0)
