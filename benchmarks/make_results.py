@@ -69,6 +69,13 @@ def mean_sd(values: list) -> str:
     return f"{m:.4f} ± {sd:.4f}"
 
 
+def fid_cell(m: dict, n) -> str:
+    """FID with its N; none below 100 samples (those evals only carry the held-out loss)."""
+    if not n or n < 100:
+        return "- (held-out loss only)"
+    return f"{fmt(m.get('frechet_inception_distance'), 2)} ({n})"
+
+
 def seeded_runs(root: Path, name: str) -> list[Path]:
     return sorted(p for p in root.glob(f"{name}-s*") if p.is_dir())
 
@@ -97,7 +104,7 @@ def dynamic_table(root: Path) -> str:
         out.append(f"| {label} | {fmt(target, 2) if step else '1.00'} | {mean_sd(inf) if step and any(inf) else ('1.00' if not step else 'static')} | "
                    f"{fmt(ev0.get('inference_block_flops_ratio'), 3) if ev0.get('inference_block_flops_ratio') else '-'} | "
                    f"{fmt(ev0.get('token_keep_ratio'), 3) if ev0.get('token_keep_ratio') else '-'} | "
-                   f"{fmt(m0.get('frechet_inception_distance'), 2)} ({ev0.get('num_samples', '-')}) | {fmt(m0.get('class_accuracy'), 3)} | "
+                   f"{fid_cell(m0, ev0.get('num_samples'))} | {fmt(m0.get('class_accuracy'), 3)} | "
                    f"{mean_sd([e.get('heldout_loss') for e in ev])} | {mean_sd([e.get('heldout_mse') for e in ev])} |")
     return "\n".join(out)
 
