@@ -58,3 +58,14 @@ def inputs(batch: int = 2, channels: int = 4, size: int = 8, seed: int = 1):
     t = torch.randint(0, 1000, (batch,), generator=g)
     y = torch.randint(0, 11, (batch,), generator=g)
     return x, t, y
+
+
+class Recorder:
+    """Wraps a model for ``dit_compress.sample``: records (x, t) of every model call."""
+
+    def __init__(self, m):
+        self.m, self.config, self.calls = m, m.config, []
+
+    def __call__(self, x, t, y):
+        self.calls.append((x.clone(), t.clone()))
+        return self.m(x, t, y)

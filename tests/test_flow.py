@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from helpers import Recorder
 from reference_dit import reference_dit
 from typer.testing import CliRunner
 
@@ -43,15 +44,6 @@ def sit_files(tmp_path_factory):
                                    prediction="v", enc_type="dinov2-vit-b", encoder_depth=8, proj_coeff=0.5)
     torch.save({"model": repa_state, "ema": repa_state, "opt": {}, "args": repa_args}, d / "repa.pt")
     return ref, d
-
-
-class _Recorder:
-    def __init__(self, m):
-        self.m, self.config, self.calls = m, m.config, []
-
-    def __call__(self, x, t, y):
-        self.calls.append((x.clone(), t.clone()))
-        return self.m(x, t, y)
 
 
 def test_velocity_loss_matches_sit_equations():
@@ -104,7 +96,7 @@ def test_flow_trajectories_match_sit_equations(sampler):
     m = load_model("digits-dit", prediction=None)
     m.config = m.config.copy(prediction="velocity")
     noise, y = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([1, 4, 10])
-    rec = _Recorder(m)
+    rec = Recorder(m)
     ours = dit_compress.sample(rec, noise, y, sampler=sampler, steps=8, generator=torch.Generator().manual_seed(4))
     ref, seen = _reference_flow(m, noise, y, 8, sampler == "sde", torch.Generator().manual_seed(4))
     assert len(rec.calls) == len(seen) == (8 if sampler == "sde" else 7)
@@ -127,7 +119,7 @@ def test_sit_and_repa_time_conventions(sit_files, capsys):
         assert torch.allclose(sit(x, t, y), ref(x, t, y), atol=1e-5)
     # first sampler call: SiT starts at t = 0 (noise), REPA's network sees 1 - t = 1
     for m, first in ((sit, 0.0), (repa, 1.0)):
-        rec = _Recorder(m)
+        rec = Recorder(m)
         dit_compress.sample(rec, torch.randn(2, 1, 8, 8), y, sampler="euler", steps=3)
         assert [float(c[1][0]) for c in rec.calls] == pytest.approx([first, abs(first - 0.5)])
     info = json.loads(run("info", d / "repa.pt", "--num-heads", "4", "--json").stdout)
@@ -137,7 +129,7 @@ def test_sit_and_repa_time_conventions(sit_files, capsys):
 def test_natural_sampler_and_guidance_interval(sit_files):
     _, d = sit_files
     m = load_model(d / "sit.pt", num_heads=4)
-    rec = _Recorder(m)
+    rec = Recorder(m)
     dit_compress.sample(rec, torch.randn(1, 1, 8, 8), torch.tensor([2]), steps=6)  # natural: SiT's SDE
     assert len(rec.calls) == 6 and float(rec.calls[-1][1][0]) == pytest.approx(0.96)
     # guidance only while the noise level 1 - t is within [0, 0.5]: the batch doubles there only

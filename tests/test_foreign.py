@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from helpers import Recorder
 from reference_dit import reference_dit
 from typer.testing import CliRunner
 
@@ -282,20 +283,11 @@ def _reference_loop(model, noise, y, n, ddim, gen=None):
     return x, seen
 
 
-class _Recorder:
-    def __init__(self, m):
-        self.m, self.config, self.calls = m, m.config, []
-
-    def __call__(self, x, t, y):
-        self.calls.append((x.clone(), t.clone()))
-        return self.m(x, t, y)
-
-
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 def test_linspace_trajectory_matches_reference_respacing(sampler):
     m = load_model("digits-dit")
     noise, y = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(5)), torch.tensor([0, 3, 7, 10])
-    rec = _Recorder(m)
+    rec = Recorder(m)
     ours = dit_compress.sample(rec, noise, y, sampler=sampler, steps=10, generator=torch.Generator().manual_seed(9))
     ref, seen = _reference_loop(m, noise, y, 10, sampler == "ddim", torch.Generator().manual_seed(9))
     assert [int(t[0]) for _, t in rec.calls] == [t for _, t in seen] == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
