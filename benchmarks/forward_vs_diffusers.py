@@ -28,7 +28,7 @@ def main():
     from diffusers import DiTTransformer2DModel
 
     from dit_compress.config import DiTConfig
-    from dit_compress.formats import build_model
+    from dit_compress.model.build import build_model
     from dit_compress.formats.diffusers_fmt import diffusers_config, original_to_diffusers
     from dit_compress.model import DiT
 

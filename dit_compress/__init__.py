@@ -4,8 +4,24 @@
     model = dit_compress.load_model("digits-dit")           # or a hub id, dir or .pt
     x = dit_compress.sample(model, noise, y, sampler="ddim", steps=50, cfg_scale=2.0)
     dit_compress.save_model(model, "out/", format="ditc")   # ditc | diffusers | original
+
+Every ``ditc`` command is a function here with the same options as keywords, e.g.
+``dit_compress.prune_depth("digits-dit", output="tiny/", pattern="1:2", data="digits")``.
 """
 
+from .commands import (
+    add_dynamic_width,
+    add_token_router,
+    bench,
+    convert,
+    create,
+    distill,
+    evaluate_model,
+    finetune,
+    info,
+    prepare_data,
+    prune_depth,
+)
 from .config import DiTConfig
 from .diffusion import sample, training_losses
 from .errors import DitcError
@@ -13,4 +29,6 @@ from .formats import load_model, save_model
 from .model import DiT
 
 __version__ = "0.1.0"
-__all__ = ["DiT", "DiTConfig", "DitcError", "load_model", "save_model", "sample", "training_losses", "__version__"]
+__all__ = ["DiT", "DiTConfig", "DitcError", "add_dynamic_width", "add_token_router", "bench", "convert", "create",
+           "distill", "evaluate_model", "finetune", "info", "load_model", "prepare_data", "prune_depth", "sample",
+           "save_model", "training_losses", "__version__"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import json
 import sys
-import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -15,7 +14,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import DitcError, UsageError
+from . import commands
+from .commands.compression import SUMMARY_KEYS
+from .errors import DitcError
+from .pipeline import recipe_table, run_recipe
+from .report import columns
 
 app = typer.Typer(
     name="ditc",
@@ -69,11 +72,7 @@ def kv_table(title: str, rows: dict) -> Table:
 
 def rows_table(title: str, rows: list[dict]) -> Table:
     t = Table(title=title)
-    cols = []
-    for r in rows:
-        for k in r:
-            if k not in cols:
-                cols.append(k)
+    cols = columns(rows)
     for c in cols:
         t.add_column(c)
     for r in rows:
@@ -85,37 +84,14 @@ def fmt_gflops(g: float) -> str:
     return f"{g:.2f}" if g < 10 else f"{g:.1f}"
 
 
-def _load(source: str, facts: dict, revision: Optional[str] = None, no_ema: bool = False):
-    from .formats import load_model
-
-    return load_model(source, revision=revision, use_ema=not no_ema, **facts)
+def _options(local: dict) -> dict:
+    """A command's parsed options as the keywords of its library function."""
+    return {k: v for k, v in local.items() if k not in ("source", "sources", "json_out")}
 
 
 def _facts(num_heads: Optional[int], prediction: Optional[str], numerics: Optional[str]) -> dict:
     """The facts a user may supply for sources that do not state them (load_model keywords)."""
     return {k: v for k, v in dict(num_heads=num_heads, prediction=prediction, numerics=numerics).items() if v is not None}
-
-
-def _write_checkpoint(model, out: Path, force: bool, report: dict, title: str, plots=None):
-    """Atomic ditc checkpoint + report.json/.md (+ optional PNGs drawn by ``plots(dir)``)."""
-    from .formats.atomic import atomic_dir
-    from .formats.ditc import save_ditc_into
-    from .report import write_report
-
-    with atomic_dir(out, force) as tmp:
-        save_ditc_into(model, tmp, report=report)
-        write_report(tmp, report, title)
-        if plots is not None:
-            plots(tmp)
-
-
-def _parse_ints(text: Optional[str], what: str) -> Optional[list[int]]:
-    if text is None:
-        return None
-    try:
-        return [int(s) for s in text.split(",") if s.strip() != ""]
-    except ValueError:
-        raise UsageError(f"{what} must be a comma-separated list of integers, got {text!r}") from None
 
 
 SRC_HELP = "Model source: digits-dit, a hub alias/id (DiT-XL-2, facebook/DiT-XL-2-256), a diffusers dir, an original .pt or a ditc checkpoint."
@@ -152,19 +128,8 @@ def info(source: str = Src, revision: Optional[str] = Revision, no_ema: bool = N
 
         ditc info tiny/ --json | jq .gflops
     """
-    from .describe import describe
-
-    if arch:
-        import torch
-
-        from .config import DiTConfig
-        from .model import DiT
-
-        with torch.device("meta"):
-            model = DiT(DiTConfig.preset(source))
-    else:
-        model = _load(source, _facts(num_heads, prediction, numerics), revision, no_ema)
-    d = describe(model, sampler, steps, timestep_spacing, cfg_scale)
+    d = commands.info(source, arch=arch, sampler=sampler, steps=steps, timestep_spacing=timestep_spacing,
+                      cfg_scale=cfg_scale, revision=revision, no_ema=no_ema, **_facts(num_heads, prediction, numerics))
     if json_out:
         emit_json(d)
         return
@@ -194,14 +159,8 @@ def convert(source: str = Src, output: Path = Out,
 
         ditc convert my-dit.pt --num-heads 4 -o my-dit/      # heads of an unpublished size, recorded once
     """
-    from .formats import save_model
-
-    model = _load(source, _facts(num_heads, prediction, numerics), revision, no_ema)
-    if to == "original" and output.suffix not in (".pt", ".pth"):
-        raise UsageError(f"--to original writes a single .pt file; give an output ending in .pt (got {output})")
-    model.config = model.config.with_step("convert", to=to, dtype=dtype or "fp32", source=str(source))
-    save_model(model, output, format=to, dtype=dtype, force=force,
-               report={"op": "convert", "source": str(source), "to": to, "dtype": dtype or "fp32"})
+    commands.convert(source, output=output, to=to, dtype=dtype, revision=revision, no_ema=no_ema, force=force,
+                     **_facts(num_heads, prediction, numerics))
     err_console.print(f"wrote {to} checkpoint {output}")
 
 
@@ -231,120 +190,14 @@ def create(arch: str = typer.Argument(..., help="DiT-S/2, DiT-B/4, DiT-XL/2 ... 
 
         ditc create custom --input-size 8 --patch-size 1 --in-channels 1 --hidden-size 128 --depth 12 --num-heads 4 --num-classes 10 --pixel -o digits-new/
     """
-    import torch
-
-    from .config import DiTConfig
-    from .model import DiT
-
-    over = {k: v for k, v in dict(input_size=input_size, in_channels=in_channels, hidden_size=hidden_size, depth=depth,
-                                   num_heads=num_heads, patch_size=patch_size, num_classes=num_classes).items() if v is not None}
-    over["learn_sigma"] = learn_sigma
-    over["prediction"] = prediction
-    if pixel:
-        over.update(latent_scale=None, vae=None)
-    if name:
-        over["name"] = name
-    if arch == "custom":
-        need = [k for k in ("input_size", "in_channels", "hidden_size", "depth", "num_heads", "patch_size") if k not in over]
-        if need:
-            raise UsageError(f"custom architecture needs --{need[0].replace('_', '-')}")
-        cfg = DiTConfig(**over)
-    else:
-        cfg = DiTConfig.preset(arch, **over)
-    cfg.lineage.append({"op": "create", "arch": arch, "seed": seed, "label_init_std": label_init_std})
-    torch.manual_seed(seed)
-    model = DiT(cfg)
-    torch.nn.init.normal_(model.y_embedder.embedding_table.weight, std=label_init_std)
-    _write_checkpoint(model, output, force, {"created": arch, "params": model.num_params()}, "ditc create")
+    model = commands.create(arch, output=output, input_size=input_size, in_channels=in_channels,
+                            hidden_size=hidden_size, depth=depth, num_heads=num_heads, patch_size=patch_size,
+                            num_classes=num_classes, learn_sigma=learn_sigma, pixel=pixel, prediction=prediction,
+                            name=name, label_init_std=label_init_std, seed=seed, force=force)
     err_console.print(f"wrote {output} ({model.num_params():,} parameters)")
 
 
 # ---------------------------------------------------------------------------- training
-def _train_options(steps, batch_size, lr, ema, seed, grad_clip, grad_accum, warmup, schedule, ckpt_every,
-                   mixed_precision, weight_decay):
-    from .train.trainer import TrainConfig
-
-    if steps < 1:
-        raise UsageError("--steps must be at least 1")
-    if batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
-    if not (0.0 <= ema < 1.0):
-        raise UsageError("--ema must be in [0, 1)")
-    if schedule not in ("constant", "cosine", "linear"):
-        raise UsageError("--schedule must be constant, cosine or linear")
-    return TrainConfig(steps=steps, batch_size=batch_size, lr=lr, ema=ema, seed=seed, grad_clip=grad_clip,
-                       grad_accum=grad_accum, warmup=warmup, schedule=schedule, ckpt_every=ckpt_every,
-                       mixed_precision=mixed_precision, weight_decay=weight_decay)
-
-
-def _dynamic_options(hold, decay, full_loss, full_steps, strata) -> dict:
-    if hold < 0 or (decay is not None and decay < 1) or full_loss < 0 or strata < 0:
-        raise UsageError("--flops-hold, --full-model-loss and --t-strata must be >= 0, --flops-decay >= 1")
-    return {"flops_hold": hold, "flops_decay": decay, "full_loss": full_loss, "full_steps": full_steps, "t_strata": strata}
-
-
-def _parse_interval(text: Optional[str]):
-    if text is None:
-        return None
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError:
-        raise UsageError(f"--guidance-interval takes LOW,HIGH (e.g. 0,0.7), got {text!r}") from None
-    if not (0.0 <= lo <= hi <= 1.0):
-        raise UsageError(f"--guidance-interval needs 0 <= LOW <= HIGH <= 1, got {text!r}")
-    return lo, hi
-
-
-def work_dir_for(output: Path) -> Path:
-    """Where resumable training state lives while a command runs (removed on success)."""
-    return output.parent / f".{output.name}.ditc-work"
-
-
-def _run_training(model, data_spec, output, force, resume, tcfg, teacher=None, kd=None, op="finetune", extra=None):
-    from .formats.atomic import check_output
-    from .train.api import train_model
-    from .train.data import load_data
-
-    check_output(output, force)
-    data = load_data(data_spec, model.config.num_classes, model.config)
-    work = work_dir_for(output)
-    if not resume and (work / "train_state").exists():
-        raise UsageError(f"{work} holds an interrupted run: pass --resume to continue it, or delete it")
-    t0 = time.time()
-    res = train_model(model, data, tcfg, work, teacher=teacher, resume=resume, kd=kd, desc=op)
-    if not res.is_main:  # under accelerate launch only process 0 writes
-        raise typer.Exit(0)
-    final = res.ema if res.ema is not None else res.model
-    final.config = res.model.config.with_step(op, data=data_spec, **tcfg.to_dict(), **(extra or {}))
-    report = {
-        "op": op, "data": data_spec, "steps": tcfg.steps, "seconds": time.time() - t0, "resumed_from": res.resumed_from,
-        "processes": res.processes,
-        "weights": "ema" if res.ema is not None else "raw", "train_config": tcfg.to_dict(),
-        "final_loss": res.history[-1]["loss"] if res.history else None, **(extra or {}), "history": res.history,
-    }
-
-    def plots(d):
-        from .report import plot_lines
-
-        if res.history:
-            plot_lines(d / "loss.png", [h["step"] for h in res.history], {"loss": [h["loss"] for h in res.history]},
-                       f"{op} loss", "step", "loss")
-
-    if final.config.is_dynamic:  # what the written (EMA) model runs at inference, next to its target
-        from .describe import inference_flops
-
-        e = inference_flops(final)  # its eval sampler: DDIM-50 (eps) or Euler-50 (velocity)
-        report["inference_block_flops_ratio"] = e["block_flops_ratio"]
-        report["inference_flops_ratio"] = e["flops_ratio"]
-        report["inference_measured_on"] = e["measured_on"]
-        report["target_block_flops"] = final.config.width.target_flops if final.config.width else None
-    _write_checkpoint(final, output, force, report, f"ditc {op}", plots)
-    import shutil
-
-    shutil.rmtree(work, ignore_errors=True)
-    return final, report
-
-
 Steps = typer.Option(1000, "--steps", help="Optimizer steps.")
 Batch = typer.Option(64, "--batch-size", help="Per-process batch size.")
 Lr = typer.Option(1e-4, "--lr", help="AdamW learning rate.")
@@ -384,12 +237,7 @@ def finetune(source: str = Src, output: Path = Out, data: str = Data, steps: int
 
         accelerate launch --num_processes 2 -m dit_compress.cli finetune tiny/ --data latents/ -o tiny-ft/
     """
-    tcfg = _train_options(steps, batch_size, lr, ema, seed, grad_clip, grad_accum, warmup, schedule, ckpt_every,
-                          mixed_precision, weight_decay)
-    model = _load(source, _facts(num_heads, prediction, numerics))
-    kd = _dynamic_options(flops_hold, flops_decay, full_model_loss, full_model_steps, t_strata)
-    _, report = _run_training(model, data, output, force, resume, tcfg, kd=kd, op="finetune",
-                              extra={"dynamic": kd} if model.config.is_dynamic else None)
+    _, report = commands.finetune(source, **_options(locals()))
     _summary(report, json_out)
 
 
@@ -419,20 +267,7 @@ def distill(source: str = Src, output: Path = Out, teacher: str = typer.Option(.
 
         ditc distill tiny/ --teacher DiT-XL-2 --data latents/ --kd-rep 0.01 --lr 2e-4 -o tiny-kd/
     """
-    tcfg = _train_options(steps, batch_size, lr, ema, seed, grad_clip, grad_accum, warmup, schedule, ckpt_every,
-                          mixed_precision, weight_decay)
-    facts = _facts(num_heads, prediction, numerics)
-    student = _load(source, facts)
-    t_model = _load(teacher, facts)
-    from .train.losses import REP_MASK_FORMS, REP_PAIRS
-
-    if rep_pairs not in REP_PAIRS or rep_mask_form not in REP_MASK_FORMS:
-        raise UsageError(f"--rep-pairs takes {' or '.join(REP_PAIRS)}, --rep-mask-form {' or '.join(REP_MASK_FORMS)}")
-    kd = {"out": kd_out, "plain": kd_plain, "rep": kd_rep, "k_sigma": None if no_rep_mask else k_sigma,
-          "rep_pairs": rep_pairs, "rep_mask_form": rep_mask_form,
-          **_dynamic_options(flops_hold, flops_decay, full_model_loss, full_model_steps, t_strata)}
-    _, report = _run_training(student, data, output, force, resume, tcfg, teacher=t_model, kd=kd, op="distill",
-                              extra={"teacher": teacher, "kd": kd})
+    _, report = commands.distill(source, **_options(locals()))
     _summary(report, json_out)
 
 
@@ -475,57 +310,11 @@ def prune_depth_cmd(
 
         ditc prune-depth --method oracle --keep 0,2,4,6,8,10 digits-dit -o oracle/
     """
-    from .compress.depth import LearnedConfig, parse_groups, plot_decisions, prune_depth
-    from .formats.atomic import check_output
-
-    check_output(output, force)
-    keep_list = _parse_ints(keep, "--keep")
-    model = _load(source, _facts(num_heads, prediction, numerics))
-    grp = parse_groups(model.config.depth, pattern, groups) if (pattern or groups) else None
-    ds = None
-    if data is not None:
-        from .train.data import load_data
-
-        ds = load_data(data, model.config.num_classes)
-    lc = LearnedConfig(steps=steps, batch_size=batch_size, lr=lr, logit_lr=logit_lr, tau_start=tau_start, tau_end=tau_end,
-                       logit_scale=logit_scale, logit_ema=logit_ema, recover=recover, lora_rank=lora_rank,
-                       lora_alpha=lora_alpha, seed=seed, ckpt_every=ckpt_every)
-    work = work_dir_for(output)
-    if method == "learned" and not resume and (work / "train_state").exists():
-        raise UsageError(f"{work} holds an interrupted search: pass --resume to continue it, or delete it")
-    if influence_input not in ("clean", "noisy"):
-        raise UsageError(f"--influence-input takes clean or noisy, got {influence_input!r}")
-    pruned, report = prune_depth(model, method, grp, keep_list, ds, lc, work, resume, calib_samples, num_candidates,
-                                 keep_recovery_weights, measure_cost, influence_input == "noisy")
-    report["source"] = source
-    _write_checkpoint(pruned, output, force, report, "ditc prune-depth", lambda d: plot_decisions(report, d / "decisions.png"))
-    import shutil
-
-    shutil.rmtree(work, ignore_errors=True)
-    short = {k: v for k, v in report.items() if k in ("method", "groups", "kept_layers", "depth_after", "params_before",
-             "params_after", "gflops_before", "gflops_after", "calib_loss_chosen", "confidence", "seconds", "search_cost")}
-    if json_out:
-        emit_json(short)
-    else:
-        out_console.print(kv_table("ditc prune-depth", short))
+    _, report = commands.prune_depth(source, **_options(locals()))
+    _summary({k: v for k, v in report.items() if k in SUMMARY_KEYS} | {"op": "prune-depth"}, json_out)
 
 
 # ---------------------------------------------------------------------------- DyDiT
-def _finish_dynamic(model, source: str, op: str, output: Path, force: bool, json_out: bool) -> None:
-    """Write a routed model with its report (width profile PNG) and print the summary."""
-    from .describe import describe, plot_width_profile
-
-    report = describe(model)
-    report.update(op=op, source=source)
-
-    def plots(out_dir):
-        if model.config.width is not None:
-            plot_width_profile(model, out_dir / "width_profile.png")
-
-    _write_checkpoint(model, output, force, report, f"ditc {op}", plots)
-    _summary({k: v for k, v in report.items() if k not in ("width_profile", "lineage", "kept_layers")}, json_out)
-
-
 @app.command("add-dynamic-width")
 @handle_errors
 def add_dynamic_width_cmd(
@@ -549,19 +338,8 @@ def add_dynamic_width_cmd(
 
         ditc add-dynamic-width DiT-XL-2 --target-flops 0.7 -o dydit-xl/
     """
-    from .compress.dynamic import add_dynamic_width
-
-    from .formats.atomic import check_output
-
-    check_output(output, force)
-    model = _load(source, _facts(num_heads, prediction, numerics))
-    ds = None
-    if data is not None:
-        from .train.data import load_data
-
-        ds = load_data(data, model.config.num_classes)
-    _finish_dynamic(add_dynamic_width(model, target_flops, sort_by, ds, tau, init_bias, static, seed), source,
-                    "add-dynamic-width", output, force, json_out)
+    _, report = commands.add_dynamic_width(source, **_options(locals()))
+    _summary({k: v for k, v in report.items() if k not in ("width_profile", "lineage", "kept_layers")}, json_out)
 
 
 @app.command("add-token-router")
@@ -583,13 +361,8 @@ def add_token_router_cmd(
 
         ditc add-token-router digits-dit -o tok/
     """
-    from .compress.dynamic import add_token_router
-    from .formats.atomic import check_output
-
-    check_output(output, force)
-    model = _load(source, _facts(num_heads, prediction, numerics))
-    _finish_dynamic(add_token_router(model, tau, init_bias, reduction, seed), source, "add-token-router",
-                    output, force, json_out)
+    _, report = commands.add_token_router(source, **_options(locals()))
+    _summary({k: v for k, v in report.items() if k not in ("width_profile", "lineage", "kept_layers")}, json_out)
 
 
 # ---------------------------------------------------------------------------- eval / bench
@@ -629,58 +402,15 @@ def eval_cmd(
 
         ditc eval tinydit-d14/ -o eval/ -n 50000 --sampler ddpm --steps 250 --cfg-scale 1.5 --ref VIRTUAL_imagenet256_labeled.npz --inception-weights pt_inception-2015-12-05.pth --metrics fid,isc
     """
-    from accelerate import PartialState
-
-    from .evaluate.fidelity import evaluate
-    from .report import write_report
-
-    from .diffusion.sampling import eval_sampler, resolve_spacing
-
-    interval = _parse_interval(guidance_interval)
-    model = _load(source, _facts(num_heads, prediction, numerics))
-    sampler, steps = eval_sampler(model.config, sampler, steps)
-    resolve_spacing(sampler, timestep_spacing)  # checked before anything is written
-    from .model import Routing
-
-    model.routing = Routing.DENSE if dense_masks else Routing.FAST
-    state = PartialState(cpu=not __import__("torch").cuda.is_available())
-    output.mkdir(parents=True, exist_ok=True)
-    if loss_data is None and model.config.latent_scale is None and model.config.input_size == 8:
-        loss_data = "digits:test"
-    report = evaluate(model, output, num_samples, sampler, steps, cfg_scale, cfg_channels, seed, ref,
-                      [m.strip() for m in metrics.split(",") if m.strip()], inception_weights, extractor, vae,
-                      shard_size, batch_size, kid_subset_size, state.process_index, state.num_processes,
-                      barrier=state.wait_for_everyone, loss_data=None if loss_data == "none" else loss_data,
-                      timestep_spacing=timestep_spacing, guidance_interval=interval)
-    if report is None:
+    report = commands.evaluate_model(source, **_options(locals()))
+    if report is None:  # not the main process
         return
-    if grid:
-        _sample_grid_png(output / "samples.png", output, model.config.num_classes)
-    report["source"] = source
-    write_report(output, report, f"ditc eval: {source}")
     if report.get("warning"):
         err_console.print(f"[bold yellow]warning:[/] {report['warning']}")
     if json_out:
         emit_json(report)
     else:
         out_console.print(kv_table(f"ditc eval: {source}", {**{k: v for k, v in report.items() if k != "metrics"}, **report["metrics"]}))
-
-
-def _sample_grid_png(path: Path, eval_dir: Path, num_classes: int, per_class: int = 10, scale: int = 4):
-    """The first samples of each class, one row per class, from the eval's samples.npz."""
-    import numpy as np
-    from PIL import Image
-
-    d = np.load(eval_dir / "samples.npz")
-    imgs, labels = d["arr_0"], d["labels"]
-    rows = min(num_classes, 10)
-    H, W = imgs.shape[1:3]
-    grid = np.zeros((rows * H, per_class * W, 3), dtype=np.uint8)
-    for c in range(rows):
-        sel = imgs[labels == c][:per_class]
-        for j, a in enumerate(sel):
-            grid[c * H:(c + 1) * H, j * W:(j + 1) * W] = a
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
 
 
 @app.command()
@@ -719,53 +449,16 @@ def bench(
 
         ditc bench --loop --sampler ddim --steps 50 --cfg-scale 1.5 digits-dit tiny/ dyn/ --batch-sizes 1,8
     """
-    from .diffusion.sampling import resolve_spacing
-    from .evaluate.bench import compare, measure, parse_spec, plot_speed_vs_flops
-    from .report import write_report
-
-    if device != "cpu":
-        raise UsageError("only --device cpu is measured in this build")
-    specs = list(sources or [])
-    if shape:
-        specs = [f"shape:{shape}"] + [f"shape:{shape}+{v.strip()}" for v in (variants or "").split(",") if v.strip()] + specs
-    elif variants:
-        raise UsageError("--variants goes with --shape")
-    if baseline:
-        specs = [baseline] + [s for s in specs if s != baseline]
-    if not specs:
-        raise UsageError("nothing to benchmark: give sources or --shape")
-    for s in specs:
-        parse_spec(s)  # every spec is checked before anything runs
-    bs = _parse_ints(batch_sizes, "--batch-sizes")
-    if output is not None:
-        from .formats.atomic import check_output
-
-        check_output(output, force)
-    if sampler is not None:
-        resolve_spacing(sampler, timestep_spacing)  # checked before anything runs
-    results = []
-    for s in specs:
-        err_console.print(f"measuring {s} ...")
-        results.append(measure(s, bs, repeats, warmup, (sampler, steps, timestep_spacing), threads, dtype, compile_, dense_masks,
-                               load=_facts(num_heads, prediction, numerics), loop={"cfg_scale": cfg_scale} if loop else None))
-    rows = compare(results)
-    report = {"mode": "sampling loop" if loop else "single forward", "cfg_scale": cfg_scale if loop else None,
-              "sampler": {r["spec"]: r.get("sampler") for r in results}, "device": device, "dtype": dtype, "threads": threads or __import__("torch").get_num_threads(),
-              "repeats": repeats, "warmup": warmup, "timesteps": {r["spec"]: r.get("timesteps") for r in results},
-              "baseline": specs[0], "rows": rows}
-    if output is not None:
-        from .formats.atomic import atomic_dir
-
-        with atomic_dir(output, force) as tmp:
-            write_report(tmp, report, "ditc bench")
-            plot_speed_vs_flops(rows, tmp / "speed_vs_flops.png")
+    opts = _options(locals())
+    opts["compile"] = opts.pop("compile_")
+    report = commands.bench(sources, echo=lambda m: err_console.print(m), **opts)
     if json_out:
         emit_json(report)
-    else:
-        cols = ("model", "batch", "gflops", "flops_ratio", "latency_ms", "iqr_ms", "speedup", "peak_rss_mb", "diverges")
-        if loop:
-            cols = ("model", "batch", "gflops", "flops_ratio", "seconds_per_image", "images_per_s", "speedup", "first_run_s", "diverges")
-        out_console.print(rows_table(f"ditc bench (baseline {specs[0]})", [{k: r.get(k) for k in cols} for r in rows]))
+        return
+    cols = ("model", "batch", "gflops", "flops_ratio", "latency_ms", "iqr_ms", "speedup", "peak_rss_mb", "diverges")
+    if loop:
+        cols = ("model", "batch", "gflops", "flops_ratio", "seconds_per_image", "images_per_s", "speedup", "first_run_s", "diverges")
+    out_console.print(rows_table(f"ditc bench (baseline {report['baseline']})", [{k: r.get(k) for k in cols} for r in report["rows"]]))
 
 
 @app.command("prepare-data")
@@ -788,12 +481,8 @@ def prepare_data_cmd(
 
         ditc prepare-data my-images/ --vae ./local-vae --image-size 512 -o latents512/
     """
-    from .train.images import prepare
-
-    if output.exists() and not (output / "manifest.json").exists() and not list(output.glob("shard-*.safetensors")) and any(output.iterdir()):
-        raise UsageError(f"output {output} exists and is not a latent-shard folder")
-    info = prepare(images, output, None if vae in (None, "none") else vae, image_size, batch_size, shard_size)
-    _summary({"op": "prepare-data", **info}, json_out)
+    _summary(commands.prepare_data(images, output=output, vae=vae, image_size=image_size, batch_size=batch_size,
+                                   shard_size=shard_size), json_out)
 
 
 # ---------------------------------------------------------------------------- recipes
@@ -816,8 +505,6 @@ def run_cmd(
 
         ditc run recipes/tinydit-d14.yaml data=/data/imagenet-latents
     """
-    from .pipeline import run_recipe
-
     summary = run_recipe(recipe, output, list(overrides or []), echo=lambda m: err_console.print(m, highlight=False, markup=False))
     if json_out:
         emit_json(summary)
@@ -837,19 +524,15 @@ def recipes_cmd():
 
         ditc recipes
     """
-    import yaml
-
-    from .pipeline import builtin_recipes
-
-    rows = []
-    for name, path in builtin_recipes().items():
-        d = yaml.safe_load(path.read_text()) or {}
-        rows.append({"name": name, "steps": " -> ".join(s.get("command", "?") for s in d.get("steps", [])),
-                     "description": (d.get("description", "").split(". ")[0].strip() + ".")})
+    rows = [{"name": name, "steps": " -> ".join(s.get("command", "?") for s in d.get("steps", [])),
+             "description": d.get("description", "").split(". ")[0].strip() + "."}
+            for name, d in recipe_table().items()]
     out_console.print(rows_table("built-in recipes", rows))
 
 
-def _summary(report: dict, json_out: bool):
+def _summary(report: dict | None, json_out: bool):
+    if report is None:  # a process other than the main one under accelerate launch: it writes nothing
+        return
     short = {k: v for k, v in report.items() if k not in ("history",)}
     if json_out:
         emit_json(short)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,7 +193,6 @@ class DiTConfig:
     @classmethod
     def preset(cls, name: str, **overrides) -> "DiTConfig":
         """``DiT-XL/2``, ``DiT-S/4``, ... with 256 px latents unless overridden."""
-        import re
 
         m = re.fullmatch(r"(?:DiT-)?(S|B|L|XL)[/-](2|4|8)", name)
         if not m:

@@ -19,17 +19,18 @@ does not take, references to steps that do not come earlier). A step whose outpu
 
 from __future__ import annotations
 
-import contextlib
+import inspect
 import json
 import re
-import sys
 import time
+import typing
 from pathlib import Path
 
-import click
 import yaml
 
+from .commands import COMMANDS
 from .errors import DitcError, UsageError
+from .report import plot_points, table_md
 
 VAR_RE = re.compile(r"\$\{([A-Za-z_][\w]*)\}")
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -42,6 +43,11 @@ def builtin_recipes() -> dict[str, Path]:
             for p in sorted(d.glob("*.yaml")):
                 out.setdefault(p.stem, p)
     return out
+
+
+def recipe_table() -> dict[str, dict]:
+    """The built-in recipes, parsed, by name."""
+    return {name: yaml.safe_load(path.read_text()) or {} for name, path in builtin_recipes().items()}
 
 
 def load_recipe(path_or_name: str) -> tuple[dict, Path]:
@@ -118,13 +124,13 @@ def resolve(recipe: dict, overrides: list[str]) -> dict:
     return {"name": recipe.get("name", "recipe"), "description": recipe.get("description", ""), "vars": variables, "steps": steps}
 
 
-def _commands() -> dict[str, click.Command]:
-    import typer
+ALIASES = {"prune-depth": {"candidates": "num_candidates"}}  # option spellings accepted for parameter names
+INTERNAL = {"echo"}  # library parameters a recipe does not set
 
-    from .cli import app
 
-    group = typer.main.get_command(app)
-    return dict(group.commands)
+def _params(command: str) -> dict[str, inspect.Parameter]:
+    fn = COMMANDS[command]
+    return {n: p for n, p in inspect.signature(fn).parameters.items() if n not in INTERNAL}
 
 
 def _ref(value, outputs: dict, step: str):
@@ -138,46 +144,37 @@ def _ref(value, outputs: dict, step: str):
     return value
 
 
-def build_argv(step: dict, outputs: dict, run_dir: Path, commands: dict) -> list[str]:
-    """Translate one step into the subcommand's argv, checking every option name."""
+def _coerce(value, hint, key: str, step: str):
+    """Text given for a number or a flag (e.g. from an override) becomes that type."""
+    kinds = [t for t in typing.get_args(hint) or (hint,) if t in (int, float, bool)]
+    if not isinstance(value, str) or not kinds or str in (typing.get_args(hint) or (hint,)):
+        return value
+    kind = kinds[0]
+    try:
+        if kind is bool:
+            return {"true": True, "false": False}[value.lower()]
+        return kind(value)
+    except (KeyError, ValueError):
+        raise UsageError(f"step {step!r}: option {key!r} takes a {kind.__name__}, got {value!r}") from None
+
+
+def bind(step: dict, outputs: dict, run_dir: Path) -> dict:
+    """One step's keyword arguments for its library function, every option name checked."""
     name, command = step["name"], step["command"]
     if command in ("run", "recipes"):
         raise UsageError(f"step {name!r}: a recipe cannot run {command!r}")
-    if command not in commands:
-        raise UsageError(f"step {name!r}: unknown command {command!r} (commands: {', '.join(sorted(commands))})")
-    cmd = commands[command]
-    params = {}
-    for p in cmd.params:  # a recipe may use the parameter name or the option's own spelling
-        params[p.name] = p
-        for o in getattr(p, "opts", []):
-            if o.startswith("--"):
-                params.setdefault(o[2:].replace("-", "_"), p)
-    argv_pos, argv_opt = [], []
-    args = dict(step["args"])
+    if command not in COMMANDS:
+        raise UsageError(f"step {name!r}: unknown command {command!r} (commands: {', '.join(sorted(COMMANDS))})")
+    params, aliases = _params(command), ALIASES.get(command, {})
+    hints = typing.get_type_hints(COMMANDS[command])
+    args = {aliases.get(k.replace("-", "_"), k.replace("-", "_")): v for k, v in step["args"].items()
+            if k.replace("-", "_") not in ("json", "json_out")}
     if "output" in params and "output" not in args:
         args["output"] = str(run_dir / name)
-    for key, value in args.items():
-        pname = key.replace("-", "_")
-        if pname in ("json_out", "json"):
-            continue
-        if pname not in params:
-            opts = sorted(p.opts[0].lstrip("-") for p in cmd.params if getattr(p, "param_type_name", "") == "option")
-            raise UsageError(f"step {name!r}: {command} takes no option {key!r} (it takes: {', '.join(opts)})")
-        p = params[pname]
-        value = _ref(value, outputs, name)
-        if getattr(p, "param_type_name", "") == "argument":
-            argv_pos += [str(v) for v in value] if isinstance(value, list) else [str(value)]
-            continue
-        if p.is_flag:
-            if value is True:
-                argv_opt.append(p.opts[0])
-            elif value is False and p.secondary_opts:
-                argv_opt.append(p.secondary_opts[0])
-            continue
-        if isinstance(value, list):
-            value = ",".join(str(v) for v in value)
-        argv_opt += [p.opts[0] if p.opts[0].startswith("--") else p.opts[-1], str(value)]
-    return [command, *argv_pos, *argv_opt]
+    for key in args:
+        if key not in params:
+            raise UsageError(f"step {name!r}: {command} takes no option {key!r} (it takes: {', '.join(sorted(params))})")
+    return {k: _coerce(_ref(v, outputs, name), hints.get(k), k, name) for k, v in args.items()}
 
 
 def step_finished(run_dir: Path, name: str) -> bool:
@@ -186,61 +183,53 @@ def step_finished(run_dir: Path, name: str) -> bool:
     return out.is_file() or (out / "report.json").exists() or (out / "model_index.json").exists()
 
 
-def plan(recipe: dict, run_dir: Path) -> list[tuple[dict, list[str]]]:
-    commands = _commands()
+def plan(recipe: dict, run_dir: Path) -> list[tuple[dict, dict]]:
+    """Every step bound to its arguments before anything runs."""
     outputs, out = {}, []
-    seen = set()
     for step in recipe["steps"]:
-        if step["name"] in seen:
+        if step["name"] in outputs:
             raise UsageError(f"two steps are named {step['name']!r}")
-        seen.add(step["name"])
-        argv = build_argv(step, outputs, run_dir, commands)
+        kwargs = bind(step, outputs, run_dir)
         outputs[step["name"]] = run_dir / step["name"]
-        out.append((step, argv))
+        out.append((step, kwargs))
     return out
 
 
+def _describe_call(command: str, kwargs: dict) -> str:
+    return command + " " + " ".join(f"{k}={v}" for k, v in kwargs.items())
+
+
+def run_step(step: dict, kwargs: dict) -> None:
+    try:
+        COMMANDS[step["command"]](**kwargs)
+    except DitcError as e:
+        raise type(e)(f"step {step['name']!r} ({step['command']}): {e}; fix it and rerun to resume here",
+                      exit_code=e.exit_code) from None
+
+
 def run_recipe(path_or_name: str, run_dir: Path | None, overrides: list[str], echo=print) -> dict:
+    """Run a recipe's steps in order, skipping finished ones; returns the run summary."""
     recipe, path = load_recipe(path_or_name)
     resolved = resolve(recipe, overrides)
     run_dir = Path(run_dir or Path("runs") / resolved["name"])
     steps = plan(resolved, run_dir)  # everything is checked before anything runs
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.resolved.yaml").write_text(yaml.safe_dump({**resolved, "source": str(path)}, sort_keys=False))
-    import typer
-
-    from .cli import app
-
-    group = typer.main.get_command(app)
     timings = []
-    for step, argv in steps:
+    for step, kwargs in steps:
         if step_finished(run_dir, step["name"]):
             echo(f"[{step['name']}] finished earlier, skipped")
             timings.append({"step": step["name"], "command": step["command"], "seconds": None, "skipped": True})
             continue
-        echo(f"[{step['name']}] ditc {' '.join(argv)}")
+        echo(f"[{step['name']}] {_describe_call(step['command'], kwargs)}")
         t0 = time.time()
-        try:
-            # a step's own tables go to stderr, so `ditc run --json` prints only the summary
-            with contextlib.redirect_stdout(sys.stderr):
-                code = group.main(args=argv, prog_name="ditc", standalone_mode=False)
-            code = code if isinstance(code, int) else 0  # click returns Exit codes here
-        except click.exceptions.Exit as e:
-            code = e.exit_code
-        except click.ClickException as e:
-            raise UsageError(f"step {step['name']!r}: {e.format_message()}") from None
-        if code:
-            raise DitcError(f"step {step['name']!r} ({step['command']}) failed with exit code {code}; fix it and rerun to resume here",
-                            exit_code=code)
+        run_step(step, kwargs)
         timings.append({"step": step["name"], "command": step["command"], "seconds": time.time() - t0, "skipped": False})
-    summary = summarize(run_dir, resolved, timings)
-    return summary
+    return summarize(run_dir, resolved, timings)
 
 
 def summarize(run_dir: Path, resolved: dict, timings: list[dict]) -> dict:
     """One table over the run: per eval step its metrics, per bench step its rows."""
-    from .report import table_md
-
     evals, benches = [], []
     for step in resolved["steps"]:
         rep_file = run_dir / step["name"] / "report.json"
@@ -271,21 +260,7 @@ def plot_quality_vs_speed(evals: list[dict], benches: list[dict], path: Path) ->
         return
     big = max(r["batch"] for r in benches)
     speed = {str(r["model"]): r["speedup"] for r in benches if r["batch"] == big}
-    pts = [(speed[str(e["model"])], e["frechet_inception_distance"], e["step"]) for e in evals
+    pts = [(speed[str(e["model"])], e["frechet_inception_distance"], e["step"], "") for e in evals
            if str(e.get("model")) in speed and "frechet_inception_distance" in e]
-    if not pts:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
-    for x, y, label in pts:
-        ax.scatter([x], [y])
-        ax.annotate(label, (x, y), fontsize=7)
-    ax.set_xlabel(f"measured speedup (batch {big})")
-    ax.set_ylabel("FID (lower is better)")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    if pts:
+        plot_points(path, pts, f"measured speedup (batch {big})", "FID (lower is better)")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
+
+import numpy as np
 
 
 def _fmt(v) -> str:
@@ -19,14 +22,15 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def columns(rows: list[dict]) -> list[str]:
+    """The union of the rows' keys, in first-seen order."""
+    return list(dict.fromkeys(k for r in rows for k in r))
+
+
 def table_md(rows: list[dict]) -> str:
     if not rows:
         return "(empty)\n"
-    cols = []
-    for r in rows:
-        for k in r:
-            if k not in cols:
-                cols.append(k)
+    cols = columns(rows)
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         out.append("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
@@ -55,43 +59,56 @@ def write_report(out_dir: Path, report: dict, title: str) -> None:
     (out_dir / "report.md").write_text(to_markdown(report, title))
 
 
-def plot_lines(path: Path, xs, series: dict, title: str, xlabel: str, ylabel: str) -> None:
+@contextlib.contextmanager
+def figure(path: Path, title: str | None, xlabel: str, ylabel: str, size=(6, 3.6)):
+    """One PNG: yields the axes, labels them, writes ``path`` (matplotlib imported on first use)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
-    for name, ys in series.items():
-        ax.plot(xs, ys, label=name)
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if len(series) > 1:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    fig, ax = plt.subplots(figsize=size, dpi=100)
+    try:
+        yield fig, ax
+        if title:
+            ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        fig.tight_layout()
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+
+
+def plot_lines(path: Path, xs, series: dict, title: str, xlabel: str, ylabel: str) -> None:
+    with figure(path, title, xlabel, ylabel) as (_, ax):
+        for name, ys in series.items():
+            ax.plot(xs, ys, label=name)
+        if len(series) > 1:
+            ax.legend(fontsize=7)
+
+
+def plot_points(path: Path, points, xlabel: str, ylabel: str, diagonal: str | None = None, size=(5, 3.5)) -> None:
+    """Scatter of (x, y, label, group) points, one colour per group, optional y = x line."""
+    with figure(path, None, xlabel, ylabel, size) as (_, ax):
+        for group in dict.fromkeys(p[3] for p in points):
+            sel = [p for p in points if p[3] == group]
+            ax.scatter([p[0] for p in sel], [p[1] for p in sel], label=group)
+            for x, y, label, _ in sel:
+                ax.annotate(label, (x, y), fontsize=6)
+        if diagonal:
+            lim = max(max(p[0] for p in points), max(p[1] for p in points)) * 1.1
+            ax.plot([0, lim], [0, lim], "k--", lw=0.8, label=diagonal)
+        if diagonal or len({p[3] for p in points}) > 1:
+            ax.legend(fontsize=7)
 
 
 def plot_heatmap(path: Path, matrix, title: str, xlabel: str, ylabel: str, xticks=None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
     m = np.asarray(matrix)
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
-    im = ax.imshow(m, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1)
-    if xticks is not None:
-        idx = np.linspace(0, len(xticks) - 1, min(8, len(xticks))).astype(int)
-        ax.set_xticks(idx)
-        ax.set_xticklabels([str(xticks[i]) for i in idx])
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with figure(path, title, xlabel, ylabel) as (fig, ax):
+        im = ax.imshow(m, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1)
+        if xticks is not None:
+            idx = np.linspace(0, len(xticks) - 1, min(8, len(xticks))).astype(int)
+            ax.set_xticks(idx)
+            ax.set_xticklabels([str(xticks[i]) for i in idx])
+        fig.colorbar(im, ax=ax)

@@ -13,7 +13,7 @@ from dit_compress.compress import dynamic as Y
 from dit_compress.errors import DitcError, UsageError
 from dit_compress.formats import load_model, save_model
 from dit_compress.model import DiT
-from dit_compress.train.data import load_data
+from dit_compress.data.datasets import load_data
 
 runner = CliRunner()
 
@@ -39,7 +39,7 @@ def test_sorting_keeps_function_and_all_on_routers_reproduce(sort_by):
     m = wide_model()
     data = None
     if sort_by == "taylor":
-        from dit_compress.train.data import TensorData
+        from dit_compress.data.datasets import TensorData
 
         data = TensorData(torch.randn(16, 4, 8, 8), torch.randint(0, 10, (16,)))
     w = Y.add_dynamic_width(m, 0.5, sort_by, data)
@@ -83,7 +83,7 @@ def test_fast_paths_equal_masked_dense(width, tokens):
         fast, dense = outputs(m, x, tt, y, "fast"), outputs(m, x, tt, y, "dense")
         assert torch.allclose(fast, dense, atol=1e-5), (fast - dense).abs().max()
     # the routers really are switching work off
-    from dit_compress.describe import describe
+    from dit_compress.evaluate.describe import describe
 
     d = describe(m)
     assert d["inference_flops_ratio"] < 0.95
@@ -151,7 +151,7 @@ def test_short_finetune_moves_flops_toward_target(tmp_path):
 
     base = load_model("digits-dit")
     w = Y.add_token_router(Y.add_dynamic_width(base, target_flops=0.5))
-    from dit_compress.describe import describe
+    from dit_compress.evaluate.describe import describe
 
     before = describe(w)["inference_flops_ratio"]
     cfg = TrainConfig(steps=40, batch_size=16, lr=1e-3, ema=0.0, log_every=5)
@@ -184,7 +184,7 @@ def test_cli_transforms(tmp_path):
 def test_inference_flops_equal_training_expectation(tmp_path, tokens):
     """After a short FLOPs-target run the deterministic inference masks run the FLOPs that
     training expects (Monte Carlo over the Gumbel draws), on the same inputs."""
-    from dit_compress.describe import inference_flops
+    from dit_compress.diffusion.measure import inference_flops
     from dit_compress.diffusion.gaussian import GaussianDiffusion
     from dit_compress.train.api import train_model
     from dit_compress.train.trainer import TrainConfig

@@ -167,7 +167,7 @@ def test_bench_loop_mode_agrees_with_info_flops(tmp_path):
     """--loop times the whole sampler; for a dynamic model its FLOPs per image over the loop
     equal what `ditc info --sampler` reports for the same sampler (times the calls)."""
     from dit_compress.compress.dynamic import add_dynamic_width, set_static_width
-    from dit_compress.describe import describe
+    from dit_compress.evaluate.describe import describe
     from dit_compress.formats import load_model, save_model
 
     m = add_dynamic_width(load_model("digits-dit"), 0.5)

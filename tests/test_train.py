@@ -19,7 +19,7 @@ from dit_compress.model import DiT
 from dit_compress.train import losses as L
 from dit_compress.train import trainer as T
 from dit_compress.train.api import train_model
-from dit_compress.train.data import load_data
+from dit_compress.data.datasets import load_data
 
 runner = CliRunner()
 

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from ..config import DiTConfig
+
 ASSETS = Path(__file__).parent
 TESTBED_NAME = "digits-dit"
 TESTBED_DIR = ASSETS / "digits-dit"
@@ -12,7 +14,6 @@ FEATURES_FILE = ASSETS / "digits-features.safetensors"
 
 def testbed_config():
     """The embedded model: class-conditional pixel-space DiT on 8x8 digits, 64 tokens."""
-    from ..config import DiTConfig
 
     return DiTConfig(
         input_size=8, patch_size=1, in_channels=1, hidden_size=128, depth=12, num_heads=4,

@@ -6,16 +6,27 @@ blocks with bit-identical weights, and ``config.kept_layers`` naming their sourc
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import itertools
 import math
 import random
-from dataclasses import dataclass
+import statistics
+import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
+from ..data.batches import draw_examples, label_dropout_batch_fn
+from ..data.datasets import check_fits
 from ..diffusion import objective_for
 from ..errors import UsageError
+from ..model.build import build_model
+from ..model.flops import gflops
+from ..report import plot_lines
+from ..train.losses import plain_loss
+from ..train.trainer import TrainConfig, Trainer
 
 METHODS = ("learned", "block-influence", "uniform", "oracle", "random", "min-loss")
 
@@ -77,7 +88,6 @@ def check_keep(keep: list[int], depth: int) -> list[int]:
 # ---------------------------------------------------------------------------- export
 def prune_layers(model, keep: list[int], op_params: dict | None = None):
     """A new model with blocks ``keep`` (indices into ``model.blocks``), weights copied exactly."""
-    from ..formats import build_model
 
     keep = check_keep(list(keep), model.config.depth)
     cfg = model.config.copy(depth=len(keep), kept_layers=[model.config.kept_layers[i] for i in keep])
@@ -105,8 +115,7 @@ class CalibSet:
 
 def calibration_set(data, n: int, seed: int = 0) -> CalibSet:
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, len(data), (n,), generator=g)
-    x, y = data.get(idx, generator=g)
+    x, y = draw_examples(data, n, g)
     t = torch.randint(0, 1000, (n,), generator=g)
     return CalibSet(x, y, t, torch.randn(x.shape, generator=g))
 
@@ -115,20 +124,30 @@ def calibration_set(data, n: int, seed: int = 0) -> CalibSet:
 def calibration_losses(model, calib: CalibSet, keep: list[int] | None = None, batch: int = 64) -> dict:
     """Mean DiT hybrid loss and eps-MSE with only ``keep`` blocks active (others skipped)."""
     diff = objective_for(model.config)
-    gates = None
-    if keep is not None:
-        gates = torch.zeros(model.config.depth)
-        gates[list(keep)] = 1.0
     loss = mse = 0.0
     n = len(calib.y)
-    for s in range(0, n, batch):
-        sl = slice(s, s + batch)
-        kw = {"gates": gates.expand(len(calib.y[sl]), -1)} if gates is not None else {}
-        res = diff.training_losses(model, calib.x[sl], diff.continuous_t(calib.t[sl]), calib.y[sl],
-                                   noise=calib.noise[sl], **kw)
-        loss += float(res["loss"].sum())
-        mse += float(res["mse"].sum())
+    with only_blocks(model, keep):
+        for s in range(0, n, batch):
+            sl = slice(s, s + batch)
+            res = diff.training_losses(model, calib.x[sl], diff.continuous_t(calib.t[sl]), calib.y[sl],
+                                       noise=calib.noise[sl])
+            loss += float(res["loss"].sum())
+            mse += float(res["mse"].sum())
     return {"loss": loss / n, "mse": mse / n}
+
+
+@contextlib.contextmanager
+def only_blocks(model, keep: list[int] | None):
+    """``model`` running only the blocks ``keep`` (the others skipped), restored afterwards."""
+    if keep is None:
+        yield model
+        return
+    full = model.blocks
+    model.blocks = nn.ModuleList([full[i] for i in keep])
+    try:
+        yield model
+    finally:
+        model.blocks = full
 
 
 def calibration_loss(model, calib: CalibSet, keep: list[int] | None = None, batch: int = 64) -> float:
@@ -241,17 +260,31 @@ class MaskSearch(nn.Module):
 
 
 class SearchWrapper(nn.Module):
-    """DiT + MaskSearch: ``forward(x, t, y)`` samples a mask per sample (pruned layers are
-    still computed and blended with the identity: x = m * block(x) + (1 - m) * x)."""
+    """DiT + MaskSearch: ``forward(x, t, y)`` samples a mask per sample; pruned layers are
+    still computed and blended with the identity, x = m * block(x) + (1 - m) * x, through
+    forward hooks on the blocks (the DiT's own forward is unchanged)."""
 
     def __init__(self, dit, search: MaskSearch):
         super().__init__()
         self.dit = dit
         self.search = search
         self.config = dit.config
+        self._gates = None
+        for i, block in enumerate(dit.blocks):
+            block.register_forward_hook(lambda mod, args, out, i=i: self._blend(i, args[0], out))
+
+    def _blend(self, i: int, h, out):
+        if self._gates is None:  # a forward outside the search: the block as it is
+            return out
+        g = self._gates[:, i].to(out.dtype).view(-1, 1, 1)
+        return g * out + (1 - g) * h
 
     def forward(self, x, t, y, **kw):
-        return self.dit(x, t, y, gates=self.search.sample_gates(x.shape[0]), **kw)
+        self._gates = self.search.sample_gates(x.shape[0])
+        try:
+            return self.dit(x, t, y, **kw)
+        finally:
+            self._gates = None
 
 
 LORA_TARGETS = (r"(blocks\.\d+\.attn\.(qkv|proj)|blocks\.\d+\.mlp\.fc[12]|blocks\.\d+\.adaLN_modulation\.1"
@@ -304,11 +337,6 @@ class LearnedConfig:
 def learned_search(model, data, groups, lc: LearnedConfig, work_dir, resume: bool = False):
     """TinyFusion: jointly train mask logits and a recovery (LoRA / full / none). Returns
     (keep, search module, recovered model, history, seconds)."""
-    import copy
-
-    from ..train.api import label_dropout_batch_fn
-    from ..train.losses import plain_loss
-    from ..train.trainer import Trainer, TrainConfig
 
     if lc.recover not in ("lora", "full", "frozen"):
         raise UsageError(f"--recover must be lora, full or frozen, not {lc.recover!r}")
@@ -364,14 +392,10 @@ def require_data(method: str, data) -> None:
 def step_cost_ratio(model, groups, lc: LearnedConfig, data, reps: int = 3) -> dict:
     """Seconds per learned-search step vs per plain training step of the unpruned model,
     same batch, measured side by side (median of ``reps`` after one warm-up step)."""
-    import copy
-    import statistics
-    import time
 
     diff = objective_for(model.config)
     g = torch.Generator().manual_seed(0)
-    idx = torch.randint(0, len(data), (lc.batch_size,), generator=g)
-    x, y = data.get(idx, generator=g)
+    x, y = draw_examples(data, lc.batch_size, g)
     t = torch.randint(0, 1000, (lc.batch_size,), generator=g)
 
     def timed(module, params):
@@ -397,85 +421,122 @@ def step_cost_ratio(model, groups, lc: LearnedConfig, data, reps: int = 3) -> di
     return {"plain_step_s": plain_s, "search_step_s": search_s, "ratio": search_s / plain_s, "batch_size": lc.batch_size}
 
 
-def prune_depth(model, method: str, groups=None, keep: list[int] | None = None, data=None, lc: LearnedConfig | None = None,
-                work_dir=None, resume: bool = False, calib_samples: int = 128, num_candidates: int = 16,
-                keep_recovery_weights: bool = False, measure_cost: bool = True, influence_noisy: bool = False):
-    """Python twin of ``ditc prune-depth``: returns (pruned model, report dict)."""
-    import time
+@dataclass
+class Selection:
+    """What a layer selector sees, and the report it adds to."""
 
-    from .flops import gflops
+    model: object
+    groups: list | None
+    data: object
+    calib: CalibSet | None
+    lc: LearnedConfig
+    work_dir: object = None
+    resume: bool = False
+    num_candidates: int = 16
+    influence_noisy: bool = False
+    measure_cost: bool = True
+    report: dict = field(default_factory=dict)
+    recovered: object = None  # learned: the model with its recovery weights
 
+
+def _select_uniform(s: Selection) -> list[int]:
+    return uniform_keep(s.groups)
+
+
+def _select_random(s: Selection) -> list[int]:
+    return random_keep(s.groups, random.Random(s.lc.seed))
+
+
+def _select_block_influence(s: Selection) -> list[int]:
+    scores = block_influence(s.model, s.calib, noisy=s.influence_noisy)
+    s.report["influence_input"] = "noisy x_t" if s.influence_noisy else "clean latents, random t (TinyFusion's scorer)"
+    s.report["block_influence"] = scores
+    return keep_by_influence(scores, sum(n for n, _ in s.groups))
+
+
+def _select_min_loss(s: Selection) -> list[int]:
+    rng = random.Random(s.lc.seed)
+    tried = []
+    for _ in range(s.num_candidates):
+        k = random_keep(s.groups, rng)
+        tried.append({"keep": k, "calib_loss": calibration_loss(s.model, s.calib, k)})
+    s.report["candidates"] = tried
+    return min(tried, key=lambda r: r["calib_loss"])["keep"]
+
+
+def _select_learned(s: Selection) -> list[int]:
+    keep, search, s.recovered, hist, probs, secs = learned_search(s.model, s.data, s.groups, s.lc, s.work_dir, s.resume)
+    s.report.update(search_seconds=secs, search_history=hist, decision_probabilities=probs,
+                    final_probabilities=search.probabilities(), confidence=search.confidence(),
+                    learned_config=s.lc.__dict__)
+    if s.measure_cost:
+        s.report["search_cost"] = step_cost_ratio(s.model, s.groups, s.lc, s.data)
+    return keep
+
+
+# method -> (selector, needs data); "oracle" keeps the layers it is given
+SELECTORS = {
+    "learned": (_select_learned, True),
+    "block-influence": (_select_block_influence, True),
+    "uniform": (_select_uniform, False),
+    "random": (_select_random, False),
+    "min-loss": (_select_min_loss, True),
+}
+
+
+def _check_request(method: str, groups, keep, depth: int) -> list[int] | None:
     if method not in METHODS:
         raise UsageError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
-    lc = lc or LearnedConfig()
-    depth = model.config.depth
-    t0 = time.time()
-    report: dict = {"method": method, "source_depth": depth}
-    if groups is not None:
-        report["groups"] = [f"{n}:{m}" for n, m in groups]
     if method == "oracle":
         if keep is None:
             raise UsageError("--method oracle needs --keep i,j,k,... (the layers to keep)")
-        keep = check_keep(keep, depth)
-    elif keep is not None:
+        return check_keep(keep, depth)
+    if keep is not None:
         raise UsageError("--keep goes with --method oracle")
-    elif groups is None:
+    if groups is None:
         raise UsageError("a pattern is needed: --pattern N:M or --groups N:M,N:M,...")
+    return None
+
+
+def _recovered_source(s: Selection, keep_recovery_weights: bool):
+    if not keep_recovery_weights:
+        return s.model
+    if s.recovered is None:
+        raise UsageError("--keep-recovery-weights applies to --method learned only")
+    r = s.recovered
+    state = merged_state(r) if s.lc.recover == "lora" else {k: v.detach().clone() for k, v in r.state_dict().items()}
+    return build_model(s.model.config, state)
+
+
+def prune_depth(model, method: str, groups=None, keep: list[int] | None = None, data=None, lc: LearnedConfig | None = None,
+                work_dir=None, resume: bool = False, calib_samples: int = 128, num_candidates: int = 16,
+                keep_recovery_weights: bool = False, measure_cost: bool = True, influence_noisy: bool = False):
+    """Select the layers to keep with ``method`` (a selector of ``SELECTORS``, or "oracle" with
+    ``keep``) and build the smaller model from the source layers: (pruned model, report)."""
+    lc = lc or LearnedConfig()
+    t0 = time.time()
+    keep = _check_request(method, groups, keep, model.config.depth)
     calib = None
     if data is not None:
-        from ..train.data import check_fits
-
         check_fits(data, model.config)
         calib = calibration_set(data, calib_samples, seed=lc.seed + 12345)
-    recovered = None
-    if method == "uniform":
-        keep = uniform_keep(groups)
-    elif method == "random":
-        keep = random_keep(groups, random.Random(lc.seed))
-    elif method == "block-influence":
-        require_data(method, data)
-        scores = block_influence(model, calib, noisy=influence_noisy)
-        report["influence_input"] = "noisy x_t" if influence_noisy else "clean latents, random t (TinyFusion's scorer)"
-        report["block_influence"] = scores
-        keep = keep_by_influence(scores, sum(n for n, _ in groups))
-    elif method == "min-loss":
-        require_data(method, data)
-        rng = random.Random(lc.seed)
-        tried = []
-        for _ in range(num_candidates):
-            k = random_keep(groups, rng)
-            tried.append({"keep": k, "calib_loss": calibration_loss(model, calib, k)})
-        best = min(tried, key=lambda r: r["calib_loss"])
-        keep = best["keep"]
-        report["candidates"] = tried
-    elif method == "learned":
-        require_data(method, data)
-        keep, search, recovered, hist, probs, secs = learned_search(model, data, groups, lc, work_dir, resume)
-        report.update(search_seconds=secs, search_history=hist, decision_probabilities=probs,
-                      final_probabilities=search.probabilities(), confidence=search.confidence(),
-                      learned_config=lc.__dict__)
-        if measure_cost:
-            report["search_cost"] = step_cost_ratio(model, groups, lc, data)
-    source = model
-    if keep_recovery_weights:
-        if recovered is None:
-            raise UsageError("--keep-recovery-weights applies to --method learned only")
-        from ..formats import build_model
-
-        state = merged_state(recovered) if lc.recover == "lora" else {k: v.detach().clone() for k, v in recovered.state_dict().items()}
-        source = build_model(model.config, state)
-    params = {"method": method, "keep": keep}
+    sel = Selection(model, groups, data, calib, lc, work_dir, resume, num_candidates, influence_noisy, measure_cost,
+                    report={"method": method, "source_depth": model.config.depth})
     if groups is not None:
-        params["groups"] = [f"{n}:{m}" for n, m in groups]
+        sel.report["groups"] = [f"{n}:{m}" for n, m in groups]
+    if method != "oracle":
+        selector, needs_data = SELECTORS[method]
+        if needs_data:
+            require_data(method, data)
+        keep = selector(sel)
+    params = {"method": method, "keep": keep, **({"groups": sel.report["groups"]} if groups is not None else {})}
     if method == "learned":
         params.update(steps=lc.steps, recover=lc.recover, recovery_weights="merged" if keep_recovery_weights else "discarded")
-    pruned = prune_layers(source, keep, params)
-    report.update(
-        kept_layers=keep, kept_source_layers=pruned.config.kept_layers, depth_after=pruned.config.depth,
-        params_before=model.num_params(), params_after=pruned.num_params(),
-        gflops_before=gflops(model.config), gflops_after=gflops(pruned.config),
-        seconds=time.time() - t0,
-    )
+    pruned = prune_layers(_recovered_source(sel, keep_recovery_weights), keep, params)
+    report = sel.report
+    report.update(kept_layers=keep, kept_source_layers=pruned.config.kept_layers, depth_after=pruned.config.depth,
+                  params_before=model.num_params(), params_after=pruned.num_params(),
+                  gflops_before=gflops(model.config), gflops_after=gflops(pruned.config), seconds=time.time() - t0)
     if calib is not None:
         report["calib_loss_chosen"] = calibration_loss(model, calib, keep)
         report["calib_loss_full"] = calibration_loss(model, calib, None)
@@ -483,8 +544,6 @@ def prune_depth(model, method: str, groups=None, keep: list[int] | None = None, 
 
 
 def plot_decisions(report: dict, path) -> None:
-    from ..report import plot_lines
-
     probs = report.get("decision_probabilities") or []
     if not probs:
         return

@@ -8,11 +8,15 @@ prefix slices of the weights.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..config import TokenSpec, WidthSpec
+from ..data.batches import draw_examples
 from ..diffusion import objective_for
 from ..errors import DitcError, UsageError
+from ..model.build import build_model
 from ..model.routers import Routing, TokenRouter, WidthRouter, routing
 
 SORTS = ("magnitude", "taylor", "none")
@@ -51,15 +55,12 @@ def importance(model, kind: str, data=None, batches: int = 4, batch_size: int = 
 
 
 def _accumulate_grads(model, data, batches, batch_size, seed):
-    import copy
-
     m = copy.deepcopy(model).train()
     diff = objective_for(m.config)
     g = torch.Generator().manual_seed(seed)
     with torch.enable_grad():
         for _ in range(batches):
-            idx = torch.randint(0, len(data), (batch_size,), generator=g)
-            x, y = data.get(idx, generator=g)
+            x, y = draw_examples(data, batch_size, g)
             t = torch.randint(0, 1000, (batch_size,), generator=g)
             diff.training_losses(m, x, t, y)["loss"].mean().backward()
     return {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in m.named_parameters()}
@@ -93,7 +94,6 @@ def add_dynamic_width(model, target_flops: float = 0.5, sort_by: str = "magnitud
     ``static=True`` is plain width pruning for comparison: the same share of heads and
     channels (the least important, after sorting) is dropped at every timestep, sized so
     the blocks reach ``target_flops``; the routers are frozen at that choice."""
-    from ..formats import build_model
 
     cfg = model.config
     if not (0.0 < target_flops <= 1.0):
@@ -124,7 +124,6 @@ def add_dynamic_width(model, target_flops: float = 0.5, sort_by: str = "magnitud
 
 def add_token_router(model, tau: float = 5.0, init_bias: float = 35.0, reduction: int = 16, seed: int = 0):
     """A copy of ``model`` with an all-on token router before every block's MLP."""
-    from ..formats import build_model
 
     cfg = model.config
     if cfg.tokens is not None:

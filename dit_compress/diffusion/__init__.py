@@ -3,7 +3,6 @@ from .gaussian import GaussianDiffusion, training_losses
 from .sampling import sample
 
 
-
 def objective_for(config):
     """The training objective a model's config states: DiT's Gaussian diffusion (eps) or
     SiT's flow matching (velocity on the linear path)."""

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
+from ..progress import make_progress
 from .flow import FlowMatching
 from .gaussian import SPACINGS, GaussianDiffusion, spaced_timesteps
 
@@ -110,7 +111,6 @@ def _guided(model, cfg_scale: float, cfg_channels: int | None):
 def _progress(total: int, desc: str, enabled: bool):
     if not enabled:
         return contextlib.nullcontext(None)
-    from ..progress import make_progress
 
     return make_progress(desc, total)
 
@@ -173,12 +173,16 @@ def sample(model, noise: torch.Tensor, y: torch.Tensor, sampler: str | None = No
     return x
 
 
+def _in_interval(interval, noise_level: float) -> bool:
+    """Guidance applies while the noise level (1 = pure noise) is within ``interval``."""
+    return interval is None or interval[0] <= noise_level <= interval[1]
+
+
 def _interval_fn(plain, guided, interval, noise_level):
-    """Guided outside-in: the guided model while the noise level is within ``interval``."""
+    """The guided model while the noise level of t is within ``interval``, else the plain one."""
     if interval is None:
         return guided
-    lo, hi = interval
-    return lambda x, t, y: guided(x, t, y) if lo <= noise_level(t) <= hi else plain(x, t, y)
+    return lambda x, t, y: guided(x, t, y) if _in_interval(interval, noise_level(t)) else plain(x, t, y)
 
 
 def _flow_sample(model, noise, y, sampler, steps, cfg_scale, cfg_channels, progress, generator, interval):
@@ -189,7 +193,7 @@ def _flow_sample(model, noise, y, sampler, steps, cfg_scale, cfg_channels, progr
 
     def velocity(x, s: float):
         t = torch.full((x.shape[0],), s, device=x.device, dtype=x.dtype)
-        use = guided if interval is None or interval[0] <= 1.0 - s <= interval[1] else plain
+        use = guided if _in_interval(interval, 1.0 - s) else plain
         return use(x, flow.model_t(t), y)[:, :C]
 
     if sampler == "dopri5":

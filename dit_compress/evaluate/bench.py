@@ -9,16 +9,41 @@ shapes with random weights plus transforms: ``shape:DiT-XL/2``, ``shape:DiT-XL/2
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import multiprocessing as mp
 import re
-from pathlib import Path
+import shutil
 import statistics
+import tempfile
+import threading
 import time
+from pathlib import Path
 
 import torch
 
+from ..compress.depth import prune_layers
+from ..compress.dynamic import (
+    add_dynamic_width,
+    add_token_router,
+    set_static_width,
+    set_token_keep,
+)
+from ..config import DiTConfig
+from ..diffusion.measure import FlopsMeter
+from ..diffusion.sampling import (
+    class_balanced_labels,
+    eval_sampler,
+    sample,
+    sampler_timesteps,
+)
 from ..errors import DitcError, UsageError
-from ..model.routers import Routing
+from ..formats import load_model, save_model
+from ..model import DiT
+from ..model.build import build_model
+from ..model.flops import static_macs
+from ..model.routers import Routing, routing
+from ..report import plot_points
 
 VARIANT_RE = re.compile(r"^(d\d+|width[0-9.]+|tokens[0-9.]+)$")
 
@@ -34,25 +59,16 @@ def parse_spec(spec: str) -> tuple[str, list[str]]:
 def build(spec: str, seed: int = 0, load: dict | None = None):
     """A model for a source or shape spec (random weights for shapes); ``load`` holds
     ``load_model`` keywords (num_heads, prediction, numerics) for checkpoint sources."""
-    from ..compress.depth import prune_layers
-    from ..compress.dynamic import add_dynamic_width, add_token_router, set_static_width, set_token_keep
 
     base, variants = parse_spec(spec)
     if base.startswith("shape:"):
-        from ..config import DiTConfig
-        from ..formats import build_model
-
         cfg = DiTConfig.preset(base[len("shape:"):])
         with torch.device("meta"):
-            from ..model import DiT
-
             shapes = {k: v.shape for k, v in DiT(cfg).state_dict().items()}
         g = torch.Generator().manual_seed(seed)
         state = {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
         model = build_model(cfg, state)
     else:
-        from ..formats import load_model
-
         model = load_model(base, **(load or {}))
     for v in variants:
         if v.startswith("d"):
@@ -76,7 +92,7 @@ def build(spec: str, seed: int = 0, load: dict | None = None):
     return model.eval()
 
 
-def _static_forward_rows(model, fwd, cfg, batch_sizes, repeats, warmup, timesteps, dtype):
+def _static_forward_rows(model, cfg, batch_sizes, repeats, warmup, timesteps, dtype):
     rows = []
     for bs in batch_sizes:
         g = torch.Generator().manual_seed(0)
@@ -87,7 +103,7 @@ def _static_forward_rows(model, fwd, cfg, batch_sizes, repeats, warmup, timestep
             for i in range(warmup + repeats):
                 t = torch.full((bs,), timesteps[i % len(timesteps)])
                 t0 = time.perf_counter()
-                fwd(x, t, y)
+                model(x, t, y)
                 if i >= warmup:
                     times.append(time.perf_counter() - t0)
         rows.append({"batch": bs, **_stats(times), "images_per_s": bs / statistics.median(times)})
@@ -103,7 +119,6 @@ def _stats(times: list[float]) -> dict:
 def _loop_rows(model, cfg, batch_sizes, repeats, warmup, sampler, steps, spacing, cfg_scale, dtype):
     """The whole sampling loop, CFG included, routers acting as in eval (``first_run_s`` holds
     the first, warm-up run: with --compile, the compile time)."""
-    from ..diffusion.sampling import class_balanced_labels, sample
 
     rows = []
     for bs in batch_sizes:
@@ -132,8 +147,6 @@ def _loop_rows(model, cfg, batch_sizes, repeats, warmup, sampler, steps, spacing
 
 def _loop_macs(model, cfg, sampler, steps, spacing, cfg_scale, dtype) -> tuple[float, int]:
     """(MACs per image over one sampling loop, model calls per loop), measured on a batch of 2."""
-    from ..describe import FlopsMeter
-    from ..diffusion.sampling import class_balanced_labels, sample
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(dtype)
@@ -149,22 +162,17 @@ def _loop_macs(model, cfg, sampler, steps, spacing, cfg_scale, dtype) -> tuple[f
 def _measure_child(spec, batch_sizes, repeats, warmup, schedule, threads, dtype_name, compile_, dense, load, loop, q):
     try:
         torch.set_num_threads(threads)
-        import gc
-        import threading
 
         import psutil
-
-        from ..compress.flops import static_macs
-        from ..describe import FlopsMeter
-        from ..diffusion.sampling import eval_sampler, sampler_timesteps
 
         model = build(spec, load=load)
         sampler, steps, spacing = schedule
         sampler, steps = eval_sampler(model.config, sampler, steps)
         timesteps = sampler_timesteps(sampler, steps, spacing, model.config)
         timesteps = timesteps[:: max(1, len(timesteps) // 5)]
+        modes = contextlib.ExitStack()  # held until the child ends
         if dense:
-            model.routing = Routing.DENSE
+            modes.enter_context(routing(model, Routing.DENSE))
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
         model = model.to(dtype)
         cfg = model.config
@@ -184,7 +192,6 @@ def _measure_child(spec, batch_sizes, repeats, warmup, schedule, threads, dtype_
                     for tt in timesteps:
                         model(x, torch.full((bs0,), tt), y)
                 macs = meter.result()["macs"]
-        fwd = model
         if compile_:  # compile the forward in place, so CFG (forward_with_cfg -> forward) runs compiled too
             model.forward = torch.compile(model.forward, dynamic=False)
         gc.collect()
@@ -203,7 +210,7 @@ def _measure_child(spec, batch_sizes, repeats, warmup, schedule, threads, dtype_
         if loop is not None:
             rows = _loop_rows(model, cfg, batch_sizes, repeats, warmup, sampler, steps, spacing, loop["cfg_scale"], dtype)
         else:
-            rows = _static_forward_rows(model, fwd, cfg, batch_sizes, repeats, warmup, timesteps, dtype)
+            rows = _static_forward_rows(model, cfg, batch_sizes, repeats, warmup, timesteps, dtype)
         stop.set()
         rss_thread.join()
         q.put({**out, "gflops": macs / 1e9, "rows": rows, "peak_rss_mb": peak[0] / 2**20,
@@ -214,8 +221,6 @@ def _measure_child(spec, batch_sizes, repeats, warmup, schedule, threads, dtype_
 
 def _materialize_child(spec: str, out: str, load, q):
     try:
-        from ..formats import save_model
-
         save_model(build(spec, load=load), out, force=True)
         q.put({"ok": True})
     except Exception as e:  # noqa: BLE001
@@ -242,8 +247,6 @@ def measure(spec: str, batch_sizes=(1, 8), repeats: int = 5, warmup: int = 2, sc
     """Shapes and transformed variants are first built and saved by one child; a second child
     loads that checkpoint and measures, so peak memory is inference memory, not the transient
     copies of building random weights or applying transforms."""
-    import shutil
-    import tempfile
 
     base, variants = parse_spec(spec)
     source, tmp = spec, None
@@ -288,22 +291,6 @@ def compare(results: list[dict], baseline: int = 0, tolerance: float = 0.25) -> 
 
 
 def plot_speed_vs_flops(rows: list[dict], path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for bs in sorted({r["batch"] for r in rows}):
-        sel = [r for r in rows if r["batch"] == bs]
-        ax.scatter([r["flops_ratio"] for r in sel], [r["speedup"] for r in sel], label=f"batch {bs}")
-        for r in sel:
-            ax.annotate(r["model"].split("+", 1)[-1] if "+" in r["model"] else "base", (r["flops_ratio"], r["speedup"]), fontsize=6)
-    lim = max(max(r["flops_ratio"] for r in rows), max(r["speedup"] for r in rows)) * 1.1
-    ax.plot([0, lim], [0, lim], "k--", lw=0.8, label="speedup = FLOPs ratio")
-    ax.set_xlabel("FLOPs reduction (x)")
-    ax.set_ylabel("measured speedup (x)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    pts = [(r["flops_ratio"], r["speedup"], r["model"].split("+", 1)[-1] if "+" in r["model"] else "base",
+            f"batch {r['batch']}") for r in sorted(rows, key=lambda r: r["batch"])]
+    plot_points(path, pts, "FLOPs reduction (x)", "measured speedup (x)", diagonal="speedup = FLOPs ratio", size=(6, 4))

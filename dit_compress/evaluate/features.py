@@ -5,13 +5,17 @@ classifier behind the class-accuracy figures."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from ..assets import FEATURES_FILE
+from ..data.datasets import digits_arrays
+from ..formats.ditc import read_safetensors
 
 EXTRACTOR_NAME = "digits-cnn"
 FEATURE_DIM = 128
@@ -36,8 +40,6 @@ class DigitsNet(nn.Module):
 
 
 def load_digits_net(path: Path | None = None) -> DigitsNet:
-    from ..formats.ditc import read_safetensors
-
     net = DigitsNet()
     state, _ = read_safetensors(Path(path) if path else FEATURES_FILE)
     net.load_state_dict(state)
@@ -47,7 +49,6 @@ def load_digits_net(path: Path | None = None) -> DigitsNet:
 def train_digits_net(epochs: int = 60, seed: int = 0) -> tuple[DigitsNet, float]:
     """Train on the digits train split (with small shifts as augmentation); returns the
     net and its held-out accuracy."""
-    from ..train.data import digits_arrays
 
     torch.manual_seed(seed)
     xtr, ytr = (torch.from_numpy(a) for a in digits_arrays("train"))
@@ -120,7 +121,10 @@ _REGISTERED = False
 def register() -> str:
     global _REGISTERED
     if not _REGISTERED:
-        from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+        from torch_fidelity.registry import (
+            FEATURE_EXTRACTORS_REGISTRY,
+            register_feature_extractor,
+        )
 
         if EXTRACTOR_NAME not in FEATURE_EXTRACTORS_REGISTRY:
             register_feature_extractor(EXTRACTOR_NAME, _extractor_class())
@@ -136,9 +140,6 @@ def class_accuracy(images01: torch.Tensor, labels: torch.Tensor, net: DigitsNet 
 
 
 def main():  # python -m dit_compress.evaluate.features [OUT]: retrain the shipped feature network
-    import sys
-
-    from safetensors.torch import save_file
 
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else FEATURES_FILE
     net, acc = train_digits_net()

@@ -8,17 +8,29 @@ whether the run was interrupted.
 from __future__ import annotations
 
 import contextlib
-
-import json
 import os
+import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
+from ..compress.depth import calibration_losses, calibration_set
+from ..data.datasets import check_fits, digits_arrays, load_data
+from ..data.vae import decode, load_vae
+from ..diffusion.measure import FlopsMeter
+from ..diffusion.sampling import (
+    class_balanced_labels,
+    eval_sampler,
+    resolve_spacing,
+    sample,
+)
 from ..errors import DitcError, UsageError
 from ..progress import make_progress
+from ..report import write_report
+from .features import class_accuracy, register
 
 METRICS = ("fid", "isc", "kid", "prc")
 
@@ -46,15 +58,11 @@ class ArrayImages(torch.utils.data.Dataset):
 
 
 def digits_reference(split: str = "train") -> np.ndarray:
-    from ..train.data import digits_arrays
-
     x, _ = digits_arrays(split)
     return to_uint8(torch.from_numpy(x))
 
 
 def load_image_folder(path: Path) -> np.ndarray:
-    from PIL import Image
-
     files = sorted(p for p in Path(path).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if not files:
         raise DitcError(f"reference folder {path} holds no images (.png, .jpg)")
@@ -71,24 +79,6 @@ def load_image_folder(path: Path) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- sampling
-def decode(model, x: torch.Tensor, vae=None) -> torch.Tensor:
-    if model.config.latent_scale is None:
-        return x
-    if vae is None:
-        raise UsageError("this is a latent model: pass --vae (e.g. stabilityai/sd-vae-ft-ema or a local dir)")
-    with torch.no_grad():
-        return vae.decode(x / model.config.latent_scale).sample
-
-
-def load_vae(name: str | None):
-    if name is None:
-        return None
-    from diffusers import AutoencoderKL
-
-    try:
-        return AutoencoderKL.from_pretrained(name).eval()
-    except Exception as e:  # noqa: BLE001 - hub/IO errors of several kinds
-        raise DitcError(f"cannot load the VAE {name}: {str(e).splitlines()[0]}") from None
 
 
 def sample_shards(model, out_dir: Path, num_samples: int, sampler: str = "ddim", steps: int = 50,
@@ -97,9 +87,6 @@ def sample_shards(model, out_dir: Path, num_samples: int, sampler: str = "ddim",
                   timestep_spacing: str | None = None, guidance_interval=None) -> list[int]:
     """Write the shards this process owns (shard i -> process i % world); skip finished
     ones. Returns the shard ids written now."""
-    from PIL import Image
-
-    from ..diffusion.sampling import class_balanced_labels, sample
 
     cfg = model.config
     labels = class_balanced_labels(num_samples, cfg.num_classes)
@@ -181,8 +168,6 @@ def choose_extractor(model_cfg, inception_weights: str | None, extractor: str | 
         extractor = "digits-cnn" if (model_cfg.latent_scale is None and model_cfg.input_size == 8) else "inception-v3-compat"
     kw = {"feature_extractor": extractor}
     if extractor == "digits-cnn":
-        from .features import register
-
         register()
     elif extractor.startswith("inception"):
         if inception_weights is None:
@@ -220,8 +205,14 @@ def compute_metrics(samples: np.ndarray, ref_kind: str, ref, metrics: list[str],
     if ref_kind == "stats":
         if metrics != ["fid"] and set(metrics) - {"fid", "isc"}:
             raise UsageError("reference statistics (mu/sigma) support fid and isc only")
-        from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
-        from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+        from torch_fidelity.metric_fid import (
+            fid_features_to_statistics,
+            fid_statistics_to_metric,
+        )
+        from torch_fidelity.utils import (
+            create_feature_extractor,
+            get_featuresdict_from_dataset,
+        )
 
         fe = create_feature_extractor(extractor_kw["feature_extractor"], ["2048" if "inception" in extractor_kw["feature_extractor"] else "128"],
                                       cuda=common["cuda"], **{k: v for k, v in extractor_kw.items() if k != "feature_extractor"})
@@ -248,11 +239,10 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
              metrics: list[str] | None = None, inception_weights: str | None = None, extractor: str | None = None,
              vae_name: str | None = None, shard_size: int = 250, batch_size: int = 125, kid_subset_size: int | None = None,
              rank: int = 0, world: int = 1, barrier=None, loss_data: str | None = None,
-             timestep_spacing: str | None = None, guidance_interval=None) -> dict | None:
-    """Python twin of ``ditc eval``: returns the report (on process 0), None elsewhere."""
-    import time
-
-    from ..diffusion.sampling import eval_sampler, resolve_spacing
+             timestep_spacing: str | None = None, guidance_interval=None, source: str | None = None,
+             grid: bool = True) -> dict | None:
+    """Sample, score and write ``out_dir``/report.json/.md (and samples.png with ``grid``):
+    returns the report on process 0, None elsewhere."""
 
     metrics = metrics or ["fid", "prc"]
     sampler, steps = eval_sampler(model.config, sampler, steps)
@@ -267,7 +257,6 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
             raise UsageError(f"--num-samples {num_samples} is smaller than the KID subset size {kss}")
     vae = load_vae(vae_name or (model.config.vae if model.config.latent_scale is not None else None))
     t0 = time.time()
-    from ..describe import FlopsMeter
 
     with FlopsMeter(model) if model.config.is_dynamic else contextlib.nullcontext() as meter:
         written = sample_shards(model, out_dir, num_samples, sampler, steps, cfg_scale, cfg_channels, seed, shard_size,
@@ -298,19 +287,30 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
     if loss_data:
         report["metrics"].update(heldout_loss(model, loss_data, seed))
     if ex_kw["feature_extractor"] == "digits-cnn":
-        from .features import class_accuracy
-
         x = torch.from_numpy(imgs).float().mean(-1, keepdim=True).permute(0, 3, 1, 2) / 127.5 - 1
         report["metrics"]["class_accuracy"] = class_accuracy(x, torch.from_numpy(labels).long())
-    (Path(out_dir) / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    if grid:
+        sample_grid_png(Path(out_dir) / "samples.png", imgs, labels, model.config.num_classes)
+    report["source"] = source
+    write_report(Path(out_dir), report, f"ditc eval: {source}")  # last: its report.json marks the run finished
     return report
+
+
+def sample_grid_png(path: Path, imgs: np.ndarray, labels: np.ndarray, num_classes: int, per_class: int = 10,
+                    scale: int = 4) -> None:
+    """The first samples of each class, one row per class (at most 10 rows)."""
+    rows = min(num_classes, 10)
+    H, W = imgs.shape[1:3]
+    grid = np.zeros((rows * H, per_class * W, 3), dtype=np.uint8)
+    for c in range(rows):
+        for j, a in enumerate(imgs[labels == c][:per_class]):
+            grid[c * H:(c + 1) * H, j * W:(j + 1) * W] = a
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
 
 
 def heldout_loss(model, spec: str, seed: int = 0, repeats: int = 4) -> dict:
     """Mean DiT hybrid loss and eps-MSE on held-out data, every sample at ``repeats`` fixed
     random timesteps/noises (a sensitive, sampling-free quality measure)."""
-    from ..compress.depth import calibration_losses, calibration_set
-    from ..train.data import check_fits, load_data
 
     data = load_data(spec, model.config.num_classes, model.config)
     check_fits(data, model.config)

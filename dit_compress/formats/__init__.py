@@ -13,11 +13,16 @@ from pathlib import Path
 
 import torch
 
+from ..assets import EMBEDDED
 from ..config import NUMERICS, PREDICTIONS, DiTConfig
 from ..errors import FormatError, UsageError
+from ..model.build import build_model
+from ..report import write_report
 from . import hub
 from .atomic import atomic_dir, atomic_file
-from .ditc import load_ditc, read_safetensors, save_ditc_into
+from .diffusers_fmt import load_diffusers, save_diffusers
+from .ditc import load_ditc, read_safetensors, save_ditc_into, write_weights
+from .original import load_original, save_original
 
 FORMATS = ("ditc", "diffusers", "original")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -36,7 +41,6 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 
 def detect(source: str) -> tuple[str, Path | str]:
     """(kind, location) where kind is ditc | diffusers | original | hub."""
-    from ..assets import EMBEDDED
 
     if source in EMBEDDED:
         if not (EMBEDDED[source] / "model.safetensors").exists():
@@ -72,35 +76,6 @@ def detect(source: str) -> tuple[str, Path | str]:
     raise hub.unknown_source(source)
 
 
-def build_model(cfg: DiTConfig, state: dict, dtype: torch.dtype | None = None, source: str = ""):
-    """Instantiate without initialising (meta device) and assign the weights, with a clear
-    error naming the first missing, unexpected or mis-shaped key."""
-    from ..model.dit import DiT, sincos_2d
-
-    with torch.device("meta"):
-        model = DiT(cfg)
-    state = dict(state)
-    if "pos_embed" not in state:
-        grid = int(cfg.num_patches ** 0.5)
-        state["pos_embed"] = torch.from_numpy(sincos_2d(cfg.hidden_size, grid)).float().unsqueeze(0)
-    expected = model.state_dict()
-    where = f" in {source}" if source else ""
-    for k, v in expected.items():
-        if k not in state:
-            raise FormatError(f"missing key {k}{where}")
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise FormatError(f"key {k}{where} has shape {tuple(state[k].shape)}, the config expects {tuple(v.shape)}")
-    extra = [k for k in state if k not in expected]
-    if extra:
-        raise FormatError(f"unexpected key {extra[0]}{where} (does the config match the weights?)")
-    target = dtype or torch.float32
-    state = {k: (v.to(target) if v.is_floating_point() else v) for k, v in state.items()}
-    model.load_state_dict(state, assign=True, strict=True)
-    model.pos_embed.requires_grad_(False)
-    for k, v in model.state_dict().items():
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            raise FormatError(f"key {k}{where} holds NaN or inf values")
-    return model.eval()
 
 
 def _note(msg: str) -> None:
@@ -134,8 +109,6 @@ def load_state(source: str, *, revision: str | None = None, use_ema: bool = True
     state comes from a preset, the checkpoint's args or these keywords, never from a guess;
     every inferred or assumed fact is written to stderr as one ``note:`` line and recorded in
     ``config.provenance`` (shown by ``ditc info``)."""
-    from .diffusers_fmt import load_diffusers
-    from .original import load_original
 
     for name, value, allowed in (("prediction", prediction, PREDICTIONS), ("numerics", numerics, NUMERICS)):
         if value is not None and value not in allowed:
@@ -175,9 +148,6 @@ def save_model(model, path, format: str = "ditc", dtype=None, force: bool = Fals
                report: dict | None = None) -> Path:
     """Write ``model`` atomically as a ditc dir (or lone ``.safetensors``), a diffusers
     layout, or an original ``.pt``."""
-    from .diffusers_fmt import save_diffusers
-    from .ditc import write_weights
-    from .original import save_original
 
     if format not in FORMATS:
         raise UsageError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -207,3 +177,13 @@ def save_model(model, path, format: str = "ditc", dtype=None, force: bool = Fals
 
 
 __all__ = ["load_model", "save_model", "detect", "build_model", "load_state", "read_safetensors", "atomic_dir"]
+
+
+def write_checkpoint(model, output, *, force: bool = False, report: dict, title: str, plots=None) -> None:
+    """A ditc checkpoint with its report (report.json/.md, and PNGs drawn by ``plots(dir)``),
+    written atomically: the output appears complete or not at all."""
+    with atomic_dir(Path(output), force) as tmp:
+        save_ditc_into(model, tmp, report=report)
+        write_report(tmp, report, title)
+        if plots is not None:
+            plots(tmp)

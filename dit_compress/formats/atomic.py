@@ -29,6 +29,12 @@ def check_output(path: Path, force: bool) -> None:
         raise DitcError(f"output {path} is not writable (no write permission on {probe})")
 
 
+def work_dir_for(output: Path) -> Path:
+    """Where resumable state of a command writing ``output`` lives while it runs (removed on success)."""
+    output = Path(output)
+    return output.parent / f".{output.name}.ditc-work"
+
+
 @contextlib.contextmanager
 def atomic_dir(path: Path, force: bool = False):
     """Yield a temporary directory that becomes ``path`` only if the block succeeds."""

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
+from ..model.flops import gflops
+
 
 def model_card(model, report: dict | None = None) -> str:
     from huggingface_hub import ModelCard, ModelCardData
-
-    from ..compress.flops import gflops
 
     cfg = model.config
     lineage = "\n".join(f"{i + 1}. `{json.dumps(step, default=str)}`" for i, step in enumerate(cfg.lineage)) or "(none)"

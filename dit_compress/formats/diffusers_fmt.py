@@ -13,10 +13,12 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from ..config import DiTConfig
 from ..errors import FormatError
 from .ditc import read_safetensors
+from .original import safe_torch_load
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
@@ -58,7 +60,6 @@ def _read_weights(tdir: Path) -> dict:
         if f.exists():
             if name.endswith(".safetensors"):
                 return read_safetensors(f)[0]
-            from .original import safe_torch_load
 
             obj = safe_torch_load(f)
             if not isinstance(obj, dict):
@@ -218,7 +219,6 @@ def diffusers_config(cfg: DiTConfig) -> dict:
 
 def save_diffusers(model, out_dir: Path, dtype: torch.dtype | None = None) -> None:
     """A transformer-only diffusers layout: ``model_index.json`` + ``transformer/``."""
-    from safetensors.torch import save_file
 
     cfg = model.config
     if cfg.is_dynamic:

@@ -7,9 +7,12 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..config import DiTConfig
 from ..errors import FormatError
+from .card import model_card
 
 META_KEY = "ditc_config"
 WEIGHTS = "model.safetensors"
@@ -26,8 +29,6 @@ def _state_for_save(model, dtype: torch.dtype | None = None) -> dict:
 
 
 def write_weights(model, file: Path, dtype: torch.dtype | None = None) -> None:
-    from safetensors.torch import save_file
-
     meta = {META_KEY: model.config.to_json(), "format": "pt"}
     save_file(_state_for_save(model, dtype), str(file), metadata=meta)
 
@@ -40,14 +41,12 @@ def save_ditc_into(model, out_dir: Path, dtype: torch.dtype | None = None, repor
     (out_dir / "config.json").write_text(model.config.to_json())
     if report is not None:
         (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    from .card import model_card
 
     (out_dir / "README.md").write_text(card or model_card(model, report))
 
 
 def read_safetensors(file: Path) -> tuple[dict, dict]:
     """(tensors, metadata) of a safetensors file, with a clear error for bad files."""
-    from safetensors import safe_open
 
     file = Path(file)
     try:

@@ -29,7 +29,11 @@ def resolve_alias(source: str) -> str | None:
 def download(repo_id: str, revision: str | None = None) -> Path:
     """snapshot_download of the transformer only (``model_index.json`` + ``transformer/*``)."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
     try:

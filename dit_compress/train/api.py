@@ -1,28 +1,23 @@
-"""Python twins of ``ditc finetune`` and ``ditc distill``."""
+"""Training a model and writing what it became: ``train_model`` runs the trainer,
+``train_and_save`` adds the checkpoint with its lineage, report, loss plot and (for dynamic
+models) the inference FLOPs of the written EMA weights."""
 
 from __future__ import annotations
 
+import shutil
+import time
 from pathlib import Path
 
-import torch
-
+from ..data.batches import label_dropout_batch_fn
+from ..data.datasets import TensorData, check_fits, load_data
 from ..diffusion import objective_for
-from .data import TensorData, check_fits
+from ..diffusion.measure import inference_flops
+from ..errors import DitcError, UsageError
+from ..formats import write_checkpoint
+from ..formats.atomic import check_output, work_dir_for
+from ..report import plot_lines
 from .losses import combined_loss
-from .trainer import Trainer, TrainConfig, TrainResult, random_batch_fn
-
-
-def label_dropout_batch_fn(data: TensorData, batch_size: int, num_classes: int, p_drop: float, t_strata: int = 0):
-    base = random_batch_fn(data, batch_size, t_strata=t_strata)
-
-    def fn(step, g, rank, world):
-        b = base(step, g, rank, world)
-        if p_drop > 0:
-            drop = torch.rand(batch_size, generator=g) < p_drop
-            b["y"] = torch.where(drop, torch.full_like(b["y"], num_classes), b["y"])
-        return b
-
-    return fn
+from .trainer import TrainConfig, Trainer, TrainResult
 
 
 def train_model(model, data: TensorData, cfg: TrainConfig, work_dir: Path, teacher=None, resume: bool = False,
@@ -37,8 +32,6 @@ def train_model(model, data: TensorData, cfg: TrainConfig, work_dir: Path, teach
     """
     check_fits(data, model.config)
     if teacher is not None:
-        from ..errors import DitcError
-
         tc = teacher.config
         mc = model.config
         if (tc.in_channels, tc.input_size, tc.num_classes) != (mc.in_channels, mc.input_size, mc.num_classes):
@@ -59,3 +52,47 @@ def train_model(model, data: TensorData, cfg: TrainConfig, work_dir: Path, teach
     )
     trainer = Trainer(model, loss_fn, batch_fn, cfg, work_dir, desc=desc, status_fn=status_fn)
     return trainer.run(resume=resume)
+
+
+def train_and_save(model, data_spec: str, output: Path, cfg: TrainConfig, *, force: bool = False,
+                   resume: bool = False, teacher=None, kd: dict | None = None, op: str = "finetune",
+                   extra: dict | None = None):
+    """Train ``model`` on ``data_spec`` and write the result (EMA weights when ``cfg.ema``) as a
+    ditc checkpoint with lineage and report. Resumable state lives in a work dir next to
+    ``output`` until success. Returns (written model, report); (None, None) on processes
+    other than the main one under ``accelerate launch``."""
+    output = Path(output)
+    check_output(output, force)
+    data = load_data(data_spec, model.config.num_classes, model.config)
+    work = work_dir_for(output)
+    if not resume and (work / "train_state").exists():
+        raise UsageError(f"{work} holds an interrupted run: pass --resume to continue it, or delete it")
+    t0 = time.time()
+    res = train_model(model, data, cfg, work, teacher=teacher, resume=resume, kd=kd, desc=op)
+    if not res.is_main:
+        return None, None
+    final = res.ema if res.ema is not None else res.model
+    final.config = res.model.config.with_step(op, data=data_spec, **cfg.to_dict(), **(extra or {}))
+    report = {
+        "op": op, "data": data_spec, "steps": cfg.steps, "seconds": time.time() - t0, "resumed_from": res.resumed_from,
+        "processes": res.processes, "weights": "ema" if res.ema is not None else "raw", "train_config": cfg.to_dict(),
+        "final_loss": res.history[-1]["loss"] if res.history else None, **(extra or {}), "history": res.history,
+    }
+    if final.config.is_dynamic:  # what the written (EMA) model runs at inference, next to its target
+        report.update(_inference_report(final))
+
+    def plots(d):
+        if res.history:
+            plot_lines(d / "loss.png", [h["step"] for h in res.history], {"loss": [h["loss"] for h in res.history]},
+                       f"{op} loss", "step", "loss")
+
+    write_checkpoint(final, output, force=force, report=report, title=f"ditc {op}", plots=plots)
+    shutil.rmtree(work, ignore_errors=True)
+    return final, report
+
+
+def _inference_report(model) -> dict:
+    e = inference_flops(model)  # its eval sampler: DDIM-50 (eps) or Euler-50 (velocity)
+    return {"inference_block_flops_ratio": e["block_flops_ratio"], "inference_flops_ratio": e["flops_ratio"],
+            "inference_measured_on": e["measured_on"],
+            "target_block_flops": model.config.width.target_flops if model.config.width else None}

@@ -84,6 +84,31 @@ def flops_schedule(kd: dict, total_steps: int) -> tuple[int, int]:
     return hold, max(1, int(decay) if decay is not None else round(0.03 * total_steps))
 
 
+def teacher_terms(diffusion, teacher, res: dict, x0, t, y, w_out: float, lmap, rep_w: float, k_sigma, mask_form):
+    """Output KD (eps MSE + the learned variance's KL in bits, as the DiT hybrid loss) and,
+    with a layer map, masked RepKD weighted ``rep_w``. Returns (loss, logs)."""
+    with torch.no_grad():
+        tout = teacher(res["xt"], diffusion.model_t(t), y, return_aux=lmap is not None)
+    if lmap is not None:
+        tout, taux = tout
+    s_eps, s_v = diffusion.split_output(res["output"], x0)
+    t_eps, t_v = diffusion.split_output(tout, x0)
+    kd_eps = ((s_eps - t_eps) ** 2).mean()
+    logs = {"kd_eps": kd_eps.detach()}
+    kd_var = torch.zeros((), device=x0.device)
+    if s_v is not None and t_v is not None:
+        t_mean, t_logv, _, _ = diffusion.p_mean_variance(tout, res["xt"], t)
+        s_mean, s_logv, _, _ = diffusion.p_mean_variance(torch.cat([s_eps.detach(), s_v], 1), res["xt"], t)
+        kd_var = mean_flat(normal_kl(t_mean, t_logv, s_mean, s_logv)).mean() / 0.6931471805599453
+    loss = w_out * (kd_eps + kd_var)
+    if lmap is not None:
+        rep = sum(masked_rep_loss(hs, taux.features[j], k_sigma, mask_form)
+                  for hs, j in zip(res["aux"].features, lmap)) / len(lmap)
+        logs["rep"] = rep.detach()
+        loss = loss + rep_w * rep
+    return loss, logs
+
+
 def combined_loss(diffusion: GaussianDiffusion, model, teacher, kd: dict, total_steps: int):
     """Plain diffusion loss, plus output KD / masked RepKD with a teacher, plus the FLOPs
     loss for dynamic models. Returns (loss_fn, status_fn)."""
@@ -110,25 +135,10 @@ def combined_loss(diffusion: GaussianDiffusion, model, teacher, kd: dict, total_
         logs = {"mse": res["mse"].mean().detach()}
         loss = w_plain * res["loss"].mean()
         if teacher is not None:
-            with torch.no_grad():
-                tout = teacher(res["xt"], diffusion.model_t(t), y, return_aux=lmap is not None)
-            if lmap is not None:
-                tout, taux = tout
-            s_eps, s_v = diffusion.split_output(res["output"], x0)
-            t_eps, t_v = diffusion.split_output(tout, x0)
-            kd_eps = ((s_eps - t_eps) ** 2).mean()
-            logs["kd_eps"] = kd_eps.detach()
-            kd_var = torch.zeros((), device=x0.device)
-            if s_v is not None and t_v is not None:
-                t_mean, t_logv, _, _ = diffusion.p_mean_variance(tout, res["xt"], t)
-                s_mean, s_logv, _, _ = diffusion.p_mean_variance(torch.cat([s_eps.detach(), s_v], 1), res["xt"], t)
-                kd_var = mean_flat(normal_kl(t_mean, t_logv, s_mean, s_logv)).mean() / 0.6931471805599453
-            loss = loss + w_out * (kd_eps + kd_var)
-            if lmap is not None:
-                b = beta * max(0.0, 1.0 - step / max(1, total_steps))
-                rep = sum(masked_rep_loss(hs, taux.features[j], k_sigma, mask_form) for hs, j in zip(res["aux"].features, lmap)) / len(lmap)
-                logs["rep"] = rep.detach()
-                loss = loss + b * rep
+            rep_w = beta * max(0.0, 1.0 - step / max(1, total_steps))
+            kd_loss, kd_logs = teacher_terms(diffusion, teacher, res, x0, t, y, w_out, lmap, rep_w, k_sigma, mask_form)
+            loss = loss + kd_loss
+            logs.update(kd_logs)
         if dynamic and w_full > 0 and step < full_steps:
             with routing(m, Routing.FULL):
                 full = diffusion.training_losses(m, x0, t, y, noise=noise)

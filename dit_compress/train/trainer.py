@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from ..errors import DitcError, TrainingError
+from ..formats.ditc import _state_for_save
 from ..progress import make_progress
 
 
@@ -83,6 +85,21 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
             pe.copy_(p.detach())
 
 
+@dataclass
+class _Run:
+    """The live objects of one training run."""
+
+    acc: object
+    model: torch.nn.Module
+    ema: torch.nn.Module | None
+    opt: torch.optim.Optimizer
+    sched: object
+    start: int = 0
+    history: list = field(default_factory=list)
+    last_good: int | None = None
+    t0: float = field(default_factory=time.time)
+
+
 class Trainer:
     """Runs ``loss_fn(model, batch, step) -> {"loss": scalar, ...}`` for ``cfg.steps`` steps.
 
@@ -115,9 +132,6 @@ class Trainer:
         if not acc.is_main_process:
             acc.wait_for_everyone()
             return
-        from safetensors.torch import save_file
-
-        from ..formats.ditc import _state_for_save
 
         tmp = self.work_dir / ".train_state.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -135,8 +149,6 @@ class Trainer:
         acc.wait_for_everyone()
 
     def _load_state(self, acc, model, ema, opt, sched):
-        from safetensors.torch import load_file
-
         sd = self.state_dir
         if not (sd / "state.json").exists():
             raise DitcError(f"--resume: no training state in {self.work_dir} (expected {sd}/state.json)")
@@ -178,8 +190,8 @@ class Trainer:
                 pass
         return old
 
-    def run(self, resume: bool = False) -> TrainResult:
-        from accelerate import Accelerator
+    def _setup(self, resume: bool) -> "_Run":
+        from accelerate import Accelerator  # heavy: imported on first use
         from accelerate.utils import DistributedDataParallelKwargs
 
         cfg = self.cfg
@@ -189,8 +201,7 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
             cpu=not torch.cuda.is_available(),
         )
-        model = self.model
-        ema = None
+        model, ema = self.model, None
         if cfg.ema > 0:
             ema = copy.deepcopy(model).eval()
             for p in ema.parameters():
@@ -202,91 +213,82 @@ class Trainer:
         model, opt = acc.prepare(model, opt)
         if ema is not None:
             ema.to(acc.device)
-        start, history = 0, []
+        run = _Run(acc, model, ema, opt, sched)
         if resume:
-            start, history = self._load_state(acc, model, ema, opt, sched)
+            run.start, run.history = self._load_state(acc, model, ema, opt, sched)
+            run.last_good = run.start
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        last_good = start if resume else None
+        return run
+
+    def _step(self, run: "_Run", step: int):
+        """One optimizer step (over ``grad_accum`` micro-batches): (mean loss, loss dicts)."""
+        cfg, acc, model = self.cfg, run.acc, run.model
+        losses = []
+        for micro in range(cfg.grad_accum):
+            seed = ((cfg.seed * 1_000_003 + step) * 131 + micro) * 64 + acc.process_index
+            torch.manual_seed(seed)
+            g = torch.Generator().manual_seed(seed)
+            batch = self.batch_fn(step, g, acc.process_index, acc.num_processes)
+            with acc.accumulate(model):
+                with acc.autocast():
+                    out = self.loss_fn(model, batch, step)
+                acc.backward(out["loss"])
+                if acc.sync_gradients and cfg.grad_clip > 0:
+                    acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                run.opt.step()
+                run.opt.zero_grad(set_to_none=True)
+            losses.append(out)
+        run.sched.step()
+        loss_val = torch.stack([o["loss"].detach().float() for o in losses]).mean()
+        loss_val = acc.reduce(loss_val.to(acc.device), reduction="mean")
+        if not torch.isfinite(loss_val):
+            kept = (f"the last good checkpoint (step {run.last_good}) is kept in {self.state_dir}"
+                    if run.last_good is not None else "no checkpoint was written")
+            raise TrainingError(f"loss is {float(loss_val)} at step {step}; stopping ({kept})")
+        return loss_val, losses
+
+    def _record(self, run: "_Run", step: int, loss_val, losses) -> str:
+        """EMA, callbacks and the history after ``step`` steps; returns the progress status."""
+        cfg, acc = self.cfg, run.acc
+        if run.ema is not None:
+            ema_update(run.ema, acc.unwrap_model(run.model), min(cfg.ema, (1 + step) / (10 + step)))
+        if self.on_step is not None:
+            self.on_step(step, acc.unwrap_model(run.model))
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            rec = {"step": step, "loss": float(loss_val), "lr": run.sched.get_last_lr()[0]}
+            rec.update({k: float(v.detach()) for k, v in losses[-1].items()
+                        if k != "loss" and torch.is_tensor(v) and v.numel() == 1})
+            run.history.append(rec)
+        status = f"loss {float(loss_val):.4f}  {(step - run.start) / max(1e-9, time.time() - run.t0):.2f} it/s"
+        if self.status_fn is not None:
+            status += "  " + self.status_fn(acc.unwrap_model(run.model))
+        return status
+
+    def _checkpoint(self, run: "_Run", step: int) -> None:
+        cfg = self.cfg
+        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
+            self._save_state(run.acc, run.model, run.ema, run.opt, run.sched, step, run.history)
+            run.last_good = step
+        if self._stop_signal is not None:
+            self._save_state(run.acc, run.model, run.ema, run.opt, run.sched, step, run.history)
+            raise TrainingInterrupted(f"interrupted at step {step}; state saved in {self.state_dir}, continue with --resume")
+
+    def run(self, resume: bool = False) -> TrainResult:
+        run = self._setup(resume)
         old_handlers = self._install_signals()
-        t0 = time.time()
-        rank, world = acc.process_index, acc.num_processes
         try:
-            with make_progress(self.desc, cfg.steps, completed=start) as bar:
-                step = start
-                while step < cfg.steps:
-                    losses = []
-                    for micro in range(cfg.grad_accum):
-                        seed = ((cfg.seed * 1_000_003 + step) * 131 + micro) * 64 + rank
-                        torch.manual_seed(seed)
-                        g = torch.Generator().manual_seed(seed)
-                        batch = self.batch_fn(step, g, rank, world)
-                        with acc.accumulate(model):
-                            with acc.autocast():
-                                out = self.loss_fn(model, batch, step)
-                            loss = out["loss"]
-                            acc.backward(loss)
-                            if acc.sync_gradients and cfg.grad_clip > 0:
-                                acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                            opt.step()
-                            opt.zero_grad(set_to_none=True)
-                        losses.append(out)
-                    sched.step()
-                    loss_val = torch.stack([o["loss"].detach().float() for o in losses]).mean()
-                    loss_val = acc.reduce(loss_val.to(acc.device), reduction="mean")
-                    if not torch.isfinite(loss_val):
-                        kept = f"the last good checkpoint (step {last_good}) is kept in {self.state_dir}" if last_good is not None else "no checkpoint was written"
-                        raise TrainingError(f"loss is {float(loss_val)} at step {step}; stopping ({kept})")
-                    step += 1
-                    if ema is not None:
-                        decay = min(cfg.ema, (1 + step) / (10 + step))
-                        ema_update(ema, acc.unwrap_model(model), decay)
-                    if self.on_step is not None:
-                        self.on_step(step, acc.unwrap_model(model))
-                    if step % cfg.log_every == 0 or step == cfg.steps:
-                        rec = {"step": step, "loss": float(loss_val), "lr": sched.get_last_lr()[0]}
-                        for k, v in losses[-1].items():
-                            if k != "loss" and torch.is_tensor(v) and v.numel() == 1:
-                                rec[k] = float(v.detach())
-                        history.append(rec)
-                    ips = (step - start) / max(1e-9, time.time() - t0)
-                    status = f"loss {float(loss_val):.4f}  {ips:.2f} it/s"
-                    if self.status_fn is not None:
-                        status += "  " + self.status_fn(acc.unwrap_model(model))
-                    bar.advance(1, status=status)
-                    if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
-                        self._save_state(acc, model, ema, opt, sched, step, history)
-                        last_good = step
-                    if self._stop_signal is not None:
-                        self._save_state(acc, model, ema, opt, sched, step, history)
-                        raise TrainingInterrupted(
-                            f"interrupted at step {step}; state saved in {self.state_dir}, continue with --resume"
-                        )
+            with make_progress(self.desc, self.cfg.steps, completed=run.start) as bar:
+                for step in range(run.start, self.cfg.steps):
+                    loss_val, losses = self._step(run, step)
+                    bar.advance(1, status=self._record(run, step + 1, loss_val, losses))
+                    self._checkpoint(run, step + 1)
         finally:
             for s, h in old_handlers.items():
                 signal.signal(s, h)
+        acc = run.acc
         acc.wait_for_everyone()
-        unwrapped = acc.unwrap_model(model)
+        unwrapped = acc.unwrap_model(run.model)
         unwrapped.eval()
         self.accelerator = acc
-        return TrainResult(unwrapped, ema, history, cfg.steps, time.time() - t0, start, acc.is_main_process, acc.num_processes)
-
-
-def random_batch_fn(data, batch_size: int, t_strata: int = 0, num_timesteps: int = 1000):
-    """Batches drawn with replacement; timesteps uniform, or with ``t_strata`` = k > 0 the
-    batch split into k parts whose timesteps are uniform in the k equal ranges of [0, T)
-    (DyDiT: 4 quarters)."""
-
-    def fn(step, g, rank, world):
-        idx = torch.randint(0, len(data), (batch_size,), generator=g)
-        x, y = data.get(idx, generator=g)
-        if t_strata > 0:
-            stratum = torch.arange(batch_size) * t_strata // batch_size
-            width = num_timesteps / t_strata
-            t = ((stratum + torch.rand(batch_size, generator=g)) * width).long().clamp(max=num_timesteps - 1)
-            t = t[torch.randperm(batch_size, generator=g)]
-        else:
-            t = torch.randint(0, num_timesteps, (batch_size,), generator=g)
-        noise = torch.randn(x.shape, generator=g)
-        return {"x": x, "y": y, "t": t, "noise": noise}
-
-    return fn
+        return TrainResult(unwrapped, run.ema, run.history, self.cfg.steps, time.time() - run.t0, run.start,
+                           acc.is_main_process, acc.num_processes)

@@ -9,8 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+from safetensors.numpy import save_file
 
 from ..errors import DitcError
+from ..progress import make_progress
+from .vae import load_vae
 
 EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -32,7 +36,6 @@ def scan(root: Path) -> tuple[list[Path], list[int], list[str]]:
 
 def center_crop(img, size: int):
     """ADM's center_crop_arr: halve with BOX while large, resize with BICUBIC, center crop."""
-    from PIL import Image
 
     while min(*img.size) >= 2 * size:
         img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
@@ -44,8 +47,6 @@ def center_crop(img, size: int):
 
 
 def load_pixels(files: list[Path], size: int, channels: int) -> torch.Tensor:
-    from PIL import Image
-
     out = []
     for f in files:
         try:
@@ -88,8 +89,6 @@ class ImageFolderData:
             x = load_pixels(files, c.input_size, c.in_channels)
         else:
             if self._vae is None:
-                from ..evaluate.fidelity import load_vae
-
                 self._vae = load_vae(c.vae)
             px = load_pixels(files, c.input_size * 8, 3)
             with torch.no_grad():
@@ -101,10 +100,6 @@ def prepare(images: Path, out: Path, vae_name: str | None, image_size: int, batc
             shard_size: int = 1024, scale: float = 0.18215, progress: bool = True) -> dict:
     """Encode an image folder into ``shard-*.safetensors`` (latents [n, 2, C, h, w]: image and
     its flip). Resumable: finished shards are kept, the rest is redone."""
-    from safetensors.numpy import save_file
-
-    from ..evaluate.fidelity import load_vae
-    from ..progress import make_progress
 
     files, labels, classes = scan(images)
     out.mkdir(parents=True, exist_ok=True)

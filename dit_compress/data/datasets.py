@@ -8,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file
 
 from ..errors import DitcError, UsageError
+from .images import ImageFolderData
 
 DIGITS_HELDOUT = 297  # the last 297 of a fixed permutation are never trained on
 
@@ -96,7 +98,6 @@ class NpyDirData(TensorData):
 
 def load_shards(root: Path) -> TensorData:
     """The project's own layout: ``shard-*.safetensors`` with ``latents`` and ``labels``."""
-    from safetensors.numpy import load_file
 
     shards = sorted(root.glob("shard-*.safetensors"))
     xs, ys = [], []
@@ -134,8 +135,6 @@ def load_data(spec: str, num_classes: int | None = None, cfg=None) -> TensorData
                 raise DitcError(f"{feats[0]} has no matching labels directory {labels.name}")
             data = NpyDirData(feats[0], labels)
         elif any(p.is_dir() for p in root.iterdir()):
-            from .images import ImageFolderData
-
             data = ImageFolderData(root, cfg)
         else:
             raise DitcError(f"{spec} is empty or holds no known data layout (latents, shards or class folders)")

@@ -1,0 +1,99 @@
+"""``prune_depth``, ``add_dynamic_width``, ``add_token_router``: model in, smaller or routed
+model out, written with its report."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from ..compress import depth as depth_mod
+from ..compress import dynamic
+from ..data.datasets import load_data
+from ..errors import UsageError
+from ..evaluate.describe import describe, plot_width_profile
+from ..formats import write_checkpoint
+from ..formats.atomic import check_output, work_dir_for
+from ..model import DiT
+from .common import load_source, parse_ints, source_name
+
+INFLUENCE_INPUTS = ("clean", "noisy")
+SUMMARY_KEYS = ("method", "groups", "kept_layers", "depth_after", "params_before", "params_after", "gflops_before",
+                "gflops_after", "calib_loss_chosen", "confidence", "seconds", "search_cost")
+
+
+def prune_depth(source, *, output: str | Path, pattern: str | None = None, groups: str | None = None,
+                method: str = "learned", keep: str | list[int] | None = None, data: str | None = None,
+                steps: int = 500, batch_size: int = 64, lr: float = 1e-4, logit_lr: float = 1e-3,
+                tau_start: float = 4.0, tau_end: float = 0.1, logit_scale: float = 100.0, logit_ema: float = 0.999,
+                recover: str = "lora", lora_rank: int = 8, lora_alpha: int = 16, keep_recovery_weights: bool = False,
+                calib_samples: int = 128, num_candidates: int = 16, influence_input: str = "clean",
+                measure_cost: bool = True, seed: int = 0, ckpt_every: int = 0, resume: bool = False,
+                force: bool = False, revision: str | None = None, no_ema: bool = False, num_heads: int | None = None,
+                prediction: str | None = None, numerics: str | None = None) -> tuple[DiT, dict]:
+    """Remove layers: TinyFusion's learned N:M selection (Gumbel masks + LoRA recoverability)
+    or a baseline (block-influence, uniform, oracle with ``keep``, random, min-loss). Writes a
+    smaller standard DiT holding the kept layers' original weights. Returns (model, report)."""
+    output = Path(output)
+    check_output(output, force)
+    if influence_input not in INFLUENCE_INPUTS:
+        raise UsageError(f"--influence-input takes clean or noisy, got {influence_input!r}")
+    keep_list = parse_ints(keep, "--keep")
+    model = load_source(source, revision=revision, no_ema=no_ema, num_heads=num_heads, prediction=prediction,
+                        numerics=numerics)
+    grp = depth_mod.parse_groups(model.config.depth, pattern, groups) if (pattern or groups) else None
+    ds = load_data(data, model.config.num_classes) if data is not None else None
+    lc = depth_mod.LearnedConfig(steps=steps, batch_size=batch_size, lr=lr, logit_lr=logit_lr, tau_start=tau_start,
+                                 tau_end=tau_end, logit_scale=logit_scale, logit_ema=logit_ema, recover=recover,
+                                 lora_rank=lora_rank, lora_alpha=lora_alpha, seed=seed, ckpt_every=ckpt_every)
+    work = work_dir_for(output)
+    if method == "learned" and not resume and (work / "train_state").exists():
+        raise UsageError(f"{work} holds an interrupted search: pass --resume to continue it, or delete it")
+    pruned, report = depth_mod.prune_depth(model, method, grp, keep_list, ds, lc, work, resume, calib_samples,
+                                           num_candidates, keep_recovery_weights, measure_cost,
+                                           influence_input == "noisy")
+    report["source"] = source_name(source)
+    write_checkpoint(pruned, output, force=force, report=report, title="ditc prune-depth",
+                     plots=lambda d: depth_mod.plot_decisions(report, d / "decisions.png"))
+    shutil.rmtree(work, ignore_errors=True)
+    return pruned, report
+
+
+def _write_routed(model: DiT, source, op: str, output: Path, force: bool) -> tuple[DiT, dict]:
+    """A routed model with its report (describe + the width profile PNG)."""
+    report = describe(model)
+    report.update(op=op, source=source_name(source))
+
+    def plots(out_dir):
+        if model.config.width is not None:
+            plot_width_profile(model, out_dir / "width_profile.png")
+
+    write_checkpoint(model, output, force=force, report=report, title=f"ditc {op}", plots=plots)
+    return model, report
+
+
+def add_dynamic_width(source, *, output: str | Path, target_flops: float = 0.5, sort_by: str = "magnitude",
+                      data: str | None = None, tau: float = 5.0, init_bias: float = 15.0, static: bool = False,
+                      seed: int = 0, force: bool = False, revision: str | None = None, no_ema: bool = False,
+                      num_heads: int | None = None, prediction: str | None = None,
+                      numerics: str | None = None) -> tuple[DiT, dict]:
+    """DyDiT timestep-wise width routers (heads, MLP channel groups) toward ``target_flops``;
+    heads/channels sorted by importance first and routers all-on, so the output reproduces the
+    source until trained. ``static=True``: static width pruning at the same FLOPs (the baseline)."""
+    check_output(Path(output), force)
+    model = load_source(source, revision=revision, no_ema=no_ema, num_heads=num_heads, prediction=prediction,
+                        numerics=numerics)
+    ds = load_data(data, model.config.num_classes) if data is not None else None
+    routed = dynamic.add_dynamic_width(model, target_flops, sort_by, ds, tau, init_bias, static, seed)
+    return _write_routed(routed, source, "add-dynamic-width", Path(output), force)
+
+
+def add_token_router(source, *, output: str | Path, reduction: int = 16, tau: float = 5.0, init_bias: float = 35.0,
+                     seed: int = 0, force: bool = False, revision: str | None = None, no_ema: bool = False,
+                     num_heads: int | None = None, prediction: str | None = None,
+                     numerics: str | None = None) -> tuple[DiT, dict]:
+    """DyDiT spatial token routers before each block's MLP (all tokens on at start)."""
+    check_output(Path(output), force)
+    model = load_source(source, revision=revision, no_ema=no_ema, num_heads=num_heads, prediction=prediction,
+                        numerics=numerics)
+    routed = dynamic.add_token_router(model, tau, init_bias, reduction, seed)
+    return _write_routed(routed, source, "add-token-router", Path(output), force)

@@ -1,0 +1,1 @@
+"""Training and evaluation data: digits, latent dirs and shards, image folders, the VAE, batch drawing."""

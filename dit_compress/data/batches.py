@@ -1,0 +1,48 @@
+"""Training batches: examples drawn with replacement, timesteps (optionally stratified),
+noise, and label dropout for classifier-free guidance. Every draw uses the generator the
+trainer reseeds per step, so a resumed run sees the same batches."""
+
+from __future__ import annotations
+
+import torch
+
+from .datasets import TensorData
+
+
+def draw_examples(data, n: int, generator: torch.Generator):
+    """``n`` examples (x, y) drawn with replacement from ``data`` with ``generator``."""
+    idx = torch.randint(0, len(data), (n,), generator=generator)
+    return data.get(idx, generator=generator)
+
+
+def random_batch_fn(data, batch_size: int, t_strata: int = 0, num_timesteps: int = 1000):
+    """Batches drawn with replacement; timesteps uniform, or with ``t_strata`` = k > 0 the
+    batch split into k parts whose timesteps are uniform in the k equal ranges of [0, T)
+    (DyDiT: 4 quarters)."""
+
+    def fn(step, g, rank, world):
+        x, y = draw_examples(data, batch_size, g)
+        if t_strata > 0:
+            stratum = torch.arange(batch_size) * t_strata // batch_size
+            width = num_timesteps / t_strata
+            t = ((stratum + torch.rand(batch_size, generator=g)) * width).long().clamp(max=num_timesteps - 1)
+            t = t[torch.randperm(batch_size, generator=g)]
+        else:
+            t = torch.randint(0, num_timesteps, (batch_size,), generator=g)
+        noise = torch.randn(x.shape, generator=g)
+        return {"x": x, "y": y, "t": t, "noise": noise}
+
+    return fn
+
+
+def label_dropout_batch_fn(data: TensorData, batch_size: int, num_classes: int, p_drop: float, t_strata: int = 0):
+    base = random_batch_fn(data, batch_size, t_strata=t_strata)
+
+    def fn(step, g, rank, world):
+        b = base(step, g, rank, world)
+        if p_drop > 0:
+            drop = torch.rand(batch_size, generator=g) < p_drop
+            b["y"] = torch.where(drop, torch.full_like(b["y"], num_classes), b["y"])
+        return b
+
+    return fn

@@ -1,0 +1,38 @@
+"""Config + state dict -> module, without initialising the weights twice."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import DiTConfig
+from ..errors import FormatError
+from .dit import DiT, sincos_2d
+
+
+def build_model(cfg: DiTConfig, state: dict, dtype: torch.dtype | None = None, source: str = ""):
+    """Instantiate without initialising (meta device) and assign the weights, with a clear
+    error naming the first missing, unexpected or mis-shaped key."""
+    with torch.device("meta"):
+        model = DiT(cfg)
+    state = dict(state)
+    if "pos_embed" not in state:
+        grid = int(cfg.num_patches ** 0.5)
+        state["pos_embed"] = torch.from_numpy(sincos_2d(cfg.hidden_size, grid)).float().unsqueeze(0)
+    expected = model.state_dict()
+    where = f" in {source}" if source else ""
+    for k, v in expected.items():
+        if k not in state:
+            raise FormatError(f"missing key {k}{where}")
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise FormatError(f"key {k}{where} has shape {tuple(state[k].shape)}, the config expects {tuple(v.shape)}")
+    extra = [k for k in state if k not in expected]
+    if extra:
+        raise FormatError(f"unexpected key {extra[0]}{where} (does the config match the weights?)")
+    target = dtype or torch.float32
+    state = {k: (v.to(target) if v.is_floating_point() else v) for k, v in state.items()}
+    model.load_state_dict(state, assign=True, strict=True)
+    model.pos_embed.requires_grad_(False)
+    for k, v in model.state_dict().items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise FormatError(f"key {k}{where} holds NaN or inf values")
+    return model.eval()

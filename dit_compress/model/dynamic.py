@@ -1,0 +1,142 @@
+"""The routed block of dynamic models (DyDiT): timestep-wise width routers over heads and
+MLP channel groups, spatial token routers before the MLP, and the block's execution paths.
+
+Routers run in one of the modes of ``routers.Routing`` (``with routing(model, mode)``):
+``TRAIN`` (Gumbel-sigmoid straight-through masks, dense compute; whenever ``model.training``),
+``DENSE`` (deterministic masks multiplied in: the checking reference), ``FAST`` (deterministic
+masks, only active heads/channels computed on zero-copy prefix views, only routed tokens
+enter the MLP) and ``FULL`` (everything on: DyDiT's stage-1 full-model loss).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import DiTConfig
+from .flops import block_macs
+from .layers import DiTBlock, modulate
+from .routers import (
+    Routing,
+    TokenRouter,
+    WidthRouter,
+    expected_prefix_mask,
+    expected_topk_mask,
+    gumbel_sigmoid_mask,
+    prefix_from_gates,
+)
+
+
+@dataclass
+class BlockStats:
+    head_frac: torch.Tensor | None = None  # [B]
+    channel_frac: torch.Tensor | None = None  # [B]
+    token_frac: torch.Tensor | None = None  # [B]
+
+
+class RoutedBlock(DiTBlock):
+    """A DiT block with width routers (``head_router``, ``channel_router``) and/or a token
+    router (``token_router``), as the config's width / tokens specs say."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, num_classes: int | None, config: DiTConfig):
+        super().__init__(dim, heads, mlp_ratio, num_classes)
+        self.head_router: WidthRouter | None = None
+        self.channel_router: WidthRouter | None = None
+        self.token_router: TokenRouter | None = None
+        self.static_width = False
+        if config.width is not None:
+            self.head_router = WidthRouter(dim, heads, config.width.init_bias)
+            self.channel_router = WidthRouter(dim, heads, config.width.init_bias)
+            self.static_width = config.width.static
+        if config.tokens is not None:
+            self.token_router = TokenRouter(dim, config.tokens.reduction, config.tokens.init_bias)
+
+    def width_masks(self, t_emb, mode: str, tau: float):
+        """Nested (prefix) masks over heads and MLP channel groups: [B, H] each, or None.
+        Training: hard Gumbel gates, prefix = cumulative product; inference: the expected
+        prefix length of that process (see routers.expected_prefix_mask)."""
+        if self.head_router is None or mode == Routing.FULL:
+            return None, None
+        hl, cl = self.head_router(t_emb), self.channel_router(t_emb)
+        if mode == Routing.TRAIN and not self.static_width:
+            return prefix_from_gates(gumbel_sigmoid_mask(hl, tau)), prefix_from_gates(gumbel_sigmoid_mask(cl, tau))
+        return expected_prefix_mask(hl).to(t_emb.dtype), expected_prefix_mask(cl).to(t_emb.dtype)
+
+    def token_mask(self, x, mode: str, tau: float):
+        if self.token_router is None or mode == Routing.FULL:
+            return None
+        logits = self.token_router(x)
+        if mode == Routing.TRAIN:
+            return gumbel_sigmoid_mask(logits, tau)
+        return expected_topk_mask(logits).to(x.dtype)
+
+    def forward(self, x, c, t_emb=None, mode: Routing = Routing.DENSE, tau: float = 5.0, stats: BlockStats | None = None):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        hm, cm = self.width_masks(t_emb, mode, tau)
+        if mode == Routing.FAST and hm is not None:
+            return self._forward_fast_width(x, hm, cm, (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), stats)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), hm)
+        tm = self.token_mask(x, mode, tau)
+        if stats is not None:
+            stats.head_frac = hm.mean(1) if hm is not None else None
+            stats.channel_frac = cm.mean(1) if cm is not None else None
+            stats.token_frac = tm.mean(1) if tm is not None else None
+        if mode == Routing.FAST and tm is not None:
+            return self._mlp_on_tokens(x, tm, shift_mlp, scale_mlp, gate_mlp, None)
+        h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp), cm)
+        if tm is not None:
+            h = h * tm.unsqueeze(-1)
+        return x + gate_mlp.unsqueeze(1) * h
+
+    def _mlp_on_tokens(self, x, tm, shift, scale, gate, channels: int | None):
+        """Run the MLP on routed tokens only (flattened over the batch) and scatter back."""
+        b_idx, n_idx = tm.nonzero(as_tuple=True)
+        sel = self.norm2(x[b_idx, n_idx])
+        sel = sel * (1 + scale[b_idx]) + shift[b_idx]
+        h = self.mlp.forward_sliced(sel, channels) if channels is not None else self.mlp(sel)
+        out = x.clone()
+        out[b_idx, n_idx] += gate[b_idx] * h
+        return out
+
+    def _forward_fast_width(self, x, hm, cm, mods, stats):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        k_heads = hm.sum(1).long()
+        k_groups = cm.sum(1).long()
+        if not (bool((k_heads == k_heads[0]).all()) and bool((k_groups == k_groups[0]).all())):
+            # timesteps differ inside the batch: split by distinct width, each part sliced
+            out = torch.empty_like(x)
+            keys = torch.stack([k_heads, k_groups], 1)
+            for key in torch.unique(keys, dim=0):
+                sel = (keys == key).all(1)
+                out[sel] = self._forward_fast_width(
+                    x[sel], hm[sel], cm[sel], [m[sel] for m in mods], None
+                )
+            if stats is not None:
+                stats.head_frac, stats.channel_frac = hm.mean(1), cm.mean(1)
+            return out
+        k = int(k_heads[0])
+        gs = self.mlp.fc1.out_features // cm.shape[1]
+        ch = int(k_groups[0]) * gs
+        x = x + gate_msa.unsqueeze(1) * self.attn.forward_sliced(modulate(self.norm1(x), shift_msa, scale_msa), k)
+        tm = self.token_mask(x, Routing.FAST, 0.0)
+        if stats is not None:
+            stats.head_frac, stats.channel_frac = hm.mean(1), cm.mean(1)
+            stats.token_frac = tm.mean(1) if tm is not None else None
+        if tm is not None:
+            return self._mlp_on_tokens(x, tm, shift_mlp, scale_mlp, gate_mlp, ch)
+        h = self.mlp.forward_sliced(modulate(self.norm2(x), shift_mlp, scale_mlp), ch)
+        return x + gate_mlp.unsqueeze(1) * h
+
+
+def block_flops_ratio(config: DiTConfig, stats: list, batch: int, device) -> torch.Tensor:
+    """Per-sample dynamic/static FLOPs of the blocks (DyDiT's F_dyn / F_static)."""
+    attn, mlp = block_macs(config)
+    one = torch.ones(batch, device=device)
+    dyn = 0.0
+    for st in stats:
+        h = st.head_frac if st.head_frac is not None else one
+        ch = st.channel_frac if st.channel_frac is not None else one
+        tk = st.token_frac if st.token_frac is not None else one
+        dyn = dyn + attn * h + mlp * ch * tk
+    return dyn / (len(stats) * (attn + mlp))
