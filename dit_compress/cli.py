@@ -5,13 +5,16 @@ line: code 2 for usage errors, 1 for runtime errors."""
 from __future__ import annotations
 
 import functools
+import inspect
 import json
+import re
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import commands
@@ -38,18 +41,39 @@ err_console = Console(stderr=True)
 def handle_errors(fn):
     """One clear line and an exit code for every expected failure, never a traceback."""
 
+    flags = flag_names(fn)
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except DitcError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(as_flags(str(e), flags))}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code)
         except KeyboardInterrupt:
             err_console.print("[bold red]error:[/] interrupted", highlight=False)
             raise typer.Exit(130)
 
     return wrapper
+
+
+PARAM_RE = re.compile(r"`([a-z][a-z0-9_]*)`")
+
+
+def flag_names(fn) -> dict[str, str]:
+    """A command's parameters spelled differently on the command line (num_candidates -> --candidates)."""
+    out = {}
+    for name, p in inspect.signature(fn).parameters.items():
+        decls = [d for d in getattr(p.default, "param_decls", None) or () if d.startswith("--")]
+        if decls:
+            out[name] = decls[0].split("/")[0]
+    return out
+
+
+def as_flags(message: str, flags: dict[str, str] | None = None) -> str:
+    """Library messages name parameters as `name`; on the command line they are flags."""
+    flags = flags or {}
+    return PARAM_RE.sub(lambda m: flags.get(m.group(1), "--" + m.group(1).replace("_", "-")), message)
 
 
 def emit_json(obj) -> None:

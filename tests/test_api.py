@@ -40,7 +40,7 @@ def test_create_convert_info(tiny, tmp_path):
     assert dc.load_model(str(out)).config.hidden_size == 32
     again = dc.create("custom", seed=3, **TINY)  # same seed, no output: the same weights
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
-    with pytest.raises(UsageError, match="custom architecture needs --depth"):
+    with pytest.raises(UsageError, match="custom architecture needs `depth`"):
         dc.create("custom", input_size=8, patch_size=1, in_channels=1, hidden_size=32, num_heads=2)
     dc.convert(str(out), output=tmp_path / "fp16", dtype="fp16")
     half = dc.load_model(str(tmp_path / "fp16"))
@@ -76,7 +76,7 @@ def test_finetune_and_distill_write_their_checkpoints(tiny, tmp_path):
     st, rep = dc.distill(pruned, output=tmp_path / "kd", teacher=str(out), data="digits", steps=2, batch_size=8,
                          kd_rep=0.01, ema=0.0)
     assert rep["teacher"] == str(out) and rep["kd"]["rep"] == 0.01 and st.config.lineage[-1]["op"] == "distill"
-    with pytest.raises(UsageError, match="--steps must be at least 1"):
+    with pytest.raises(UsageError, match="`steps` must be at least 1"):
         dc.finetune(str(out), output=tmp_path / "bad", data="digits", steps=0)
     assert not (tmp_path / "bad").exists()
 

@@ -110,3 +110,18 @@ def test_create_custom(tmp_path):
     assert m.config.latent_scale is None and m.config.lineage[0]["op"] == "create"
     r = run("create", "DiT-Q/2", "-o", tmp_path / "q")
     assert r.exit_code == 2 and "unknown architecture" in r.stderr
+
+
+def test_library_parameter_names_become_flags_on_the_command_line(tmp_path):
+    import dit_compress as dc
+    from dit_compress.errors import UsageError
+
+    with pytest.raises(UsageError, match="`method` oracle needs `keep`"):  # Python users: the keywords
+        dc.prune_depth("digits-dit", output=tmp_path / "o", method="oracle")
+    r = run("prune-depth", "digits-dit", "--method", "oracle", "-o", tmp_path / "o")
+    assert r.exit_code == 2 and "--method oracle needs --keep i,j,k" in r.stderr and "`" not in r.stderr
+    # a parameter whose flag is spelled differently keeps the command's spelling
+    from dit_compress.cli import as_flags, flag_names, prune_depth_cmd
+
+    assert as_flags("`num_candidates` must be > 0", flag_names(prune_depth_cmd.__wrapped__)) == "--candidates must be > 0"
+    assert not (tmp_path / "o").exists()

@@ -119,7 +119,7 @@ def test_chaining_in_any_order():
 def test_bad_inputs():
     m = wide_model()
     for bad in (0.0, 1.5, -0.1):
-        with pytest.raises(UsageError, match="target-flops"):
+        with pytest.raises(UsageError, match="`target_flops` must be in"):
             Y.add_dynamic_width(m, bad)
     w = Y.add_dynamic_width(m, 0.5)
     with pytest.raises(DitcError, match="already has dynamic-width"):
@@ -129,7 +129,7 @@ def test_bad_inputs():
     odd = DiT(tiny_config(hidden_size=36, num_heads=4, mlp_ratio=2.5))
     with pytest.raises(UsageError, match="cannot be split into 4"):
         Y.add_dynamic_width(odd, 0.5)
-    with pytest.raises(UsageError, match="taylor needs --data"):
+    with pytest.raises(UsageError, match="taylor needs `data`"):
         Y.add_dynamic_width(m, 0.5, "taylor")
 
 

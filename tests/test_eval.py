@@ -84,7 +84,7 @@ def test_inception_weights_path_is_passed(monkeypatch, tmp_path):
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(DitcError, match="do not load"):
         F.choose_extractor(tiny_config(), str(tmp_path / "bad.pth"), "inception-v3-compat")
-    with pytest.raises(UsageError, match="--inception-weights"):
+    with pytest.raises(UsageError, match="`inception_weights`"):
         F.choose_extractor(tiny_config(), None, "inception-v3-compat")
 
 

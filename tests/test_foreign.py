@@ -49,7 +49,7 @@ def ref64(tmp_path_factory):
 @pytest.mark.parametrize("name", ["plain.pt", "train.pt"])
 def test_unpublished_heads_refused_then_exact(ref64, name):
     ref, d = ref64
-    with pytest.raises(MissingFactError, match=r"cannot tell the number of attention heads \(hidden 64 .*give --num-heads"):
+    with pytest.raises(MissingFactError, match=r"cannot tell the number of attention heads \(hidden 64 .*give `num_heads`"):
         load_model(d / name)
     m = load_model(d / name, num_heads=4)
     x, t, y = _xty()

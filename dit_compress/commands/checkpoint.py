@@ -34,7 +34,7 @@ def create(arch: str, *, output: str | Path | None = None, input_size: int | Non
     if arch == "custom":
         need = [k for k in CUSTOM_NEEDS if k not in over]
         if need:
-            raise UsageError(f"custom architecture needs --{need[0].replace('_', '-')}")
+            raise UsageError(f"custom architecture needs `{need[0]}`")
         cfg = DiTConfig(**over)
     else:
         cfg = DiTConfig.preset(arch, **over)
@@ -57,7 +57,7 @@ def convert(source, *, output: str | Path, to: str = "ditc", dtype: str | None =
                         numerics=numerics)
     output = Path(output)
     if to == "original" and output.suffix not in (".pt", ".pth"):
-        raise UsageError(f"--to original writes a single .pt file; give an output ending in .pt (got {output})")
+        raise UsageError(f"`to` original writes a single .pt file; give an output ending in .pt (got {output})")
     name = source_name(source)
     model.config = model.config.with_step("convert", to=to, dtype=dtype or "fp32", source=name)
     save_model(model, output, format=to, dtype=dtype, force=force,

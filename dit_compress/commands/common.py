@@ -52,7 +52,7 @@ def parse_interval(value) -> tuple[float, float] | None:
     try:
         lo, hi = (float(v) for v in (value.split(",") if isinstance(value, str) else value))
     except (TypeError, ValueError):
-        raise UsageError(f"--guidance-interval takes LOW,HIGH (e.g. 0,0.7), got {value!r}") from None
+        raise UsageError(f"`guidance_interval` takes LOW,HIGH (e.g. 0,0.7), got {value!r}") from None
     if not (0.0 <= lo <= hi <= 1.0):
-        raise UsageError(f"--guidance-interval needs 0 <= LOW <= HIGH <= 1, got {value!r}")
+        raise UsageError(f"`guidance_interval` needs 0 <= LOW <= HIGH <= 1, got {value!r}")
     return lo, hi

@@ -36,8 +36,8 @@ def prune_depth(source, *, output: str | Path, pattern: str | None = None, group
     output = Path(output)
     check_output(output, force)
     if influence_input not in INFLUENCE_INPUTS:
-        raise UsageError(f"--influence-input takes clean or noisy, got {influence_input!r}")
-    keep_list = parse_ints(keep, "--keep")
+        raise UsageError(f"`influence_input` takes clean or noisy, got {influence_input!r}")
+    keep_list = parse_ints(keep, "`keep`")
     model = load_source(source, revision=revision, no_ema=no_ema, num_heads=num_heads, prediction=prediction,
                         numerics=numerics)
     grp = depth_mod.parse_groups(model.config.depth, pattern, groups) if (pattern or groups) else None
@@ -47,7 +47,7 @@ def prune_depth(source, *, output: str | Path, pattern: str | None = None, group
                                  lora_rank=lora_rank, lora_alpha=lora_alpha, seed=seed, ckpt_every=ckpt_every)
     work = work_dir_for(output)
     if method == "learned" and not resume and (work / "train_state").exists():
-        raise UsageError(f"{work} holds an interrupted search: pass --resume to continue it, or delete it")
+        raise UsageError(f"{work} holds an interrupted search: pass `resume` to continue it, or delete it")
     pruned, report = depth_mod.prune_depth(model, method, grp, keep_list, ds, lc, work, resume, calib_samples,
                                            num_candidates, keep_recovery_weights, measure_cost,
                                            influence_input == "noisy")

@@ -56,11 +56,11 @@ def bench_specs(sources=None, shape: str | None = None, variants=None, baseline:
     if shape:
         specs = [f"shape:{shape}"] + [f"shape:{shape}+{v}" for v in parse_names(variants)] + specs
     elif variants:
-        raise UsageError("--variants goes with --shape")
+        raise UsageError("`variants` goes with `shape`")
     if baseline:
         specs = [baseline] + [s for s in specs if s != baseline]
     if not specs:
-        raise UsageError("nothing to benchmark: give sources or --shape")
+        raise UsageError("nothing to benchmark: give sources or `shape`")
     for s in specs:
         bench_mod.parse_spec(s)
     return specs
@@ -78,9 +78,9 @@ def bench(sources=None, *, shape: str | None = None, variants=None, baseline: st
     routers as in eval), with the FLOPs ratio next to every speedup. Returns the report (and
     writes it with the speed-vs-FLOPs plot to ``output`` when given)."""
     if device != "cpu":
-        raise UsageError("only --device cpu is measured in this build")
+        raise UsageError("only `device` cpu is measured in this build")
     specs = bench_specs(sources, shape, variants, baseline)
-    bs = parse_ints(batch_sizes, "--batch-sizes")
+    bs = parse_ints(batch_sizes, "`batch_sizes`")
     if output is not None:
         check_output(Path(output), force)
     if sampler is not None:

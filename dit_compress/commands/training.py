@@ -18,13 +18,13 @@ def train_config(*, steps: int = 1000, batch_size: int = 64, lr: float = 1e-4, e
                  ckpt_every: int = 0, mixed_precision: str = "no", weight_decay: float = 0.0) -> TrainConfig:
     """The optimisation options of ``finetune``/``distill``, checked."""
     if steps < 1:
-        raise UsageError("--steps must be at least 1")
+        raise UsageError("`steps` must be at least 1")
     if batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
+        raise UsageError("`batch_size` must be at least 1")
     if not (0.0 <= ema < 1.0):
-        raise UsageError("--ema must be in [0, 1)")
+        raise UsageError("`ema` must be in [0, 1)")
     if schedule not in SCHEDULES:
-        raise UsageError("--schedule must be constant, cosine or linear")
+        raise UsageError("`schedule` must be constant, cosine or linear")
     return TrainConfig(steps=steps, batch_size=batch_size, lr=lr, ema=ema, seed=seed, grad_clip=grad_clip,
                        grad_accum=grad_accum, warmup=warmup, schedule=schedule, ckpt_every=ckpt_every,
                        mixed_precision=mixed_precision, weight_decay=weight_decay)
@@ -34,7 +34,7 @@ def dynamic_options(*, flops_hold: int = 100, flops_decay: int | None = None, fu
                     full_model_steps: int | None = None, t_strata: int = 4) -> dict:
     """DyDiT's schedule for models with routers (each DyDiT's value by default)."""
     if flops_hold < 0 or (flops_decay is not None and flops_decay < 1) or full_model_loss < 0 or t_strata < 0:
-        raise UsageError("--flops-hold, --full-model-loss and --t-strata must be >= 0, --flops-decay >= 1")
+        raise UsageError("`flops_hold`, `full_model_loss` and `t_strata` must be >= 0, `flops_decay` >= 1")
     return {"flops_hold": flops_hold, "flops_decay": flops_decay, "full_loss": full_model_loss,
             "full_steps": full_model_steps, "t_strata": t_strata}
 
@@ -88,7 +88,7 @@ def distill(source, *, output: str | Path, teacher, data: str, kd_out: float = 0
     Returns (written model, report)."""
     tcfg, dyn, load = _split(locals())
     if rep_pairs not in REP_PAIRS or rep_mask_form not in REP_MASK_FORMS:
-        raise UsageError(f"--rep-pairs takes {' or '.join(REP_PAIRS)}, --rep-mask-form {' or '.join(REP_MASK_FORMS)}")
+        raise UsageError(f"`rep_pairs` takes {' or '.join(REP_PAIRS)}, `rep_mask_form` {' or '.join(REP_MASK_FORMS)}")
     student = load_source(source, **load)
     t_model = load_source(teacher, **load)
     kd = {"out": kd_out, "plain": kd_plain, "rep": kd_rep, "k_sigma": None if no_rep_mask else k_sigma,

@@ -35,10 +35,10 @@ METHODS = ("learned", "block-influence", "uniform", "oracle", "random", "min-los
 def parse_groups(depth: int, pattern: str | None = None, groups: str | None = None) -> list[tuple[int, int]]:
     """``--pattern N:M`` repeated over the depth, or an explicit ``--groups 2:4,2:4,3:4``."""
     if pattern and groups:
-        raise UsageError("give either --pattern or --groups, not both")
+        raise UsageError("give either `pattern` or `groups`, not both")
     text = groups if groups else pattern
     if not text:
-        raise UsageError("a pattern is needed: --pattern N:M or --groups N:M,N:M,...")
+        raise UsageError("a pattern is needed: `pattern` N:M or `groups` N:M,N:M,...")
     out = []
     for part in text.split(","):
         try:
@@ -53,7 +53,7 @@ def parse_groups(depth: int, pattern: str | None = None, groups: str | None = No
     if groups:
         total = sum(m for _, m in out)
         if total != depth:
-            raise UsageError(f"--groups cover {total} layers but the model has {depth}")
+            raise UsageError(f"`groups` cover {total} layers but the model has {depth}")
         return out
     n, m = out[0]
     if depth % m:
@@ -75,13 +75,13 @@ def candidates(n: int, m: int) -> list[tuple[int, ...]]:
 
 def check_keep(keep: list[int], depth: int) -> list[int]:
     if not keep:
-        raise UsageError("--keep lists no layers")
+        raise UsageError("`keep` lists no layers")
     if len(set(keep)) != len(keep):
         dup = next(k for k in keep if keep.count(k) > 1)
-        raise UsageError(f"--keep lists layer {dup} twice")
+        raise UsageError(f"`keep` lists layer {dup} twice")
     bad = [k for k in keep if k < 0 or k >= depth]
     if bad:
-        raise UsageError(f"--keep index {bad[0]} is out of range for a depth of {depth} (0..{depth - 1})")
+        raise UsageError(f"`keep` index {bad[0]} is out of range for a depth of {depth} (0..{depth - 1})")
     return sorted(keep)
 
 
@@ -339,7 +339,7 @@ def learned_search(model, data, groups, lc: LearnedConfig, work_dir, resume: boo
     (keep, search module, recovered model, history, seconds)."""
 
     if lc.recover not in ("lora", "full", "frozen"):
-        raise UsageError(f"--recover must be lora, full or frozen, not {lc.recover!r}")
+        raise UsageError(f"`recover` must be lora, full or frozen, not {lc.recover!r}")
     dit = copy.deepcopy(model)
     dit.train()
     if lc.recover == "lora":
@@ -386,7 +386,7 @@ def learned_search(model, data, groups, lc: LearnedConfig, work_dir, resume: boo
 
 def require_data(method: str, data) -> None:
     if data is None:
-        raise UsageError(f"--method {method} needs calibration/training data: pass --data (e.g. --data digits)")
+        raise UsageError(f"`method` {method} needs calibration/training data: pass `data` (e.g. `data` digits)")
 
 
 def step_cost_ratio(model, groups, lc: LearnedConfig, data, reps: int = 3) -> dict:
@@ -486,15 +486,15 @@ SELECTORS = {
 
 def _check_request(method: str, groups, keep, depth: int) -> list[int] | None:
     if method not in METHODS:
-        raise UsageError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+        raise UsageError(f"unknown `method` {method!r}; choose one of {', '.join(METHODS)}")
     if method == "oracle":
         if keep is None:
-            raise UsageError("--method oracle needs --keep i,j,k,... (the layers to keep)")
+            raise UsageError("`method` oracle needs `keep` i,j,k,... (the layers to keep)")
         return check_keep(keep, depth)
     if keep is not None:
-        raise UsageError("--keep goes with --method oracle")
+        raise UsageError("`keep` goes with `method` oracle")
     if groups is None:
-        raise UsageError("a pattern is needed: --pattern N:M or --groups N:M,N:M,...")
+        raise UsageError("a pattern is needed: `pattern` N:M or `groups` N:M,N:M,...")
     return None
 
 
@@ -502,7 +502,7 @@ def _recovered_source(s: Selection, keep_recovery_weights: bool):
     if not keep_recovery_weights:
         return s.model
     if s.recovered is None:
-        raise UsageError("--keep-recovery-weights applies to --method learned only")
+        raise UsageError("`keep_recovery_weights` applies to `method` learned only")
     r = s.recovered
     state = merged_state(r) if s.lc.recover == "lora" else {k: v.detach().clone() for k, v in r.state_dict().items()}
     return build_model(s.model.config, state)

@@ -35,7 +35,7 @@ def importance(model, kind: str, data=None, batches: int = 4, batch_size: int = 
     grads = None
     if kind == "taylor":
         if data is None:
-            raise UsageError("--sort-by taylor needs --data to measure first-order importance")
+            raise UsageError("`sort_by` taylor needs `data` to measure first-order importance")
         grads = _accumulate_grads(model, data, batches, batch_size, seed)
     out = []
     for i, b in enumerate(model.blocks):
@@ -97,9 +97,9 @@ def add_dynamic_width(model, target_flops: float = 0.5, sort_by: str = "magnitud
 
     cfg = model.config
     if not (0.0 < target_flops <= 1.0):
-        raise UsageError(f"--target-flops must be in (0, 1], got {target_flops}")
+        raise UsageError(f"`target_flops` must be in (0, 1], got {target_flops}")
     if sort_by not in SORTS:
-        raise UsageError(f"--sort-by must be one of {', '.join(SORTS)}")
+        raise UsageError(f"`sort_by` must be one of {', '.join(SORTS)}")
     if cfg.width is not None:
         raise DitcError("this model already has dynamic-width routers (add-dynamic-width was applied before)")
     if cfg.mlp_hidden % cfg.num_heads:
@@ -129,7 +129,7 @@ def add_token_router(model, tau: float = 5.0, init_bias: float = 35.0, reduction
     if cfg.tokens is not None:
         raise DitcError("this model already has token routers (add-token-router was applied before)")
     if reduction < 1 or cfg.hidden_size // reduction < 1:
-        raise UsageError(f"--reduction {reduction} leaves no router hidden units for hidden size {cfg.hidden_size}")
+        raise UsageError(f"`reduction` {reduction} leaves no router hidden units for hidden size {cfg.hidden_size}")
     spec = TokenSpec(tau=tau, init_bias=init_bias, reduction=reduction)
     new_cfg = cfg.copy(tokens=spec).with_step("add-token-router", reduction=reduction)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}

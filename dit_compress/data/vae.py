@@ -12,7 +12,7 @@ def decode(model, x: torch.Tensor, vae=None) -> torch.Tensor:
     if model.config.latent_scale is None:
         return x
     if vae is None:
-        raise UsageError("this is a latent model: pass --vae (e.g. stabilityai/sd-vae-ft-ema or a local dir)")
+        raise UsageError("this is a latent model: pass `vae` (e.g. stabilityai/sd-vae-ft-ema or a local dir)")
     with torch.no_grad():
         return vae.decode(x / model.config.latent_scale).sample
 

@@ -28,7 +28,7 @@ DEFAULT_SPACING = {"ddpm": "linspace", "ddim": "linspace", "dpm-solver": "linspa
 def resolve_spacing(sampler: str, spacing: str | None) -> str | None:
     if sampler in FLOW_SAMPLERS:
         if spacing is not None:
-            raise UsageError(f"--timestep-spacing applies to the eps samplers ({', '.join(EPS_SAMPLERS)}), not {sampler}")
+            raise UsageError(f"`timestep_spacing` applies to the eps samplers ({', '.join(EPS_SAMPLERS)}), not {sampler}")
         return None
     if spacing is None:
         return DEFAULT_SPACING.get(sampler, "linspace")

@@ -144,7 +144,7 @@ def resolve_reference(ref: str | None, model_cfg) -> tuple[str, object]:
         if model_cfg.latent_scale is None and model_cfg.input_size == 8:
             ref = "digits"
         else:
-            raise UsageError("--ref is required: an image folder, an ADM .npz (mu/sigma) or 'digits'")
+            raise UsageError("`ref` is required: an image folder, an ADM .npz (mu/sigma) or 'digits'")
     if ref.startswith("digits"):
         split = ref.split(":", 1)[1] if ":" in ref else "train"
         return "array", digits_reference(split)
@@ -171,7 +171,7 @@ def choose_extractor(model_cfg, inception_weights: str | None, extractor: str | 
         register()
     elif extractor.startswith("inception"):
         if inception_weights is None:
-            raise UsageError("Inception features need local weights here: pass --inception-weights PATH (a .pth file)")
+            raise UsageError("Inception features need local weights here: pass `inception_weights` PATH (a .pth file)")
     if inception_weights is not None:
         p = Path(inception_weights)
         if not p.exists():
@@ -248,13 +248,13 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
     sampler, steps = eval_sampler(model.config, sampler, steps)
     spacing = resolve_spacing(sampler, timestep_spacing)
     if num_samples < 1:
-        raise UsageError("--num-samples must be at least 1")
+        raise UsageError("`num_samples` must be at least 1")
     ref_kind, ref_val = resolve_reference(ref, model.config)
     ex_kw = choose_extractor(model.config, inception_weights, extractor)
     if "kid" in metrics:
         kss = kid_subset_size or 1000
         if kid_subset_size is not None and kss > num_samples:
-            raise UsageError(f"--num-samples {num_samples} is smaller than the KID subset size {kss}")
+            raise UsageError(f"`num_samples` {num_samples} is smaller than the KID subset size {kss}")
     vae = load_vae(vae_name or (model.config.vae if model.config.latent_scale is not None else None))
     t0 = time.time()
 

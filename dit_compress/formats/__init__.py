@@ -88,10 +88,10 @@ def _apply_overrides(cfg: DiTConfig, where: str, num_heads: int | None, predicti
                      numerics: str | None) -> DiTConfig:
     """User-given facts: must agree with what the checkpoint states; numerics may be overridden."""
     if num_heads is not None and num_heads != cfg.num_heads:
-        raise UsageError(f"{where} states {cfg.num_heads} attention heads; --num-heads {num_heads} contradicts it")
+        raise UsageError(f"{where} states {cfg.num_heads} attention heads; `num_heads` {num_heads} contradicts it")
     if prediction is not None and prediction != cfg.prediction:
         if not cfg.provenance.get("prediction", "").startswith("assumed"):
-            raise UsageError(f"{where} states prediction {cfg.prediction!r}; --prediction {prediction} contradicts it")
+            raise UsageError(f"{where} states prediction {cfg.prediction!r}; `prediction` {prediction} contradicts it")
         cfg.prediction = prediction
         cfg.provenance["prediction"] = "given (--prediction)" + ("; SiT time (t = 1 is data), linear path"
                                                                  if prediction == "velocity" else "")
@@ -114,7 +114,7 @@ def load_state(source: str, *, revision: str | None = None, use_ema: bool = True
         if value is not None and value not in allowed:
             raise UsageError(f"unknown --{name} {value!r}; choose {' or '.join(allowed)}")
     if num_heads is not None and num_heads < 1:
-        raise UsageError(f"--num-heads must be positive, got {num_heads}")
+        raise UsageError(f"`num_heads` must be positive, got {num_heads}")
     kind, loc = detect(str(source))
     if kind == "hub":
         cfg, state = load_diffusers(hub.download(loc, revision))

@@ -20,7 +20,7 @@ def _umask() -> int:
 def check_output(path: Path, force: bool) -> None:
     path = Path(path)
     if path.exists() and not force:
-        raise UsageError(f"output {path} already exists (use --force to replace it)")
+        raise UsageError(f"output {path} already exists (use `force` to replace it)")
     parent = path.resolve().parent
     probe = parent
     while not probe.exists():

@@ -40,7 +40,7 @@ def extract_state(obj, use_ema: bool = True) -> tuple[dict, object]:
     if "model" in obj or "ema" in obj:
         key = "ema" if (use_ema and "ema" in obj) else "model"
         if key not in obj:
-            raise FormatError("training checkpoint has no 'model' weights (try without --no-ema)")
+            raise FormatError("training checkpoint has no 'model' weights (try without `no_ema`)")
         state = obj[key]
     else:
         state = obj
@@ -59,7 +59,7 @@ def _heads(hidden: int, args, num_heads: int | None, where: str) -> tuple[int, s
     whose hidden width this is; otherwise a one-line error naming ``--num-heads``."""
     if num_heads is not None:
         if num_heads < 1 or hidden % num_heads:
-            raise UsageError(f"--num-heads {num_heads} does not divide the hidden size {hidden}")
+            raise UsageError(f"`num_heads` {num_heads} does not divide the hidden size {hidden}")
         return num_heads, "given (--num-heads)"
     model_name = str(getattr(args, "model", "") or "") if args is not None else ""
     m = PRESET_RE.match(model_name)
@@ -67,14 +67,14 @@ def _heads(hidden: int, args, num_heads: int | None, where: str) -> tuple[int, s
         arch = ARCHS[m.group(2)]
         if arch["hidden_size"] != hidden:
             raise FormatError(f"{where}: args.model says {model_name} (hidden {arch['hidden_size']}) but the weights "
-                              f"have hidden {hidden}; give --num-heads")
+                              f"have hidden {hidden}; give `num_heads`")
         return arch["num_heads"], f"preset {model_name} (args.model)"
     if hidden in HEADS_BY_HIDDEN:
         name, heads = HEADS_BY_HIDDEN[hidden]
         return heads, f"inferred: published DiT-{name} width (hidden {hidden}); --num-heads overrides"
     said = f" (args.model {model_name!r} is no published preset)" if model_name else ""
     raise MissingFactError(f"{where}: cannot tell the number of attention heads (hidden {hidden} is no published DiT "
-                      f"size){said}; give --num-heads")
+                      f"size){said}; give `num_heads`")
 
 
 REPA_ARGS = ("enc_type", "encoder_depth", "proj_coeff", "projector_embed_dims")
@@ -92,16 +92,16 @@ def _prediction(args, prediction: str | None, where: str, repa_keys: bool) -> tu
         if pred not in ("velocity", "v"):
             raise FormatError(f"{where}: prediction {pred!r} is not supported for flow models (only velocity)")
         if prediction not in (None, "velocity"):
-            raise UsageError(f"{where}: the checkpoint's args state a velocity (SiT) model; --prediction {prediction} contradicts it")
+            raise UsageError(f"{where}: the checkpoint's args state a velocity (SiT) model; `prediction` {prediction} contradicts it")
         who = "REPA (t = 1 is noise)" if repa else "SiT (t = 1 is data)"
         return "velocity", "repa" if repa else "sit", f"args: linear path, velocity, {who}"
     if args is not None:
         if prediction not in (None, "eps"):
-            raise UsageError(f"{where}: the checkpoint's args are a DiT's (no path_type); --prediction {prediction} contradicts it")
+            raise UsageError(f"{where}: the checkpoint's args are a DiT's (no path_type); `prediction` {prediction} contradicts it")
         return "eps", "sit", "args (DiT training args, no path_type)"
     if repa_keys:
         if prediction not in (None, "velocity"):
-            raise UsageError(f"{where}: REPA projector heads mark a velocity model; --prediction {prediction} contradicts it")
+            raise UsageError(f"{where}: REPA projector heads mark a velocity model; `prediction` {prediction} contradicts it")
         return "velocity", "repa", "inferred: REPA projector heads (velocity, linear path, t = 1 is noise)"
     if prediction == "velocity":
         return "velocity", "sit", "given (--prediction); SiT time (t = 1 is data), linear path"

@@ -66,7 +66,7 @@ def train_and_save(model, data_spec: str, output: Path, cfg: TrainConfig, *, for
     data = load_data(data_spec, model.config.num_classes, model.config)
     work = work_dir_for(output)
     if not resume and (work / "train_state").exists():
-        raise UsageError(f"{work} holds an interrupted run: pass --resume to continue it, or delete it")
+        raise UsageError(f"{work} holds an interrupted run: pass `resume` to continue it, or delete it")
     t0 = time.time()
     res = train_model(model, data, cfg, work, teacher=teacher, resume=resume, kd=kd, desc=op)
     if not res.is_main:

@@ -151,26 +151,26 @@ class Trainer:
     def _load_state(self, acc, model, ema, opt, sched):
         sd = self.state_dir
         if not (sd / "state.json").exists():
-            raise DitcError(f"--resume: no training state in {self.work_dir} (expected {sd}/state.json)")
+            raise DitcError(f"`resume`: no training state in {self.work_dir} (expected {sd}/state.json)")
         meta = json.loads((sd / "state.json").read_text())
         saved = meta["train_config"]
         for key in ("batch_size", "lr", "seed", "grad_accum"):
             if saved.get(key) != getattr(self.cfg, key):
                 raise DitcError(
-                    f"--resume: {key} was {saved.get(key)} in the interrupted run but is {getattr(self.cfg, key)} now"
+                    f"`resume`: {key} was {saved.get(key)} in the interrupted run but is {getattr(self.cfg, key)} now"
                 )
         unwrapped = acc.unwrap_model(model)
         state = load_file(str(sd / "model.safetensors"))
         mine = unwrapped.state_dict()
         if set(state) != set(mine) or any(state[k].shape != mine[k].shape for k in state):
-            raise DitcError(f"--resume: the saved training state does not fit this model/config ({sd})")
+            raise DitcError(f"`resume`: the saved training state does not fit this model/config ({sd})")
         unwrapped.load_state_dict(state)
         if ema is not None and (sd / "ema.safetensors").exists():
             ema.load_state_dict(load_file(str(sd / "ema.safetensors")))
         for name, mod in self.state_modules.items():
             mod.load_state_dict(load_file(str(sd / f"{name}.safetensors")))
         if int(meta["step"]) > self.cfg.steps:
-            raise DitcError(f"--resume: the interrupted run is already at step {meta['step']}, past --steps {self.cfg.steps}")
+            raise DitcError(f"`resume`: the interrupted run is already at step {meta['step']}, past `steps` {self.cfg.steps}")
         opt_state = torch.load(sd / "optim.pt", weights_only=True)
         opt.load_state_dict(opt_state["optimizer"])
         sched.load_state_dict(opt_state["scheduler"])
@@ -271,7 +271,7 @@ class Trainer:
             run.last_good = step
         if self._stop_signal is not None:
             self._save_state(run.acc, run.model, run.ema, run.opt, run.sched, step, run.history)
-            raise TrainingInterrupted(f"interrupted at step {step}; state saved in {self.state_dir}, continue with --resume")
+            raise TrainingInterrupted(f"interrupted at step {step}; state saved in {self.state_dir}, continue with `resume`")
 
     def run(self, resume: bool = False) -> TrainResult:
         run = self._setup(resume)
