@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..compress.depth import prune_layers
+from ..compress.depth import prune_layers, uniform_keep
 from ..compress.dynamic import (
     add_dynamic_width,
     add_token_router,
@@ -76,9 +76,7 @@ def build(spec: str, seed: int = 0, load: dict | None = None):
             depth = model.config.depth
             if not (0 < n <= depth):
                 raise UsageError(f"variant {v}: depth {n} is not in 1..{depth}")
-            step = depth / n
-            keep = sorted({min(depth - 1, int(round((i + 1) * step)) - 1) for i in range(n)})
-            model = prune_layers(model, keep)
+            model = prune_layers(model, uniform_keep([(n, depth)]))  # evenly spaced, ending at the last
         elif v.startswith("width"):
             share = float(v[5:])
             if model.config.width is None:

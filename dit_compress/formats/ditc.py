@@ -18,7 +18,8 @@ META_KEY = "ditc_config"
 WEIGHTS = "model.safetensors"
 
 
-def _state_for_save(model, dtype: torch.dtype | None = None) -> dict:
+def state_for_save(model, dtype: torch.dtype | None = None) -> dict:
+    """Detached, contiguous copies of the weights (floating ones in ``dtype`` when given)."""
     out = {}
     for k, v in model.state_dict().items():
         v = v.detach()
@@ -30,7 +31,7 @@ def _state_for_save(model, dtype: torch.dtype | None = None) -> dict:
 
 def write_weights(model, file: Path, dtype: torch.dtype | None = None) -> None:
     meta = {META_KEY: model.config.to_json(), "format": "pt"}
-    save_file(_state_for_save(model, dtype), str(file), metadata=meta)
+    save_file(state_for_save(model, dtype), str(file), metadata=meta)
 
 
 def save_ditc_into(model, out_dir: Path, dtype: torch.dtype | None = None, report: dict | None = None,

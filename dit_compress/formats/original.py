@@ -13,6 +13,7 @@ import torch
 
 from ..config import ARCHS, DiTConfig
 from ..errors import FormatError, MissingFactError, UsageError
+from .ditc import state_for_save
 
 TRAINING_ONLY = ("projectors",)  # REPA: projector heads used only by its alignment loss
 
@@ -167,10 +168,5 @@ def load_original(file: Path, use_ema: bool = True, num_heads: int | None = None
 
 
 def save_original(model, file: Path, dtype: torch.dtype | None = None) -> None:
-    state = {}
-    for k, v in model.state_dict().items():
-        v = v.detach().clone()
-        if dtype is not None and v.is_floating_point():
-            v = v.to(dtype)
-        state[k] = v
-    torch.save(state, file)
+    torch.save(state_for_save(model, dtype), file)
+

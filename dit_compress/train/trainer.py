@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import DitcError, TrainingError
-from ..formats.ditc import _state_for_save
+from ..formats.ditc import state_for_save
 from ..progress import make_progress
 
 
@@ -137,11 +137,11 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         unwrapped = acc.unwrap_model(model)
-        save_file(_state_for_save(unwrapped), str(tmp / "model.safetensors"))
+        save_file(state_for_save(unwrapped), str(tmp / "model.safetensors"))
         if ema is not None:
-            save_file(_state_for_save(ema), str(tmp / "ema.safetensors"))
+            save_file(state_for_save(ema), str(tmp / "ema.safetensors"))
         for name, mod in self.state_modules.items():
-            save_file(_state_for_save(mod), str(tmp / f"{name}.safetensors"))
+            save_file(state_for_save(mod), str(tmp / f"{name}.safetensors"))
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optim.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "train_config": self.cfg.to_dict(), "history": history}))
         shutil.rmtree(self.state_dir, ignore_errors=True)
