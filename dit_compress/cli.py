@@ -523,11 +523,11 @@ def run_cmd(
 
     Examples:
 
-        ditc run recipes/quickstart.yaml
+        ditc run quickstart
 
         ditc run quickstart prune_steps=50 distill_steps=50 -o runs/qs-small
 
-        ditc run recipes/tinydit-d14.yaml data=/data/imagenet-latents
+        ditc run tinydit-d14 data=/data/imagenet-latents
     """
     summary = run_recipe(recipe, output, list(overrides or []), echo=lambda m: err_console.print(m, highlight=False, markup=False))
     if json_out:

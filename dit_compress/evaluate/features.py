@@ -133,10 +133,10 @@ def register() -> str:
 
 
 @torch.no_grad()
-def class_accuracy(images01: torch.Tensor, labels: torch.Tensor, net: DigitsNet | None = None) -> float:
+def class_accuracy(images: torch.Tensor, labels: torch.Tensor, net: DigitsNet | None = None) -> float:
     """Share of images (float [B,1,8,8] in [-1,1]) that the held-out classifier assigns to ``labels``."""
     net = net or load_digits_net()
-    return (net(images01).argmax(1) == labels).float().mean().item()
+    return (net(images).argmax(1) == labels).float().mean().item()
 
 
 def main():  # python -m dit_compress.evaluate.features [OUT]: retrain the shipped feature network
