@@ -6,7 +6,6 @@ blocks with bit-identical weights, and ``config.kept_layers`` naming their sourc
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 import math
@@ -18,9 +17,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from ..data.batches import draw_examples, label_dropout_batch_fn
+from ..data.batches import (
+    CalibSet,
+    calibration_set,
+    draw_examples,
+    label_dropout_batch_fn,
+)
 from ..data.datasets import check_fits
 from ..diffusion import objective_for
+from ..diffusion.calibration import calibration_losses
 from ..errors import UsageError
 from ..model.build import build_model
 from ..model.flops import gflops
@@ -105,51 +110,6 @@ def prune_layers(model, keep: list[int], op_params: dict | None = None):
 
 
 # ---------------------------------------------------------------------------- calibration
-@dataclass
-class CalibSet:
-    x: torch.Tensor
-    y: torch.Tensor
-    t: torch.Tensor
-    noise: torch.Tensor
-
-
-def calibration_set(data, n: int, seed: int = 0) -> CalibSet:
-    g = torch.Generator().manual_seed(seed)
-    x, y = draw_examples(data, n, g)
-    t = torch.randint(0, 1000, (n,), generator=g)
-    return CalibSet(x, y, t, torch.randn(x.shape, generator=g))
-
-
-@torch.no_grad()
-def calibration_losses(model, calib: CalibSet, keep: list[int] | None = None, batch: int = 64) -> dict:
-    """Mean DiT hybrid loss and eps-MSE with only ``keep`` blocks active (others skipped)."""
-    diff = objective_for(model.config)
-    loss = mse = 0.0
-    n = len(calib.y)
-    with only_blocks(model, keep):
-        for s in range(0, n, batch):
-            sl = slice(s, s + batch)
-            res = diff.training_losses(model, calib.x[sl], diff.continuous_t(calib.t[sl]), calib.y[sl],
-                                       noise=calib.noise[sl])
-            loss += float(res["loss"].sum())
-            mse += float(res["mse"].sum())
-    return {"loss": loss / n, "mse": mse / n}
-
-
-@contextlib.contextmanager
-def only_blocks(model, keep: list[int] | None):
-    """``model`` running only the blocks ``keep`` (the others skipped), restored afterwards."""
-    if keep is None:
-        yield model
-        return
-    full = model.blocks
-    model.blocks = nn.ModuleList([full[i] for i in keep])
-    try:
-        yield model
-    finally:
-        model.blocks = full
-
-
 def calibration_loss(model, calib: CalibSet, keep: list[int] | None = None, batch: int = 64) -> float:
     return calibration_losses(model, calib, keep, batch)["loss"]
 

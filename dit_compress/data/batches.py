@@ -4,6 +4,8 @@ trainer reseeds per step, so a resumed run sees the same batches."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .datasets import TensorData
@@ -46,3 +48,19 @@ def label_dropout_batch_fn(data: TensorData, batch_size: int, num_classes: int, 
         return b
 
     return fn
+
+
+@dataclass
+class CalibSet:
+    x: torch.Tensor
+    y: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor
+
+
+def calibration_set(data, n: int, seed: int = 0) -> CalibSet:
+    """``n`` fixed examples with fixed timesteps and noise: the same draw for every model scored."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = draw_examples(data, n, g)
+    t = torch.randint(0, 1000, (n,), generator=g)
+    return CalibSet(x, y, t, torch.randn(x.shape, generator=g))

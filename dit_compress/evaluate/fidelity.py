@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..compress.depth import calibration_losses, calibration_set
+from ..data.batches import calibration_set
 from ..data.datasets import check_fits, digits_arrays, load_data
 from ..data.vae import decode, load_vae
+from ..diffusion.calibration import calibration_losses
 from ..diffusion.measure import FlopsMeter
 from ..diffusion.sampling import (
     class_balanced_labels,

@@ -5,6 +5,7 @@ fewer blocks (``config.kept_layers`` says which); dynamic models (DyDiT) have ro
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -196,3 +197,17 @@ class DiT(nn.Module):
                 continue
             n += p.numel()
         return n
+
+
+@contextlib.contextmanager
+def only_blocks(model, keep: list[int] | None):
+    """``model`` running only the blocks ``keep`` (the others skipped), restored afterwards."""
+    if keep is None:
+        yield model
+        return
+    full = model.blocks
+    model.blocks = nn.ModuleList([full[i] for i in keep])
+    try:
+        yield model
+    finally:
+        model.blocks = full

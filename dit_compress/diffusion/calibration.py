@@ -1,0 +1,26 @@
+"""The fixed-noise calibration loss: a model's mean training loss on a fixed draw of
+examples, timesteps and noise (``data.batches.calibration_set``), optionally with only some
+blocks active. Depth selectors, reports and the held-out loss of ``eval`` use it."""
+
+from __future__ import annotations
+
+import torch
+
+from ..model.dit import only_blocks
+from . import objective_for
+
+
+@torch.no_grad()
+def calibration_losses(model, calib, keep: list[int] | None = None, batch: int = 64) -> dict:
+    """Mean training loss (DiT: hybrid; SiT: velocity) and MSE with only ``keep`` blocks active (others skipped)."""
+    diff = objective_for(model.config)
+    loss = mse = 0.0
+    n = len(calib.y)
+    with only_blocks(model, keep):
+        for s in range(0, n, batch):
+            sl = slice(s, s + batch)
+            res = diff.training_losses(model, calib.x[sl], diff.continuous_t(calib.t[sl]), calib.y[sl],
+                                       noise=calib.noise[sl])
+            loss += float(res["loss"].sum())
+            mse += float(res["mse"].sum())
+    return {"loss": loss / n, "mse": mse / n}
