@@ -289,6 +289,5 @@ class Trainer:
         acc.wait_for_everyone()
         unwrapped = acc.unwrap_model(run.model)
         unwrapped.eval()
-        self.accelerator = acc
         return TrainResult(unwrapped, run.ema, run.history, self.cfg.steps, time.time() - run.t0, run.start,
                            acc.is_main_process, acc.num_processes)
