@@ -1,4 +1,4 @@
-"""Files shipped inside the package: the digits testbed DiT and its feature network."""
+"""Files shipped inside the package: the digits testbeds (digits-dit, eps; digits-sit, velocity) and their feature network."""
 
 from pathlib import Path
 
