@@ -113,11 +113,6 @@ def _options(local: dict) -> dict:
     return {k: v for k, v in local.items() if k not in ("source", "sources", "json_out")}
 
 
-def _facts(num_heads: Optional[int], prediction: Optional[str], numerics: Optional[str]) -> dict:
-    """The facts a user may supply for sources that do not state them (load_model keywords)."""
-    return {k: v for k, v in dict(num_heads=num_heads, prediction=prediction, numerics=numerics).items() if v is not None}
-
-
 SRC_HELP = "Model source: digits-dit, a hub alias/id (DiT-XL-2, facebook/DiT-XL-2-256), a diffusers dir, an original .pt or a ditc checkpoint."
 Src = typer.Argument(..., help=SRC_HELP, show_default=False)
 Out = typer.Option(..., "-o", "--output", help="Output directory (refused if it exists, unless --force).", show_default=False)
@@ -153,7 +148,7 @@ def info(source: str = Src, revision: Optional[str] = Revision, no_ema: bool = N
         ditc info tiny/ --json | jq .gflops
     """
     d = commands.info(source, arch=arch, sampler=sampler, steps=steps, timestep_spacing=timestep_spacing,
-                      cfg_scale=cfg_scale, revision=revision, no_ema=no_ema, **_facts(num_heads, prediction, numerics))
+                      cfg_scale=cfg_scale, revision=revision, no_ema=no_ema, num_heads=num_heads, prediction=prediction, numerics=numerics)
     if json_out:
         emit_json(d)
         return
@@ -184,7 +179,7 @@ def convert(source: str = Src, output: Path = Out,
         ditc convert my-dit.pt --num-heads 4 -o my-dit/      # heads of an unpublished size, recorded once
     """
     commands.convert(source, output=output, to=to, dtype=dtype, revision=revision, no_ema=no_ema, force=force,
-                     **_facts(num_heads, prediction, numerics))
+                     num_heads=num_heads, prediction=prediction, numerics=numerics)
     err_console.print(f"wrote {to} checkpoint {output}")
 
 

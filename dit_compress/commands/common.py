@@ -16,8 +16,8 @@ def load_source(source, *, revision: str | None = None, no_ema: bool = False, nu
     with the facts the user supplied for sources that do not state them."""
     if isinstance(source, DiT):
         return source
-    facts = {k: v for k, v in dict(num_heads=num_heads, prediction=prediction, numerics=numerics).items() if v is not None}
-    return load_model(str(source), revision=revision, use_ema=not no_ema, **facts)
+    return load_model(str(source), revision=revision, use_ema=not no_ema, num_heads=num_heads, prediction=prediction,
+                      numerics=numerics)
 
 
 def source_name(source) -> str:

@@ -85,7 +85,7 @@ def bench(sources=None, *, shape: str | None = None, variants=None, baseline: st
         check_output(Path(output), force)
     if sampler is not None:
         resolve_spacing(sampler, timestep_spacing)  # checked before anything runs
-    facts = {k: v for k, v in dict(num_heads=num_heads, prediction=prediction, numerics=numerics).items() if v is not None}
+    facts = dict(num_heads=num_heads, prediction=prediction, numerics=numerics)  # load_model keywords
     results = []
     for s in specs:
         if echo is not None:
