@@ -4,6 +4,7 @@
     model = dit_compress.load_model("digits-dit")           # or a hub id, dir or .pt
     x = dit_compress.sample(model, noise, y, sampler="ddim", steps=50, cfg_scale=2.0)
     dit_compress.save_model(model, "out/", format="ditc")   # ditc | diffusers | original
+    x = dit_compress.sample(model, noise, y, compile=True)  # torch.compile once, bounded graphs
 
 Every ``ditc`` command is a function here with the same options as keywords, e.g.
 ``dit_compress.prune_depth("digits-dit", output="tiny/", pattern="1:2", data="digits")``.
@@ -27,8 +28,9 @@ from .diffusion import sample, training_losses
 from .errors import DitcError
 from .formats import load_model, save_model
 from .model import DiT
+from .model.compile import compile_model
 
 __version__ = "0.1.0"
-__all__ = ["DiT", "DiTConfig", "DitcError", "add_dynamic_width", "add_token_router", "bench", "convert", "create",
+__all__ = ["DiT", "DiTConfig", "DitcError", "add_dynamic_width", "add_token_router", "bench", "compile_model", "convert", "create",
            "distill", "evaluate_model", "finetune", "info", "load_model", "prepare_data", "prune_depth", "sample",
            "save_model", "training_losses", "__version__"]

@@ -110,7 +110,10 @@ def fmt_gflops(g: float) -> str:
 
 def _options(local: dict) -> dict:
     """A command's parsed options as the keywords of its library function."""
-    return {k: v for k, v in local.items() if k not in ("source", "sources", "json_out")}
+    opts = {k: v for k, v in local.items() if k not in ("source", "sources", "json_out")}
+    if "compile_" in opts:  # `compile` would shadow the builtin in the command's signature
+        opts["compile"] = opts.pop("compile_")
+    return opts
 
 
 SRC_HELP = "Model source: digits-dit, a hub alias/id (DiT-XL-2, facebook/DiT-XL-2-256), a diffusers dir, an original .pt or a ditc checkpoint."
@@ -407,6 +410,7 @@ def eval_cmd(
     loss_data: Optional[str] = typer.Option(None, "--loss-data", help="Also report the diffusion loss on held-out data (default digits:test for the digits testbed; 'none' to skip)."),
     grid: bool = typer.Option(True, "--grid/--no-grid", help="Write samples.png (a grid of the first samples)."),
     timestep_spacing: Optional[str] = Spacing,
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the model (first_batch_seconds holds the compile; steady_seconds_per_image the rest)."),
     json_out: bool = JsonOut,
     num_heads: Optional[int] = NumHeads, prediction: Optional[str] = Prediction, numerics: Optional[str] = Numerics,
 ):
@@ -416,6 +420,8 @@ def eval_cmd(
     Examples:
 
         ditc eval digits-dit -o eval/ -n 2000 --cfg-scale 2
+
+        ditc eval dyn/ -o eval-c/ -n 2000 --cfg-scale 2 --compile
 
         accelerate launch --num_processes 2 -m dit_compress.cli eval tiny/ -o eval/ -n 2000
 
@@ -445,7 +451,7 @@ def bench(
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default 50): dynamic models are timed and counted over these timesteps."),
     device: str = typer.Option("cpu", "--device", help="cpu (cuda: not measured on this build)."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | fp16"),
-    compile_: bool = typer.Option(False, "--compile", help="torch.compile each model's forward (compile time: first_run_s in --loop mode)."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile each model (--loop: compile time in warmup_s; graphs compiled: graphs)."),
     loop: bool = typer.Option(False, "--loop", help="Time the whole sampling loop (--sampler, --steps, --cfg-scale; routers act as in eval): seconds_per_image, images_per_s, FLOPs per image over the loop."),
     cfg_scale: float = typer.Option(1.0, "--cfg-scale", help="--loop: classifier-free guidance scale (> 1 doubles every forward)."),
     dense_masks: bool = typer.Option(False, "--dense-masks", help="Time dynamic models on the masked-dense path."),
@@ -469,14 +475,15 @@ def bench(
         ditc bench --loop --sampler ddim --steps 50 --cfg-scale 1.5 digits-dit tiny/ dyn/ --batch-sizes 1,8
     """
     opts = _options(locals())
-    opts["compile"] = opts.pop("compile_")
     report = commands.bench(sources, echo=lambda m: err_console.print(m), **opts)
     if json_out:
         emit_json(report)
         return
     cols = ("model", "batch", "gflops", "flops_ratio", "latency_ms", "iqr_ms", "speedup", "peak_rss_mb", "diverges")
     if loop:
-        cols = ("model", "batch", "gflops", "flops_ratio", "seconds_per_image", "images_per_s", "speedup", "first_run_s", "diverges")
+        cols = ("model", "batch", "gflops", "flops_ratio", "seconds_per_image", "images_per_s", "speedup", "warmup_s", "diverges")
+    if compile_:
+        cols = cols + ("graphs",)
     out_console.print(rows_table(f"ditc bench (baseline {report['baseline']})", [{k: r.get(k) for k in cols} for r in report["rows"]]))
 
 

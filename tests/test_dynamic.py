@@ -210,3 +210,64 @@ def test_inference_flops_equal_training_expectation(tmp_path, tokens):
     if not tokens:  # the sampler-level figure of `ditc info` agrees with the per-forward one
         e = inference_flops(m, "ddim", 50)
         assert abs(e["block_flops_ratio"] - float(np.mean(list(e["block_ratio_per_t"].values())))) < 1e-9
+
+
+def test_width_cache_runs_the_routers_once_per_sampling_run():
+    """Widths depend on t only: a sampling run resolves them in one router pass per block
+    (not one per call), and sampling from the cache equals the masked-dense reference."""
+    import dit_compress
+
+    m = _routed(tokens=False)
+    calls = []
+    hooks = [b.head_router.register_forward_hook(lambda *a: calls.append(1)) for b in m.blocks]
+    noise, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 2, 3])
+    m.routing = "fast"
+    a = dit_compress.sample(m, noise, y, sampler="ddim", steps=6, cfg_scale=3.0)
+    assert len(calls) == len(m.blocks)
+    calls.clear()
+    m.routing = "dense"  # no cache: the routers run on every call (6 steps)
+    b = dit_compress.sample(m, noise, y, sampler="ddim", steps=6, cfg_scale=3.0)
+    assert len(calls) == 6 * len(m.blocks)
+    for h in hooks:
+        h.remove()
+    assert torch.allclose(a, b, atol=1e-4)
+    assert m._width_cache is None  # the cache lives for one run only
+
+
+def test_banded_width_routers_follow_the_bands_and_average_the_share():
+    from dit_compress.diffusion.measure import FlopsMeter
+    from dit_compress.diffusion.sampling import sampler_timesteps
+
+    m = Y.add_dynamic_width(wide_model(), 0.5, sort_by="none").eval()
+    ts = sampler_timesteps("ddim", 10, None, m.config)
+    shares = Y.set_banded_width(m, 0.5, ts)
+    assert sorted(set(shares)) == [0.25, 0.5, 0.75] and sum(shares) / len(shares) == 0.5
+    # the noisiest third (largest DiT t) narrow, the cleanest third wide: 1, 2 and 3 of 4 heads per layer
+    widths = m.widths_at(torch.tensor(ts))
+    for t, w in zip(ts, widths):
+        rank = sorted(ts, reverse=True).index(t)
+        want = 1 if rank < 3 else (3 if rank >= 7 else 2)
+        assert [h for h, _ in w] == [want] * 4 and [c for _, c in w] == [want * 64] * 4  # MLP 256 = 4 groups of 64
+    import dit_compress
+
+    with FlopsMeter(m) as meter:  # measured over the real loop (CFG, cached widths): the block FLOPs average 0.5
+        dit_compress.sample(m, torch.randn(2, 4, 8, 8), torch.tensor([0, 1]), sampler="ddim", steps=10, cfg_scale=2.0)
+    assert meter.result()["calls"] == 10 and abs(meter.result()["block_flops_ratio"] - 0.5) < 1e-6
+
+
+def test_compiled_sampling_of_a_dynamic_model_equals_eager_with_bounded_graphs():
+    """sample(compile=True): three distinct widths over the loop, four blocks, two batch
+    sizes, and still at most two compiled graphs (widths are symbolic ints); same samples."""
+    import dit_compress
+    from dit_compress.diffusion.sampling import sampler_timesteps
+    from dit_compress.model.compile import compiled_graphs
+
+    m = Y.add_dynamic_width(wide_model(), 0.5, sort_by="none").eval()
+    Y.set_banded_width(m, 0.5, sampler_timesteps("ddim", 10, None, m.config))
+    noise, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 2, 3])
+    eager = dit_compress.sample(m, noise, y, sampler="ddim", steps=10, cfg_scale=2.0)
+    g0 = compiled_graphs()
+    compiled = dit_compress.sample(m, noise, y, sampler="ddim", steps=10, cfg_scale=2.0, compile=True)
+    assert torch.allclose(compiled, eager, atol=1e-3), (compiled - eager).abs().max()
+    dit_compress.sample(m, noise[:2], y[:2], sampler="ddim", steps=10, cfg_scale=2.0, compile=True)
+    assert 1 <= compiled_graphs() - g0 <= 2

@@ -38,6 +38,18 @@ def test_bad_recipes_fail_before_running(tmp_path, steps, msg):
     assert not (tmp_path / "run").exists()
 
 
+def test_every_bundled_recipe_binds_to_its_commands(tmp_path):
+    """Each built-in recipe's steps name real options of their library functions."""
+    from dit_compress import pipeline as P
+
+    names = set(P.builtin_recipes())
+    assert {"quickstart", "results-loop-speed", "results-sit-depth", "tinysit-d14"} <= names
+    for name in names:
+        recipe, _ = P.load_recipe(name)
+        bound = P.plan(P.resolve(recipe, []), tmp_path / name)
+        assert len(bound) == len(recipe["steps"]) >= 1
+
+
 def test_bad_override(tmp_path):
     p = write(tmp_path, [{"name": "a", "command": "info", "args": {"source": "digits-dit"}}], {"x": 1})
     r = run("run", p, "y=3", "-o", tmp_path / "run")

@@ -24,11 +24,13 @@ def evaluate_model(source, *, output: str | Path, num_samples: int = 1000, sampl
              seed: int = 0, shard_size: int = 250, batch_size: int = 125, kid_subset_size: int | None = None,
              dense_masks: bool = False, loss_data: str | None = None, grid: bool = True,
              timestep_spacing: str | None = None, revision: str | None = None, no_ema: bool = False,
-             num_heads: int | None = None, prediction: str | None = None, numerics: str | None = None) -> dict | None:
+             num_heads: int | None = None, prediction: str | None = None, numerics: str | None = None,
+             compile: bool = False) -> dict | None:
     """Sample class-balanced images (sharded, resumable, split over ``accelerate launch``
     processes), then FID / IS / KID / precision-recall, class accuracy and held-out loss on the
     digits testbed. Writes ``output``/report.json/.md; returns the report (None on processes
-    other than the main one)."""
+    other than the main one). ``compile``: torch.compile the model first (the first batch's
+    time, compile included, is reported apart from the steady seconds per image)."""
     from accelerate import PartialState  # heavy: imported on first use
 
     interval = parse_interval(guidance_interval)
@@ -47,7 +49,7 @@ def evaluate_model(source, *, output: str | Path, num_samples: int = 1000, sampl
                                  kid_subset_size, state.process_index, state.num_processes,
                                  barrier=state.wait_for_everyone, loss_data=None if loss_data == "none" else loss_data,
                                  timestep_spacing=timestep_spacing, guidance_interval=interval,
-                                 source=source_name(source), grid=grid)
+                                 source=source_name(source), grid=grid, compile=compile)
 
 
 def bench_specs(sources=None, shape: str | None = None, variants=None, baseline: str | None = None) -> list[str]:

@@ -164,6 +164,48 @@ def set_static_width(model, head_share: float, channel_share: float):
     return model
 
 
+def band_shares(share: float, n: int, bands: int = 3) -> list[float]:
+    """Width share of each of ``n`` loop calls, noisiest first: three bands (narrow, ``share``,
+    wide) at ``share`` -/+ half the room to 0 or 1, the outer two of equal length, so the loop
+    averages ``share`` exactly."""
+    d = min(share, 1.0 - share) / 2
+    outer = round(n / bands)
+    return [share - d] * outer + [share] * (n - 2 * outer) + [share + d] * outer
+
+
+@torch.no_grad()
+def set_banded_width(model, share: float, times: list) -> list[float]:
+    """Width routers fixed per timestep band: over the network time inputs ``times`` of one
+    sampling loop, the noisiest third runs narrow, the cleanest third wide, the loop
+    averaging ``share`` (each band's share spread over the layers as whole heads / groups
+    allow). The routers are fitted (least squares on each block's timestep embedding) so
+    that their own logits, saturated at +-30, give these widths at ``times``; the fit is
+    checked. Returns the share per entry of ``times``. (Benchmarks: a dynamic model whose
+    width really changes with t.)"""
+    cfg = model.config
+    H, L = cfg.num_heads, cfg.depth
+    noisy_first = sorted(range(len(times)), key=lambda i: -times[i] if cfg.prediction == "eps" or cfg.time_input == "repa" else times[i])
+    shares = [0.0] * len(times)
+    for i, sh in zip(noisy_first, band_shares(share, len(times))):
+        shares[i] = sh
+    per_layer = {sh: spread_widths(H, sh, L) for sh in set(shares)}
+    t = torch.tensor(times)
+    t_emb = model.t_embedder(t)
+    conds = model.block_conditions(t, torch.zeros(len(times), dtype=torch.long), t_emb, t_emb)
+    for layer, (b, (te, _)) in enumerate(zip(model.blocks, conds)):
+        ks = torch.tensor([per_layer[sh][layer] for sh in shares])
+        target = torch.where(torch.arange(H)[None] < ks[:, None], 30.0, -30.0).double()
+        feats = torch.cat([te.double(), torch.ones(len(times), 1, dtype=torch.float64)], 1)
+        sol = torch.linalg.pinv(feats) @ target  # [D + 1, H]: the minimum-norm exact fit
+        for r in (b.head_router, b.channel_router):
+            r.linear.weight.copy_(sol[:-1].T.float())
+            r.linear.bias.copy_(sol[-1].float())
+        got = [k for k, _ in b.widths(te)]
+        if got != ks.tolist():
+            raise DitcError(f"banded width routers could not be fitted at layer {layer} (got {got}, want {ks.tolist()})")
+    return shares
+
+
 @torch.no_grad()
 def set_token_keep(model, share: float, batch: int = 2, seed: int = 0, passes: int = 2):
     """Token routers that keep about ``share`` of the tokens (for benchmarks): a random

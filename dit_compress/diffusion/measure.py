@@ -21,15 +21,13 @@ from .sampling import (
 def width_profile(model, timesteps: list[int]) -> dict:
     """Active share of heads / MLP channels per layer for each timestep (masks depend on t only)."""
     cfg = model.config
-    t = torch.tensor(timesteps)  # network time inputs (ints for DiT, floats for SiT)
-    y = torch.zeros(len(timesteps), dtype=torch.long)  # width routers read the timestep embedding only
-    t_emb = model.t_embedder(t)
-    conds = model.block_conditions(t, y, t_emb, t_emb)
-    heads, chans = [], []
-    for b, (bt, _) in zip(model.blocks, conds):
-        hm, cm = b.width_masks(bt, Routing.DENSE, 0.0)
-        heads.append(hm.mean(1).tolist() if hm is not None else [1.0] * len(timesteps))
-        chans.append(cm.mean(1).tolist() if cm is not None else [1.0] * len(timesteps))
+    n = len(timesteps)
+    if cfg.width is None:
+        return {"timesteps": timesteps, "heads": [[1.0] * n] * cfg.depth, "channels": [[1.0] * n] * cfg.depth,
+                "depth": cfg.depth}
+    widths = model.widths_at(torch.tensor(timesteps))  # network time inputs (ints for DiT, floats for SiT)
+    heads = [[widths[j][i][0] / cfg.num_heads for j in range(n)] for i in range(cfg.depth)]
+    chans = [[widths[j][i][1] / b.mlp.fc1.out_features for j in range(n)] for i, b in enumerate(model.blocks)]
     return {"timesteps": timesteps, "heads": heads, "channels": chans, "depth": cfg.depth}
 
 
@@ -45,6 +43,7 @@ class FlopsMeter:
     def __enter__(self):
         m = self.model
         self._hooks.append(m.register_forward_pre_hook(lambda mod, args: self.calls.append(self._new_call(args))))
+        self._hooks.append(m.register_forward_hook(lambda mod, args, out: self._from_width_cache()))
         for i, b in enumerate(m.blocks):
             for name in ("head_router", "channel_router", "token_router"):
                 r = getattr(b, name, None)
@@ -59,7 +58,19 @@ class FlopsMeter:
 
     def _new_call(self, args):
         t = args[1] if len(args) > 1 else None
-        return {"t": int(t.flatten()[0]) if torch.is_tensor(t) and t.numel() else None, "layers": {}}
+        return {"t": t.flatten()[0].item() if torch.is_tensor(t) and t.numel() else None, "layers": {}}
+
+    def _from_width_cache(self):
+        """Widths of a call that ran from the model's per-run width cache (routers not run)."""
+        cache = getattr(self.model, "_width_cache", None)
+        call = self.calls[-1] if self.calls else None
+        if not cache or call is None or call["t"] not in cache or self.model.routing == Routing.FULL:
+            return
+        H = self.model.config.num_heads
+        for i, (heads, channels) in enumerate(cache[call["t"]]):
+            layer = call["layers"].setdefault(i, {})
+            layer.setdefault("head_router", [heads, H])
+            layer.setdefault("channel_router", [channels, self.model.blocks[i].mlp.fc1.out_features])
 
     def _record(self, i, name, logits):
         if not self.calls or self.model.routing == Routing.FULL:

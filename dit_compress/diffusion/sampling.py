@@ -11,6 +11,8 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
+from ..model.compile import compile_model
+from ..model.dit import width_cache
 from ..progress import make_progress
 from .flow import FlowMatching
 from .gaussian import SPACINGS, GaussianDiffusion, spaced_timesteps
@@ -92,6 +94,13 @@ def sampler_timesteps(sampler: str = "ddim", steps: int = 50, spacing: str | Non
         raise UsageError(str(e)) from None
 
 
+def loop_time_inputs(config, sampler: str, steps: int, spacing: str | None, dtype=torch.float32) -> torch.Tensor:
+    """The network time inputs of one sampling loop as the sampler feeds them (long for the
+    eps samplers, ``dtype`` for the flow samplers)."""
+    times = sampler_timesteps(sampler, steps, spacing, config)
+    return torch.tensor(times, dtype=dtype if sampler in FLOW_SAMPLERS else torch.long)
+
+
 def _guided(model, cfg_scale: float, cfg_channels: int | None):
     """Wrap the model so it takes the un-doubled batch and returns the guided output."""
     if cfg_scale == 1.0:
@@ -119,7 +128,8 @@ def _progress(total: int, desc: str, enabled: bool):
 def sample(model, noise: torch.Tensor, y: torch.Tensor, sampler: str | None = None, steps: int | None = None,
            cfg_scale: float = 1.0, cfg_channels: int | None = None, progress: bool = False,
            generator: torch.Generator | None = None, clip: bool = False,
-           timestep_spacing: str | None = None, guidance_interval: tuple[float, float] | None = None) -> torch.Tensor:
+           timestep_spacing: str | None = None, guidance_interval: tuple[float, float] | None = None,
+           compile: bool = False) -> torch.Tensor:
     """Draw samples from ``noise`` for labels ``y``.
 
     ``sampler=None`` uses the model's natural sampler: DDPM-250 for eps (DiT), SiT's SDE-250
@@ -129,7 +139,9 @@ def sample(model, noise: torch.Tensor, y: torch.Tensor, sampler: str | None = No
     (REPA's t: 1 = noise, 0 = data) is within [lo, hi]. ``generator`` drives the sampler noise,
     so a fixed seed gives the same images on any process split. ``timestep_spacing``
     (diffusers' names, eps samplers): ``linspace`` (default: the reference code's respacing,
-    ``create_diffusion(str(steps))``), ``leading`` or ``trailing``.
+    ``create_diffusion(str(steps))``), ``leading`` or ``trailing``. ``compile=True`` compiles
+    the model in place first (once; see model/compile.py for how graphs are bounded).
+    Dynamic models resolve their per-timestep widths once per run (``width_cache``).
     """
     sampler, steps = resolve_sampler(model.config, sampler, steps)
     spacing = resolve_spacing(sampler, timestep_spacing)
@@ -137,9 +149,19 @@ def sample(model, noise: torch.Tensor, y: torch.Tensor, sampler: str | None = No
         lo, hi = guidance_interval
         if not (0.0 <= lo <= hi <= 1.0):
             raise UsageError(f"guidance interval must satisfy 0 <= low <= high <= 1, got {guidance_interval}")
-    if sampler in FLOW_SAMPLERS:
-        return _flow_sample(model, noise, y, sampler, steps, cfg_scale, cfg_channels, progress, generator,
-                            guidance_interval)
+    if compile:
+        compile_model(model)
+    times = None if sampler == "dopri5" else loop_time_inputs(model.config, sampler, steps, spacing, noise.dtype)
+    with width_cache(model, times):
+        if sampler in FLOW_SAMPLERS:
+            return _flow_sample(model, noise, y, sampler, steps, cfg_scale, cfg_channels, progress, generator,
+                                guidance_interval)
+        return _eps_sample(model, noise, y, sampler, steps, spacing, cfg_scale, cfg_channels, progress, generator,
+                           clip, guidance_interval)
+
+
+def _eps_sample(model, noise, y, sampler, steps, spacing, cfg_scale, cfg_channels, progress, generator, clip,
+                guidance_interval):
     plain, guided = _guided(model, 1.0, cfg_channels), _guided(model, cfg_scale, cfg_channels)
     learn_sigma = model.config.learn_sigma
     x = noise

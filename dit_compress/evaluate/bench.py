@@ -4,7 +4,8 @@ Each model is measured in a fresh child process (spawned), one after the other, 
 peak-memory figure (the child's max RSS) belongs to that model alone and one model's
 allocator state cannot flatter the next. Sources may be checkpoints or architecture
 shapes with random weights plus transforms: ``shape:DiT-XL/2``, ``shape:DiT-XL/2+d14``,
-``shape:DiT-XL/2+width0.5+tokens0.5``.
+``shape:DiT-XL/2+width0.5+tokens0.5``, ``shape:DiT-XL/2+dynwidth0.5`` (width routers fixed per
+timestep band of the benchmark's sampler: narrow / 0.5 / wide, averaging 0.5 over the loop).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..compress.depth import prune_layers, uniform_keep
 from ..compress.dynamic import (
     add_dynamic_width,
     add_token_router,
+    set_banded_width,
     set_static_width,
     set_token_keep,
 )
@@ -34,6 +36,7 @@ from ..diffusion.measure import FlopsMeter
 from ..diffusion.sampling import (
     class_balanced_labels,
     eval_sampler,
+    loop_time_inputs,
     sample,
     sampler_timesteps,
 )
@@ -41,24 +44,27 @@ from ..errors import DitcError, UsageError
 from ..formats import load_model, save_model
 from ..model import DiT
 from ..model.build import build_model
+from ..model.compile import compile_model, compiled_graphs
+from ..model.dit import width_cache
 from ..model.flops import static_macs
 from ..model.routers import Routing, routing
 from ..report import plot_points
 
-VARIANT_RE = re.compile(r"^(d\d+|width[0-9.]+|tokens[0-9.]+)$")
+VARIANT_RE = re.compile(r"^(d\d+|width[0-9.]+|dynwidth[0-9.]+|tokens[0-9.]+)$")
 
 
 def parse_spec(spec: str) -> tuple[str, list[str]]:
     base, *variants = spec.split("+")
     for v in variants:
         if not VARIANT_RE.match(v):
-            raise UsageError(f"unknown bench variant {v!r} in {spec!r} (use dN, widthF, tokensF, e.g. d14, width0.5)")
+            raise UsageError(f"unknown bench variant {v!r} in {spec!r} (use dN, widthF, dynwidthF, tokensF, e.g. d14, width0.5)")
     return base, variants
 
 
-def build(spec: str, seed: int = 0, load: dict | None = None):
+def build(spec: str, seed: int = 0, load: dict | None = None, schedule=(None, None, None)):
     """A model for a source or shape spec (random weights for shapes); ``load`` holds
-    ``load_model`` keywords (num_heads, prediction, numerics) for checkpoint sources."""
+    ``load_model`` keywords (num_heads, prediction, numerics) for checkpoint sources;
+    ``schedule`` (sampler, steps, spacing) places the bands of ``dynwidth`` variants."""
 
     base, variants = parse_spec(spec)
     if base.startswith("shape:"):
@@ -71,7 +77,13 @@ def build(spec: str, seed: int = 0, load: dict | None = None):
     else:
         model = load_model(base, **(load or {}))
     for v in variants:
-        if v.startswith("d"):
+        if v.startswith("dynwidth"):
+            share = float(v[8:])
+            if model.config.width is None:
+                model = add_dynamic_width(model, share, sort_by="none")
+            sampler, steps = eval_sampler(model.config, schedule[0], schedule[1])
+            set_banded_width(model, share, sampler_timesteps(sampler, steps, schedule[2], model.config))
+        elif v.startswith("d"):
             n = int(v[1:])
             depth = model.config.depth
             if not (0 < n <= depth):
@@ -97,7 +109,7 @@ def _static_forward_rows(model, cfg, batch_sizes, repeats, warmup, timesteps, dt
         x = torch.randn(bs, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(dtype)
         y = torch.randint(0, cfg.num_classes, (bs,), generator=g)
         times = []
-        with torch.inference_mode():
+        with torch.inference_mode(), width_cache(model):
             for i in range(warmup + repeats):
                 t = torch.full((bs,), timesteps[i % len(timesteps)])
                 t0 = time.perf_counter()
@@ -114,32 +126,48 @@ def _stats(times: list[float]) -> dict:
     return {"latency_ms": med * 1e3, "iqr_ms": (q_hi - q_lo) * 1e3}
 
 
+def _warm_up(model, x, y, cfg_scale, times: torch.Tensor) -> None:
+    """One forward per distinct width profile of the loop (static models: one forward), at
+    the loop's batch shape (CFG doubles it): everything the loop will run is compiled (and
+    allocated) before timing starts, without paying for a whole untimed loop."""
+    if cfg_scale != 1.0:
+        x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, model.config.num_classes)])
+    with width_cache(model, times):
+        cache = getattr(model, "_width_cache", None)
+        seen = set()
+        for t in times.tolist():
+            key = tuple(cache[t]) if cache else None
+            if key not in seen:
+                seen.add(key)
+                model(x, torch.full((len(x),), t, dtype=times.dtype), y)
+
+
 def _loop_rows(model, cfg, batch_sizes, repeats, warmup, sampler, steps, spacing, cfg_scale, dtype):
-    """The whole sampling loop, CFG included, routers acting as in eval (``first_run_s`` holds
-    the first, warm-up run: with --compile, the compile time)."""
+    """The whole sampling loop, CFG included, routers acting as in eval. ``warmup`` warm-up
+    passes (``_warm_up``) come first; ``warmup_s`` is their time (with --compile: the compile);
+    ``graphs_in_timed_runs`` counts graphs compiled after them (0 means the timing holds no compile)."""
 
     rows = []
+    times_in = loop_time_inputs(cfg, sampler, steps, spacing, dtype)
     for bs in batch_sizes:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(bs, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(dtype)
         y = torch.from_numpy(class_balanced_labels(bs, cfg.num_classes)).long()
-
-        def run():
-            return sample(model, x, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale, timestep_spacing=spacing,
-                          generator=torch.Generator().manual_seed(1))
-
-        times, first = [], None
+        times = []
         with torch.inference_mode():
-            for i in range(warmup + repeats):
+            t0 = time.perf_counter()
+            for _ in range(warmup):
+                _warm_up(model, x, y, cfg_scale, times_in)
+            warm = time.perf_counter() - t0
+            graphs = compiled_graphs()
+            for _ in range(repeats):
                 t0 = time.perf_counter()
-                run()
-                dt = time.perf_counter() - t0
-                first = dt if first is None else first
-                if i >= warmup:
-                    times.append(dt)
+                sample(model, x, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale, timestep_spacing=spacing,
+                       generator=torch.Generator().manual_seed(1))
+                times.append(time.perf_counter() - t0)
         med = statistics.median(times)
         rows.append({"batch": bs, **_stats(times), "seconds_per_image": med / bs, "images_per_s": bs / med,
-                     "first_run_s": first})
+                     "warmup_s": warm, "graphs_in_timed_runs": compiled_graphs() - graphs})
     return rows
 
 
@@ -190,8 +218,9 @@ def _measure_child(spec, batch_sizes, repeats, warmup, schedule, threads, dtype_
                     for tt in timesteps:
                         model(x, torch.full((bs0,), tt), y)
                 macs = meter.result()["macs"]
-        if compile_:  # compile the forward in place, so CFG (forward_with_cfg -> forward) runs compiled too
-            model.forward = torch.compile(model.forward, dynamic=False)
+        if compile_:  # in place, so CFG (forward_with_cfg -> forward) runs compiled too
+            compile_model(model)
+        graphs0 = compiled_graphs()
         gc.collect()
         proc = psutil.Process()
         rss_after_load = proc.memory_info().rss
@@ -211,15 +240,17 @@ def _measure_child(spec, batch_sizes, repeats, warmup, schedule, threads, dtype_
             rows = _static_forward_rows(model, cfg, batch_sizes, repeats, warmup, timesteps, dtype)
         stop.set()
         rss_thread.join()
+        if compile_:
+            out["graphs"] = compiled_graphs() - graphs0
         q.put({**out, "gflops": macs / 1e9, "rows": rows, "peak_rss_mb": peak[0] / 2**20,
                "rss_after_load_mb": rss_after_load / 2**20})
     except Exception as e:  # noqa: BLE001 - reported to the parent as one line
         q.put({"spec": spec, "error": f"{type(e).__name__}: {e}"})
 
 
-def _materialize_child(spec: str, out: str, load, q):
+def _materialize_child(spec: str, out: str, load, schedule, q):
     try:
-        save_model(build(spec, load=load), out, force=True)
+        save_model(build(spec, load=load, schedule=schedule), out, force=True)
         q.put({"ok": True})
     except Exception as e:  # noqa: BLE001
         q.put({"error": f"{type(e).__name__}: {e}"})
@@ -250,7 +281,7 @@ def measure(spec: str, batch_sizes=(1, 8), repeats: int = 5, warmup: int = 2, sc
     source, tmp = spec, None
     if base.startswith("shape:") or variants:
         tmp = tempfile.mkdtemp(prefix="ditc-bench-")
-        res = _run_child(_materialize_child, (spec, str(Path(tmp) / "m"), load), timeout)
+        res = _run_child(_materialize_child, (spec, str(Path(tmp) / "m"), load, tuple(schedule)), timeout)
         if "error" in res:
             shutil.rmtree(tmp, ignore_errors=True)
             raise DitcError(f"benchmark of {spec} failed: {res['error']}")
@@ -283,7 +314,8 @@ def compare(results: list[dict], baseline: int = 0, tolerance: float = 0.25) -> 
                 "speedup": speedup, "speedup_per_flops": speedup / fr, "peak_rss_mb": r["peak_rss_mb"],
                 "peak_mem_ratio": r["peak_rss_mb"] / base["peak_rss_mb"],
                 "diverges": abs(speedup / fr - 1) > tolerance,
-                **{k: row[k] for k in ("seconds_per_image", "first_run_s") if k in row},
+                **{k: row[k] for k in ("seconds_per_image", "warmup_s", "graphs_in_timed_runs") if k in row},
+                **({"graphs": r["graphs"]} if "graphs" in r else {}),
             })
     return out
 

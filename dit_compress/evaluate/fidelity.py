@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -85,9 +86,11 @@ def load_image_folder(path: Path) -> np.ndarray:
 def sample_shards(model, out_dir: Path, num_samples: int, sampler: str = "ddim", steps: int = 50,
                   cfg_scale: float = 1.0, cfg_channels: int | None = None, seed: int = 0, shard_size: int = 250,
                   batch_size: int = 125, vae=None, rank: int = 0, world: int = 1,
-                  timestep_spacing: str | None = None, guidance_interval=None) -> list[int]:
+                  timestep_spacing: str | None = None, guidance_interval=None, compile: bool = False,
+                  batch_seconds: list | None = None) -> list[int]:
     """Write the shards this process owns (shard i -> process i % world); skip finished
-    ones. Returns the shard ids written now."""
+    ones. Returns the shard ids written now; ``batch_seconds`` collects (images, seconds)
+    of each sampled batch."""
 
     cfg = model.config
     labels = class_balanced_labels(num_samples, cfg.num_classes)
@@ -106,9 +109,12 @@ def sample_shards(model, out_dir: Path, num_samples: int, sampler: str = "ddim",
                 e = min(hi, b + batch_size)
                 noise = torch.randn(e - b, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
                 y = torch.from_numpy(labels[b:e]).long()
+                tb = time.perf_counter()
                 x = sample(model, noise, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
                            cfg_channels=cfg_channels, generator=g, timestep_spacing=timestep_spacing,
-                           guidance_interval=guidance_interval)
+                           guidance_interval=guidance_interval, compile=compile)
+                if batch_seconds is not None:
+                    batch_seconds.append((e - b, time.perf_counter() - tb))
                 imgs.append(to_uint8(decode(model, x, vae)))
                 bar.advance(e - b)
             arr = np.concatenate(imgs)
@@ -235,13 +241,25 @@ def compute_metrics(samples: np.ndarray, ref_kind: str, ref, metrics: list[str],
     return out
 
 
+def _batch_timing(batch_seconds: list) -> dict:
+    """The first sampled batch (with ``compile``: the compile time is in it) apart from the
+    steady state (median seconds per image over the later batches)."""
+    if not batch_seconds:
+        return {}
+    out = {"first_batch_seconds": batch_seconds[0][1]}
+    rest = [sec / n for n, sec in batch_seconds[1:]]
+    if rest:
+        out["steady_seconds_per_image"] = statistics.median(rest)
+    return out
+
+
 def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None = None, steps: int | None = None,
              cfg_scale: float = 1.0, cfg_channels: int | None = None, seed: int = 0, ref: str | None = None,
              metrics: list[str] | None = None, inception_weights: str | None = None, extractor: str | None = None,
              vae_name: str | None = None, shard_size: int = 250, batch_size: int = 125, kid_subset_size: int | None = None,
              rank: int = 0, world: int = 1, barrier=None, loss_data: str | None = None,
              timestep_spacing: str | None = None, guidance_interval=None, source: str | None = None,
-             grid: bool = True) -> dict | None:
+             grid: bool = True, compile: bool = False) -> dict | None:
     """Sample, score and write ``out_dir``/report.json/.md (and samples.png with ``grid``):
     returns the report on process 0, None elsewhere."""
 
@@ -258,10 +276,10 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
             raise UsageError(f"`num_samples` {num_samples} is smaller than the KID subset size {kss}")
     vae = load_vae(vae_name or (model.config.vae if model.config.latent_scale is not None else None))
     t0 = time.time()
-
+    batch_seconds: list = []
     with FlopsMeter(model) if model.config.is_dynamic else contextlib.nullcontext() as meter:
         written = sample_shards(model, out_dir, num_samples, sampler, steps, cfg_scale, cfg_channels, seed, shard_size,
-                                batch_size, vae, rank, world, spacing, guidance_interval)
+                                batch_size, vae, rank, world, spacing, guidance_interval, compile, batch_seconds)
     if barrier is not None:
         barrier()
     if rank != 0:
@@ -274,6 +292,7 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
         "cfg_channels": "all latent channels" if cfg_channels is None else f"first {cfg_channels}",
         "seed": seed, "reference": ref or "digits", "extractor": ex_kw["feature_extractor"],
         "shards_written_now": len(written), "sampling_seconds": time.time() - t0, "processes": world,
+        "compiled": compile, **_batch_timing(batch_seconds),
     }
     if meter is not None and meter.calls:  # what the routers ran over this very sampling (process 0's shards)
         r = meter.result()

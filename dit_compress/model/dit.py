@@ -51,6 +51,7 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.final_layer = FinalLayer(D, config.patch_size, config.out_channels)
         self.routing = Routing.FAST  # set with dit_compress.model.routing(model, mode)
+        self._width_cache: dict | None = None  # set with width_cache(model): widths per t, one sampling run
         self.initialize_weights()
         self._apply_numerics(config.numerics)
 
@@ -126,9 +127,13 @@ class DiT(nn.Module):
         tau = self._tau()
         aux = ForwardAux() if return_aux else None
         want_stats = return_aux and self.config.is_dynamic
+        widths = self._cached_widths(t, conds) if mode == Routing.FAST else None
         for i, block in enumerate(self.blocks):
             st = BlockStats() if want_stats else None
-            h = block(h, conds[i][1], conds[i][0], mode, tau, st)
+            if widths is None:
+                h = block(h, conds[i][1], conds[i][0], mode, tau, st)
+            else:
+                h = block(h, conds[i][1], conds[i][0], mode, tau, st, widths=widths[i])
             if aux is not None:
                 aux.features.append(h)
                 if st is not None:
@@ -139,6 +144,26 @@ class DiT(nn.Module):
         if want_stats:
             aux.flops_ratio = block_flops_ratio(self.config, aux.stats, x.shape[0], x.device)
         return out, aux
+
+    def _cached_widths(self, t, conds) -> list[tuple[int, int]] | None:
+        """Inside ``width_cache(model)``: each block's (heads, channels) for this call's t,
+        computed by the routers on the first call with that t and reused afterwards (width
+        routers read t only). None when no cache is active or t differs inside the batch."""
+        if self._width_cache is None or not bool((t == t[0]).all()):
+            return None
+        key = t[0].item()
+        if key not in self._width_cache:
+            self._width_cache[key] = self.widths_at(t[:1])[0]
+        return self._width_cache[key]
+
+    @torch.no_grad()
+    def widths_at(self, t: torch.Tensor) -> list[list[tuple[int, int]]]:
+        """[(heads, MLP channels) per block] at inference for each time input in ``t`` (one
+        batched pass of the width routers; they read the timestep only)."""
+        y = torch.zeros(len(t), dtype=torch.long, device=t.device)
+        t_emb = self.t_embedder(t)
+        per_block = [b.widths(te) for b, (te, _) in zip(self.blocks, self.block_conditions(t, y, t_emb, t_emb))]
+        return [[pb[j] for pb in per_block] for j in range(len(t))]
 
     def _mode(self) -> Routing:
         if self.routing == Routing.FULL:
@@ -211,3 +236,21 @@ def only_blocks(model, keep: list[int] | None):
         yield model
     finally:
         model.blocks = full
+
+
+@contextlib.contextmanager
+def width_cache(model, times: torch.Tensor | None = None):
+    """``with width_cache(model, times): <sampling run>``: a dynamic model's per-block widths
+    are resolved once for the run (FAST mode): for the time inputs ``times`` up front, in one
+    router pass, and for any other t on its first call; the routers no longer run per call.
+    A no-op for models without width routers or not in FAST mode; nested uses share the
+    outer cache."""
+    inner = getattr(model, "module", model)
+    if getattr(inner.config, "width", None) is None or inner._width_cache is not None or inner.routing != Routing.FAST:
+        yield model
+        return
+    inner._width_cache = dict(zip(times.tolist(), inner.widths_at(times))) if times is not None and len(times) else {}
+    try:
+        yield model
+    finally:
+        inner._width_cache = None

@@ -71,7 +71,18 @@ class RoutedBlock(DiTBlock):
             return gumbel_sigmoid_mask(logits, tau)
         return expected_topk_mask(logits).to(x.dtype)
 
-    def forward(self, x, c, t_emb=None, mode: Routing = Routing.DENSE, tau: float = 5.0, stats: BlockStats | None = None):
+    def widths(self, t_emb) -> list[tuple[int, int]]:
+        """(active heads, active MLP channels) at inference for each row of ``t_emb``."""
+        hm, cm = self.width_masks(t_emb, Routing.DENSE, 0.0)
+        gs = self.mlp.fc1.out_features // cm.shape[1]
+        return list(zip(hm.sum(1).long().tolist(), (cm.sum(1).long() * gs).tolist()))
+
+    def forward(self, x, c, t_emb=None, mode: Routing = Routing.DENSE, tau: float = 5.0, stats: BlockStats | None = None,
+                widths: tuple[int, int] | None = None):
+        """``widths`` (FAST mode only): the (heads, MLP channels) this call runs, resolved
+        beforehand (``DiT``'s per-run width cache); the width routers are then not run."""
+        if widths is not None:
+            return self.forward_sliced(x, c, widths[0], widths[1], stats)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         hm, cm = self.width_masks(t_emb, mode, tau)
         if mode == Routing.FAST and hm is not None:
@@ -115,13 +126,22 @@ class RoutedBlock(DiTBlock):
             if stats is not None:
                 stats.head_frac, stats.channel_frac = hm.mean(1), cm.mean(1)
             return out
-        k = int(k_heads[0])
         gs = self.mlp.fc1.out_features // cm.shape[1]
-        ch = int(k_groups[0]) * gs
+        return self._sliced(x, int(k_heads[0]), int(k_groups[0]) * gs, mods, stats)
+
+    def forward_sliced(self, x, c, heads: int, channels: int, stats: BlockStats | None = None):
+        """The block at a given width (first ``heads`` heads, first ``channels`` MLP channels),
+        token routers as in FAST mode. Plain ints in, so one compiled graph (``dynamic=True``)
+        serves every width."""
+        return self._sliced(x, heads, channels, self.adaLN_modulation(c).chunk(6, dim=1), stats)
+
+    def _sliced(self, x, k: int, ch: int, mods, stats):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
         x = x + gate_msa.unsqueeze(1) * self.attn.forward_sliced(modulate(self.norm1(x), shift_msa, scale_msa), k)
         tm = self.token_mask(x, Routing.FAST, 0.0)
         if stats is not None:
-            stats.head_frac, stats.channel_frac = hm.mean(1), cm.mean(1)
+            one = torch.ones(x.shape[0], device=x.device)
+            stats.head_frac, stats.channel_frac = one * (k / self.attn.heads), one * (ch / self.mlp.fc1.out_features)
             stats.token_frac = tm.mean(1) if tm is not None else None
         if tm is not None:
             return self._mlp_on_tokens(x, tm, shift_mlp, scale_mlp, gate_mlp, ch)
