@@ -111,13 +111,14 @@ def dynamic_table(root: Path) -> str:
 
 def sit_depth_table(root: Path) -> str:
     runs = seeded_runs(root, "sit-depth")
-    out = [f"| method | kept layers (seed 0) | FID (per seed) | class acc (per seed) | held-out velocity loss ({len(runs)} seeds) |",
+    out = [f"| method | kept layers (per seed) | FID (per seed) | class acc (per seed) | held-out velocity loss ({len(runs)} seeds) |",
            "|---" * 5 + "|"]
     for m in ("learned", "uniform", "block-influence"):
         ev = [metrics(r, f"eval-{m}") for r in runs]
         if not any(ev):
             continue
-        kept = rj(runs[0] / m / "report.json").get("kept_layers")
+        kept = [rj(r / m / "report.json").get("kept_layers") for r in runs]
+        kept = str(kept[0]) if all(k == kept[0] for k in kept) else "; ".join(str(k) for k in kept)
         out.append(f"| {m} | {kept} | {', '.join(fmt(e.get('frechet_inception_distance'), 1) for e in ev)} | "
                    f"{', '.join(fmt(e.get('class_accuracy'), 3) for e in ev)} | {mean_sd([e.get('heldout_loss') for e in ev])} |")
     return "\n".join(out)
