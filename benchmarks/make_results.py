@@ -140,8 +140,10 @@ def loop_speed_table(run: Path) -> str:
     out = ["| shape, sampler | model | batch | loop FLOPs ratio | eager s/image | eager speedup | eager speedup / FLOPs | "
            "compiled s/image | compiled speedup | compiled speedup / FLOPs | compiled vs eager | warm-up s (compile) | graphs |",
            "|---" * 13 + "|"]
-    for shape, sampler in (("b2", "DiT-B/2, DDIM-50"), ("xl", "DiT-XL/2, DDIM-10")):
-        eager = rj(run / f"{shape}-eager" / "report.json").get("rows", [])
+    for shape, arch in (("b2", "DiT-B/2"), ("xl", "DiT-XL/2")):
+        report = rj(run / f"{shape}-eager" / "report.json")
+        eager = report.get("rows", [])
+        sampler = f"{arch}, {next(iter(report.get('sampler', {}).values()), '?').upper().replace(' ', '-')}"
         comp = {(r["model"], r["batch"]): r for r in rj(run / f"{shape}-compiled" / "report.json").get("rows", [])}
         for r in eager:
             c = comp.get((r["model"], r["batch"]), {})
