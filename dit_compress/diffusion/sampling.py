@@ -151,7 +151,8 @@ def sample(model, noise: torch.Tensor, y: torch.Tensor, sampler: str | None = No
             raise UsageError(f"guidance interval must satisfy 0 <= low <= high <= 1, got {guidance_interval}")
     if compile:
         compile_model(model)
-    times = None if sampler == "dopri5" else loop_time_inputs(model.config, sampler, steps, spacing, noise.dtype)
+    dynamic = getattr(model.config, "width", None) is not None  # only width routers use the run's time inputs
+    times = loop_time_inputs(model.config, sampler, steps, spacing, noise.dtype) if dynamic and sampler != "dopri5" else None
     with width_cache(model, times):
         if sampler in FLOW_SAMPLERS:
             return _flow_sample(model, noise, y, sampler, steps, cfg_scale, cfg_channels, progress, generator,
