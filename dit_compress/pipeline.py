@@ -52,7 +52,7 @@ def recipe_table() -> dict[str, dict]:
 
 def load_recipe(path_or_name: str) -> tuple[dict, Path]:
     p = Path(path_or_name)
-    if not p.exists():
+    if not p.is_file():  # a directory of that name (e.g. an earlier run dir 'quickstart/') is not a recipe
         known = builtin_recipes()
         if path_or_name in known:
             p = known[path_or_name]

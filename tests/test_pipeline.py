@@ -50,6 +50,16 @@ def test_every_bundled_recipe_binds_to_its_commands(tmp_path):
         assert len(bound) == len(recipe["steps"]) >= 1
 
 
+def test_builtin_name_beside_a_directory_of_that_name(tmp_path, monkeypatch):
+    """`cd runs && ditc run quickstart`: the earlier run directory 'quickstart/' is not the recipe."""
+    from dit_compress import pipeline as P
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "quickstart").mkdir()
+    recipe, path = P.load_recipe("quickstart")
+    assert path == P.builtin_recipes()["quickstart"] and recipe["name"] == "quickstart"
+
+
 def test_bad_override(tmp_path):
     p = write(tmp_path, [{"name": "a", "command": "info", "args": {"source": "digits-dit"}}], {"x": 1})
     r = run("run", p, "y=3", "-o", tmp_path / "run")
