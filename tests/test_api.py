@@ -83,8 +83,14 @@ def test_finetune_and_distill_write_their_checkpoints(tiny, tmp_path):
 
 def test_evaluate_model_and_bench(tiny, tmp_path):
     model, out = tiny
+    from dit_compress.commands.evaluation import held_out_data
+
+    # the default held-out data comes from the model's lineage, not its 8x8 pixel shape
+    assert held_out_data(model.config) is None
+    assert held_out_data(dc.load_model("digits-dit").config) == "digits:test"
+    assert held_out_data(dc.load_model("digits-sit").config) == "digits:test"
     rep = dc.evaluate_model(str(out), output=tmp_path / "ev", num_samples=20, steps=5, metrics="prc",
-                            batch_size=10, shard_size=10)
+                            batch_size=10, shard_size=10, loss_data="digits:test")
     written = json.loads((tmp_path / "ev" / "report.json").read_text())
     assert written["source"] == str(out) and written["num_samples"] == 20 == rep["num_samples"]
     assert 0.0 <= rep["metrics"]["class_accuracy"] <= 1.0 and "heldout_loss" in rep["metrics"]

@@ -41,8 +41,8 @@ def evaluate_model(source, *, output: str | Path, num_samples: int = 1000, sampl
     state = PartialState(cpu=not torch.cuda.is_available())
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    if loss_data is None and model.config.latent_scale is None and model.config.input_size == 8:
-        loss_data = "digits:test"
+    if loss_data is None:
+        loss_data = held_out_data(model.config)
     with routing(model, Routing.DENSE if dense_masks else Routing.FAST):
         return fidelity.evaluate(model, output, num_samples, sampler, steps, cfg_scale, cfg_channels, seed, ref,
                                  parse_names(metrics), inception_weights, extractor, vae, shard_size, batch_size,
@@ -50,6 +50,14 @@ def evaluate_model(source, *, output: str | Path, num_samples: int = 1000, sampl
                                  barrier=state.wait_for_everyone, loss_data=None if loss_data == "none" else loss_data,
                                  timestep_spacing=timestep_spacing, guidance_interval=interval,
                                  source=source_name(source), grid=grid, compile=compile)
+
+
+def held_out_data(config) -> str | None:
+    """The held-out loss data a model's own record names: a model whose lineage trained on the
+    digits testbed's train split gets ``digits:test``; any other model none unless the user
+    gives ``loss_data`` (its shape alone says nothing about the data it learned)."""
+    trained = {str(step.get("data")) for step in config.lineage if step.get("data")}
+    return "digits:test" if trained & {"digits", "digits:train"} else None
 
 
 def bench_specs(sources=None, shape: str | None = None, variants=None, baseline: str | None = None) -> list[str]:
