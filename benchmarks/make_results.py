@@ -135,24 +135,27 @@ def speed_table(run: Path) -> str:
     return "\n".join(out)
 
 
-def loop_speed_table(run: Path) -> str:
-    """Table 6: one row per (shape, model, batch), eager and compiled side by side."""
+def loop_speed_table(runs: list[Path]) -> str:
+    """Table 6: one row per (shape and sampler, model, batch), eager and compiled side by side,
+    from every ``<shape>-eager`` step (and its ``<shape>-compiled`` twin, if run) of the given
+    run directories of recipe ``results-loop-speed``."""
     out = ["| shape, sampler | model | batch | loop FLOPs ratio | eager s/image | eager speedup | eager speedup / FLOPs | "
            "compiled s/image | compiled speedup | compiled speedup / FLOPs | compiled vs eager | warm-up s (compile) | graphs |",
            "|---" * 13 + "|"]
-    for shape, arch in (("b2", "DiT-B/2"), ("xl", "DiT-XL/2")):
-        report = rj(run / f"{shape}-eager" / "report.json")
-        eager = report.get("rows", [])
-        sampler = f"{arch}, {next(iter(report.get('sampler', {}).values()), '?').upper().replace(' ', '-')}"
-        comp = {(r["model"], r["batch"]): r for r in rj(run / f"{shape}-compiled" / "report.json").get("rows", [])}
-        for r in eager:
-            c = comp.get((r["model"], r["batch"]), {})
-            name = r["model"].split("+", 1)[1] if "+" in r["model"] else "base"
-            cs = c.get("seconds_per_image")
-            out.append(f"| {sampler} | {name} | {r['batch']} | {r['flops_ratio']:.2f} | {r['seconds_per_image']:.2f} | "
-                       f"{r['speedup']:.2f} | {r['speedup_per_flops']:.2f} | {fmt(cs, 2)} | {fmt(c.get('speedup'), 2)} | "
-                       f"{fmt(c.get('speedup_per_flops'), 2)} | {fmt(r['seconds_per_image'] / cs if cs else None, 2)} | "
-                       f"{fmt(c.get('warmup_s'), 0)} | {c.get('graphs', '-')} |")
+    for run in runs:
+        for shape, arch in (("b2", "DiT-B/2"), ("xl", "DiT-XL/2")):
+            report = rj(run / f"{shape}-eager" / "report.json")
+            eager = report.get("rows", [])
+            sampler = f"{arch}, {next(iter(report.get('sampler', {}).values()), '?').upper().replace(' ', '-')}"
+            comp = {(r["model"], r["batch"]): r for r in rj(run / f"{shape}-compiled" / "report.json").get("rows", [])}
+            for r in eager:
+                c = comp.get((r["model"], r["batch"]), {})
+                name = r["model"].split("+", 1)[1] if "+" in r["model"] else "base"
+                cs = c.get("seconds_per_image")
+                out.append(f"| {sampler} | {name} | {r['batch']} | {r['flops_ratio']:.2f} | {r['seconds_per_image']:.2f} | "
+                           f"{r['speedup']:.2f} | {r['speedup_per_flops']:.2f} | {fmt(cs, 2)} | {fmt(c.get('speedup'), 2)} | "
+                           f"{fmt(c.get('speedup_per_flops'), 2)} | {fmt(r['seconds_per_image'] / cs if cs else None, 2)} | "
+                           f"{fmt(c.get('warmup_s'), 0)} | {c.get('graphs', '-')} |")
     return "\n".join(out)
 
 
@@ -163,7 +166,7 @@ def main():
     print("## 3. Dynamic width + tokens\n\n" + dynamic_table(root) + "\n")
     print("## 5. Flow matching: depth pruning on digits-sit\n\n" + sit_depth_table(root) + "\n")
     print("## 4. Speed at DiT-XL/2 shape\n\n" + speed_table(root / "results-speed") + "\n")
-    print("## 6. Speed over the whole sampling loop\n\n" + loop_speed_table(root / "results-loop-speed") + "\n")
+    print("## 6. Speed over the whole sampling loop\n\n" + loop_speed_table(sorted(root.glob("results-loop-speed*"))) + "\n")
 
 
 if __name__ == "__main__":

@@ -407,7 +407,7 @@ def eval_cmd(
     seed: int = Seed, shard_size: int = typer.Option(250, "--shard-size"), batch_size: int = typer.Option(125, "--batch-size"),
     kid_subset_size: Optional[int] = typer.Option(None, "--kid-subset-size"),
     dense_masks: bool = typer.Option(False, "--dense-masks", help="Dynamic models: masked-dense execution (checking reference) instead of sliced/gathered."),
-    loss_data: Optional[str] = typer.Option(None, "--loss-data", help="Also report the diffusion loss on held-out data (default digits:test for the digits testbed; 'none' to skip)."),
+    loss_data: Optional[str] = typer.Option(None, "--loss-data", help="Also report the diffusion loss on held-out data (default: digits:test for models whose lineage trained on digits, none otherwise; 'none' to skip)."),
     grid: bool = typer.Option(True, "--grid/--no-grid", help="Write samples.png (a grid of the first samples)."),
     timestep_spacing: Optional[str] = Spacing,
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the model (first_batch_seconds holds the compile; steady_seconds_per_image the rest)."),
