@@ -58,22 +58,25 @@ def distill_table(run: Path) -> str:
     return "\n".join(out)
 
 
-def mean_sd(values: list) -> str:
+def mean_sd(values: list, nd: int = 4) -> str:
     vals = [v for v in values if v is not None]
     if not vals:
         return "-"
     m = sum(vals) / len(vals)
     if len(vals) == 1:
-        return f"{m:.4f} (1 seed)"
+        return f"{m:.{nd}f} (1 seed)"
     sd = (sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
-    return f"{m:.4f} ± {sd:.4f}"
+    return f"{m:.{nd}f} ± {sd:.{nd}f}"
 
 
-def fid_cell(m: dict, n) -> str:
-    """FID with its N; none below 100 samples (those evals only carry the held-out loss)."""
-    if not n or n < 100:
+def fid_cell(evals: list[dict]) -> str:
+    """FID mean ± sd over the seeds whose eval drew at least 100 samples, with N; evals with fewer
+    samples carry only the held-out loss."""
+    fids = [e.get("metrics", {}).get("frechet_inception_distance") for e in evals if (e.get("num_samples") or 0) >= 100]
+    if not fids:
         return "- (held-out loss only)"
-    return f"{fmt(m.get('frechet_inception_distance'), 2)} ({n})"
+    ns = sorted({e.get("num_samples") for e in evals if (e.get("num_samples") or 0) >= 100})
+    return f"{mean_sd(fids, 2)}, N={'/'.join(str(n) for n in ns)}"
 
 
 def seeded_runs(root: Path, name: str) -> list[Path]:
@@ -87,25 +90,41 @@ DYN_ROWS = (("base", None), ("dynamic width, lambda 0.7", "dynw07"), ("dynamic w
 
 def dynamic_table(root: Path) -> str:
     """Table 3 from results-dynamic runs named dynamic-s0, dynamic-s1, ...: FLOPs the written
-    (EMA) model runs at inference (DDIM-50, mean over seeds), FID / class accuracy of seed 0
-    (its eval has the FID samples), held-out loss mean ± sd over the seeds."""
+    (EMA) model runs at inference (DDIM-50 and over the eval's own sampling), FID, class accuracy,
+    held-out loss and MSE, each mean ± sd over the seeds."""
     runs = seeded_runs(root, "dynamic")
     out = ["| model | target | inference block FLOPs (EMA, DDIM-50) | FLOPs over the eval's sampling | token keep | "
-           f"FID (seed 0, N) | class acc (seed 0) | held-out loss ({len(runs)} seeds) | held-out MSE |", "|---" * 9 + "|"]
+           f"FID | class acc | held-out loss ({len(runs)} seeds) | held-out MSE |", "|---" * 9 + "|"]
     for label, step in DYN_ROWS:
         ft = [rj(r / step / "report.json") for r in runs] if step else []
-        ev = [metrics(r, f"eval-{step or 'base'}") for r in runs]
-        ev0 = rj(runs[0] / f"eval-{step or 'base'}" / "report.json") if runs else {}
-        m0 = ev0.get("metrics", {})
+        evs = [rj(r / f"eval-{step or 'base'}" / "report.json") for r in runs]
+        ev = [e.get("metrics", {}) for e in evs]
         target = next((f.get("target_block_flops") for f in ft if f.get("target_block_flops")), None)
         if step and step.startswith("static"):
             target = float(step[-2:]) / 10
         inf = [f.get("inference_block_flops_ratio") for f in ft]
+        sampled = [e.get("inference_block_flops_ratio") for e in evs]
+        keep = [e.get("token_keep_ratio") for e in evs]
         out.append(f"| {label} | {fmt(target, 2) if step else '1.00'} | {mean_sd(inf) if step and any(inf) else ('1.00' if not step else 'static')} | "
-                   f"{fmt(ev0.get('inference_block_flops_ratio'), 3) if ev0.get('inference_block_flops_ratio') else '-'} | "
-                   f"{fmt(ev0.get('token_keep_ratio'), 3) if ev0.get('token_keep_ratio') else '-'} | "
-                   f"{fid_cell(m0, ev0.get('num_samples'))} | {fmt(m0.get('class_accuracy'), 3)} | "
+                   f"{mean_sd(sampled, 3) if any(sampled) else '-'} | {mean_sd(keep, 3) if any(keep) else '-'} | "
+                   f"{fid_cell(evs)} | {mean_sd([e.get('class_accuracy') for e in ev], 3)} | "
                    f"{mean_sd([e.get('heldout_loss') for e in ev])} | {mean_sd([e.get('heldout_mse') for e in ev])} |")
+    return "\n".join(out)
+
+
+def dynamic_seed_table(root: Path) -> str:
+    """Table 3's per-seed values (seed: FID / held-out loss), so the spread can be read row by row."""
+    runs = seeded_runs(root, "dynamic")
+    out = ["| model | " + " | ".join(f"{r.name.rsplit('-s', 1)[1]}: FID, held-out loss" for r in runs) + " |",
+           "|---" * (len(runs) + 1) + "|"]
+    for label, step in DYN_ROWS:
+        cells = []
+        for r in runs:
+            e = rj(r / f"eval-{step or 'base'}" / "report.json")
+            m = e.get("metrics", {})
+            fid = fmt(m.get("frechet_inception_distance"), 2) if (e.get("num_samples") or 0) >= 100 else "-"
+            cells.append(f"{fid}, {fmt(m.get('heldout_loss'), 4)}")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
@@ -163,7 +182,7 @@ def main():
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs")
     print("## 1. Depth pruning\n\n" + depth_table(root / "results-depth") + "\n")
     print("## 2. Distillation\n\n" + distill_table(root / "results-distill") + "\n")
-    print("## 3. Dynamic width + tokens\n\n" + dynamic_table(root) + "\n")
+    print("## 3. Dynamic width + tokens\n\n" + dynamic_table(root) + "\n\nPer seed:\n\n" + dynamic_seed_table(root) + "\n")
     print("## 5. Flow matching: depth pruning on digits-sit\n\n" + sit_depth_table(root) + "\n")
     print("## 4. Speed at DiT-XL/2 shape\n\n" + speed_table(root / "results-speed") + "\n")
     print("## 6. Speed over the whole sampling loop\n\n" + loop_speed_table(sorted(root.glob("results-loop-speed*"))) + "\n")
