@@ -128,6 +128,32 @@ def dynamic_seed_table(root: Path) -> str:
     return "\n".join(out)
 
 
+def dynamic_paired_table(root: Path) -> str:
+    """Table 3's comparisons paired by seed: within one seed every model's held-out loss uses the
+    same timesteps and noises and its FID the same class labels and starting noise, so the
+    per-seed differences cancel that shared draw. Mean ± sd over the seeds, and how many seeds
+    the first model is lower (better) in."""
+    runs = seeded_runs(root, "dynamic")
+    out = [f"| comparison (A - B) | held-out loss diff ({len(runs)} seeds) | A lower in | FID diff | A lower in |", "|---" * 5 + "|"]
+    pairs = [(f"{a} - {b}", sa, sb) for lam in ("07", "05")
+             for a, sa, b, sb in (("dynamic width", f"dynw{lam}", "static width", f"static{lam}"),
+                                  ("dynamic width + tokens", f"dynwt{lam}", "static width", f"static{lam}"),
+                                  ("dynamic width + tokens", f"dynwt{lam}", "dynamic width", f"dynw{lam}"))]
+    for label, sa, sb in pairs:
+        lam = "0.7" if sa.endswith("07") else "0.5"
+        dl, df = [], []
+        for r in runs:
+            ea, eb = rj(r / f"eval-{sa}" / "report.json"), rj(r / f"eval-{sb}" / "report.json")
+            ma, mb = ea.get("metrics", {}), eb.get("metrics", {})
+            if ma.get("heldout_loss") is not None and mb.get("heldout_loss") is not None:
+                dl.append(ma["heldout_loss"] - mb["heldout_loss"])
+            if min(ea.get("num_samples") or 0, eb.get("num_samples") or 0) >= 100:
+                df.append(ma["frechet_inception_distance"] - mb["frechet_inception_distance"])
+        out.append(f"| {label}, lambda {lam} | {mean_sd(dl)} | {sum(d < 0 for d in dl)}/{len(dl)} | "
+                   f"{mean_sd(df, 2) if df else '-'} | {f'{sum(d < 0 for d in df)}/{len(df)}' if df else '-'} |")
+    return "\n".join(out)
+
+
 def sit_depth_table(root: Path) -> str:
     runs = seeded_runs(root, "sit-depth")
     out = [f"| method | kept layers (per seed) | FID (per seed) | class acc (per seed) | held-out velocity loss ({len(runs)} seeds) |",
@@ -182,7 +208,8 @@ def main():
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs")
     print("## 1. Depth pruning\n\n" + depth_table(root / "results-depth") + "\n")
     print("## 2. Distillation\n\n" + distill_table(root / "results-distill") + "\n")
-    print("## 3. Dynamic width + tokens\n\n" + dynamic_table(root) + "\n\nPer seed:\n\n" + dynamic_seed_table(root) + "\n")
+    print("## 3. Dynamic width + tokens\n\n" + dynamic_table(root) + "\n\nPer seed:\n\n" + dynamic_seed_table(root)
+          + "\n\nPaired by seed:\n\n" + dynamic_paired_table(root) + "\n")
     print("## 5. Flow matching: depth pruning on digits-sit\n\n" + sit_depth_table(root) + "\n")
     print("## 4. Speed at DiT-XL/2 shape\n\n" + speed_table(root / "results-speed") + "\n")
     print("## 6. Speed over the whole sampling loop\n\n" + loop_speed_table(sorted(root.glob("results-loop-speed*"))) + "\n")
