@@ -130,7 +130,7 @@ def dynamic_seed_table(root: Path) -> str:
 
 def dynamic_paired_table(root: Path) -> str:
     """Table 3's comparisons paired by seed: within one seed every model's held-out loss uses the
-    same timesteps and noises and its FID the same class labels and starting noise, so the
+    same timesteps and noises and its samples the same sampling seed, so the
     per-seed differences cancel that shared draw. Mean ± sd over the seeds, and how many seeds
     the first model is lower (better) in."""
     runs = seeded_runs(root, "dynamic")
