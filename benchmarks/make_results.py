@@ -69,14 +69,28 @@ def mean_sd(values: list, nd: int = 4) -> str:
     return f"{m:.{nd}f} ± {sd:.{nd}f}"
 
 
+MIN_FID_SAMPLES = 100  # evals that drew fewer samples carry only the held-out loss
+
+
+def eval_report(run: Path, step: str | None) -> dict:
+    """The report of step ``eval-<step>`` (``eval-base`` for the base row)."""
+    return rj(run / f"eval-{step or 'base'}" / "report.json")
+
+
+def fid_of(report: dict):
+    """An eval report's FID, or None when it drew too few samples to have one."""
+    if (report.get("num_samples") or 0) < MIN_FID_SAMPLES:
+        return None
+    return report.get("metrics", {}).get("frechet_inception_distance")
+
+
 def fid_cell(evals: list[dict]) -> str:
-    """FID mean ± sd over the seeds whose eval drew at least 100 samples, with N; evals with fewer
-    samples carry only the held-out loss."""
-    fids = [e.get("metrics", {}).get("frechet_inception_distance") for e in evals if (e.get("num_samples") or 0) >= 100]
-    if not fids:
+    """FID mean ± sd over the seeds whose eval has one, with N."""
+    with_fid = [e for e in evals if fid_of(e) is not None]
+    if not with_fid:
         return "- (held-out loss only)"
-    ns = sorted({e.get("num_samples") for e in evals if (e.get("num_samples") or 0) >= 100})
-    return f"{mean_sd(fids, 2)}, N={'/'.join(str(n) for n in ns)}"
+    ns = sorted({e["num_samples"] for e in with_fid})
+    return f"{mean_sd([fid_of(e) for e in with_fid], 2)}, N={'/'.join(str(n) for n in ns)}"
 
 
 def seeded_runs(root: Path, name: str) -> list[Path]:
@@ -97,7 +111,7 @@ def dynamic_table(root: Path) -> str:
            f"FID | class acc | held-out loss ({len(runs)} seeds) | held-out MSE |", "|---" * 9 + "|"]
     for label, step in DYN_ROWS:
         ft = [rj(r / step / "report.json") for r in runs] if step else []
-        evs = [rj(r / f"eval-{step or 'base'}" / "report.json") for r in runs]
+        evs = [eval_report(r, step) for r in runs]
         ev = [e.get("metrics", {}) for e in evs]
         target = next((f.get("target_block_flops") for f in ft if f.get("target_block_flops")), None)
         if step and step.startswith("static"):
@@ -120,10 +134,8 @@ def dynamic_seed_table(root: Path) -> str:
     for label, step in DYN_ROWS:
         cells = []
         for r in runs:
-            e = rj(r / f"eval-{step or 'base'}" / "report.json")
-            m = e.get("metrics", {})
-            fid = fmt(m.get("frechet_inception_distance"), 2) if (e.get("num_samples") or 0) >= 100 else "-"
-            cells.append(f"{fid}, {fmt(m.get('heldout_loss'), 4)}")
+            e = eval_report(r, step)
+            cells.append(f"{fmt(fid_of(e), 2)}, {fmt(e.get('metrics', {}).get('heldout_loss'), 4)}")
         out.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -135,21 +147,20 @@ def dynamic_paired_table(root: Path) -> str:
     the first model is lower (better) in."""
     runs = seeded_runs(root, "dynamic")
     out = [f"| comparison (A - B) | held-out loss diff ({len(runs)} seeds) | A lower in | FID diff | A lower in |", "|---" * 5 + "|"]
-    pairs = [(f"{a} - {b}", sa, sb) for lam in ("07", "05")
-             for a, sa, b, sb in (("dynamic width", f"dynw{lam}", "static width", f"static{lam}"),
-                                  ("dynamic width + tokens", f"dynwt{lam}", "static width", f"static{lam}"),
-                                  ("dynamic width + tokens", f"dynwt{lam}", "dynamic width", f"dynw{lam}"))]
+    pairs = [(f"{a} - {b}, lambda {lam[0]}.{lam[1]}", f"{sa}{lam}", f"{sb}{lam}") for lam in ("07", "05")
+             for a, sa, b, sb in (("dynamic width", "dynw", "static width", "static"),
+                                  ("dynamic width + tokens", "dynwt", "static width", "static"),
+                                  ("dynamic width + tokens", "dynwt", "dynamic width", "dynw"))]
     for label, sa, sb in pairs:
-        lam = "0.7" if sa.endswith("07") else "0.5"
         dl, df = [], []
         for r in runs:
-            ea, eb = rj(r / f"eval-{sa}" / "report.json"), rj(r / f"eval-{sb}" / "report.json")
-            ma, mb = ea.get("metrics", {}), eb.get("metrics", {})
-            if ma.get("heldout_loss") is not None and mb.get("heldout_loss") is not None:
-                dl.append(ma["heldout_loss"] - mb["heldout_loss"])
-            if min(ea.get("num_samples") or 0, eb.get("num_samples") or 0) >= 100:
-                df.append(ma["frechet_inception_distance"] - mb["frechet_inception_distance"])
-        out.append(f"| {label}, lambda {lam} | {mean_sd(dl)} | {sum(d < 0 for d in dl)}/{len(dl)} | "
+            ea, eb = eval_report(r, sa), eval_report(r, sb)
+            la, lb = ea.get("metrics", {}).get("heldout_loss"), eb.get("metrics", {}).get("heldout_loss")
+            if la is not None and lb is not None:
+                dl.append(la - lb)
+            if fid_of(ea) is not None and fid_of(eb) is not None:
+                df.append(fid_of(ea) - fid_of(eb))
+        out.append(f"| {label} | {mean_sd(dl)} | {sum(d < 0 for d in dl)}/{len(dl)} | "
                    f"{mean_sd(df, 2) if df else '-'} | {f'{sum(d < 0 for d in df)}/{len(df)}' if df else '-'} |")
     return "\n".join(out)
 
