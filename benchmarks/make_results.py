@@ -107,8 +107,8 @@ def dynamic_table(root: Path) -> str:
     (EMA) model runs at inference (DDIM-50 and over the eval's own sampling), FID, class accuracy,
     held-out loss and MSE, each mean ± sd over the seeds."""
     runs = seeded_runs(root, "dynamic")
-    out = ["| model | target | inference block FLOPs (EMA, DDIM-50) | FLOPs over the eval's sampling | token keep | "
-           f"FID | class acc | held-out loss ({len(runs)} seeds) | held-out MSE |", "|---" * 9 + "|"]
+    out = [("| model | target | inference block FLOPs (EMA, DDIM-50) | FLOPs over the eval's sampling | token keep | "
+           f"FID | class acc | held-out loss ({len(runs)} seeds) | held-out MSE |"), "|---" * 9 + "|"]
     for label, step in DYN_ROWS:
         ft = [rj(r / step / "report.json") for r in runs] if step else []
         evs = [eval_report(r, step) for r in runs]
@@ -195,8 +195,8 @@ def loop_speed_table(runs: list[Path]) -> str:
     """Table 6: one row per (shape and sampler, model, batch), eager and compiled side by side,
     from every ``<shape>-eager`` step (and its ``<shape>-compiled`` twin, if run) of the given
     run directories of recipe ``results-loop-speed``."""
-    out = ["| shape, sampler | model | batch | loop FLOPs ratio | eager s/image | eager speedup | eager speedup / FLOPs | "
-           "compiled s/image | compiled speedup | compiled speedup / FLOPs | compiled vs eager | warm-up s (compile) | graphs |",
+    out = [("| shape, sampler | model | batch | loop FLOPs ratio | eager s/image | eager speedup | eager speedup / FLOPs | "
+           "compiled s/image | compiled speedup | compiled speedup / FLOPs | compiled vs eager | warm-up s (compile) | graphs |"),
            "|---" * 13 + "|"]
     for run in runs:
         for shape, arch in (("b2", "DiT-B/2"), ("xl", "DiT-XL/2")):
