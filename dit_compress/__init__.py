@@ -25,12 +25,12 @@ from .commands import (
 )
 from .config import DiTConfig
 from .diffusion import sample, training_losses
-from .errors import DitcError
+from .errors import DitcError, FormatError, MissingFactError, TrainingError, UsageError
 from .formats import load_model, save_model
 from .model import DiT
 from .model.compile import compile_model
 
 __version__ = "0.1.0"
-__all__ = ["DiT", "DiTConfig", "DitcError", "add_dynamic_width", "add_token_router", "bench", "compile_model", "convert", "create",
+__all__ = ["DiT", "DiTConfig", "DitcError", "FormatError", "MissingFactError", "TrainingError", "UsageError", "add_dynamic_width", "add_token_router", "bench", "compile_model", "convert", "create",
            "distill", "evaluate_model", "finetune", "info", "load_model", "prepare_data", "prune_depth", "sample",
            "save_model", "training_losses", "__version__"]

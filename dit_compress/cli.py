@@ -23,8 +23,38 @@ from .errors import DitcError
 from .pipeline import recipe_table, run_recipe
 from .report import columns
 
+# click's exception classes, wherever this typer takes click from (its own copy since 0.16)
+_CLICK = sys.modules[typer.BadParameter.__module__]
+_NO_ARGS = getattr(_CLICK, "NoArgsIsHelpError", ())
+
+
+class OneLineErrors(typer.core.TyperGroup):
+    """Usage errors found while parsing (a missing argument, a value of the wrong type) are
+    one line on stderr and exit code 2, like every error the library raises."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except _NO_ARGS as e:
+            click.echo(e.ctx.get_help() if e.ctx is not None else e.format_message())
+            sys.exit(0)
+        except _CLICK.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            message = " ".join(e.format_message().split())
+            err_console.print(f"[bold red]error:[/] {escape(message)}{escape(hint)}", highlight=False, soft_wrap=True)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            err_console.print("[bold red]error:[/] interrupted", highlight=False)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
     name="ditc",
+    cls=OneLineErrors,
     help="Compress pretrained Diffusion Transformers: prune depth (TinyFusion), add dynamic width and "
     "token routing (DyDiT), fine-tune, distill, evaluate and benchmark.\n\n"
     "Every command reads any source (digits-dit, a hub id such as DiT-XL-2, a diffusers dir, an original "
@@ -53,6 +83,11 @@ def handle_errors(fn):
         except KeyboardInterrupt:
             err_console.print("[bold red]error:[/] interrupted", highlight=False)
             raise typer.Exit(130)
+        except OSError as e:  # the machine, not the input: a full disk, a vanished file
+            where = f": {e.filename}" if getattr(e, "filename", None) else ""
+            err_console.print(f"[bold red]error:[/] {escape(e.strerror or str(e))}{escape(where)}", highlight=False,
+                              soft_wrap=True)
+            raise typer.Exit(1)
 
     return wrapper
 
@@ -163,7 +198,7 @@ def info(source: str = Src, revision: Optional[str] = Revision, no_ema: bool = N
 
 @app.command()
 @handle_errors
-def convert(source: str = Src, output: Path = Out,
+def convert(source: str = Src, output: str = Out,
             to: str = typer.Option("ditc", "--to", help="ditc | diffusers | original"),
             dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 | bf16 | fp16 (default: keep float32)"),
             revision: Optional[str] = Revision, no_ema: bool = NoEma,
@@ -189,7 +224,7 @@ def convert(source: str = Src, output: Path = Out,
 @app.command()
 @handle_errors
 def create(arch: str = typer.Argument(..., help="DiT-S/2, DiT-B/4, DiT-XL/2 ... or 'custom' with the options below."),
-           output: Path = Out,
+           output: str = Out,
            input_size: Optional[int] = typer.Option(None, help="Latent/pixel side (default 32 for presets)."),
            in_channels: Optional[int] = typer.Option(None),
            hidden_size: Optional[int] = typer.Option(None),
@@ -243,7 +278,7 @@ Data = typer.Option(..., "--data", help="digits | a latents dir (*_features/*.np
 
 @app.command()
 @handle_errors
-def finetune(source: str = Src, output: Path = Out, data: str = Data, steps: int = Steps, batch_size: int = Batch,
+def finetune(source: str = Src, output: str = Out, data: str = Data, steps: int = Steps, batch_size: int = Batch,
              lr: float = Lr, ema: float = Ema, seed: int = Seed, grad_clip: float = Clip, grad_accum: int = Accum,
              warmup: int = Warm, schedule: str = Sched, ckpt_every: int = Ckpt, mixed_precision: str = MP,
              weight_decay: float = WD, resume: bool = Resume, force: bool = Force, json_out: bool = JsonOut,
@@ -265,7 +300,7 @@ def finetune(source: str = Src, output: Path = Out, data: str = Data, steps: int
 
 @app.command()
 @handle_errors
-def distill(source: str = Src, output: Path = Out, teacher: str = typer.Option(..., "--teacher", help="Teacher model source.", show_default=False),
+def distill(source: str = Src, output: str = Out, teacher: str = typer.Option(..., "--teacher", help="Teacher model source.", show_default=False),
             data: str = Data, kd_out: float = typer.Option(0.9, "--kd-out", help="Weight of output KD (eps MSE + variance KL)."),
             kd_plain: float = typer.Option(0.1, "--kd-plain", help="Weight of the plain diffusion loss."),
             kd_rep: float = typer.Option(0.0, "--kd-rep", help="Weight beta of masked representation KD (TinyFusion: 1e-2), decays to 0."),
@@ -297,7 +332,7 @@ def distill(source: str = Src, output: Path = Out, teacher: str = typer.Option(.
 @app.command("prune-depth")
 @handle_errors
 def prune_depth_cmd(
-    source: str = Src, output: Path = Out,
+    source: str = Src, output: str = Out,
     pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M: keep N of every M consecutive layers (1:2, 2:4, 7:14)."),
     groups: Optional[str] = typer.Option(None, "--groups", help="Mixed consecutive groups, e.g. 2:4,2:4,3:4,1:2 (must cover the depth)."),
     method: str = typer.Option("learned", "--method", help="learned | block-influence | uniform | oracle | random | min-loss"),
@@ -340,7 +375,7 @@ def prune_depth_cmd(
 @app.command("add-dynamic-width")
 @handle_errors
 def add_dynamic_width_cmd(
-    source: str = Src, output: Path = Out,
+    source: str = Src, output: str = Out,
     target_flops: float = typer.Option(0.5, "--target-flops", help="FLOPs ratio lambda the routers are trained toward, in (0, 1]."),
     sort_by: str = typer.Option("magnitude", "--sort-by", help="Head/channel importance: magnitude | taylor (needs --data) | none."),
     data: Optional[str] = typer.Option(None, "--data", help="Data for --sort-by taylor."),
@@ -367,7 +402,7 @@ def add_dynamic_width_cmd(
 @app.command("add-token-router")
 @handle_errors
 def add_token_router_cmd(
-    source: str = Src, output: Path = Out,
+    source: str = Src, output: str = Out,
     reduction: int = typer.Option(16, "--reduction", help="Router MLP D -> D/reduction -> 1."),
     tau: float = typer.Option(5.0, "--tau", help="Gumbel-sigmoid temperature during training (DyDiT: 5)."),
     init_bias: float = typer.Option(35.0, "--init-bias", help="Bias of the router's last layer at start (DyDiT: 35; everything on)."),
@@ -392,7 +427,7 @@ def add_token_router_cmd(
 @handle_errors
 def eval_cmd(
     source: str = Src,
-    output: Path = typer.Option(..., "-o", "--output", help="Report dir; holds samples/ shards, samples.npz, report.json/.md. Rerun to resume.", show_default=False),
+    output: str = typer.Option(..., "-o", "--output", help="Report dir; holds samples/ shards, samples.npz, report.json/.md. Rerun to resume.", show_default=False),
     num_samples: int = typer.Option(1000, "--num-samples", "-n"),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="eps models: ddpm | ddim | dpm-solver (default ddim); velocity models: euler | heun | sde | dopri5 (default euler)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default 50; for SiT samplers as SiT's --num-sampling-steps)."),
@@ -456,7 +491,7 @@ def bench(
     cfg_scale: float = typer.Option(1.0, "--cfg-scale", help="--loop: classifier-free guidance scale (> 1 doubles every forward)."),
     dense_masks: bool = typer.Option(False, "--dense-masks", help="Time dynamic models on the masked-dense path."),
     threads: Optional[int] = typer.Option(None, "--threads"),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Report dir (report.json/.md, speed_vs_flops.png)."),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="Report dir (report.json/.md, speed_vs_flops.png)."),
     timestep_spacing: Optional[str] = Spacing,
     force: bool = Force, json_out: bool = JsonOut,
     num_heads: Optional[int] = NumHeads, prediction: Optional[str] = Prediction, numerics: Optional[str] = Numerics,
@@ -490,8 +525,8 @@ def bench(
 @app.command("prepare-data")
 @handle_errors
 def prepare_data_cmd(
-    images: Path = typer.Argument(..., help="Image folder with one sub-folder per class.", show_default=False),
-    output: Path = Out,
+    images: str = typer.Argument(..., help="Image folder with one sub-folder per class.", show_default=False),
+    output: str = Out,
     vae: Optional[str] = typer.Option("stabilityai/sd-vae-ft-ema", "--vae", help="VAE (hub id or local dir); 'none' stores pixels."),
     image_size: int = typer.Option(256, "--image-size"),
     batch_size: int = typer.Option(32, "--batch-size"),
@@ -517,7 +552,9 @@ def prepare_data_cmd(
 def run_cmd(
     recipe: str = typer.Argument(..., help="A recipe YAML file or a built-in name (see `ditc recipes`).", show_default=False),
     overrides: List[str] = typer.Argument(None, help="key=value (recipe variables) or step.option=value.", show_default=False),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Run directory (default runs/<recipe name>); rerun to resume."),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="Run directory (default runs/<recipe name>); rerun to resume."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a step whose training was interrupted (its saved state is in the run dir)."),
+    force: bool = typer.Option(False, "--force", help="Recompute finished steps whose options changed since they ran (and the steps that read them)."),
     json_out: bool = JsonOut,
 ):
     """Run a recipe: subcommand steps chained through one run directory, checked before
@@ -530,8 +567,11 @@ def run_cmd(
         ditc run quickstart prune_steps=50 distill_steps=50 -o runs/qs-small
 
         ditc run tinydit-d14 data=/data/imagenet-latents
+
+        ditc run quickstart --resume           # after an interrupted distill step
     """
-    summary = run_recipe(recipe, output, list(overrides or []), echo=lambda m: err_console.print(m, highlight=False, markup=False))
+    summary = run_recipe(recipe, output, list(overrides or []), echo=lambda m: err_console.print(m, highlight=False, markup=False),
+                         resume=resume, force=force)
     if json_out:
         emit_json(summary)
         return

@@ -9,11 +9,22 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import checks
 from .errors import FormatError, UsageError
 
 FORMAT_VERSION = 1
 NUMERICS = ("original", "diffusers")
 PREDICTIONS = ("eps", "velocity")
+SORTS = ("magnitude", "taylor", "none")
+# Sizes a config may state, checked before anything is allocated: far above any published
+# DiT (XL/2 at 1024 px: 4,096 tokens, hidden 1152, 28 layers, 675M parameters), far below
+# what would exhaust a machine by a typo or a tampered file.
+MAX_TOKENS = 2**16
+MAX_HIDDEN = 2**15
+MAX_DEPTH = 1024
+MAX_CHANNELS = 4096
+MAX_CLASSES = 10**7
+MAX_PARAMS = 10**11
 
 # Published architectures (DiT paper, Table 1).
 ARCHS = {
@@ -37,6 +48,13 @@ class WidthSpec:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def validate(self) -> None:
+        checks.real("target_flops", self.target_flops, lo=0.0, hi=1.0, lo_open=True)
+        checks.choice("sort_by", self.sort_by, SORTS)
+        checks.real("tau", self.tau, lo=0.0, lo_open=True)
+        checks.real("init_bias", self.init_bias)
+        checks.flag("static", self.static)
+
 
 @dataclass
 class TokenSpec:
@@ -45,9 +63,29 @@ class TokenSpec:
     tau: float = 5.0
     init_bias: float = 35.0  # DyDiT: bias 35 on the router's last layer
     reduction: int = 16
+    target_flops: float | None = None  # token routers alone: the FLOPs target (with width routers: the width's)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        checks.real("tau", self.tau, lo=0.0, lo_open=True)
+        checks.real("init_bias", self.init_bias)
+        checks.integer("reduction", self.reduction, lo=1, hi=MAX_HIDDEN)
+        checks.real("target_flops", self.target_flops, lo=0.0, hi=1.0, lo_open=True, optional=True)
+
+
+def _spec(kind, value, what: str):
+    """A width/token spec from its JSON form, unknown fields refused."""
+    if value is None or isinstance(value, kind):
+        return value
+    if not isinstance(value, dict):
+        raise UsageError(f"`{what}` must be an object, got {value!r}"[:200])
+    known = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise UsageError(f"`{what}` has unknown field(s): {', '.join(map(str, unknown))}")
+    return kind(**value)
 
 
 @dataclass
@@ -84,14 +122,15 @@ class DiTConfig:
     provenance: dict[str, str] = field(default_factory=dict)  # where each fact came from, as the loader read it
 
     def __post_init__(self):
-        if self.source_depth is None:
-            self.source_depth = self.depth
-        if self.kept_layers is None:
+        if self.source_depth is None:  # the least depth the kept layers can have come from
+            kept = self.kept_layers if isinstance(self.kept_layers, list) and self.kept_layers else None
+            ints = kept is not None and all(isinstance(k, int) and not isinstance(k, bool) for k in kept)
+            self.source_depth = max(self.depth, max(kept) + 1) if ints and isinstance(self.depth, int) else self.depth
+        if self.kept_layers is None and isinstance(self.depth, int) and not isinstance(self.depth, bool) \
+                and 0 < self.depth <= MAX_DEPTH:
             self.kept_layers = list(range(self.depth))
-        if isinstance(self.width, dict):
-            self.width = WidthSpec(**self.width)
-        if isinstance(self.tokens, dict):
-            self.tokens = TokenSpec(**self.tokens)
+        self.width = _spec(WidthSpec, self.width, "width")
+        self.tokens = _spec(TokenSpec, self.tokens, "tokens")
         self.validate()
 
     # ------------------------------------------------------------------ derived
@@ -116,7 +155,29 @@ class DiTConfig:
         return self.width is not None or self.tokens is not None
 
     def validate(self) -> None:
-        if self.num_heads < 1 or self.hidden_size % self.num_heads:
+        """Every field typed and in range, sizes bounded, before any module is built from it."""
+        c = checks
+        c.integer("input_size", self.input_size, lo=1, hi=MAX_TOKENS)
+        c.integer("patch_size", self.patch_size, lo=1, hi=self.input_size)
+        c.integer("in_channels", self.in_channels, lo=1, hi=MAX_CHANNELS)
+        c.integer("hidden_size", self.hidden_size, lo=1, hi=MAX_HIDDEN)
+        c.integer("depth", self.depth, lo=1, hi=MAX_DEPTH)
+        c.integer("num_heads", self.num_heads, lo=1, hi=self.hidden_size)
+        c.real("mlp_ratio", self.mlp_ratio, lo=0.0, hi=64.0, lo_open=True)
+        c.integer("num_classes", self.num_classes, lo=1, hi=MAX_CLASSES)
+        c.flag("learn_sigma", self.learn_sigma)
+        c.real("class_dropout_prob", self.class_dropout_prob, lo=0.0, hi=1.0, hi_open=True)
+        c.choice("prediction", self.prediction, PREDICTIONS)
+        c.choice("numerics", self.numerics, NUMERICS)
+        c.choice("time_input", self.time_input, ("sit", "repa"))
+        if self.path_type != "linear":
+            raise UsageError(f"unsupported path type {self.path_type!r}; only SiT's linear interpolant is supported")
+        c.flag("block_embedders", self.block_embedders)
+        c.real("latent_scale", self.latent_scale, lo=0.0, lo_open=True, optional=True)
+        c.text("vae", self.vae, optional=True)
+        c.text("name", self.name, optional=True, empty=True)
+        c.integer("source_depth", self.source_depth, lo=self.depth, hi=MAX_DEPTH)
+        if self.hidden_size % self.num_heads:
             raise UsageError(
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
             )
@@ -124,22 +185,43 @@ class DiTConfig:
             raise UsageError(
                 f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}"
             )
-        if len(self.kept_layers) != self.depth:
+        if self.num_patches > MAX_TOKENS:
+            raise UsageError(f"input_size {self.input_size} with patch_size {self.patch_size} makes {self.num_patches:,} "
+                             f"tokens, more than the {MAX_TOKENS:,} this toolkit accepts")
+        if self.mlp_hidden < 1:
+            raise UsageError(f"mlp_ratio {self.mlp_ratio} leaves no MLP hidden channel at hidden size {self.hidden_size}")
+        if self.estimated_params() > MAX_PARAMS:
+            raise UsageError(f"this config describes about {self.estimated_params():.3g} parameters, more than the "
+                             f"{MAX_PARAMS:.0e} this toolkit accepts")
+        kept = self.kept_layers
+        if not isinstance(kept, list) or any(isinstance(k, bool) or not isinstance(k, int) for k in kept):
+            raise UsageError(f"`kept_layers` must be a list of layer indices, got {kept!r}"[:200])
+        if len(kept) != self.depth:
             raise FormatError(
-                f"config lists {len(self.kept_layers)} kept layers for a depth of {self.depth}"
+                f"config lists {len(kept)} kept layers for a depth of {self.depth}"
             )
-        if self.numerics not in NUMERICS:
-            raise UsageError(f"unknown numerics {self.numerics!r}; choose {' or '.join(NUMERICS)}")
-        if self.time_input not in ("sit", "repa"):
-            raise UsageError(f"unknown time input {self.time_input!r}; choose sit or repa")
-        if self.path_type != "linear":
-            raise UsageError(f"unsupported path type {self.path_type!r}; only SiT's linear interpolant is supported")
-        if self.prediction not in PREDICTIONS:
-            raise UsageError(f"unknown prediction type {self.prediction!r}; choose {' or '.join(PREDICTIONS)}")
+        if any(k < 0 or k >= self.source_depth for k in kept) or any(a >= b for a, b in zip(kept, kept[1:])):
+            raise UsageError(f"`kept_layers` must be increasing indices in 0..{self.source_depth - 1} "
+                             f"(the source's layers), got {kept}"[:200])
+        if self.width is not None:
+            self.width.validate()
+        if self.tokens is not None:
+            self.tokens.validate()
         if self.width is not None and self.mlp_hidden % self.num_heads:
             raise UsageError(
                 f"MLP hidden size {self.mlp_hidden} cannot be split into {self.num_heads} groups"
             )
+        if not isinstance(self.lineage, list) or not all(isinstance(s, dict) for s in self.lineage):
+            raise UsageError("`lineage` must be a list of objects")
+        if not isinstance(self.provenance, dict):
+            raise UsageError("`provenance` must be an object")
+
+    def estimated_params(self) -> float:
+        """Parameters this config describes (analytic, nothing allocated)."""
+        D, L = float(self.hidden_size), float(self.depth)
+        block = 4 * D * D + 2 * D * self.mlp_hidden + 6 * D * D
+        emb = (self.num_classes + 1) * D * (L + 1 if self.block_embedders else 1)
+        return L * block + emb + self.num_patches * D + self.in_channels * self.patch_size ** 2 * D
 
     def describe_arch(self) -> str:
         for name, arch in ARCHS.items():
@@ -165,17 +247,23 @@ class DiTConfig:
         d = dict(d)
         d.pop("format_version", None)
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - known, key=str)
         if unknown:
-            raise FormatError(f"unknown config field(s): {', '.join(unknown)}")
-        return cls(**d)
+            raise FormatError(f"unknown config field(s): {', '.join(map(str, unknown))}")
+        try:
+            return cls(**d)
+        except UsageError as e:  # a stated fact out of type or range: the file is wrong, not the user
+            raise FormatError(f"config: {str(e).replace('`', '')}") from None
 
     @classmethod
     def from_json(cls, text: str) -> "DiTConfig":
         try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as e:
-            raise FormatError(f"config is not valid JSON: {e}") from None
+            d = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise FormatError(f"config is not valid JSON: {str(e)[:200]}") from None
+        if not isinstance(d, dict):
+            raise FormatError(f"config is not a JSON object (found {type(d).__name__})")
+        return cls.from_dict(d)
 
     def copy(self, **changes) -> "DiTConfig":
         c = copy.deepcopy(self)
@@ -194,7 +282,7 @@ class DiTConfig:
     def preset(cls, name: str, **overrides) -> "DiTConfig":
         """``DiT-XL/2``, ``DiT-S/4``, ... with 256 px latents unless overridden."""
 
-        m = re.fullmatch(r"(?:DiT-)?(S|B|L|XL)[/-](2|4|8)", name)
+        m = re.fullmatch(r"(?:DiT-)?(S|B|L|XL)[/-](2|4|8)", name) if isinstance(name, str) else None
         if not m:
             raise UsageError(
                 f"unknown architecture {name!r}; expected e.g. DiT-XL/2, DiT-B/4, DiT-S/8"

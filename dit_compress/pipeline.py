@@ -13,14 +13,22 @@ Recipe format::
         args: {source: "@prune", teacher: "${base}", data: digits}   # @prune = RUN_DIR/prune
 
 Everything is checked before the first step runs (unknown commands, options a command
-does not take, references to steps that do not come earlier). A step whose output holds a
-``report.json`` is finished; a rerun continues at the first unfinished step.
+does not take or values of the wrong type, references to steps that do not come earlier,
+step names that are not plain names, outputs outside the run directory or shared by two
+steps). A step is finished when its output is complete and the record the run dir keeps of
+it (``.ditc-steps/NAME.json``: the command and its resolved options, with the records of the
+steps it reads) matches the step as it stands now; a rerun continues at the first unfinished
+step. A finished step whose options changed is refused in one line, unless ``force``
+recomputes it and the steps that read it. ``resume`` continues a step whose training was
+interrupted (its work dir holds the saved state).
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
+import os
 import re
 import time
 import typing
@@ -30,9 +38,12 @@ import yaml
 
 from .commands import COMMANDS
 from .errors import DitcError, UsageError
+from .outputs import work_dir_for
 from .report import plot_points, table_md
 
 VAR_RE = re.compile(r"\$\{([A-Za-z_][\w]*)\}")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+RECORDS = ".ditc-steps"
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
 
@@ -100,12 +111,14 @@ def _parse_override(text: str):
 
 def resolve(recipe: dict, overrides: list[str]) -> dict:
     """Substitute variables and apply ``key=value`` / ``step.option=value`` overrides."""
+    if recipe.get("vars") is not None and not isinstance(recipe["vars"], dict):
+        raise UsageError("recipe 'vars' must be a mapping of name: value")
     variables = dict(recipe.get("vars") or {})
     step_over: dict[str, dict] = {}
     names = [s.get("name") for s in recipe["steps"]]
     for o in overrides:
         k, v = _parse_override(o)
-        if "." in k:
+        if "." in k and k.split(".", 1)[0] in names:
             step, opt = k.split(".", 1)
             if step not in names:
                 raise UsageError(f"override {o!r}: no step named {step!r} (steps: {', '.join(map(str, names))})")
@@ -118,6 +131,11 @@ def resolve(recipe: dict, overrides: list[str]) -> dict:
     for s in recipe["steps"]:
         if not isinstance(s, dict) or "name" not in s or "command" not in s:
             raise UsageError("every recipe step needs a 'name' and a 'command'")
+        check_step_name(s["name"])
+        if not isinstance(s["command"], str):
+            raise UsageError(f"step {s['name']!r}: 'command' must be a command name, got {s['command']!r}")
+        if s.get("args") is not None and not isinstance(s["args"], dict):
+            raise UsageError(f"step {s['name']!r}: 'args' must be a mapping of option: value")
         args = dict(s.get("args") or {})
         args.update(step_over.get(s["name"], {}))
         steps.append({"name": s["name"], "command": s["command"], "args": _subst(args, variables)})
@@ -144,10 +162,27 @@ def _ref(value, outputs: dict, step: str):
     return value
 
 
+def check_step_name(name) -> str:
+    """A step name is its output's directory name: plain text, no path, no '.' or '..'."""
+    if not isinstance(name, str):
+        raise UsageError(f"step name {name!r} must be text (quote it in the YAML: name: \"{name}\")")
+    if not NAME_RE.match(name) or name in (".", "..") or ".." in name:
+        raise UsageError(f"step name {name!r} must be a plain name (letters, digits, '_', '-', '.'; no '/', no '..')")
+    return name
+
+
+SCALARS = (int, float, bool, str)
+
+
 def _coerce(value, hint, key: str, step: str):
-    """Text given for a number or a flag (e.g. from an override) becomes that type."""
-    kinds = [t for t in typing.get_args(hint) or (hint,) if t in (int, float, bool)]
-    if not isinstance(value, str) or not kinds or str in (typing.get_args(hint) or (hint,)):
+    """Text given for a number or a flag (e.g. from an override) becomes that type; a list or
+    a mapping given for a single value is refused here, before any step runs."""
+    allowed = typing.get_args(hint) or (hint,)
+    if isinstance(value, (list, dict)) and allowed and all(t in SCALARS or t is type(None) or t is Path
+                                                           for t in allowed):
+        raise UsageError(f"step {step!r}: option {key!r} takes a single value, got {value!r}"[:200])
+    kinds = [t for t in allowed if t in (int, float, bool)]
+    if not isinstance(value, str) or not kinds or str in allowed:
         return value
     kind = kinds[0]
     try:
@@ -169,30 +204,96 @@ def bind(step: dict, outputs: dict, run_dir: Path) -> dict:
     hints = typing.get_type_hints(COMMANDS[command])
     args = {aliases.get(k.replace("-", "_"), k.replace("-", "_")): v for k, v in step["args"].items()
             if k.replace("-", "_") not in ("json", "json_out")}
-    if "output" in params and "output" not in args:
-        args["output"] = str(run_dir / name)
+    if "output" in params:
+        args["output"] = str(confined_output(run_dir, name, args.get("output")))
     for key in args:
         if key not in params:
             raise UsageError(f"step {name!r}: {command} takes no option {key!r} (it takes: {', '.join(sorted(params))})")
     return {k: _coerce(_ref(v, outputs, name), hints.get(k), k, name) for k, v in args.items()}
 
 
-def step_finished(run_dir: Path, name: str) -> bool:
-    """Outputs appear atomically when complete; eval's dir appears early, its report.json last."""
-    out = run_dir / name
+def confined_output(run_dir: Path, name: str, given) -> Path:
+    """A step's output: ``RUN_DIR/NAME``, or the ``output`` it gives, relative to the run dir
+    and inside it (never the run dir itself, never outside it)."""
+    root = Path(os.path.realpath(run_dir))
+    if given is None:
+        return root / name
+    if not isinstance(given, str) or not given.strip():
+        raise UsageError(f"step {name!r}: 'output' must be a path inside the run directory, got {given!r}")
+    target = Path(os.path.realpath(root / given))
+    if target == root or root not in target.parents:
+        raise UsageError(f"step {name!r}: output {given!r} is not inside the run directory {run_dir} "
+                         "(recipe outputs stay in their run)")
+    return target
+
+
+def step_finished(run_dir: Path, name: str, output: Path | None = None) -> bool:
+    """Outputs appear atomically when complete (a file, or a dir with its report)."""
+    out = Path(output) if output is not None else run_dir / name
     return out.is_file() or (out / "report.json").exists() or (out / "model_index.json").exists()
 
 
+def _nested(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
 def plan(recipe: dict, run_dir: Path) -> list[tuple[dict, dict]]:
-    """Every step bound to its arguments before anything runs."""
-    outputs, out = {}, []
+    """Every step bound to its arguments before anything runs; outputs checked for collisions."""
+    outputs, out, written = {}, [], {}
     for step in recipe["steps"]:
         if step["name"] in outputs:
             raise UsageError(f"two steps are named {step['name']!r}")
         kwargs = bind(step, outputs, run_dir)
-        outputs[step["name"]] = run_dir / step["name"]
+        target = Path(kwargs["output"]) if kwargs.get("output") is not None else None
+        if target is not None:
+            clash = next((n for n, o in written.items() if _nested(o, target)), None)
+            if clash is not None:
+                raise UsageError(f"steps {clash!r} and {step['name']!r} write the same output (or one inside the other): "
+                                 f"{target}")
+            written[step["name"]] = target
+        outputs[step["name"]] = target if target is not None else run_dir / step["name"]
         out.append((step, kwargs))
     return out
+
+
+def fingerprints(steps: list[tuple[dict, dict]]) -> dict[str, str]:
+    """Per step: a hash of its command and resolved options, where an option that names an
+    earlier step's output stands for that step's own fingerprint (so a change upstream
+    changes every step that reads it)."""
+    out, by_output = {}, {}
+    for step, kwargs in steps:
+        def norm(v):
+            if isinstance(v, list):
+                return [norm(x) for x in v]
+            if isinstance(v, str) and v in by_output:
+                return {"step": by_output[v]}
+            return v
+
+        body = {"command": step["command"], "args": {k: norm(v) for k, v in sorted(kwargs.items()) if k != "output"}}
+        fp = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        out[step["name"]] = fp
+        if kwargs.get("output") is not None:
+            by_output[str(kwargs["output"])] = fp
+    return out
+
+
+def _record_path(run_dir: Path, name: str) -> Path:
+    return run_dir / RECORDS / f"{name}.json"
+
+
+def _recorded(run_dir: Path, name: str) -> str | None:
+    try:
+        return json.loads(_record_path(run_dir, name).read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _record(run_dir: Path, step: dict, kwargs: dict, fp: str) -> None:
+    path = _record_path(run_dir, step["name"])
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"fingerprint": fp, "command": step["command"], "args": kwargs}, indent=2, default=str))
+    os.replace(tmp, path)
 
 
 def _describe_call(command: str, kwargs: dict) -> str:
@@ -203,27 +304,58 @@ def run_step(step: dict, kwargs: dict) -> None:
     try:
         COMMANDS[step["command"]](**kwargs)
     except DitcError as e:
-        raise type(e)(f"step {step['name']!r} ({step['command']}): {e}; fix it and rerun to resume here",
+        msg = str(e).replace("pass `resume` to continue it", "rerun with `ditc run --resume` to continue it")
+        raise type(e)(f"step {step['name']!r} ({step['command']}): {msg}; fix it and rerun to resume here",
                       exit_code=e.exit_code) from None
 
 
-def run_recipe(path_or_name: str, run_dir: Path | None, overrides: list[str], echo=print) -> dict:
-    """Run a recipe's steps in order, skipping finished ones; returns the run summary."""
+def check_run_dir(run_dir) -> Path:
+    if run_dir is None or not str(run_dir).strip() or str(run_dir).strip() in (".", "./"):
+        raise UsageError(f"run directory {str(run_dir)!r} is empty or '.': give the run its own directory")
+    return Path(run_dir)
+
+
+def run_recipe(path_or_name: str, run_dir: Path | None, overrides: list[str], echo=print, resume: bool = False,
+               force: bool = False) -> dict:
+    """Run a recipe's steps in order, skipping finished ones; returns the run summary.
+    ``resume``: continue steps whose training was interrupted. ``force``: recompute finished
+    steps whose options changed (and the steps reading them) instead of refusing."""
     recipe, path = load_recipe(path_or_name)
     resolved = resolve(recipe, overrides)
-    run_dir = Path(run_dir or Path("runs") / resolved["name"])
+    run_dir = check_run_dir(run_dir if run_dir is not None else Path("runs") / resolved["name"])
     steps = plan(resolved, run_dir)  # everything is checked before anything runs
+    prints = fingerprints(steps)
+    todo = []
+    for step, kwargs in steps:
+        out = kwargs.get("output")
+        done = out is not None and step_finished(run_dir, step["name"], out)
+        if done and _recorded(run_dir, step["name"]) not in (None, prints[step["name"]]):
+            if not force:
+                raise UsageError(f"step {step['name']!r} finished earlier with other options or inputs than the recipe "
+                                 f"now gives; pass `force` to recompute it (and the steps reading it), or use another "
+                                 f"run directory")
+            done = False
+        todo.append((step, kwargs, done))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.resolved.yaml").write_text(yaml.safe_dump({**resolved, "source": str(path)}, sort_keys=False))
     timings = []
-    for step, kwargs in steps:
-        if step_finished(run_dir, step["name"]):
+    for step, kwargs, done in todo:
+        if done:
             echo(f"[{step['name']}] finished earlier, skipped")
             timings.append({"step": step["name"], "command": step["command"], "seconds": None, "skipped": True})
             continue
+        kwargs = dict(kwargs)
+        if kwargs.get("output") is not None:
+            out = Path(kwargs["output"])
+            if "force" in _params(step["command"]) and out.exists():
+                kwargs["force"] = True  # a stale or unrecorded output of this very step, confined to the run dir
+            if resume and "resume" in _params(step["command"]) and (work_dir_for(out) / "train_state").exists():
+                kwargs["resume"] = True
         echo(f"[{step['name']}] {_describe_call(step['command'], kwargs)}")
         t0 = time.time()
         run_step(step, kwargs)
+        if kwargs.get("output") is not None:
+            _record(run_dir, step, kwargs, prints[step["name"]])
         timings.append({"step": step["name"], "command": step["command"], "seconds": time.time() - t0, "skipped": False})
     return summarize(run_dir, resolved, timings)
 
@@ -231,8 +363,9 @@ def run_recipe(path_or_name: str, run_dir: Path | None, overrides: list[str], ec
 def summarize(run_dir: Path, resolved: dict, timings: list[dict]) -> dict:
     """One table over the run: per eval step its metrics, per bench step its rows."""
     evals, benches = [], []
+    outputs = {st["name"]: Path(kw["output"]) for st, kw in plan(resolved, run_dir) if kw.get("output") is not None}
     for step in resolved["steps"]:
-        rep_file = run_dir / step["name"] / "report.json"
+        rep_file = outputs.get(step["name"], run_dir / step["name"]) / "report.json"
         if not rep_file.exists():
             continue
         rep = json.loads(rep_file.read_text())

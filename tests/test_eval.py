@@ -90,20 +90,32 @@ def test_inception_weights_path_is_passed(monkeypatch, tmp_path):
 
 def test_eval_resume_does_not_redo_shards(pixel_model, tmp_path, monkeypatch):
     m, path = pixel_model
-    args = ["eval", path, "-o", tmp_path / "e", "-n", "40", "--shard-size", "10", "--batch-size", "10",
-            "--steps", "3", "--metrics", "fid", "--json"]
+    args = ["eval", path, "-n", "40", "--shard-size", "10", "--batch-size", "10", "--steps", "3", "--metrics", "fid",
+            "--json", "-o"]
     orig = F.sample_shards
-    r = run(*args)
+    r = run(*args, tmp_path / "e")
     assert r.exit_code == 0, r.output
     first = np.load(tmp_path / "e" / "samples.npz")["arr_0"]
     assert first.shape == (40, 8, 8, 3)
     rep = json.loads(r.stdout)
     assert rep["shards_written_now"] == 4 and "warning" in rep and "class_accuracy" in rep["metrics"]
-    # simulate a killed run: one shard missing
-    os.remove(tmp_path / "e" / "samples" / "shard-00002.npz")
-    r = run(*args)
-    assert json.loads(r.stdout)["shards_written_now"] == 1
-    assert np.array_equal(np.load(tmp_path / "e" / "samples.npz")["arr_0"], first)
+    # a killed run: interrupted while sampling shard 2; its finished shards wait in the work dir
+    real, calls = F.sample, []
+
+    def killed_at_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(F, "sample", killed_at_third)
+    assert run(*args, tmp_path / "k").exit_code == 130
+    monkeypatch.setattr(F, "sample", real)
+    assert not (tmp_path / "k").exists() and len(list((tmp_path / ".k.ditc-work" / "samples").glob("*.npz"))) == 2
+    r = run(*args, tmp_path / "k")
+    assert json.loads(r.stdout)["shards_written_now"] == 2
+    assert np.array_equal(np.load(tmp_path / "k" / "samples.npz")["arr_0"], first)
+    assert not (tmp_path / ".k.ditc-work").exists()
     assert F.sample_shards is orig
 
 

@@ -12,6 +12,7 @@ PKG = Path(__file__).resolve().parents[1] / "dit_compress"
 # lowest first; a module may import its own layer and the layers before it
 LAYERS = [
     {"errors", "progress", "report"},
+    {"checks", "outputs"},
     {"config"},
     {"assets"},
     {"model"},

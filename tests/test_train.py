@@ -252,8 +252,31 @@ def test_prepare_data_with_local_vae_and_resume(tmp_path):
     assert json.loads(r.stdout)["shards_written_now"] == 2
     d = load_data(str(tmp_path / "lat"), 2)
     assert len(d) == 6 and d.sample_shape == (4, 16, 16) and d.y.tolist() == [0, 0, 0, 1, 1, 1]
-    (tmp_path / "lat" / "shard-00001.safetensors").unlink()
-    assert json.loads(run(*args).stdout)["shards_written_now"] == 1
+    first = (tmp_path / "lat" / "shard-00000.safetensors").read_bytes()
+    # a finished output is complete: a rerun is refused, not mixed into it
+    r = run(*args)
+    assert r.exit_code == 2 and "already exists" in r.stderr
+    # an interrupted run resumes from its work dir: the finished shard is kept, the rest redone
+    import dit_compress.data.images as images
+
+    real_save, calls = images.save_file, []
+
+    def fail_second(tensors, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_save(tensors, path)
+
+    images.save_file = fail_second
+    try:
+        assert run(*args[:3], tmp_path / "lat2", *args[4:]).exit_code != 0
+    finally:
+        images.save_file = real_save
+    assert not (tmp_path / "lat2").exists() and (tmp_path / ".lat2.ditc-work" / "shard-00000.safetensors").exists()
+    r = run(*args[:3], tmp_path / "lat2", *args[4:])
+    assert r.exit_code == 0 and json.loads(r.stdout)["shards_written_now"] == 1, r.output
+    assert (tmp_path / "lat2" / "shard-00000.safetensors").read_bytes() == first
+    assert not (tmp_path / ".lat2.ditc-work").exists()
 
 
 def test_image_folder_on_the_fly_for_pixel_models(tmp_path):

@@ -6,21 +6,23 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from .. import checks
 from ..compress import depth as depth_mod
 from ..compress import dynamic
 from ..data.datasets import load_data
 from ..errors import UsageError
 from ..evaluate.describe import describe, plot_width_profile
 from ..formats import write_checkpoint
-from ..formats.atomic import check_output, work_dir_for
+from ..outputs import work_dir_for
 from ..model import DiT
-from .common import load_source, parse_ints, source_name
+from .common import load_source, parse_ints, seed as check_seed, source_name, writes_output
 
 INFLUENCE_INPUTS = ("clean", "noisy")
 SUMMARY_KEYS = ("method", "groups", "kept_layers", "depth_after", "params_before", "params_after", "gflops_before",
                 "gflops_after", "calib_loss_chosen", "confidence", "seconds", "search_cost")
 
 
+@writes_output("source", "data")
 def prune_depth(source, *, output: str | Path, pattern: str | None = None, groups: str | None = None,
                 method: str = "learned", keep: str | list[int] | None = None, data: str | None = None,
                 steps: int = 500, batch_size: int = 64, lr: float = 1e-4, logit_lr: float = 1e-3,
@@ -33,11 +35,27 @@ def prune_depth(source, *, output: str | Path, pattern: str | None = None, group
     """Remove layers: TinyFusion's learned N:M selection (Gumbel masks + LoRA recoverability)
     or a baseline (block-influence, uniform, oracle with ``keep``, random, min-loss). Writes a
     smaller standard DiT holding the kept layers' original weights. Returns (model, report)."""
+    c, big = checks, checks.MAX_STEPS
     output = Path(output)
-    check_output(output, force)
-    if influence_input not in INFLUENCE_INPUTS:
-        raise UsageError(f"`influence_input` takes clean or noisy, got {influence_input!r}")
-    keep_list = parse_ints(keep, "`keep`")
+    c.choice("method", method, depth_mod.METHODS)
+    c.text("pattern", pattern, optional=True)
+    c.text("groups", groups, optional=True)
+    c.choice("influence_input", influence_input, INFLUENCE_INPUTS)
+    c.choice("recover", recover, depth_mod.RECOVERIES)
+    c.text("data", data, optional=True)
+    keep_list = parse_ints(keep, "keep", lo=0)
+    steps, batch_size = c.integer("steps", steps, lo=1, hi=big), c.integer("batch_size", batch_size, lo=1, hi=c.MAX_BATCH)
+    lr, logit_lr = c.real("lr", lr, lo=0.0, lo_open=True), c.real("logit_lr", logit_lr, lo=0.0, lo_open=True)
+    tau_start = c.real("tau_start", tau_start, lo=0.0, lo_open=True)
+    tau_end = c.real("tau_end", tau_end, lo=0.0, lo_open=True)
+    logit_scale = c.real("logit_scale", logit_scale, lo=0.0, lo_open=True)
+    logit_ema = c.real("logit_ema", logit_ema, lo=0.0, hi=1.0, hi_open=True)
+    lora_rank, lora_alpha = c.integer("lora_rank", lora_rank, lo=1, hi=2**15), c.integer("lora_alpha", lora_alpha, lo=1, hi=2**20)
+    calib_samples = c.integer("calib_samples", calib_samples, lo=1, hi=c.MAX_COUNT)
+    num_candidates = c.integer("num_candidates", num_candidates, lo=1, hi=c.MAX_COUNT)
+    ckpt_every, seed = c.integer("ckpt_every", ckpt_every, lo=0, hi=big), check_seed(seed)
+    keep_recovery_weights, resume = c.flag("keep_recovery_weights", keep_recovery_weights), c.flag("resume", resume)
+    measure_cost = c.flag("measure_cost", measure_cost)
     model = load_source(source, revision=revision, no_ema=no_ema, num_heads=num_heads, prediction=prediction,
                         numerics=numerics)
     grp = depth_mod.parse_groups(model.config.depth, pattern, groups) if (pattern or groups) else None
@@ -71,6 +89,7 @@ def _write_routed(model: DiT, source, op: str, output: Path, force: bool) -> tup
     return model, report
 
 
+@writes_output("source", "data")
 def add_dynamic_width(source, *, output: str | Path, target_flops: float = 0.5, sort_by: str = "magnitude",
                       data: str | None = None, tau: float = 5.0, init_bias: float = 15.0, static: bool = False,
                       seed: int = 0, force: bool = False, revision: str | None = None, no_ema: bool = False,
@@ -79,7 +98,11 @@ def add_dynamic_width(source, *, output: str | Path, target_flops: float = 0.5, 
     """DyDiT timestep-wise width routers (heads, MLP channel groups) toward ``target_flops``;
     heads/channels sorted by importance first and routers all-on, so the output reproduces the
     source until trained. ``static=True``: static width pruning at the same FLOPs (the baseline)."""
-    check_output(Path(output), force)
+    target_flops = checks.real("target_flops", target_flops, lo=0.0, hi=1.0, lo_open=True)
+    checks.choice("sort_by", sort_by, dynamic.SORTS)
+    checks.text("data", data, optional=True)
+    tau, init_bias = checks.real("tau", tau, lo=0.0, lo_open=True), checks.real("init_bias", init_bias)
+    static, seed = checks.flag("static", static), check_seed(seed)
     model = load_source(source, revision=revision, no_ema=no_ema, num_heads=num_heads, prediction=prediction,
                         numerics=numerics)
     ds = load_data(data, model.config.num_classes) if data is not None else None
@@ -87,12 +110,15 @@ def add_dynamic_width(source, *, output: str | Path, target_flops: float = 0.5, 
     return _write_routed(routed, source, "add-dynamic-width", Path(output), force)
 
 
+@writes_output("source")
 def add_token_router(source, *, output: str | Path, reduction: int = 16, tau: float = 5.0, init_bias: float = 35.0,
                      seed: int = 0, force: bool = False, revision: str | None = None, no_ema: bool = False,
                      num_heads: int | None = None, prediction: str | None = None,
                      numerics: str | None = None) -> tuple[DiT, dict]:
     """DyDiT spatial token routers before each block's MLP (all tokens on at start)."""
-    check_output(Path(output), force)
+    reduction = checks.integer("reduction", reduction, lo=1, hi=2**15)
+    tau, init_bias = checks.real("tau", tau, lo=0.0, lo_open=True), checks.real("init_bias", init_bias)
+    seed = check_seed(seed)
     model = load_source(source, revision=revision, no_ema=no_ema, num_heads=num_heads, prediction=prediction,
                         numerics=numerics)
     routed = dynamic.add_token_router(model, tau, init_bias, reduction, seed)

@@ -6,17 +6,30 @@ from pathlib import Path
 
 import torch
 
+from .. import checks
+from ..config import DiTConfig
 from ..data.images import prepare
-from ..diffusion.sampling import eval_sampler, resolve_spacing
+from ..diffusion.sampling import SAMPLERS, check_spacing, eval_sampler, resolve_spacing
 from ..errors import UsageError
 from ..evaluate import bench as bench_mod
 from ..evaluate import fidelity
-from ..formats.atomic import atomic_dir, check_output
+from ..outputs import atomic_dir
 from ..model import Routing, routing
+from ..model.build import fingerprint
 from ..report import write_report
-from .common import load_source, parse_interval, parse_ints, parse_names, source_name
+from .common import (
+    load_facts,
+    load_source,
+    parse_interval,
+    parse_ints,
+    parse_names,
+    seed as check_seed,
+    source_name,
+    writes_output,
+)
 
 
+@writes_output("source", "ref", "loss_data")
 def evaluate_model(source, *, output: str | Path, num_samples: int = 1000, sampler: str | None = None,
              steps: int | None = None, guidance_interval=None, cfg_scale: float = 1.0,
              cfg_channels: int | None = None, ref: str | None = None, metrics="fid,prc",
@@ -25,31 +38,52 @@ def evaluate_model(source, *, output: str | Path, num_samples: int = 1000, sampl
              dense_masks: bool = False, loss_data: str | None = None, grid: bool = True,
              timestep_spacing: str | None = None, revision: str | None = None, no_ema: bool = False,
              num_heads: int | None = None, prediction: str | None = None, numerics: str | None = None,
-             compile: bool = False) -> dict | None:
+             compile: bool = False, force: bool = False) -> dict | None:
     """Sample class-balanced images (sharded, resumable, split over ``accelerate launch``
     processes), then FID / IS / KID / precision-recall, class accuracy and held-out loss on the
-    digits testbed. Writes ``output``/report.json/.md; returns the report (None on processes
-    other than the main one). ``compile``: torch.compile the model first (the first batch's
-    time, compile included, is reported apart from the steady seconds per image)."""
+    digits testbed. Writes ``output`` (report.json/.md, samples) atomically once complete;
+    an unfinished run's shards wait in a work dir beside it, recorded with the model and the
+    settings that made them (a rerun with the same ones resumes, other ones are refused,
+    ``force`` starts over). Returns the report (None on processes other than the main one).
+    ``compile``: torch.compile the model first (the first batch's time, compile included, is
+    reported apart from the steady seconds per image)."""
     from accelerate import PartialState  # heavy: imported on first use
 
+    c = checks
+    num_samples = c.integer("num_samples", num_samples, lo=1, hi=c.MAX_COUNT)
+    steps = c.integer("steps", steps, lo=1, hi=c.MAX_STEPS, optional=True)
+    cfg_scale = c.real("cfg_scale", cfg_scale, lo=0.0)
+    cfg_channels = c.integer("cfg_channels", cfg_channels, lo=1, hi=4096, optional=True)
+    for name, value in (("ref", ref), ("inception_weights", inception_weights), ("extractor", extractor),
+                        ("vae", vae), ("loss_data", loss_data)):
+        c.text(name, value, optional=True)
+    seed = check_seed(seed)
+    shard_size = c.integer("shard_size", shard_size, lo=1, hi=c.MAX_COUNT)
+    batch_size = c.integer("batch_size", batch_size, lo=1, hi=c.MAX_BATCH)
+    kid_subset_size = c.integer("kid_subset_size", kid_subset_size, lo=1, hi=c.MAX_COUNT, optional=True)
+    dense_masks, grid, compile = c.flag("dense_masks", dense_masks), c.flag("grid", grid), c.flag("compile", compile)
+    check_spacing(timestep_spacing)
+    metric_list = parse_names(metrics, "metrics")
+    fidelity.check_metrics(metric_list, num_samples, kid_subset_size)
     interval = parse_interval(guidance_interval)
     model = load_source(source, revision=revision, no_ema=no_ema, num_heads=num_heads, prediction=prediction,
                         numerics=numerics)
     sampler, steps = eval_sampler(model.config, sampler, steps)
     resolve_spacing(sampler, timestep_spacing)  # checked before anything is written
+    if cfg_channels is not None and cfg_channels > model.config.in_channels:
+        raise UsageError(f"`cfg_channels` {cfg_channels} is more than the model's {model.config.in_channels} channels")
     state = PartialState(cpu=not torch.cuda.is_available())
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
     if loss_data is None:
         loss_data = held_out_data(model.config)
+    producer = {"model": fingerprint(model), "dense_masks": dense_masks}
     with routing(model, Routing.DENSE if dense_masks else Routing.FAST):
-        return fidelity.evaluate(model, output, num_samples, sampler, steps, cfg_scale, cfg_channels, seed, ref,
-                                 parse_names(metrics), inception_weights, extractor, vae, shard_size, batch_size,
+        return fidelity.evaluate(model, Path(output), num_samples, sampler, steps, cfg_scale, cfg_channels, seed, ref,
+                                 metric_list, inception_weights, extractor, vae, shard_size, batch_size,
                                  kid_subset_size, state.process_index, state.num_processes,
                                  barrier=state.wait_for_everyone, loss_data=None if loss_data == "none" else loss_data,
                                  timestep_spacing=timestep_spacing, guidance_interval=interval,
-                                 source=source_name(source), grid=grid, compile=compile)
+                                 source=source_name(source), grid=grid, compile=compile, force=force,
+                                 producer=producer)
 
 
 def held_out_data(config) -> str | None:
@@ -62,9 +96,16 @@ def held_out_data(config) -> str | None:
 
 def bench_specs(sources=None, shape: str | None = None, variants=None, baseline: str | None = None) -> list[str]:
     """The list of models to measure, baseline first, each checked before anything runs."""
-    specs = [str(s) for s in (sources or [])]
+    if isinstance(sources, (str, Path)):  # one source given as a name
+        sources = [sources]
+    specs = [checks.source("sources", s) for s in (sources or [])]
+    if any(not isinstance(s, str) for s in specs):
+        raise UsageError("`sources` of bench are names or paths (each model is measured in its own process)")
+    checks.text("shape", shape, optional=True)
+    checks.text("baseline", baseline, optional=True)
     if shape:
-        specs = [f"shape:{shape}"] + [f"shape:{shape}+{v}" for v in parse_names(variants)] + specs
+        DiTConfig.preset(shape)  # an unknown architecture is refused here, not in a child process
+        specs = [f"shape:{shape}"] + [f"shape:{shape}+{v}" for v in parse_names(variants, "variants")] + specs
     elif variants:
         raise UsageError("`variants` goes with `shape`")
     if baseline:
@@ -76,6 +117,7 @@ def bench_specs(sources=None, shape: str | None = None, variants=None, baseline:
     return specs
 
 
+@writes_output("sources", required=False)
 def bench(sources=None, *, shape: str | None = None, variants=None, baseline: str | None = None, batch_sizes="1,8",
           repeats: int = 5, warmup: int = 2, sampler: str | None = None, steps: int | None = None,
           device: str = "cpu", dtype: str = "fp32", compile: bool = False, loop: bool = False,
@@ -87,15 +129,27 @@ def bench(sources=None, *, shape: str | None = None, variants=None, baseline: st
     peak memory) or with ``loop`` the whole sampling loop (seconds_per_image, CFG included,
     routers as in eval), with the FLOPs ratio next to every speedup. Returns the report (and
     writes it with the speed-vs-FLOPs plot to ``output`` when given)."""
+    c = checks
     if device != "cpu":
         raise UsageError("only `device` cpu is measured in this build")
     specs = bench_specs(sources, shape, variants, baseline)
-    bs = parse_ints(batch_sizes, "`batch_sizes`")
-    if output is not None:
-        check_output(Path(output), force)
+    bs = parse_ints(batch_sizes, "batch_sizes", lo=1, hi=c.MAX_BATCH)
+    if not bs:
+        raise UsageError("`batch_sizes` lists nothing: give e.g. 1,8")
+    repeats = c.integer("repeats", repeats, lo=1, hi=10**6)
+    warmup = c.integer("warmup", warmup, lo=0, hi=10**6)
+    if sampler is not None and (not isinstance(sampler, str) or sampler not in SAMPLERS):
+        raise UsageError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    steps = c.integer("steps", steps, lo=1, hi=c.MAX_STEPS, optional=True)
+    c.choice("dtype", dtype, bench_mod.DTYPES)
+    compile, loop, dense_masks = c.flag("compile", compile), c.flag("loop", loop), c.flag("dense_masks", dense_masks)
+    cfg_scale = c.real("cfg_scale", cfg_scale, lo=0.0)
+    threads = c.integer("threads", threads, lo=1, hi=4096, optional=True)
+    check_spacing(timestep_spacing)
     if sampler is not None:
         resolve_spacing(sampler, timestep_spacing)  # checked before anything runs
-    facts = dict(num_heads=num_heads, prediction=prediction, numerics=numerics)  # load_model keywords
+    facts = load_facts(num_heads=num_heads, prediction=prediction, numerics=numerics)
+    facts = {k: facts[k] for k in ("num_heads", "prediction", "numerics")}  # load_model keywords
     results = []
     for s in specs:
         if echo is not None:
@@ -115,13 +169,23 @@ def bench(sources=None, *, shape: str | None = None, variants=None, baseline: st
     return report
 
 
+@writes_output("images")
 def prepare_data(images: str | Path, *, output: str | Path, vae: str | None = "stabilityai/sd-vae-ft-ema",
-                 image_size: int = 256, batch_size: int = 32, shard_size: int = 1024) -> dict:
+                 image_size: int = 256, batch_size: int = 32, shard_size: int = 1024, force: bool = False) -> dict:
     """Encode an image folder (one sub-folder per class) into latent shards for training data
-    (center crop, image + flip, scale 0.18215); ``vae=None`` stores pixels. Resumable."""
-    output = Path(output)
-    if (output.exists() and not (output / "manifest.json").exists()
-            and not list(output.glob("shard-*.safetensors")) and any(output.iterdir())):
-        raise UsageError(f"output {output} exists and is not a latent-shard folder")
-    info = prepare(Path(images), output, None if vae in (None, "none") else vae, image_size, batch_size, shard_size)
+    (center crop, image + flip, scale 0.18215); ``vae=None`` stores pixels. The shards are
+    made in a work dir beside ``output``, recorded with what produced them (the images, the
+    VAE, the sizes): a rerun with the same inputs resumes, other inputs are refused (``force``
+    starts over); ``output`` appears complete at the end."""
+    images = Path(checks.path("images", images))
+    vae = checks.text("vae", vae, optional=True)
+    image_size = checks.integer("image_size", image_size, lo=8, hi=8192)
+    batch_size = checks.integer("batch_size", batch_size, lo=1, hi=checks.MAX_BATCH)
+    shard_size = checks.integer("shard_size", shard_size, lo=1, hi=checks.MAX_COUNT)
+    if not images.exists():
+        raise UsageError(f"image folder {images} does not exist")
+    if not images.is_dir():
+        raise UsageError(f"{images} is not a folder (prepare-data reads ROOT/<class>/<image>)")
+    info = prepare(images, Path(output), None if vae in (None, "none") else vae, image_size, batch_size, shard_size,
+                   force=force)
     return {"op": "prepare-data", **info}

@@ -4,39 +4,42 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import UsageError
+from .. import checks
 from ..train.api import train_and_save
 from ..train.losses import REP_MASK_FORMS, REP_PAIRS
 from ..train.trainer import TrainConfig
-from .common import load_source, source_name
+from .common import load_source, seed as check_seed, source_name, writes_output
 
 SCHEDULES = ("constant", "cosine", "linear")
+MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
 def train_config(*, steps: int = 1000, batch_size: int = 64, lr: float = 1e-4, ema: float = 0.9999, seed: int = 0,
                  grad_clip: float = 1.0, grad_accum: int = 1, warmup: int = 0, schedule: str = "constant",
                  ckpt_every: int = 0, mixed_precision: str = "no", weight_decay: float = 0.0) -> TrainConfig:
     """The optimisation options of ``finetune``/``distill``, checked."""
-    if steps < 1:
-        raise UsageError("`steps` must be at least 1")
-    if batch_size < 1:
-        raise UsageError("`batch_size` must be at least 1")
-    if not (0.0 <= ema < 1.0):
-        raise UsageError("`ema` must be in [0, 1)")
-    if schedule not in SCHEDULES:
-        raise UsageError("`schedule` must be constant, cosine or linear")
-    return TrainConfig(steps=steps, batch_size=batch_size, lr=lr, ema=ema, seed=seed, grad_clip=grad_clip,
-                       grad_accum=grad_accum, warmup=warmup, schedule=schedule, ckpt_every=ckpt_every,
-                       mixed_precision=mixed_precision, weight_decay=weight_decay)
+    c, big = checks, checks.MAX_STEPS
+    return TrainConfig(steps=c.integer("steps", steps, lo=1, hi=big),
+                       batch_size=c.integer("batch_size", batch_size, lo=1, hi=c.MAX_BATCH),
+                       lr=c.real("lr", lr, lo=0.0, lo_open=True), ema=c.real("ema", ema, lo=0.0, hi=1.0, hi_open=True),
+                       seed=check_seed(seed), grad_clip=c.real("grad_clip", grad_clip, lo=0.0),
+                       grad_accum=c.integer("grad_accum", grad_accum, lo=1, hi=10**6),
+                       warmup=c.integer("warmup", warmup, lo=0, hi=big),
+                       schedule=c.choice("schedule", schedule, SCHEDULES),
+                       ckpt_every=c.integer("ckpt_every", ckpt_every, lo=0, hi=big),
+                       mixed_precision=c.choice("mixed_precision", mixed_precision, MIXED_PRECISION),
+                       weight_decay=c.real("weight_decay", weight_decay, lo=0.0))
 
 
 def dynamic_options(*, flops_hold: int = 100, flops_decay: int | None = None, full_model_loss: float = 1.0,
                     full_model_steps: int | None = None, t_strata: int = 4) -> dict:
     """DyDiT's schedule for models with routers (each DyDiT's value by default)."""
-    if flops_hold < 0 or (flops_decay is not None and flops_decay < 1) or full_model_loss < 0 or t_strata < 0:
-        raise UsageError("`flops_hold`, `full_model_loss` and `t_strata` must be >= 0, `flops_decay` >= 1")
-    return {"flops_hold": flops_hold, "flops_decay": flops_decay, "full_loss": full_model_loss,
-            "full_steps": full_model_steps, "t_strata": t_strata}
+    c, big = checks, checks.MAX_STEPS
+    return {"flops_hold": c.integer("flops_hold", flops_hold, lo=0, hi=big),
+            "flops_decay": c.integer("flops_decay", flops_decay, lo=1, hi=big, optional=True),
+            "full_loss": c.real("full_model_loss", full_model_loss, lo=0.0),
+            "full_steps": c.integer("full_model_steps", full_model_steps, lo=0, hi=big, optional=True),
+            "t_strata": c.integer("t_strata", t_strata, lo=0, hi=1000)}
 
 
 _DYN = ("flops_hold", "flops_decay", "full_model_loss", "full_model_steps", "t_strata")
@@ -54,6 +57,7 @@ def _split(args: dict) -> tuple[TrainConfig, dict, dict]:
     return train_config(**options), dynamic_options(**dyn), load
 
 
+@writes_output("source", "data")
 def finetune(source, *, output: str | Path, data: str, steps: int = 1000, batch_size: int = 64, lr: float = 1e-4, ema: float = 0.9999, seed: int = 0,
              grad_clip: float = 1.0, grad_accum: int = 1, warmup: int = 0, schedule: str = "constant",
              ckpt_every: int = 0, mixed_precision: str = "no", weight_decay: float = 0.0,
@@ -67,11 +71,14 @@ def finetune(source, *, output: str | Path, data: str, steps: int = 1000, batch_
     Optimisation keywords as ``train_config``, DyDiT schedule keywords as ``dynamic_options``,
     load facts as ``load_model``. Returns (written model, report)."""
     tcfg, dyn, load = _split(locals())
+    data = checks.text("data", data)
+    checks.flag("resume", resume)
     model = load_source(source, **load)
     return train_and_save(model, data, output, tcfg, force=force, resume=resume, kd=dyn, op="finetune",
                           extra={"dynamic": dyn} if model.config.is_dynamic else None)
 
 
+@writes_output("source", "teacher", "data")
 def distill(source, *, output: str | Path, teacher, data: str, kd_out: float = 0.9, kd_plain: float = 0.1,
             kd_rep: float = 0.0, k_sigma: float = 2.0, no_rep_mask: bool = False, rep_pairs: str = "paper",
             rep_mask_form: str = "paper", steps: int = 1000, batch_size: int = 64, lr: float = 1e-4, ema: float = 0.9999, seed: int = 0,
@@ -87,10 +94,16 @@ def distill(source, *, output: str | Path, teacher, data: str, kd_out: float = 0
     ``rep_mask_form``), mixed with the plain loss. Other keywords as for ``finetune``.
     Returns (written model, report)."""
     tcfg, dyn, load = _split(locals())
-    if rep_pairs not in REP_PAIRS or rep_mask_form not in REP_MASK_FORMS:
-        raise UsageError(f"`rep_pairs` takes {' or '.join(REP_PAIRS)}, `rep_mask_form` {' or '.join(REP_MASK_FORMS)}")
+    data = checks.text("data", data)
+    checks.flag("resume", resume)
+    checks.choice("rep_pairs", rep_pairs, REP_PAIRS)
+    checks.choice("rep_mask_form", rep_mask_form, REP_MASK_FORMS)
+    kd_out, kd_plain = checks.real("kd_out", kd_out, lo=0.0), checks.real("kd_plain", kd_plain, lo=0.0)
+    kd_rep = checks.real("kd_rep", kd_rep, lo=0.0)
+    k_sigma = checks.real("k_sigma", k_sigma, lo=0.0, lo_open=True)
+    no_rep_mask = checks.flag("no_rep_mask", no_rep_mask)
     student = load_source(source, **load)
-    t_model = load_source(teacher, **load)
+    t_model = load_source(teacher, what="teacher", **load)
     kd = {"out": kd_out, "plain": kd_plain, "rep": kd_rep, "k_sigma": None if no_rep_mask else k_sigma,
           "rep_pairs": rep_pairs, "rep_mask_form": rep_mask_form, **dyn}
     return train_and_save(student, data, output, tcfg, force=force, resume=resume, teacher=t_model, kd=kd,

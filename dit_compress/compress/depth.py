@@ -34,6 +34,7 @@ from ..train.losses import plain_loss
 from ..train.trainer import TrainConfig, Trainer
 
 METHODS = ("learned", "block-influence", "uniform", "oracle", "random", "min-loss")
+RECOVERIES = ("lora", "full", "frozen")
 
 
 # ---------------------------------------------------------------------------- patterns
@@ -42,6 +43,8 @@ def parse_groups(depth: int, pattern: str | None = None, groups: str | None = No
     if pattern and groups:
         raise UsageError("give either `pattern` or `groups`, not both")
     text = groups if groups else pattern
+    if text is not None and not isinstance(text, str):
+        raise UsageError(f"`{'groups' if groups else 'pattern'}` must be text such as 1:2, got {text!r}")
     if not text:
         raise UsageError("a pattern is needed: `pattern` N:M or `groups` N:M,N:M,...")
     out = []
@@ -298,7 +301,7 @@ def learned_search(model, data, groups, lc: LearnedConfig, work_dir, resume: boo
     """TinyFusion: jointly train mask logits and a recovery (LoRA / full / none). Returns
     (keep, search module, recovered model, history, seconds)."""
 
-    if lc.recover not in ("lora", "full", "frozen"):
+    if lc.recover not in RECOVERIES:
         raise UsageError(f"`recover` must be lora, full or frozen, not {lc.recover!r}")
     dit = copy.deepcopy(model)
     dit.train()

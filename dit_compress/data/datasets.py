@@ -69,7 +69,13 @@ class NpyDirData(TensorData):
             lf = label_dir / f.name
             if not lf.exists():
                 raise DitcError(f"latent {f.name} has no label file in {label_dir}")
-            ys.append(int(np.asarray(np.load(lf)).reshape(-1)[0]))
+            try:
+                lab = np.asarray(np.load(lf, allow_pickle=False))
+            except (OSError, ValueError) as e:
+                raise DitcError(f"cannot read label file {lf}: {str(e)[:160]}") from None
+            if lab.size != 1 or not np.issubdtype(lab.dtype, np.integer):
+                raise DitcError(f"label file {lf} must hold one integer class label, found {lab.size} value(s) of {lab.dtype}")
+            ys.append(int(lab.reshape(-1)[0]))
         first = np.load(files[0])
         shape = first.shape[1:] if first.shape[0] == 1 else first.shape
         self.flip_pairs = len(shape) == 4 and shape[0] == 2
@@ -85,9 +91,15 @@ class NpyDirData(TensorData):
     def get(self, idx, generator=None):
         arrs = []
         for i in idx.tolist():
-            a = np.load(self.files[i])
+            try:
+                a = np.load(self.files[i], allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise DitcError(f"cannot read latent {self.files[i]}: {str(e)[:160]}") from None
             if a.shape[0] == 1:
                 a = a[0]
+            if tuple(a.shape) != tuple(self._shape) or not np.issubdtype(a.dtype, np.floating):
+                raise DitcError(f"latent {self.files[i]} has shape {tuple(a.shape)} ({a.dtype}); the first latent "
+                                f"{self.files[0].name} has {tuple(self._shape)}: every latent must have one float shape")
             arrs.append(a)
         x = torch.from_numpy(np.stack(arrs)).float()
         if self.flip_pairs:
@@ -105,17 +117,33 @@ def load_shards(root: Path) -> TensorData:
         try:
             d = load_file(str(s))
         except Exception as e:  # noqa: BLE001 - any decode failure is a bad shard
-            raise DitcError(f"cannot read latent shard {s}: {e}") from None
+            raise DitcError(f"cannot read latent shard {s}: {str(e)[:160]}") from None
         if "latents" not in d or "labels" not in d:
             raise DitcError(f"latent shard {s} lacks 'latents' or 'labels'")
-        xs.append(d["latents"])
-        ys.append(d["labels"])
+        lat, lab = d["latents"], d["labels"]
+        if lab.ndim != 1 or not np.issubdtype(lab.dtype, np.integer):
+            raise DitcError(f"latent shard {s}: labels must be a 1-D array of integer classes, found shape "
+                            f"{tuple(lab.shape)} of {lab.dtype}")
+        if not np.issubdtype(lat.dtype, np.floating) or lat.ndim not in (4, 5):
+            raise DitcError(f"latent shard {s}: latents must be float [N, C, H, W] or [N, 2, C, H, W] (image + flip), "
+                            f"found shape {tuple(lat.shape)} of {lat.dtype}")
+        if len(lat) != len(lab):
+            raise DitcError(f"latent shard {s} holds {len(lat)} latents but {len(lab)} labels")
+        if xs and lat.shape[1:] != xs[0].shape[1:]:
+            raise DitcError(f"latent shard {s} holds latents of shape {tuple(lat.shape[1:])}, {shards[0].name} "
+                            f"{tuple(xs[0].shape[1:])}: every shard must have one shape")
+        xs.append(lat)
+        ys.append(lab)
     x = np.concatenate(xs)
     return TensorData(x, np.concatenate(ys), name=str(root), flip_pairs=x.ndim == 5)
 
 
 def load_data(spec: str, num_classes: int | None = None, cfg=None) -> TensorData:
     """``digits`` / ``digits:test`` / a latents dir / a shards dir / an image folder."""
+    if hasattr(spec, "__fspath__"):
+        spec = str(spec)
+    if not isinstance(spec, str) or not spec.strip():
+        raise UsageError(f"`data` must be digits, digits:test or a directory, got {spec!r}"[:200])
     if spec.startswith("digits"):
         split = spec.split(":", 1)[1] if ":" in spec else "train"
         x, y = digits_arrays(split)

@@ -3,8 +3,10 @@ by ``ditc prepare-data`` (center crop as ADM does, image + horizontal flip, scal
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from PIL import Image
 from safetensors.numpy import save_file
 
 from ..errors import DitcError
+from ..outputs import atomic_dir, resumable_work
 from ..progress import make_progress
 from .vae import load_vae
 
@@ -97,18 +100,24 @@ class ImageFolderData:
 
 
 def prepare(images: Path, out: Path, vae_name: str | None, image_size: int, batch_size: int = 32,
-            shard_size: int = 1024, scale: float = 0.18215, progress: bool = True) -> dict:
+            shard_size: int = 1024, scale: float = 0.18215, progress: bool = True, force: bool = False) -> dict:
     """Encode an image folder into ``shard-*.safetensors`` (latents [n, 2, C, h, w]: image and
-    its flip). Resumable: finished shards are kept, the rest is redone."""
+    its flip), made in ``out``'s work dir and moved into place complete. Resumable: a rerun with
+    the same inputs keeps the finished shards; different inputs are refused (``force``: redone)."""
 
     files, labels, classes = scan(images)
-    out.mkdir(parents=True, exist_ok=True)
+    listing = hashlib.sha256("\n".join(f"{f.relative_to(images)}:{f.stat().st_size}:{lab}"
+                                       for f, lab in zip(files, labels)).encode()).hexdigest()[:20]
+    producer = {"images": str(Path(images).resolve()), "files": listing, "count": len(files), "vae": vae_name,
+                "image_size": image_size, "batch_size": batch_size, "shard_size": shard_size,
+                "scale": scale if vae_name else None}
+    work, _ = resumable_work(out, producer, force, what="prepare-data")
     vae = load_vae(vae_name) if vae_name else None
     n_shards = (len(files) + shard_size - 1) // shard_size
     done = 0
     with make_progress("encoding", len(files)) as bar:
         for s in range(n_shards):
-            target = out / f"shard-{s:05d}.safetensors"
+            target = work / f"shard-{s:05d}.safetensors"
             lo, hi = s * shard_size, min(len(files), (s + 1) * shard_size)
             if target.exists():
                 bar.advance(hi - lo)
@@ -124,11 +133,16 @@ def prepare(images: Path, out: Path, vae_name: str | None, image_size: int, batc
                     z = both
                 lat.append(z.view(-1, 2, *z.shape[1:]).numpy().astype(np.float32))
                 bar.advance(min(hi, b + batch_size) - b)
-            tmp = out / f".shard-{s:05d}.tmp"
+            tmp = work / f".shard-{s:05d}.tmp"
             save_file({"latents": np.concatenate(lat), "labels": np.asarray(labels[lo:hi], dtype=np.int64)}, str(tmp))
             os.replace(tmp, target)
             done += 1
     manifest = {"images": str(images), "count": len(files), "classes": classes, "vae": vae_name,
-                "image_size": image_size, "scale": scale if vae is not None else None, "shards": n_shards}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+                "image_size": image_size, "scale": scale if vae is not None else None, "shards": n_shards,
+                "producer": producer}
+    with atomic_dir(out, force) as tmp:
+        for f in sorted(work.glob("shard-*.safetensors")):
+            os.replace(f, tmp / f.name)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
     return {**manifest, "shards_written_now": done}

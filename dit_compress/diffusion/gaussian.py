@@ -204,21 +204,3 @@ class GaussianDiffusion:
         res["output"] = out
         res["xt"] = xt
         return res
-
-
-_DEFAULT = None
-
-
-def default_diffusion() -> GaussianDiffusion:
-    global _DEFAULT
-    if _DEFAULT is None:
-        _DEFAULT = GaussianDiffusion.create()
-    return _DEFAULT
-
-
-def training_losses(model, x0, t, y, noise=None, **model_kwargs) -> dict:
-    """Per-sample ``loss``, ``mse`` and ``vb`` of the 1000-step DiT diffusion."""
-    learn_sigma = getattr(getattr(model, "config", None), "learn_sigma", True)
-    d = default_diffusion() if learn_sigma else GaussianDiffusion.create(learn_sigma=False)
-    res = d.training_losses(model, x0, t, y, noise=noise, **model_kwargs)
-    return {k: res[k] for k in ("loss", "mse", "vb")}

@@ -10,7 +10,8 @@ import contextlib
 import numpy as np
 import torch
 
-from ..errors import UsageError
+from .. import checks
+from ..errors import DitcError, UsageError
 from ..model.compile import compile_model
 from ..model.dit import width_cache
 from ..progress import make_progress
@@ -22,9 +23,16 @@ FLOW_SAMPLERS = ("sde", "euler", "heun", "dopri5")
 SAMPLERS = EPS_SAMPLERS + FLOW_SAMPLERS
 # The papers' evaluation samplers: DiT DDPM-250 (reference respacing), SiT SDE-250.
 NATURAL = {"eps": ("ddpm", 250), "velocity": ("sde", 250)}
-SDE_LAST_STEP = 0.04  # SiT: --last-step Mean --last-step-size 0.04
+SDE_LAST_STEP = 0.04
+DPM_MAX_STEPS = 999  # diffusers' DPM-Solver++ repeats a timestep (NaN) or runs past its table at 1000  # SiT: --last-step Mean --last-step-size 0.04
 # The reference DiT code respaces every sampler with create_diffusion(str(N)): linspace.
 DEFAULT_SPACING = {"ddpm": "linspace", "ddim": "linspace", "dpm-solver": "linspace"}
+
+
+def check_spacing(spacing: str | None) -> str | None:
+    if spacing is not None and (not isinstance(spacing, str) or spacing not in SPACINGS):
+        raise UsageError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    return spacing
 
 
 def resolve_spacing(sampler: str, spacing: str | None) -> str | None:
@@ -43,11 +51,12 @@ def resolve_sampler(config, sampler: str | None, steps: int | None) -> tuple[str
     """The sampler for this model (its natural one when ``sampler`` is None), checked
     against its prediction type."""
     pred = getattr(config, "prediction", "eps")
+    if sampler is not None and (not isinstance(sampler, str) or sampler not in SAMPLERS):
+        raise UsageError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    checks.integer("steps", steps, lo=1, hi=checks.MAX_STEPS, optional=True)
     if sampler is None:
         sampler, default_steps = NATURAL[pred]
         steps = steps or default_steps
-    if sampler not in SAMPLERS:
-        raise UsageError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if pred == "velocity" and sampler in EPS_SAMPLERS:
         raise UsageError(f"sampler {sampler} is for eps-prediction (DiT) models and this is a velocity (SiT) model; "
                          f"use {', '.join(FLOW_SAMPLERS)}")
@@ -56,7 +65,12 @@ def resolve_sampler(config, sampler: str | None, steps: int | None) -> tuple[str
                          f"use {', '.join(EPS_SAMPLERS)}")
     steps = 250 if steps is None else steps
     if steps < 1 or (sampler in FLOW_SAMPLERS and steps < 2):
-        raise UsageError(f"steps must be at least {2 if sampler in FLOW_SAMPLERS else 1} for {sampler}")
+        raise UsageError(f"`steps` must be at least {2 if sampler in FLOW_SAMPLERS else 1} for {sampler}")
+    if sampler in EPS_SAMPLERS and steps > 1000:
+        raise UsageError(f"`steps` {steps}: {sampler} respaces the 1000 training steps, so at most 1000")
+    if sampler == "dpm-solver" and steps > DPM_MAX_STEPS:
+        raise UsageError(f"`steps` {steps}: dpm-solver takes at most {DPM_MAX_STEPS} steps (its multistep update needs "
+                         "distinct timesteps and one past the last)")
     return sampler, int(steps)
 
 
@@ -142,15 +156,70 @@ def sample(model, noise: torch.Tensor, y: torch.Tensor, sampler: str | None = No
     ``create_diffusion(str(steps))``), ``leading`` or ``trailing``. ``compile=True`` compiles
     the model in place first (once; see model/compile.py for how graphs are bounded).
     Dynamic models resolve their per-timestep widths once per run (``width_cache``).
+    The model runs in eval mode (restored afterwards); samples that are not finite stop the
+    run with an error instead of reaching a metric.
     """
+    noise, y = check_inputs(model, noise, y)
     sampler, steps = resolve_sampler(model.config, sampler, steps)
-    spacing = resolve_spacing(sampler, timestep_spacing)
+    spacing = resolve_spacing(sampler, check_spacing(timestep_spacing))
+    cfg_scale = checks.real("cfg_scale", cfg_scale, lo=0.0)
+    checks.integer("cfg_channels", cfg_channels, lo=1, hi=model.config.in_channels, optional=True)
+    progress, clip, compile = checks.flag("progress", progress), checks.flag("clip", clip), checks.flag("compile", compile)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise UsageError(f"`generator` must be a torch.Generator, got {type(generator).__name__}")
     if guidance_interval is not None:
-        lo, hi = guidance_interval
+        try:
+            lo, hi = (float(v) for v in guidance_interval)
+        except (TypeError, ValueError):
+            raise UsageError(f"`guidance_interval` must be (low, high), got {guidance_interval!r}") from None
         if not (0.0 <= lo <= hi <= 1.0):
             raise UsageError(f"guidance interval must satisfy 0 <= low <= high <= 1, got {guidance_interval}")
+        guidance_interval = (lo, hi)
     if compile:
         compile_model(model)
+    was_training = bool(getattr(model, "training", False))
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        x = _run_sampler(model, noise, y, sampler, steps, spacing, cfg_scale, cfg_channels, progress, generator, clip,
+                         guidance_interval)
+    finally:
+        if was_training:
+            model.train()
+    if not bool(torch.isfinite(x).all()):
+        raise DitcError(f"sampling produced NaN or inf values ({sampler}, {steps} steps, cfg {cfg_scale}): the model "
+                        "or the sampler settings are broken; nothing was kept")
+    return x
+
+
+def check_inputs(model, noise, y):
+    """Noise [B, C, H, W] of the model's shape and labels [B] (0..num_classes, the last the null)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not callable(model):
+        raise UsageError("`model` must be a loaded model (dit_compress.load_model)")
+    if not torch.is_tensor(noise) or not noise.is_floating_point():
+        raise UsageError(f"`noise` must be a float tensor, got {type(noise).__name__ if not torch.is_tensor(noise) else noise.dtype}")
+    want = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    if noise.dim() != 4 or tuple(noise.shape[1:]) != want or noise.shape[0] < 1:
+        raise UsageError(f"`noise` must have shape [B, {want[0]}, {want[1]}, {want[2]}], got {list(noise.shape)}")
+    if not torch.is_tensor(y):
+        try:
+            y = torch.as_tensor(y, dtype=torch.long)
+        except (TypeError, ValueError, RuntimeError):
+            raise UsageError(f"`y` must be class labels (a tensor of ints), got {type(y).__name__}") from None
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise UsageError(f"`y` must hold integer class labels, got {y.dtype}")
+    if y.dim() != 1 or len(y) != len(noise):
+        raise UsageError(f"`y` must be one label per sample ({len(noise)}), got shape {list(y.shape)}")
+    if len(y) and (int(y.min()) < 0 or int(y.max()) > cfg.num_classes):
+        raise UsageError(f"`y` holds labels outside 0..{cfg.num_classes} ({cfg.num_classes} is the null class)")
+    if not bool(torch.isfinite(noise).all()):
+        raise UsageError("`noise` holds NaN or inf values")
+    return noise, y.long()
+
+
+def _run_sampler(model, noise, y, sampler, steps, spacing, cfg_scale, cfg_channels, progress, generator, clip,
+                 guidance_interval):
     dynamic = getattr(model.config, "width", None) is not None  # only width routers use the run's time inputs
     times = loop_time_inputs(model.config, sampler, steps, spacing, noise.dtype) if dynamic and sampler != "dopri5" else None
     with width_cache(model, times):
@@ -267,6 +336,8 @@ def _dpm_scheduler(steps: int, spacing: str):
         algorithm_type="dpmsolver++", solver_order=2, timestep_spacing=spacing,
     )
     sched.set_timesteps(steps)
+    if len(set(int(t) for t in sched.timesteps)) != steps:
+        raise UsageError(f"`steps` {steps} with {spacing} spacing repeats timesteps in dpm-solver; take fewer steps")
     return sched
 
 

@@ -50,6 +50,7 @@ from ..model.flops import static_macs
 from ..model.routers import Routing, routing
 from ..report import plot_points
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VARIANT_RE = re.compile(r"^(d\d+|width[0-9.]+|dynwidth[0-9.]+|tokens[0-9.]+)$")
 
 
@@ -199,7 +200,7 @@ def _measure_child(spec, batch_sizes, repeats, warmup, schedule, threads, dtype_
         modes = contextlib.ExitStack()  # held until the child ends
         if dense:
             modes.enter_context(routing(model, Routing.DENSE))
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+        dtype = DTYPES[dtype_name]
         model = model.to(dtype)
         cfg = model.config
         out = {"spec": spec, "sampler": f"{sampler} {steps}", "params": model.num_params(), "depth": cfg.depth}

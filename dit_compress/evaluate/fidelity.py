@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import statistics
 import time
 import warnings
@@ -30,6 +31,7 @@ from ..diffusion.sampling import (
     sample,
 )
 from ..errors import DitcError, UsageError
+from ..outputs import atomic_dir, resumable_work, work_dir_for
 from ..progress import make_progress
 from ..report import write_report
 from .features import class_accuracy, register
@@ -197,9 +199,7 @@ def compute_metrics(samples: np.ndarray, ref_kind: str, ref, metrics: list[str],
                     kid_subset_size: int | None = None) -> dict:
     import torch_fidelity
 
-    bad = [m for m in metrics if m not in METRICS]
-    if bad:
-        raise UsageError(f"unknown metric {bad[0]!r}; choose from {', '.join(METRICS)}")
+    check_metrics(metrics, len(samples), kid_subset_size)
     n = len(samples)
     if "kid" in metrics:
         kss = kid_subset_size or min(1000, n, len(ref) if ref_kind == "array" else n)
@@ -253,39 +253,66 @@ def _batch_timing(batch_seconds: list) -> dict:
     return out
 
 
+def check_metrics(metrics: list[str], num_samples: int, kid_subset_size: int | None) -> None:
+    """Metric names and their sample needs, checked before anything is sampled."""
+    bad = [m for m in metrics if m not in METRICS]
+    if bad:
+        raise UsageError(f"unknown metric {bad[0]!r} in `metrics`; choose from {', '.join(METRICS)}")
+    if not metrics:
+        raise UsageError(f"`metrics` lists nothing; choose from {', '.join(METRICS)}")
+    if "kid" in metrics and kid_subset_size is not None and kid_subset_size > num_samples:
+        raise UsageError(f"`num_samples` {num_samples} is smaller than the KID subset size {kid_subset_size}")
+
+
 def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None = None, steps: int | None = None,
              cfg_scale: float = 1.0, cfg_channels: int | None = None, seed: int = 0, ref: str | None = None,
              metrics: list[str] | None = None, inception_weights: str | None = None, extractor: str | None = None,
              vae_name: str | None = None, shard_size: int = 250, batch_size: int = 125, kid_subset_size: int | None = None,
              rank: int = 0, world: int = 1, barrier=None, loss_data: str | None = None,
              timestep_spacing: str | None = None, guidance_interval=None, source: str | None = None,
-             grid: bool = True, compile: bool = False) -> dict | None:
-    """Sample, score and write ``out_dir``/report.json/.md (and samples.png with ``grid``):
-    returns the report on process 0, None elsewhere."""
+             grid: bool = True, compile: bool = False, force: bool = False, producer: dict | None = None) -> dict | None:
+    """Sample, score and write ``out_dir`` (report.json/.md, samples.npz, samples/ and, with
+    ``grid``, samples.png) atomically: returns the report on process 0, None elsewhere.
+    Shards are sampled into ``out_dir``'s work dir, recorded with what produced them
+    (``producer``), so an interrupted run resumes and a run with other settings never reuses them."""
 
     metrics = metrics or ["fid", "prc"]
     sampler, steps = eval_sampler(model.config, sampler, steps)
     spacing = resolve_spacing(sampler, timestep_spacing)
     if num_samples < 1:
         raise UsageError("`num_samples` must be at least 1")
+    check_metrics(metrics, num_samples, kid_subset_size)
     ref_kind, ref_val = resolve_reference(ref, model.config)
     ex_kw = choose_extractor(model.config, inception_weights, extractor)
-    if "kid" in metrics:
-        kss = kid_subset_size or 1000
-        if kid_subset_size is not None and kss > num_samples:
-            raise UsageError(f"`num_samples` {num_samples} is smaller than the KID subset size {kss}")
     vae = load_vae(vae_name or (model.config.vae if model.config.latent_scale is not None else None))
+    if loss_data:
+        check_fits(load_data(loss_data, model.config.num_classes, model.config), model.config)
+    recipe = {"sampler": sampler, "steps": steps, "timestep_spacing": spacing, "cfg_scale": cfg_scale,
+              "cfg_channels": cfg_channels, "guidance_interval": guidance_interval, "seed": seed,
+              "num_samples": num_samples, "shard_size": shard_size, "batch_size": batch_size, "compile": compile,
+              "vae": vae_name or model.config.vae if model.config.latent_scale is not None else None,
+              **(producer or {})}
+    work = work_dir_for(out_dir)
+    if rank == 0:
+        work, _ = resumable_work(out_dir, recipe, force, what="eval")
+    if barrier is not None:
+        barrier()
     t0 = time.time()
     batch_seconds: list = []
-    with FlopsMeter(model) if model.config.is_dynamic else contextlib.nullcontext() as meter:
-        written = sample_shards(model, out_dir, num_samples, sampler, steps, cfg_scale, cfg_channels, seed, shard_size,
-                                batch_size, vae, rank, world, spacing, guidance_interval, compile, batch_seconds)
+    try:
+        with FlopsMeter(model) if model.config.is_dynamic else contextlib.nullcontext() as meter:
+            written = sample_shards(model, work, num_samples, sampler, steps, cfg_scale, cfg_channels, seed,
+                                    shard_size, batch_size, vae, rank, world, spacing, guidance_interval, compile,
+                                    batch_seconds)
+    except DitcError:  # a failed (not interrupted) run with nothing finished leaves nothing behind
+        if rank == 0 and not list((work / "samples").glob("shard-*.npz")):
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     if barrier is not None:
         barrier()
     if rank != 0:
         return None
-    imgs, labels = gather_samples(out_dir, num_samples, shard_size)
-    np.savez(Path(out_dir) / "samples.npz", arr_0=imgs, labels=labels)
+    imgs, labels = gather_samples(work, num_samples, shard_size)
     report = {
         "num_samples": num_samples, "sampler": sampler, "steps": steps, "timestep_spacing": spacing, "cfg_scale": cfg_scale,
         "guidance_interval": guidance_interval,
@@ -309,10 +336,15 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
     if ex_kw["feature_extractor"] == "digits-cnn":
         x = torch.from_numpy(imgs).float().mean(-1, keepdim=True).permute(0, 3, 1, 2) / 127.5 - 1
         report["metrics"]["class_accuracy"] = class_accuracy(x, torch.from_numpy(labels).long())
-    if grid:
-        sample_grid_png(Path(out_dir) / "samples.png", imgs, labels, model.config.num_classes)
     report["source"] = source
-    write_report(Path(out_dir), report, f"ditc eval: {source}")  # last: its report.json marks the run finished
+    report["producer"] = recipe
+    with atomic_dir(Path(out_dir), force) as tmp:
+        os.replace(work / "samples", tmp / "samples")
+        np.savez(tmp / "samples.npz", arr_0=imgs, labels=labels)
+        if grid:
+            sample_grid_png(tmp / "samples.png", imgs, labels, model.config.num_classes)
+        write_report(tmp, report, f"ditc eval: {source}")
+    shutil.rmtree(work, ignore_errors=True)
     return report
 
 

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import torch
 
+from .. import checks
 from ..assets import EMBEDDED
 from ..config import NUMERICS, PREDICTIONS, DiTConfig
 from ..errors import FormatError, UsageError
-from ..model.build import build_model
+from ..model.build import build_model, expected_shapes
 from ..report import write_report
 from . import hub
-from .atomic import atomic_dir, atomic_file
+from ..outputs import atomic_dir, atomic_file
 from .diffusers_fmt import load_diffusers, save_diffusers
 from .ditc import load_ditc, read_safetensors, save_ditc_into, write_weights
 from .original import load_original, save_original
@@ -110,16 +111,17 @@ def load_state(source: str, *, revision: str | None = None, use_ema: bool = True
     every inferred or assumed fact is written to stderr as one ``note:`` line and recorded in
     ``config.provenance`` (shown by ``ditc info``)."""
 
-    for name, value, allowed in (("prediction", prediction, PREDICTIONS), ("numerics", numerics, NUMERICS)):
-        if value is not None and value not in allowed:
-            raise UsageError(f"unknown --{name} {value!r}; choose {' or '.join(allowed)}")
-    if num_heads is not None and num_heads < 1:
-        raise UsageError(f"`num_heads` must be positive, got {num_heads}")
+    checks.text("source", source)
+    checks.choice("prediction", prediction, PREDICTIONS, optional=True)
+    checks.choice("numerics", numerics, NUMERICS, optional=True)
+    checks.integer("num_heads", num_heads, lo=1, hi=2**15, optional=True)
+    checks.text("revision", revision, optional=True)
+    checks.flag("use_ema", use_ema)
     kind, loc = detect(str(source))
     if kind == "hub":
         cfg, state = load_diffusers(hub.download(loc, revision))
     elif kind == "ditc":
-        cfg, state = load_ditc(loc)
+        cfg, state = load_ditc(loc, expect=expected_shapes)
     elif kind == "diffusers":
         cfg, state = load_diffusers(loc)
     else:
@@ -139,7 +141,9 @@ def load_model(source, *, revision: str | None = None, use_ema: bool = True, dty
     ``num_heads``, ``prediction`` (eps | velocity) and ``numerics`` (original | diffusers)
     supply facts a file does not state (``ditc --num-heads`` ...); a ditc checkpoint written
     once records them."""
-    cfg, state = load_state(str(source), revision=revision, use_ema=use_ema, num_heads=num_heads,
+    if hasattr(source, "__fspath__"):
+        source = str(source)
+    cfg, state = load_state(source, revision=revision, use_ema=use_ema, num_heads=num_heads,
                             prediction=prediction, numerics=numerics)
     return build_model(cfg, state, parse_dtype(dtype), source=str(source)).to(device)
 

@@ -66,8 +66,9 @@ class DiT(nn.Module):
                     nn.init.zeros_(m.bias)
 
         self.apply(_basic)
-        grid = int(self.config.num_patches ** 0.5)
-        self.pos_embed.data.copy_(torch.from_numpy(sincos_2d(self.config.hidden_size, grid)).float().unsqueeze(0))
+        if not self.pos_embed.is_meta:  # a model built on the meta device gets its table with its weights
+            grid = int(self.config.num_patches ** 0.5)
+            self.pos_embed.data.copy_(torch.from_numpy(sincos_2d(self.config.hidden_size, grid)).float().unsqueeze(0))
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)

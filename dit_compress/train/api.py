@@ -14,7 +14,7 @@ from ..diffusion import objective_for
 from ..diffusion.measure import inference_flops
 from ..errors import DitcError, UsageError
 from ..formats import write_checkpoint
-from ..formats.atomic import check_output, work_dir_for
+from ..outputs import check_output, work_dir_for
 from ..report import plot_lines
 from .losses import combined_loss
 from .trainer import TrainConfig, Trainer, TrainResult
