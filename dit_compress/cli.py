@@ -368,7 +368,8 @@ def prune_depth_cmd(
         ditc prune-depth --method oracle --keep 0,2,4,6,8,10 digits-dit -o oracle/
     """
     _, report = commands.prune_depth(source, **_options(locals()))
-    _summary({k: v for k, v in report.items() if k in SUMMARY_KEYS} | {"op": "prune-depth"}, json_out)
+    if report is not None:  # None on processes other than the main one
+        _summary({k: v for k, v in report.items() if k in SUMMARY_KEYS} | {"op": "prune-depth"}, json_out)
 
 
 # ---------------------------------------------------------------------------- DyDiT
@@ -446,6 +447,8 @@ def eval_cmd(
     grid: bool = typer.Option(True, "--grid/--no-grid", help="Write samples.png (a grid of the first samples)."),
     timestep_spacing: Optional[str] = Spacing,
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the model (first_batch_seconds holds the compile; steady_seconds_per_image the rest)."),
+    device: str = typer.Option("auto", "--device", help="auto (the process's GPU under accelerate launch, CUDA when present, else the CPU) | cpu | cuda | cuda:N."),
+    force: bool = Force,
     json_out: bool = JsonOut,
     num_heads: Optional[int] = NumHeads, prediction: Optional[str] = Prediction, numerics: Optional[str] = Numerics,
 ):
@@ -484,7 +487,7 @@ def bench(
     repeats: int = typer.Option(5, "--repeats"), warmup: int = typer.Option(2, "--warmup"),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="Whose timesteps the forwards use (default: ddim for eps models, euler for velocity models)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default 50): dynamic models are timed and counted over these timesteps."),
-    device: str = typer.Option("cpu", "--device", help="cpu (cuda: not measured on this build)."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present, else the CPU) | cpu | cuda | cuda:N."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 | fp16"),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile each model (--loop: compile time in warmup_s; graphs compiled: graphs)."),
     loop: bool = typer.Option(False, "--loop", help="Time the whole sampling loop (--sampler, --steps, --cfg-scale; routers act as in eval): seconds_per_image, images_per_s, FLOPs per image over the loop."),
@@ -531,6 +534,7 @@ def prepare_data_cmd(
     image_size: int = typer.Option(256, "--image-size"),
     batch_size: int = typer.Option(32, "--batch-size"),
     shard_size: int = typer.Option(1024, "--shard-size"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output, or start over when the work dir holds shards made from other inputs."),
     json_out: bool = JsonOut,
 ):
     """Encode an image folder into latent shards (center crop, image + horizontal flip,
@@ -543,7 +547,7 @@ def prepare_data_cmd(
         ditc prepare-data my-images/ --vae ./local-vae --image-size 512 -o latents512/
     """
     _summary(commands.prepare_data(images, output=output, vae=vae, image_size=image_size, batch_size=batch_size,
-                                   shard_size=shard_size), json_out)
+                                   shard_size=shard_size, force=force), json_out)
 
 
 # ---------------------------------------------------------------------------- recipes

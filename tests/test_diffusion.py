@@ -154,3 +154,23 @@ def test_samplers_run_and_are_seeded():
         dit_compress.sample(m, noise, y, sampler="rk45")
     with pytest.raises(UsageError, match="for velocity .SiT. models"):
         dit_compress.sample(m, noise, y, sampler="euler")
+
+
+@pytest.mark.parametrize("spacing,steps", [("linspace", 8), ("leading", 8), ("trailing", 8), ("linspace", 2),
+                                           ("leading", 1), ("trailing", 20)])
+def test_dpm_solver_trajectory_matches_diffusers(spacing, steps):
+    """The sampler's own DPM-Solver++(2M) (host coefficients, no scheduler calls in the loop)
+    against diffusers' DPMSolverMultistepScheduler stepping the same model."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    m = tiny_model()
+    noise, y = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([3, 4])
+    ours = dit_compress.sample(m, noise, y, sampler="dpm-solver", steps=steps, timestep_spacing=spacing)
+    sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                                        algorithm_type="dpmsolver++", solver_order=2, timestep_spacing=spacing)
+    sched.set_timesteps(steps)
+    x = noise.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(m(x, t.expand(2), y)[:, :4], t, x).prev_sample
+    assert torch.allclose(ours, x, atol=1e-4, rtol=1e-4), (ours - x).abs().max()

@@ -13,7 +13,8 @@ from ..data.datasets import load_data
 from ..errors import UsageError
 from ..evaluate.describe import describe, plot_width_profile
 from ..formats import write_checkpoint
-from ..outputs import work_dir_for
+from ..model.build import fingerprint
+from ..outputs import is_main_process, work_dir_for
 from ..model import DiT
 from .common import load_source, parse_ints, seed as check_seed, source_name, writes_output
 
@@ -66,9 +67,12 @@ def prune_depth(source, *, output: str | Path, pattern: str | None = None, group
     work = work_dir_for(output)
     if method == "learned" and not resume and (work / "train_state").exists():
         raise UsageError(f"{work} holds an interrupted search: pass `resume` to continue it, or delete it")
+    producer = {"op": "prune-depth", "source": fingerprint(model), "data": data, "groups": grp, "search": lc.__dict__}
     pruned, report = depth_mod.prune_depth(model, method, grp, keep_list, ds, lc, work, resume, calib_samples,
                                            num_candidates, keep_recovery_weights, measure_cost,
-                                           influence_input == "noisy")
+                                           influence_input == "noisy", producer=producer)
+    if not is_main_process():  # under accelerate launch every process searched; the first one writes
+        return None, None
     report["source"] = source_name(source)
     write_checkpoint(pruned, output, force=force, report=report, title="ditc prune-depth",
                      plots=lambda d: depth_mod.plot_decisions(report, d / "decisions.png"))

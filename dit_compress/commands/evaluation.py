@@ -38,7 +38,7 @@ def evaluate_model(source, *, output: str | Path, num_samples: int = 1000, sampl
              dense_masks: bool = False, loss_data: str | None = None, grid: bool = True,
              timestep_spacing: str | None = None, revision: str | None = None, no_ema: bool = False,
              num_heads: int | None = None, prediction: str | None = None, numerics: str | None = None,
-             compile: bool = False, force: bool = False) -> dict | None:
+             compile: bool = False, device: str = "auto", force: bool = False) -> dict | None:
     """Sample class-balanced images (sharded, resumable, split over ``accelerate launch``
     processes), then FID / IS / KID / precision-recall, class accuracy and held-out loss on the
     digits testbed. Writes ``output`` (report.json/.md, samples) atomically once complete;
@@ -46,7 +46,8 @@ def evaluate_model(source, *, output: str | Path, num_samples: int = 1000, sampl
     settings that made them (a rerun with the same ones resumes, other ones are refused,
     ``force`` starts over). Returns the report (None on processes other than the main one).
     ``compile``: torch.compile the model first (the first batch's time, compile included, is
-    reported apart from the steady seconds per image)."""
+    reported apart from the steady seconds per image). ``device``: auto (the process's GPU
+    under accelerate, CUDA when present, else the CPU), cpu, cuda or cuda:N."""
     from accelerate import PartialState  # heavy: imported on first use
 
     c = checks
@@ -66,6 +67,7 @@ def evaluate_model(source, *, output: str | Path, num_samples: int = 1000, sampl
     metric_list = parse_names(metrics, "metrics")
     fidelity.check_metrics(metric_list, num_samples, kid_subset_size)
     interval = parse_interval(guidance_interval)
+    resolve_device(device)  # checked before the model is read
     model = load_source(source, revision=revision, no_ema=no_ema, num_heads=num_heads, prediction=prediction,
                         numerics=numerics)
     sampler, steps = eval_sampler(model.config, sampler, steps)
@@ -73,6 +75,7 @@ def evaluate_model(source, *, output: str | Path, num_samples: int = 1000, sampl
     if cfg_channels is not None and cfg_channels > model.config.in_channels:
         raise UsageError(f"`cfg_channels` {cfg_channels} is more than the model's {model.config.in_channels} channels")
     state = PartialState(cpu=not torch.cuda.is_available())
+    model = model.to(resolve_device(device, state.device))
     if loss_data is None:
         loss_data = held_out_data(model.config)
     producer = {"model": fingerprint(model), "dense_masks": dense_masks}
@@ -84,6 +87,24 @@ def evaluate_model(source, *, output: str | Path, num_samples: int = 1000, sampl
                                  timestep_spacing=timestep_spacing, guidance_interval=interval,
                                  source=source_name(source), grid=grid, compile=compile, force=force,
                                  producer=producer)
+
+
+def resolve_device(device, auto=None) -> torch.device:
+    """``auto`` -> the process's accelerator (``auto``: the device accelerate assigned), CUDA
+    when present, else the CPU; ``cpu``/``cuda``/``cuda:N`` as given (CUDA must be there)."""
+    if device is None or device == "auto":
+        return torch.device(auto) if auto is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise UsageError(f"`device` must be auto, cpu, cuda or cuda:N, got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"unknown `device` {device!r}; choose auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"`device` {device!r}: only cpu and cuda are supported")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"`device` {device!r}: no CUDA device is available here")
+    return dev
 
 
 def held_out_data(config) -> str | None:
@@ -120,7 +141,7 @@ def bench_specs(sources=None, shape: str | None = None, variants=None, baseline:
 @writes_output("sources", required=False)
 def bench(sources=None, *, shape: str | None = None, variants=None, baseline: str | None = None, batch_sizes="1,8",
           repeats: int = 5, warmup: int = 2, sampler: str | None = None, steps: int | None = None,
-          device: str = "cpu", dtype: str = "fp32", compile: bool = False, loop: bool = False,
+          device: str = "auto", dtype: str = "fp32", compile: bool = False, loop: bool = False,
           cfg_scale: float = 1.0, dense_masks: bool = False, threads: int | None = None,
           output: str | Path | None = None, timestep_spacing: str | None = None, force: bool = False,
           num_heads: int | None = None, prediction: str | None = None, numerics: str | None = None,
@@ -130,8 +151,7 @@ def bench(sources=None, *, shape: str | None = None, variants=None, baseline: st
     routers as in eval), with the FLOPs ratio next to every speedup. Returns the report (and
     writes it with the speed-vs-FLOPs plot to ``output`` when given)."""
     c = checks
-    if device != "cpu":
-        raise UsageError("only `device` cpu is measured in this build")
+    dev = resolve_device(device)
     specs = bench_specs(sources, shape, variants, baseline)
     bs = parse_ints(batch_sizes, "batch_sizes", lo=1, hi=c.MAX_BATCH)
     if not bs:
@@ -156,10 +176,10 @@ def bench(sources=None, *, shape: str | None = None, variants=None, baseline: st
             echo(f"measuring {s} ...")
         results.append(bench_mod.measure(s, bs, repeats, warmup, (sampler, steps, timestep_spacing), threads, dtype,
                                          compile, dense_masks, load=facts,
-                                         loop={"cfg_scale": cfg_scale} if loop else None))
+                                         loop={"cfg_scale": cfg_scale} if loop else None, device=str(dev)))
     rows = bench_mod.compare(results)
     report = {"mode": "sampling loop" if loop else "single forward", "cfg_scale": cfg_scale if loop else None,
-              "sampler": {r["spec"]: r.get("sampler") for r in results}, "device": device, "dtype": dtype,
+              "sampler": {r["spec"]: r.get("sampler") for r in results}, "device": str(dev), "dtype": dtype,
               "threads": threads or torch.get_num_threads(), "repeats": repeats, "warmup": warmup,
               "timesteps": {r["spec"]: r.get("timesteps") for r in results}, "baseline": specs[0], "rows": rows}
     if output is not None:

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from ..data.batches import (
@@ -25,8 +26,8 @@ from ..data.batches import (
 )
 from ..data.datasets import check_fits
 from ..diffusion import objective_for
-from ..diffusion.calibration import calibration_losses
-from ..errors import UsageError
+from ..diffusion.calibration import calib_device, calibration_losses
+from ..errors import TrainingError, UsageError
 from ..model.build import build_model
 from ..model.flops import gflops
 from ..report import plot_lines
@@ -126,12 +127,14 @@ def block_influence(model, calib: CalibSet, batch: int = 64, noisy: bool = False
     depth = model.config.depth
     scores = torch.zeros(depth)
     count = 0
+    dev = calib_device(model)
     for s in range(0, len(calib.y), batch):
         sl = slice(s, s + batch)
-        t = diff.continuous_t(calib.t[sl])
-        xt = diff.q_sample(calib.x[sl], t, calib.noise[sl]) if noisy else calib.x[sl]
-        _, aux = model(xt, diff.model_t(t), calib.y[sl], return_aux=True)
-        h_in = model.embed(xt, diff.model_t(t), calib.y[sl])[0]
+        t = diff.continuous_t(calib.t[sl]).to(dev)
+        x, y = calib.x[sl].to(dev), calib.y[sl].to(dev)
+        xt = diff.q_sample(x, t, calib.noise[sl].to(dev)) if noisy else x
+        _, aux = model(xt, diff.model_t(t), y, return_aux=True)
+        h_in = model.embed(xt, diff.model_t(t), y)[0]
         for i, h_out in enumerate(aux.features):
             cos = torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1)  # B N
             scores[i] += float((1 - cos).sum())
@@ -233,8 +236,14 @@ class SearchWrapper(nn.Module):
         self.search = search
         self.config = dit.config
         self._gates = None
-        for i, block in enumerate(dit.blocks):
-            block.register_forward_hook(lambda mod, args, out, i=i: self._blend(i, args[0], out))
+        self._hooks = [block.register_forward_hook(lambda mod, args, out, i=i: self._blend(i, args[0], out))
+                       for i, block in enumerate(dit.blocks)]
+
+    def close(self) -> None:
+        """Remove the blending hooks from the blocks (the recovered model is a plain DiT again)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
     def _blend(self, i: int, h, out):
         if self._gates is None:  # a forward outside the search: the block as it is
@@ -297,10 +306,22 @@ class LearnedConfig:
     log_every: int = 10
 
 
-def learned_search(model, data, groups, lc: LearnedConfig, work_dir, resume: bool = False):
-    """TinyFusion: jointly train mask logits and a recovery (LoRA / full / none). Returns
-    (keep, search module, recovered model, history, seconds)."""
+@dataclass
+class SearchSetup:
+    """Everything the learned search trains: the wrapped model (DiT + recovery + mask logits),
+    its loss, batches, parameter groups and per-step callbacks (built on the CPU; the trainer
+    moves them to the training device)."""
 
+    wrapper: nn.Module
+    loss_fn: object
+    batch_fn: object
+    param_groups: list
+    on_step: object
+    status: object
+    history_probs: list
+
+
+def search_setup(model, data, groups, lc: LearnedConfig) -> SearchSetup:
     if lc.recover not in RECOVERIES:
         raise UsageError(f"`recover` must be lora, full or frozen, not {lc.recover!r}")
     dit = copy.deepcopy(model)
@@ -335,16 +356,40 @@ def learned_search(model, data, groups, lc: LearnedConfig, work_dir, resume: boo
     def status(w):
         return f"keep {w.search.decision()} conf {w.search.confidence():.2f}"
 
+    batch_fn = label_dropout_batch_fn(data, lc.batch_size, model.config.num_classes, model.config.class_dropout_prob, False)
+    return SearchSetup(wrapper, loss_fn, batch_fn, groups_param, on_step, status, history_probs)
+
+
+def learned_search(model, data, groups, lc: LearnedConfig, work_dir, resume: bool = False, producer: dict | None = None):
+    """TinyFusion: jointly train mask logits and a recovery (LoRA / full / none). Returns
+    (keep, search module, recovered model, history, decision probabilities, seconds). Every
+    process of a multi-process run reaches the same decision (the logits are synchronised);
+    a disagreement stops the run rather than writing one process's mask."""
+    st = search_setup(model, data, groups, lc)
     tcfg = TrainConfig(steps=lc.steps, batch_size=lc.batch_size, lr=lc.lr, ema=0.0, seed=lc.seed, grad_clip=1.0,
                        ckpt_every=lc.ckpt_every, log_every=lc.log_every)
-    batch_fn = label_dropout_batch_fn(data, lc.batch_size, model.config.num_classes, model.config.class_dropout_prob, False)
-    trainer = Trainer(wrapper, loss_fn, batch_fn, tcfg, work_dir, param_groups=groups_param,
-                      on_step=on_step, desc="mask search", status_fn=status)
+    trainer = Trainer(st.wrapper, st.loss_fn, st.batch_fn, tcfg, work_dir, param_groups=st.param_groups,
+                      on_step=st.on_step, desc="mask search", status_fn=st.status, producer=producer)
     res = trainer.run(resume=resume)
     w = res.model
-    if resume and not history_probs:
-        history_probs.append({"step": lc.steps, "tau": w.search.tau, "probs": w.search.probabilities()})
-    return w.search.decision(), w.search, w.dit, res.history, history_probs, res.seconds
+    w.close()
+    if resume and not st.history_probs:
+        st.history_probs.append({"step": lc.steps, "tau": w.search.tau, "probs": w.search.probabilities()})
+    keep = w.search.decision()
+    if res.processes > 1:
+        _same_on_every_process(keep)
+    return keep, w.search, w.dit, res.history, st.history_probs, res.seconds
+
+
+def _same_on_every_process(keep: list[int]) -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    mine = torch.tensor(keep, dtype=torch.long)
+    first = mine.clone()
+    dist.broadcast(first, src=0)
+    if not torch.equal(mine, first):
+        raise TrainingError(f"the learned depth search decided {keep} on process {dist.get_rank()} and "
+                            f"{first.tolist()} on process 0; refusing to write either")
 
 
 def require_data(method: str, data) -> None:
@@ -400,6 +445,7 @@ class Selection:
     measure_cost: bool = True
     report: dict = field(default_factory=dict)
     recovered: object = None  # learned: the model with its recovery weights
+    producer: dict | None = None  # learned: what the search is (model, data, options), for its resume check
 
 
 def _select_uniform(s: Selection) -> list[int]:
@@ -428,7 +474,8 @@ def _select_min_loss(s: Selection) -> list[int]:
 
 
 def _select_learned(s: Selection) -> list[int]:
-    keep, search, s.recovered, hist, probs, secs = learned_search(s.model, s.data, s.groups, s.lc, s.work_dir, s.resume)
+    keep, search, s.recovered, hist, probs, secs = learned_search(s.model, s.data, s.groups, s.lc, s.work_dir, s.resume,
+                                                                  s.producer)
     s.report.update(search_seconds=secs, search_history=hist, decision_probabilities=probs,
                     final_probabilities=search.probabilities(), confidence=search.confidence(),
                     learned_config=s.lc.__dict__)
@@ -473,7 +520,8 @@ def _recovered_source(s: Selection, keep_recovery_weights: bool):
 
 def prune_depth(model, method: str, groups=None, keep: list[int] | None = None, data=None, lc: LearnedConfig | None = None,
                 work_dir=None, resume: bool = False, calib_samples: int = 128, num_candidates: int = 16,
-                keep_recovery_weights: bool = False, measure_cost: bool = True, influence_noisy: bool = False):
+                keep_recovery_weights: bool = False, measure_cost: bool = True, influence_noisy: bool = False,
+                producer: dict | None = None):
     """Select the layers to keep with ``method`` (a selector of ``SELECTORS``, or "oracle" with
     ``keep``) and build the smaller model from the source layers: (pruned model, report)."""
     lc = lc or LearnedConfig()
@@ -484,7 +532,7 @@ def prune_depth(model, method: str, groups=None, keep: list[int] | None = None, 
         check_fits(data, model.config)
         calib = calibration_set(data, calib_samples, seed=lc.seed + 12345)
     sel = Selection(model, groups, data, calib, lc, work_dir, resume, num_candidates, influence_noisy, measure_cost,
-                    report={"method": method, "source_depth": model.config.depth})
+                    report={"method": method, "source_depth": model.config.depth}, producer=producer)
     if groups is not None:
         sel.report["groups"] = [f"{n}:{m}" for n, m in groups]
     if method != "oracle":

@@ -19,8 +19,15 @@ def calibration_losses(model, calib, keep: list[int] | None = None, batch: int =
     with only_blocks(model, keep):
         for s in range(0, n, batch):
             sl = slice(s, s + batch)
-            res = diff.training_losses(model, calib.x[sl], diff.continuous_t(calib.t[sl]), calib.y[sl],
-                                       noise=calib.noise[sl])
+            dev = calib_device(model)
+            res = diff.training_losses(model, calib.x[sl].to(dev), diff.continuous_t(calib.t[sl]).to(dev),
+                                       calib.y[sl].to(dev), noise=calib.noise[sl].to(dev))
             loss += float(res["loss"].sum())
             mse += float(res["mse"].sum())
     return {"loss": loss / n, "mse": mse / n}
+
+
+def calib_device(model) -> torch.device:
+    """The device of the model's weights: the fixed calibration draw (made on the CPU) goes there."""
+    inner = getattr(model, "module", model)
+    return next(inner.parameters()).device

@@ -80,6 +80,7 @@ class FlowMatching:
     # ------------------------------------------------------------------ sampling helpers
     @staticmethod
     def score_from_velocity(v, x, t):
-        """Linear path: score = (t v - x) / (1 - t)."""
-        t = t.view(-1, *([1] * (x.dim() - 1)))
+        """Linear path: score = (t v - x) / (1 - t); ``t`` a number or a per-sample tensor."""
+        if torch.is_tensor(t):
+            t = t.to(x.device, x.dtype).view(-1, *([1] * (x.dim() - 1)))
         return (t * v - x) / (1 - t)

@@ -99,6 +99,8 @@ class GaussianDiffusion:
         self.posterior_log_variance_clipped = np.log(np.append(pv[1], pv[1:])) if len(pv) > 1 else np.log(np.maximum(pv, 1e-20))
         self.posterior_mean_coef1 = betas * np.sqrt(acp_prev) / (1.0 - acp)
         self.posterior_mean_coef2 = (1.0 - acp_prev) * np.sqrt(alphas) / (1.0 - acp)
+        self.log_betas = np.log(betas)
+        self.log_fixed_large = np.log(np.append(pv[1], betas[1:])) if len(pv) > 1 else np.log(betas)  # no learn_sigma
 
     @classmethod
     def create(cls, steps: str | int | None = None, learn_sigma: bool = True, num_timesteps: int = 1000,
@@ -120,13 +122,42 @@ class GaussianDiffusion:
         return cls(np.array(new_betas), timestep_map=use, learn_sigma=learn_sigma)
 
     # ------------------------------------------------------------------ helpers
-    @staticmethod
-    def _take(arr: np.ndarray, t: torch.Tensor, shape) -> torch.Tensor:
-        out = torch.from_numpy(arr).to(device=t.device)[t].float()
-        return out.view(-1, *([1] * (len(shape) - 1)))
+    def _table(self, name: str, device) -> torch.Tensor:
+        """The schedule array ``name`` as a tensor on ``device``, made once per (table, device)."""
+        cache = self.__dict__.setdefault("_tables", {})
+        key = (name, str(device))
+        if key not in cache:
+            arr = getattr(self, name)
+            cache[key] = (torch.tensor(arr, dtype=torch.long, device=device) if name == "timestep_map"
+                          else torch.from_numpy(np.asarray(arr)).float().to(device))
+        return cache[key]
+
+    def _take(self, name: str, t: torch.Tensor, shape) -> torch.Tensor:
+        return self._table(name, t.device)[t].view(-1, *([1] * (len(shape) - 1)))
 
     def model_t(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(self.timestep_map, device=t.device, dtype=torch.long)[t]
+        return self._table("timestep_map", t.device)[t]
+
+    def step_coefficients(self, i: int) -> dict:
+        """Every schedule quantity step ``i`` of sampling needs, as host numbers."""
+        return {"i": i, "sqrt_recip_acp": float(self.sqrt_recip_alphas_cumprod[i]),
+                "sqrt_recipm1_acp": float(self.sqrt_recipm1_alphas_cumprod[i]),
+                "coef1": float(self.posterior_mean_coef1[i]), "coef2": float(self.posterior_mean_coef2[i]),
+                "min_log": float(self.posterior_log_variance_clipped[i]), "max_log": float(np.log(self.betas[i])),
+                "fixed_log": float(self.log_fixed_large[i]), "acp_prev": float(self.alphas_cumprod_prev[i])}
+
+    def p_mean_variance_step(self, out, x, k: dict, clip: bool = False):
+        """``p_mean_variance`` at one step whose coefficients ``k`` are host numbers (sampling)."""
+        eps, v = self.split_output(out, x)
+        if v is not None:
+            frac = (v + 1) / 2
+            log_var = frac * k["max_log"] + (1 - frac) * k["min_log"]
+        else:
+            log_var = torch.full_like(x, k["fixed_log"])
+        x0 = k["sqrt_recip_acp"] * x - k["sqrt_recipm1_acp"] * eps
+        if clip:
+            x0 = x0.clamp(-1, 1)
+        return k["coef1"] * x0 + k["coef2"] * x, log_var, x0, eps
 
     @staticmethod
     def batch_t(batch: dict) -> torch.Tensor:
@@ -137,17 +168,17 @@ class GaussianDiffusion:
         return t  # integer steps are this process's own time
 
     def q_sample(self, x0, t, noise):
-        return self._take(self.sqrt_alphas_cumprod, t, x0.shape) * x0 + self._take(
-            self.sqrt_one_minus_alphas_cumprod, t, x0.shape
+        return self._take("sqrt_alphas_cumprod", t, x0.shape) * x0 + self._take(
+            "sqrt_one_minus_alphas_cumprod", t, x0.shape
         ) * noise
 
     def q_posterior(self, x0, xt, t):
-        mean = self._take(self.posterior_mean_coef1, t, xt.shape) * x0 + self._take(self.posterior_mean_coef2, t, xt.shape) * xt
-        return mean, self._take(self.posterior_log_variance_clipped, t, xt.shape)
+        mean = self._take("posterior_mean_coef1", t, xt.shape) * x0 + self._take("posterior_mean_coef2", t, xt.shape) * xt
+        return mean, self._take("posterior_log_variance_clipped", t, xt.shape)
 
     def predict_x0(self, xt, t, eps):
-        return self._take(self.sqrt_recip_alphas_cumprod, t, xt.shape) * xt - self._take(
-            self.sqrt_recipm1_alphas_cumprod, t, xt.shape
+        return self._take("sqrt_recip_alphas_cumprod", t, xt.shape) * xt - self._take(
+            "sqrt_recipm1_alphas_cumprod", t, xt.shape
         ) * eps
 
     def split_output(self, out, x):
@@ -159,13 +190,12 @@ class GaussianDiffusion:
     def p_mean_variance(self, out, x, t, clip: bool = False):
         eps, v = self.split_output(out, x)
         if v is not None:
-            min_log = self._take(self.posterior_log_variance_clipped, t, x.shape)
-            max_log = self._take(np.log(self.betas), t, x.shape)
+            min_log = self._take("posterior_log_variance_clipped", t, x.shape)
+            max_log = self._take("log_betas", t, x.shape)
             frac = (v + 1) / 2
             log_var = frac * max_log + (1 - frac) * min_log
         else:  # fixed-large variance, as DiT without learn_sigma
-            big = np.append(self.posterior_variance[1], self.betas[1:])
-            log_var = self._take(np.log(big), t, x.shape).expand_as(x)
+            log_var = self._take("log_fixed_large", t, x.shape).expand_as(x)
         x0 = self.predict_x0(x, t, eps)
         if clip:
             x0 = x0.clamp(-1, 1)

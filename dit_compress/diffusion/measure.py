@@ -42,7 +42,8 @@ class FlopsMeter:
 
     def __enter__(self):
         m = self.model
-        self._hooks.append(m.register_forward_pre_hook(lambda mod, args: self.calls.append(self._new_call(args))))
+        self._hooks.append(m.register_forward_pre_hook(
+            lambda mod, args, kwargs: self.calls.append(self._new_call(args, kwargs)), with_kwargs=True))
         self._hooks.append(m.register_forward_hook(lambda mod, args, out: self._from_width_cache()))
         for i, b in enumerate(m.blocks):
             for name in ("head_router", "channel_router", "token_router"):
@@ -56,8 +57,13 @@ class FlopsMeter:
             h.remove()
         self._hooks = []
 
-    def _new_call(self, args):
-        t = args[1] if len(args) > 1 else None
+    def _new_call(self, args, kwargs):
+        """The call's time input: from its run context when the caller states it (no host
+        sync), else read from the tensor."""
+        run = kwargs.get("run")
+        if run is not None and run.t is not None:
+            return {"t": run.t, "layers": {}}
+        t = args[1] if len(args) > 1 else kwargs.get("t")
         return {"t": t.flatten()[0].item() if torch.is_tensor(t) and t.numel() else None, "layers": {}}
 
     def _from_width_cache(self):
@@ -75,21 +81,18 @@ class FlopsMeter:
     def _record(self, i, name, logits):
         if not self.calls or self.model.routing == Routing.FULL:
             return
-        with torch.no_grad():
-            if name == "token_router":
-                kept, total = float(expected_topk_mask(logits.detach()).sum()), float(logits.numel())
-            else:
-                mask = expected_prefix_mask(logits.detach())
-                kept, total = float(mask.sum()), float(mask.numel())
+        with torch.no_grad():  # kept counts stay on the device until result() reads them
+            mask = expected_topk_mask(logits.detach()) if name == "token_router" else expected_prefix_mask(logits.detach())
+            kept, total = mask.sum(), float(mask.numel())
         acc = self.calls[-1]["layers"].setdefault(i, {}).setdefault(name, [0.0, 0.0])
-        acc[0] += kept
+        acc[0] = acc[0] + kept
         acc[1] += total
 
     def _shares(self, call, name):
         out = []
         for i in range(self.model.config.depth):
             kt = call["layers"].get(i, {}).get(name)
-            out.append(kt[0] / kt[1] if kt and kt[1] else 1.0)
+            out.append(float(kt[0]) / kt[1] if kt and kt[1] else 1.0)
         return out
 
     def result(self) -> dict:

@@ -6,6 +6,7 @@ conventions, and a guidance interval."""
 from __future__ import annotations
 
 import contextlib
+import math
 
 import numpy as np
 import torch
@@ -14,6 +15,7 @@ from .. import checks
 from ..errors import DitcError, UsageError
 from ..model.compile import compile_model
 from ..model.dit import width_cache
+from ..model.run import RunContext, accepts_run
 from ..progress import make_progress
 from .flow import FlowMatching
 from .gaussian import SPACINGS, GaussianDiffusion, spaced_timesteps
@@ -116,19 +118,41 @@ def loop_time_inputs(config, sampler: str, steps: int, spacing: str | None, dtyp
 
 
 def _guided(model, cfg_scale: float, cfg_channels: int | None):
-    """Wrap the model so it takes the un-doubled batch and returns the guided output."""
+    """Wrap the model so it takes the un-doubled batch (and the step's run context) and
+    returns the guided output."""
+    with_run = accepts_run(model)
+
+    def call(fn, *args, run):
+        return fn(*args, run=run) if with_run else fn(*args)
+
     if cfg_scale == 1.0:
-        return lambda x, t, y: model(x, t, y)
+        return lambda x, t, y, run: call(model, x, t, y, run=run)
     null = model.config.num_classes
 
-    def fn(x, t, y):
+    def fn(x, t, y, run):
         xx = torch.cat([x, x], 0)
         tt = torch.cat([t, t], 0)
         yy = torch.cat([y, torch.full_like(y, null)], 0)
-        out = model.forward_with_cfg(xx, tt, yy, cfg_scale, guide_channels=cfg_channels)
+        if with_run:
+            out = model.forward_with_cfg(xx, tt, yy, cfg_scale, guide_channels=cfg_channels, run=run)
+        else:
+            out = model.forward_with_cfg(xx, tt, yy, cfg_scale, guide_channels=cfg_channels)
         return out[: len(x)]
 
     return fn
+
+
+def _randn(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Noise of ``like``'s shape on its device, drawn from ``generator`` where it lives (a
+    CPU generator gives the same noise whatever device the model runs on)."""
+    if generator is None:
+        return torch.randn(like.shape, device=like.device, dtype=like.dtype)
+    z = torch.randn(like.shape, generator=generator, device=generator.device, dtype=like.dtype)
+    if z.device == like.device:
+        return z
+    if z.device.type == "cpu" and like.device.type == "cuda" and torch.cuda.is_available():
+        return z.pin_memory().to(like.device, non_blocking=True)  # no stream sync for the copy
+    return z.to(like.device)
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -186,7 +210,7 @@ def sample(model, noise: torch.Tensor, y: torch.Tensor, sampler: str | None = No
     finally:
         if was_training:
             model.train()
-    if not bool(torch.isfinite(x).all()):
+    if checks.has_values(x) and not bool(torch.isfinite(x).all()):  # once per run
         raise DitcError(f"sampling produced NaN or inf values ({sampler}, {steps} steps, cfg {cfg_scale}): the model "
                         "or the sampler settings are broken; nothing was kept")
     return x
@@ -211,11 +235,21 @@ def check_inputs(model, noise, y):
         raise UsageError(f"`y` must hold integer class labels, got {y.dtype}")
     if y.dim() != 1 or len(y) != len(noise):
         raise UsageError(f"`y` must be one label per sample ({len(noise)}), got shape {list(y.shape)}")
-    if len(y) and (int(y.min()) < 0 or int(y.max()) > cfg.num_classes):
+    if checks.has_values(y) and len(y) and (int(y.min()) < 0 or int(y.max()) > cfg.num_classes):
         raise UsageError(f"`y` holds labels outside 0..{cfg.num_classes} ({cfg.num_classes} is the null class)")
-    if not bool(torch.isfinite(noise).all()):
+    if checks.has_values(noise) and not bool(torch.isfinite(noise).all()):
         raise UsageError("`noise` holds NaN or inf values")
-    return noise, y.long()
+    device = _device_of(model, noise)
+    return noise.to(device), y.long().to(device)
+
+
+def _device_of(model, fallback: torch.Tensor) -> torch.device:
+    """The device the model's weights are on (inputs follow it), else the inputs' own."""
+    inner = getattr(model, "module", model)
+    if isinstance(inner, torch.nn.Module):
+        for p in inner.parameters():
+            return p.device
+    return fallback.device
 
 
 def _run_sampler(model, noise, y, sampler, steps, spacing, cfg_scale, cfg_channels, progress, generator, clip,
@@ -232,34 +266,30 @@ def _run_sampler(model, noise, y, sampler, steps, spacing, cfg_scale, cfg_channe
 
 def _eps_sample(model, noise, y, sampler, steps, spacing, cfg_scale, cfg_channels, progress, generator, clip,
                 guidance_interval):
+    """Respaced DDPM (ancestral) / DDIM (eta 0) / DPM-Solver++(2M). Every per-step quantity
+    (model time input, schedule coefficients, whether to guide) is a host number computed once
+    per run, so a step launches device work only: no table lookups, no host syncs."""
     plain, guided = _guided(model, 1.0, cfg_channels), _guided(model, cfg_scale, cfg_channels)
-    learn_sigma = model.config.learn_sigma
-    x = noise
     if sampler == "dpm-solver":
-        fn = _interval_fn(plain, guided, guidance_interval, lambda t: float(t.flatten()[0]) / 999.0)
-        return _dpm_solver(fn, x, y, steps, spacing, progress)
+        return _dpm_solver(plain, guided, guidance_interval, noise, y, steps, spacing, progress)
     try:
-        diff = GaussianDiffusion.create(int(steps), learn_sigma=learn_sigma, spacing=spacing)
+        diff = GaussianDiffusion.create(int(steps), learn_sigma=model.config.learn_sigma, spacing=spacing)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    fn = _interval_fn(plain, guided, guidance_interval, lambda t: float(t.flatten()[0]) / 999.0)
+    x = noise
+    B = x.shape[0]
     with _progress(diff.num_timesteps, f"{sampler} sampling", progress) as bar:
-        for i in reversed(range(diff.num_timesteps)):
-            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            out = fn(x, diff.model_t(t), y)
-            mean, log_var, x0, eps = diff.p_mean_variance(out, x, t, clip=clip)
+        for n, i in enumerate(reversed(range(diff.num_timesteps))):
+            k = diff.step_coefficients(i)
+            t_in = diff.timestep_map[i]
+            fn = guided if _in_interval(guidance_interval, t_in / 999.0) else plain
+            out = fn(x, torch.full((B,), t_in, device=x.device, dtype=torch.long), y, RunContext(step=n, t=t_in))
+            mean, log_var, x0, eps = diff.p_mean_variance_step(out, x, k, clip=clip)
             if sampler == "ddpm":
-                if i > 0:
-                    z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                    x = mean + torch.exp(0.5 * log_var) * z
-                else:
-                    x = mean
+                x = mean + torch.exp(0.5 * log_var) * _randn(x, generator) if i > 0 else mean
             else:
-                abar_prev = diff._take(diff.alphas_cumprod_prev, t, x.shape)
-                eps = (diff._take(diff.sqrt_recip_alphas_cumprod, t, x.shape) * x - x0) / diff._take(
-                    diff.sqrt_recipm1_alphas_cumprod, t, x.shape
-                )
-                x = x0 * abar_prev.sqrt() + (1 - abar_prev).sqrt() * eps
+                eps = (k["sqrt_recip_acp"] * x - x0) / k["sqrt_recipm1_acp"]
+                x = x0 * k["acp_prev"] ** 0.5 + (1 - k["acp_prev"]) ** 0.5 * eps
             if bar is not None:
                 bar.advance()
     return x
@@ -270,23 +300,20 @@ def _in_interval(interval, noise_level: float) -> bool:
     return interval is None or interval[0] <= noise_level <= interval[1]
 
 
-def _interval_fn(plain, guided, interval, noise_level):
-    """The guided model while the noise level of t is within ``interval``, else the plain one."""
-    if interval is None:
-        return guided
-    return lambda x, t, y: guided(x, t, y) if _in_interval(interval, noise_level(t)) else plain(x, t, y)
-
-
 def _flow_sample(model, noise, y, sampler, steps, cfg_scale, cfg_channels, progress, generator, interval):
     """SiT's samplers in SiT time (0 = noise, 1 = data); see diffusion/flow.py for the equations."""
     flow = FlowMatching(model.config.time_input)
     C = noise.shape[1]
     plain, guided = _guided(model, 1.0, cfg_channels), _guided(model, cfg_scale, cfg_channels)
 
+    calls = [0]
+
     def velocity(x, s: float):
-        t = torch.full((x.shape[0],), s, device=x.device, dtype=x.dtype)
+        t_in = s if flow.time_input == "sit" else 1.0 - s  # the network's time input, on the host
         use = guided if _in_interval(interval, 1.0 - s) else plain
-        return use(x, flow.model_t(t), y)[:, :C]
+        run = RunContext(step=calls[0], t=t_in)
+        calls[0] += 1
+        return use(x, torch.full((x.shape[0],), t_in, device=x.device, dtype=x.dtype), y, run)[:, :C]
 
     if sampler == "dopri5":
         return _dopri5(velocity, noise)
@@ -303,15 +330,14 @@ def _flow_sample(model, noise, y, sampler, steps, cfg_scale, cfg_channels, progr
                 x = x + 0.5 * h * (v + velocity(xe, s1))
             else:  # Euler-Maruyama: drift v + w * score, diffusion w = sigma_t = 1 - t
                 w = 1.0 - s0
-                drift = v + w * flow.score_from_velocity(v, x, torch.full((x.shape[0],), s0, dtype=x.dtype))
-                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                x = x + drift * h + (2.0 * w) ** 0.5 * h ** 0.5 * z
+                drift = v + w * flow.score_from_velocity(v, x, s0)
+                x = x + drift * h + (2.0 * w) ** 0.5 * h ** 0.5 * _randn(x, generator)
             if bar is not None:
                 bar.advance()
         if sampler == "sde":  # SiT's last step "Mean": drift only, size 0.04, at t = 1 - 0.04
             s = ts[-1]
             v = velocity(x, s)
-            drift = v + (1.0 - s) * flow.score_from_velocity(v, x, torch.full((x.shape[0],), s, dtype=x.dtype))
+            drift = v + (1.0 - s) * flow.score_from_velocity(v, x, s)
             x = x + drift * SDE_LAST_STEP
     return x
 
@@ -341,13 +367,35 @@ def _dpm_scheduler(steps: int, spacing: str):
     return sched
 
 
-def _dpm_solver(fn, x, y, steps, spacing, progress):
+def _dpm_solver(plain, guided, interval, x, y, steps, spacing, progress):
+    """DPM-Solver++(2M) (multistep, data prediction) as diffusers' DPMSolverMultistepScheduler
+    runs it with ``algorithm_type="dpmsolver++"``, ``solver_order=2`` and a final sigma of 0:
+    first-order on the first and the last step, second-order (midpoint) between. The
+    coefficients of every step are host numbers from the scheduler's own timesteps and sigmas,
+    computed once (tests/test_diffusion.py checks the trajectory against the scheduler)."""
     sched = _dpm_scheduler(steps, spacing)
-    with _progress(len(sched.timesteps), "dpm-solver sampling", progress) as bar:
-        for t in sched.timesteps:
-            tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
-            out = fn(x, tt, y)[:, : x.shape[1]]  # eps only: the solver ignores learned variance
-            x = sched.step(out, t, x).prev_sample
+    ts = [int(t) for t in sched.timesteps]
+    sig = [float(v) for v in sched.sigmas]  # len(ts) + 1, the last 0
+    alpha = [1.0 / math.sqrt(s * s + 1.0) for s in sig]
+    sigma = [s * a for s, a in zip(sig, alpha)]
+    lam = [math.log(a) - math.log(s) if s > 0 else math.inf for a, s in zip(alpha, sigma)]
+    B, prev_x0 = x.shape[0], None
+    with _progress(len(ts), "dpm-solver sampling", progress) as bar:
+        for i, t_in in enumerate(ts):
+            fn = guided if _in_interval(interval, t_in / 999.0) else plain
+            eps = fn(x, torch.full((B,), t_in, device=x.device, dtype=torch.long), y, RunContext(step=i, t=t_in))
+            x0 = (x - sigma[i] * eps[:, : x.shape[1]]) / alpha[i]  # eps only: the solver ignores learned variance
+            if sigma[i + 1] == 0.0:  # the final step to sigma 0 lands on the data prediction
+                x = x0
+            else:
+                h = lam[i + 1] - lam[i]
+                ratio, phi = sigma[i + 1] / sigma[i], alpha[i + 1] * (math.exp(-h) - 1.0)
+                if prev_x0 is None:
+                    x = ratio * x - phi * x0
+                else:
+                    r = (lam[i] - lam[i - 1]) / h
+                    x = ratio * x - phi * x0 - 0.5 * phi * (x0 - prev_x0) / r
+            prev_x0 = x0
             if bar is not None:
                 bar.advance()
     return x

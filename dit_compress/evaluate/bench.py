@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import multiprocessing as mp
+import queue
 import re
 import shutil
 import statistics
@@ -48,6 +49,7 @@ from ..model.compile import compile_model, compiled_graphs
 from ..model.dit import width_cache
 from ..model.flops import static_macs
 from ..model.routers import Routing, routing
+from ..model.run import RunContext
 from ..report import plot_points
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -103,18 +105,32 @@ def build(spec: str, seed: int = 0, load: dict | None = None, schedule=(None, No
     return model.eval()
 
 
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so a clock reading covers it (CUDA runs async)."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.synchronize(device)
+
+
 def _static_forward_rows(model, cfg, batch_sizes, repeats, warmup, timesteps, dtype):
     rows = []
+    dev = _device(model)
     for bs in batch_sizes:
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(bs, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(dtype)
-        y = torch.randint(0, cfg.num_classes, (bs,), generator=g)
+        x = torch.randn(bs, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(dev, dtype)
+        y = torch.randint(0, cfg.num_classes, (bs,), generator=g).to(dev)
         times = []
         with torch.inference_mode(), width_cache(model):
             for i in range(warmup + repeats):
-                t = torch.full((bs,), timesteps[i % len(timesteps)])
+                t_in = timesteps[i % len(timesteps)]
+                t = torch.full((bs,), t_in, device=dev)
+                _sync(dev)
                 t0 = time.perf_counter()
-                model(x, t, y)
+                model(x, t, y, run=RunContext(step=i, t=t_in))
+                _sync(dev)
                 if i >= warmup:
                     times.append(time.perf_counter() - t0)
         rows.append({"batch": bs, **_stats(times), "images_per_s": bs / statistics.median(times)})
@@ -140,7 +156,7 @@ def _warm_up(model, x, y, cfg_scale, times: torch.Tensor) -> None:
             key = tuple(cache[t]) if cache else None
             if key not in seen:
                 seen.add(key)
-                model(x, torch.full((len(x),), t, dtype=times.dtype), y)
+                model(x, torch.full((len(x),), t, dtype=times.dtype, device=x.device), y, run=RunContext(t=t))
 
 
 def _loop_rows(model, cfg, batch_sizes, repeats, warmup, sampler, steps, spacing, cfg_scale, dtype):
@@ -149,22 +165,25 @@ def _loop_rows(model, cfg, batch_sizes, repeats, warmup, sampler, steps, spacing
     ``graphs_in_timed_runs`` counts graphs compiled after them (0 means the timing holds no compile)."""
 
     rows = []
+    dev = _device(model)
     times_in = loop_time_inputs(cfg, sampler, steps, spacing, dtype)
     for bs in batch_sizes:
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(bs, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(dtype)
-        y = torch.from_numpy(class_balanced_labels(bs, cfg.num_classes)).long()
+        x = torch.randn(bs, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(dev, dtype)
+        y = torch.from_numpy(class_balanced_labels(bs, cfg.num_classes)).long().to(dev)
         times = []
         with torch.inference_mode():
             t0 = time.perf_counter()
             for _ in range(warmup):
                 _warm_up(model, x, y, cfg_scale, times_in)
+            _sync(dev)
             warm = time.perf_counter() - t0
             graphs = compiled_graphs()
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 sample(model, x, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale, timestep_spacing=spacing,
                        generator=torch.Generator().manual_seed(1))
+                _sync(dev)
                 times.append(time.perf_counter() - t0)
         med = statistics.median(times)
         rows.append({"batch": bs, **_stats(times), "seconds_per_image": med / bs, "images_per_s": bs / med,
@@ -176,8 +195,8 @@ def _loop_macs(model, cfg, sampler, steps, spacing, cfg_scale, dtype) -> tuple[f
     """(MACs per image over one sampling loop, model calls per loop), measured on a batch of 2."""
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(dtype)
-    y = torch.from_numpy(class_balanced_labels(2, cfg.num_classes)).long()
+    x = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(_device(model), dtype)
+    y = torch.from_numpy(class_balanced_labels(2, cfg.num_classes)).long().to(x.device)
     with torch.inference_mode(), FlopsMeter(model) as meter:
         sample(model, x, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale, timestep_spacing=spacing,
                generator=torch.Generator().manual_seed(1))
@@ -186,7 +205,8 @@ def _loop_macs(model, cfg, sampler, steps, spacing, cfg_scale, dtype) -> tuple[f
     return r["macs"] * r["calls"] * per_row, r["calls"]
 
 
-def _measure_child(spec, batch_sizes, repeats, warmup, schedule, threads, dtype_name, compile_, dense, load, loop, q):
+def _measure_child(spec, batch_sizes, repeats, warmup, schedule, threads, dtype_name, compile_, dense, load, loop,
+                   device, q):
     try:
         torch.set_num_threads(threads)
 
@@ -201,7 +221,8 @@ def _measure_child(spec, batch_sizes, repeats, warmup, schedule, threads, dtype_
         if dense:
             modes.enter_context(routing(model, Routing.DENSE))
         dtype = DTYPES[dtype_name]
-        model = model.to(dtype)
+        model = model.to(device, dtype)
+        dev = torch.device(device)
         cfg = model.config
         out = {"spec": spec, "sampler": f"{sampler} {steps}", "params": model.num_params(), "depth": cfg.depth}
         if loop is not None:
@@ -213,11 +234,11 @@ def _measure_child(spec, batch_sizes, repeats, warmup, schedule, threads, dtype_
             if cfg.is_dynamic:  # FLOPs of the very forwards that are timed below (same inputs, same t)
                 g = torch.Generator().manual_seed(0)
                 bs0 = batch_sizes[0]
-                x = torch.randn(bs0, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(dtype)
-                y = torch.randint(0, cfg.num_classes, (bs0,), generator=g)
+                x = torch.randn(bs0, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(dev, dtype)
+                y = torch.randint(0, cfg.num_classes, (bs0,), generator=g).to(dev)
                 with torch.inference_mode(), FlopsMeter(model) as meter:
                     for tt in timesteps:
-                        model(x, torch.full((bs0,), tt), y)
+                        model(x, torch.full((bs0,), tt, device=dev), y)
                 macs = meter.result()["macs"]
         if compile_:  # in place, so CFG (forward_with_cfg -> forward) runs compiled too
             compile_model(model)
@@ -241,6 +262,8 @@ def _measure_child(spec, batch_sizes, repeats, warmup, schedule, threads, dtype_
             rows = _static_forward_rows(model, cfg, batch_sizes, repeats, warmup, timesteps, dtype)
         stop.set()
         rss_thread.join()
+        if dev.type == "cuda":
+            out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
         if compile_:
             out["graphs"] = compiled_graphs() - graphs0
         q.put({**out, "gflops": macs / 1e9, "rows": rows, "peak_rss_mb": peak[0] / 2**20,
@@ -257,13 +280,27 @@ def _materialize_child(spec: str, out: str, load, schedule, q):
         q.put({"error": f"{type(e).__name__}: {e}"})
 
 
-def _run_child(target, args, timeout: float) -> dict:
+def _run_child(target, args, timeout: float, poll: float = 1.0) -> dict:
+    """Run ``target`` in a spawned child and return what it puts on the queue. A child that
+    dies without answering (killed, out of memory, a crash in native code) is an error
+    within ``poll`` seconds, not a wait until ``timeout``."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=target, args=(*args, q))
     p.start()
+    deadline = time.monotonic() + timeout
     try:
-        return q.get(timeout=timeout)
+        while True:
+            try:
+                return q.get(timeout=poll)
+            except queue.Empty:
+                if not p.is_alive():
+                    try:  # it may have answered just before exiting
+                        return q.get(timeout=poll)
+                    except queue.Empty:
+                        return {"error": f"the measuring process died without a result (exit code {p.exitcode})"}
+                if time.monotonic() > deadline:
+                    return {"error": f"no result within {timeout:.0f} s"}
     finally:
         p.join(timeout=30)
         if p.is_alive():
@@ -273,7 +310,7 @@ def _run_child(target, args, timeout: float) -> dict:
 def measure(spec: str, batch_sizes=(1, 8), repeats: int = 5, warmup: int = 2, schedule=(None, None, None),
             threads: int | None = None,
             dtype: str = "fp32", compile_: bool = False, dense: bool = False, timeout: float = 3600,
-            load: dict | None = None, loop: dict | None = None) -> dict:
+            load: dict | None = None, loop: dict | None = None, device: str = "cpu") -> dict:
     """Shapes and transformed variants are first built and saved by one child; a second child
     loads that checkpoint and measures, so peak memory is inference memory, not the transient
     copies of building random weights or applying transforms."""
@@ -290,7 +327,7 @@ def measure(spec: str, batch_sizes=(1, 8), repeats: int = 5, warmup: int = 2, sc
     try:
         res = _run_child(_measure_child, (source, list(batch_sizes), repeats, warmup, tuple(schedule),
                                           threads or torch.get_num_threads(), dtype, compile_, dense,
-                                          load if tmp is None else None, loop), timeout)
+                                          load if tmp is None else None, loop, str(device)), timeout)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

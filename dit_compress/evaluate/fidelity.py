@@ -208,7 +208,8 @@ def compute_metrics(samples: np.ndarray, ref_kind: str, ref, metrics: list[str],
     if ref_kind == "array" and ref.shape[1:3] != samples.shape[1:3]:
         raise DitcError(f"reference images are {ref.shape[2]}x{ref.shape[1]} but samples are {samples.shape[2]}x{samples.shape[1]}")
     out = {}
-    common = dict(cuda=torch.cuda.is_available(), verbose=False, cache=False, batch_size=256, **extractor_kw)
+    common = dict(cuda=torch.cuda.is_available(), verbose=False, cache=False, batch_size=256, save_cpu_ram=True,
+                  **extractor_kw)
     if ref_kind == "stats":
         if metrics != ["fid"] and set(metrics) - {"fid", "isc"}:
             raise UsageError("reference statistics (mu/sigma) support fid and isc only")
@@ -223,7 +224,7 @@ def compute_metrics(samples: np.ndarray, ref_kind: str, ref, metrics: list[str],
 
         fe = create_feature_extractor(extractor_kw["feature_extractor"], ["2048" if "inception" in extractor_kw["feature_extractor"] else "128"],
                                       cuda=common["cuda"], **{k: v for k, v in extractor_kw.items() if k != "feature_extractor"})
-        feats = get_featuresdict_from_dataset(ArrayImages(samples), fe, 256, common["cuda"], False, False)
+        feats = get_featuresdict_from_dataset(ArrayImages(samples), fe, 256, common["cuda"], True, False)
         stat = fid_features_to_statistics(next(iter(feats.values())))
         if ref["mu"].shape != stat["mu"].shape:
             raise DitcError(f"reference statistics have {ref['mu'].shape[0]} features, the extractor gives {stat['mu'].shape[0]}")
@@ -285,6 +286,8 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
     ref_kind, ref_val = resolve_reference(ref, model.config)
     ex_kw = choose_extractor(model.config, inception_weights, extractor)
     vae = load_vae(vae_name or (model.config.vae if model.config.latent_scale is not None else None))
+    if vae is not None:
+        vae = vae.to(next(model.parameters()).device)
     if loss_data:
         check_fits(load_data(loss_data, model.config.num_classes, model.config), model.config)
     recipe = {"sampler": sampler, "steps": steps, "timestep_spacing": spacing, "cfg_scale": cfg_scale,

@@ -23,7 +23,7 @@ def state_for_save(model, dtype: torch.dtype | None = None) -> dict:
     """Detached, contiguous copies of the weights (floating ones in ``dtype`` when given)."""
     out = {}
     for k, v in model.state_dict().items():
-        v = v.detach()
+        v = v.detach().to("cpu")
         if dtype is not None and v.is_floating_point():
             v = v.to(dtype)
         out[k] = v.contiguous().clone()

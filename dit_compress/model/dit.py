@@ -23,6 +23,7 @@ from .layers import (
     timestep_sinusoid,
 )
 from .routers import Routing
+from .run import RunContext
 
 
 @dataclass
@@ -33,7 +34,10 @@ class ForwardAux:
 
 
 class DiT(nn.Module):
-    """Diffusion Transformer. ``model(x, t, y)`` has the original DiT forward semantics."""
+    """Diffusion Transformer. ``model(x, t, y)`` has the original DiT forward semantics;
+    ``run=RunContext(...)`` (model/run.py) passes what the caller knows about the call."""
+
+    accepts_run = True
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -117,9 +121,9 @@ class DiT(nn.Module):
             out.append((te, te + b.y_embedder(y)))
         return out
 
-    def forward(self, x, t, y, return_aux: bool = False):
+    def forward(self, x, t, y, return_aux: bool = False, run: RunContext | None = None):
         """The DiT forward; ``return_aux`` also returns each block's output (and, for
-        dynamic models, the per-sample FLOPs ratio the routers chose)."""
+        dynamic models, the per-sample FLOPs ratio the routers chose, over the routed rows)."""
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         h, t_emb, c = self.embed(x, t, y)
@@ -128,13 +132,16 @@ class DiT(nn.Module):
         tau = self._tau()
         aux = ForwardAux() if return_aux else None
         want_stats = return_aux and self.config.is_dynamic
-        widths = self._cached_widths(t, conds) if mode == Routing.FAST else None
+        full_rows = run.full_rows if run is not None else 0
+        widths = self._cached_widths(t, conds, run) if mode == Routing.FAST else None
         for i, block in enumerate(self.blocks):
             st = BlockStats() if want_stats else None
-            if widths is None:
-                h = block(h, conds[i][1], conds[i][0], mode, tau, st)
-            else:
+            if widths is not None:
                 h = block(h, conds[i][1], conds[i][0], mode, tau, st, widths=widths[i])
+            elif full_rows:
+                h = block(h, conds[i][1], conds[i][0], mode, tau, st, full_rows=full_rows)
+            else:
+                h = block(h, conds[i][1], conds[i][0], mode, tau, st)
             if aux is not None:
                 aux.features.append(h)
                 if st is not None:
@@ -143,16 +150,23 @@ class DiT(nn.Module):
         if aux is None:
             return out
         if want_stats:
-            aux.flops_ratio = block_flops_ratio(self.config, aux.stats, x.shape[0], x.device)
+            aux.flops_ratio = block_flops_ratio(self.config, aux.stats, x.shape[0] - full_rows, x.device)
         return out, aux
 
-    def _cached_widths(self, t, conds) -> list[tuple[int, int]] | None:
+    def _cached_widths(self, t, conds, run: RunContext | None = None) -> list[tuple[int, int]] | None:
         """Inside ``width_cache(model)``: each block's (heads, channels) for this call's t,
         computed by the routers on the first call with that t and reused afterwards (width
-        routers read t only). None when no cache is active or t differs inside the batch."""
-        if self._width_cache is None or not bool((t == t[0]).all()):
+        routers read t only). The t comes from ``run`` when the caller states it (no host
+        sync); otherwise it is read from the tensor. None when no cache is active or t
+        differs inside the batch."""
+        if self._width_cache is None:
             return None
-        key = t[0].item()
+        if run is not None and run.t is not None:
+            key = run.t
+        elif bool((t == t[0]).all()):
+            key = t[0].item()
+        else:
+            return None
         if key not in self._width_cache:
             self._width_cache[key] = self.widths_at(t[:1])[0]
         return self._width_cache[key]
@@ -161,6 +175,7 @@ class DiT(nn.Module):
     def widths_at(self, t: torch.Tensor) -> list[list[tuple[int, int]]]:
         """[(heads, MLP channels) per block] at inference for each time input in ``t`` (one
         batched pass of the width routers; they read the timestep only)."""
+        t = t.to(self.x_embedder.proj.weight.device)
         y = torch.zeros(len(t), dtype=torch.long, device=t.device)
         t_emb = self.t_embedder(t)
         per_block = [b.widths(te) for b, (te, _) in zip(self.blocks, self.block_conditions(t, y, t_emb, t_emb))]
@@ -181,7 +196,8 @@ class DiT(nn.Module):
             return c.tokens.tau
         return 1.0
 
-    def forward_with_cfg(self, x, t, y, cfg_scale: float, guide_channels: int | None = None):
+    def forward_with_cfg(self, x, t, y, cfg_scale: float, guide_channels: int | None = None,
+                         run: RunContext | None = None):
         """Classifier-free guidance on a batch whose second half holds the null labels.
 
         ``guide_channels=3`` is the reference DiT code (guides the first three output
@@ -190,7 +206,7 @@ class DiT(nn.Module):
         """
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)
-        out = self(combined, t, y)  # through __call__: hooks (FLOPs meter, LoRA) see guided calls too
+        out = self(combined, t, y, run=run.guided() if run is not None else None)  # through __call__: hooks see it
         n = self.config.in_channels if guide_channels is None else guide_channels
         eps, rest = out[:, :n], out[:, n:]
         cond, uncond = torch.split(eps, len(eps) // 2, dim=0)
@@ -251,6 +267,7 @@ def width_cache(model, times: torch.Tensor | None = None):
         yield model
         return
     inner._width_cache = dict(zip(times.tolist(), inner.widths_at(times))) if times is not None and len(times) else {}
+    # keys are the host values of the time inputs; RunContext.t carries the same values
     try:
         yield model
     finally:

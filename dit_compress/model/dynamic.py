@@ -52,24 +52,27 @@ class RoutedBlock(DiTBlock):
         if config.tokens is not None:
             self.token_router = TokenRouter(dim, config.tokens.reduction, config.tokens.init_bias)
 
-    def width_masks(self, t_emb, mode: str, tau: float):
+    def width_masks(self, t_emb, mode: str, tau: float, full_rows: int = 0):
         """Nested (prefix) masks over heads and MLP channel groups: [B, H] each, or None.
         Training: hard Gumbel gates, prefix = cumulative product; inference: the expected
-        prefix length of that process (see routers.expected_prefix_mask)."""
+        prefix length of that process (see routers.expected_prefix_mask). The last
+        ``full_rows`` rows run at full width (all ones)."""
         if self.head_router is None or mode == Routing.FULL:
             return None, None
         hl, cl = self.head_router(t_emb), self.channel_router(t_emb)
         if mode == Routing.TRAIN and not self.static_width:
-            return prefix_from_gates(gumbel_sigmoid_mask(hl, tau)), prefix_from_gates(gumbel_sigmoid_mask(cl, tau))
-        return expected_prefix_mask(hl).to(t_emb.dtype), expected_prefix_mask(cl).to(t_emb.dtype)
+            hm, cm = prefix_from_gates(gumbel_sigmoid_mask(hl, tau)), prefix_from_gates(gumbel_sigmoid_mask(cl, tau))
+        else:
+            hm, cm = expected_prefix_mask(hl).to(t_emb.dtype), expected_prefix_mask(cl).to(t_emb.dtype)
+        return _full_tail(hm, full_rows), _full_tail(cm, full_rows)
 
-    def token_mask(self, x, mode: str, tau: float):
+    def token_mask(self, x, mode: str, tau: float, full_rows: int = 0):
         if self.token_router is None or mode == Routing.FULL:
             return None
         logits = self.token_router(x)
         if mode == Routing.TRAIN:
-            return gumbel_sigmoid_mask(logits, tau)
-        return expected_topk_mask(logits).to(x.dtype)
+            return _full_tail(gumbel_sigmoid_mask(logits, tau), full_rows)
+        return _full_tail(expected_topk_mask(logits).to(x.dtype), full_rows)
 
     def widths(self, t_emb) -> list[tuple[int, int]]:
         """(active heads, active MLP channels) at inference for each row of ``t_emb``."""
@@ -78,21 +81,26 @@ class RoutedBlock(DiTBlock):
         return list(zip(hm.sum(1).long().tolist(), (cm.sum(1).long() * gs).tolist()))
 
     def forward(self, x, c, t_emb=None, mode: Routing = Routing.DENSE, tau: float = 5.0, stats: BlockStats | None = None,
-                widths: tuple[int, int] | None = None):
+                widths: tuple[int, int] | None = None, full_rows: int = 0):
         """``widths`` (FAST mode only): the (heads, MLP channels) this call runs, resolved
-        beforehand (``DiT``'s per-run width cache); the width routers are then not run."""
+        beforehand (``DiT``'s per-run width cache); the width routers are then not run.
+        ``full_rows``: the last rows run at full width (masked-dense modes); ``stats`` cover
+        the other rows."""
         if widths is not None:
             return self.forward_sliced(x, c, widths[0], widths[1], stats)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        hm, cm = self.width_masks(t_emb, mode, tau)
+        if full_rows and mode == Routing.FAST:
+            raise ValueError("full_rows needs a masked-dense routing mode (TRAIN or DENSE)")
+        hm, cm = self.width_masks(t_emb, mode, tau, full_rows)
         if mode == Routing.FAST and hm is not None:
             return self._forward_fast_width(x, hm, cm, (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), stats)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), hm)
-        tm = self.token_mask(x, mode, tau)
+        tm = self.token_mask(x, mode, tau, full_rows)
         if stats is not None:
-            stats.head_frac = hm.mean(1) if hm is not None else None
-            stats.channel_frac = cm.mean(1) if cm is not None else None
-            stats.token_frac = tm.mean(1) if tm is not None else None
+            n = x.shape[0] - full_rows
+            stats.head_frac = hm[:n].mean(1) if hm is not None else None
+            stats.channel_frac = cm[:n].mean(1) if cm is not None else None
+            stats.token_frac = tm[:n].mean(1) if tm is not None else None
         if mode == Routing.FAST and tm is not None:
             return self._mlp_on_tokens(x, tm, shift_mlp, scale_mlp, gate_mlp, None)
         h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp), cm)
@@ -147,6 +155,13 @@ class RoutedBlock(DiTBlock):
             return self._mlp_on_tokens(x, tm, shift_mlp, scale_mlp, gate_mlp, ch)
         h = self.mlp.forward_sliced(modulate(self.norm2(x), shift_mlp, scale_mlp), ch)
         return x + gate_mlp.unsqueeze(1) * h
+
+
+def _full_tail(mask, full_rows: int):
+    """``mask`` with its last ``full_rows`` rows all ones (those rows run at full width)."""
+    if mask is None or not full_rows:
+        return mask
+    return torch.cat([mask[:-full_rows], torch.ones_like(mask[-full_rows:])], 0)
 
 
 def block_flops_ratio(config: DiTConfig, stats: list, batch: int, device) -> torch.Tensor:

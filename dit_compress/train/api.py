@@ -14,6 +14,7 @@ from ..diffusion import objective_for
 from ..diffusion.measure import inference_flops
 from ..errors import DitcError, UsageError
 from ..formats import write_checkpoint
+from ..model.build import fingerprint
 from ..outputs import check_output, work_dir_for
 from ..report import plot_lines
 from .losses import combined_loss
@@ -21,7 +22,7 @@ from .trainer import TrainConfig, Trainer, TrainResult
 
 
 def train_model(model, data: TensorData, cfg: TrainConfig, work_dir: Path, teacher=None, resume: bool = False,
-                kd: dict | None = None, desc: str = "finetune") -> TrainResult:
+                kd: dict | None = None, desc: str = "finetune", producer: dict | None = None) -> TrainResult:
     """Fine-tune (``teacher=None``) or distill ``model`` on ``data``.
 
     Dynamic models (routers in the config) automatically get the FLOPs loss toward
@@ -50,7 +51,8 @@ def train_model(model, data: TensorData, cfg: TrainConfig, work_dir: Path, teach
         data, cfg.batch_size, model.config.num_classes, model.config.class_dropout_prob,
         t_strata=int((kd or {}).get("t_strata", 4)) if model.config.is_dynamic else 0,
     )
-    trainer = Trainer(model, loss_fn, batch_fn, cfg, work_dir, desc=desc, status_fn=status_fn)
+    trainer = Trainer(model, loss_fn, batch_fn, cfg, work_dir, desc=desc, status_fn=status_fn,
+                      frozen_modules=[teacher] if teacher is not None else None, producer=producer)
     return trainer.run(resume=resume)
 
 
@@ -68,7 +70,9 @@ def train_and_save(model, data_spec: str, output: Path, cfg: TrainConfig, *, for
     if not resume and (work / "train_state").exists():
         raise UsageError(f"{work} holds an interrupted run: pass `resume` to continue it, or delete it")
     t0 = time.time()
-    res = train_model(model, data, cfg, work, teacher=teacher, resume=resume, kd=kd, desc=op)
+    producer = {"op": op, "source": fingerprint(model), "data": data_spec, "kd": kd or {},
+                "teacher": fingerprint(teacher) if teacher is not None else None}
+    res = train_model(model, data, cfg, work, teacher=teacher, resume=resume, kd=kd, desc=op, producer=producer)
     if not res.is_main:
         return None, None
     final = res.ema if res.ema is not None else res.model

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..diffusion.gaussian import GaussianDiffusion, mean_flat, normal_kl
-from ..model.routers import Routing, routing
+from ..model.run import RunContext
 
 
 def plain_loss(diffusion: GaussianDiffusion):
@@ -109,6 +109,21 @@ def teacher_terms(diffusion, teacher, res: dict, x0, t, y, w_out: float, lmap, r
     return loss, logs
 
 
+def _split_rows(res: dict, n: int) -> tuple[dict, dict]:
+    """A training-loss result over a doubled batch -> (first n rows, the rest); the aux
+    (block features, FLOPs ratio over the routed rows) goes with the first part."""
+    first, rest = {}, {}
+    for k, v in res.items():
+        if k == "aux":
+            v.features = [f[:n] for f in v.features]
+            first[k] = v
+        elif torch.is_tensor(v) and v.dim() and len(v) == 2 * n:
+            first[k], rest[k] = v[:n], v[n:]
+        else:
+            first[k] = rest[k] = v
+    return first, rest
+
+
 def combined_loss(diffusion: GaussianDiffusion, model, teacher, kd: dict, total_steps: int):
     """Plain diffusion loss, plus output KD / masked RepKD with a teacher, plus the FLOPs
     loss for dynamic models. Returns (loss_fn, status_fn)."""
@@ -130,8 +145,20 @@ def combined_loss(diffusion: GaussianDiffusion, model, teacher, kd: dict, total_
     def fn(m, batch, step):
         x0, t, y, noise = batch["x"], diffusion.batch_t(batch), batch["y"], batch["noise"]
         need_aux = dynamic or lmap is not None
-        res = diffusion.training_losses(m, x0, t, y, noise=noise, return_aux=need_aux) if need_aux else \
-            diffusion.training_losses(m, x0, t, y, noise=noise)
+        with_full = dynamic and w_full > 0 and step < full_steps
+        if with_full:
+            # DyDiT's stage 1 adds the full-width model's loss: the same batch a second time,
+            # in the same forward (its rows run at full width), so multi-process training
+            # (DDP) sees one forward and one backward per step
+            B = len(x0)
+            both = diffusion.training_losses(m, torch.cat([x0, x0]), torch.cat([t, t]), torch.cat([y, y]),
+                                             noise=torch.cat([noise, noise]), return_aux=True,
+                                             run=RunContext(full_rows=B))
+            res, full = _split_rows(both, B)
+        elif need_aux:
+            res = diffusion.training_losses(m, x0, t, y, noise=noise, return_aux=True)
+        else:
+            res = diffusion.training_losses(m, x0, t, y, noise=noise)
         logs = {"mse": res["mse"].mean().detach()}
         loss = w_plain * res["loss"].mean()
         if teacher is not None:
@@ -139,9 +166,7 @@ def combined_loss(diffusion: GaussianDiffusion, model, teacher, kd: dict, total_
             kd_loss, kd_logs = teacher_terms(diffusion, teacher, res, x0, t, y, w_out, lmap, rep_w, k_sigma, mask_form)
             loss = loss + kd_loss
             logs.update(kd_logs)
-        if dynamic and w_full > 0 and step < full_steps:
-            with routing(m, Routing.FULL):
-                full = diffusion.training_losses(m, x0, t, y, noise=noise)
+        if with_full:
             logs["full_loss"] = full["loss"].mean().detach()
             loss = loss + w_full * full["loss"].mean()
         if dynamic:
@@ -149,11 +174,11 @@ def combined_loss(diffusion: GaussianDiffusion, model, teacher, kd: dict, total_
             target = flops_target(step, lam, hold, decay)
             loss = loss + 2.0 * (ratio - target) ** 2
             logs["flops_ratio"] = ratio.detach()
-            last["flops"] = float(ratio.detach())
+            last["flops"] = ratio.detach()
         logs["loss"] = loss
         return logs
 
     def status(m):
-        return f"flops {last['flops']:.2f}" if "flops" in last else ""
+        return f"flops {float(last['flops']):.2f}" if "flops" in last else ""
 
     return fn, status

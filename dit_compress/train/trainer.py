@@ -76,6 +76,12 @@ def _lr_lambda(cfg: TrainConfig):
     return f
 
 
+def to_device(batch: dict, device) -> dict:
+    """A batch drawn on the CPU (from CPU generators, so a seed gives the same batch on any
+    device) moved to the device the model trains on."""
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
     for (n, pe), p in zip(ema.named_parameters(), model.parameters()):
@@ -110,7 +116,8 @@ class Trainer:
 
     def __init__(self, model, loss_fn: Callable, batch_fn: Callable, cfg: TrainConfig, work_dir: Path,
                  param_groups: list | None = None, on_step: Callable | None = None,
-                 desc: str = "training", status_fn: Callable | None = None, state_modules: dict | None = None):
+                 desc: str = "training", status_fn: Callable | None = None, state_modules: dict | None = None,
+                 frozen_modules: list | None = None, producer: dict | None = None):
         self.model = model
         self.loss_fn = loss_fn
         self.batch_fn = batch_fn
@@ -121,6 +128,8 @@ class Trainer:
         self.desc = desc
         self.status_fn = status_fn
         self.state_modules = state_modules or {}  # extra modules saved with the train state
+        self.frozen_modules = frozen_modules or []  # read by the loss (a teacher): moved to the training device
+        self.producer = producer or {}  # what this run is (model, data, options): a resume must match it
         self._stop_signal = None
 
     # ------------------------------------------------------------------ state
@@ -143,7 +152,9 @@ class Trainer:
         for name, mod in self.state_modules.items():
             save_file(state_for_save(mod), str(tmp / f"{name}.safetensors"))
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optim.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "train_config": self.cfg.to_dict(), "history": history}))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "train_config": self.cfg.to_dict(), "history": history,
+                                                    "producer": self.producer, "processes": acc.num_processes},
+                                                   default=str))
         shutil.rmtree(self.state_dir, ignore_errors=True)
         os.replace(tmp, self.state_dir)
         acc.wait_for_everyone()
@@ -154,11 +165,21 @@ class Trainer:
             raise DitcError(f"`resume`: no training state in {self.work_dir} (expected {sd}/state.json)")
         meta = json.loads((sd / "state.json").read_text())
         saved = meta["train_config"]
-        for key in ("batch_size", "lr", "seed", "grad_accum"):
-            if saved.get(key) != getattr(self.cfg, key):
+        for key in sorted(set(saved) | set(self.cfg.to_dict())):
+            if key not in ("steps", "log_every", "ckpt_every") and saved.get(key) != getattr(self.cfg, key, None):
                 raise DitcError(
-                    f"`resume`: {key} was {saved.get(key)} in the interrupted run but is {getattr(self.cfg, key)} now"
+                    f"`resume`: {key} was {saved.get(key)} in the interrupted run but is {getattr(self.cfg, key, None)} now"
                 )
+        mine = json.loads(json.dumps(self.producer, default=str))
+        old = meta.get("producer", {})
+        for key in sorted(set(old) | set(mine)):
+            if old.get(key) != mine.get(key):
+                what = {"source": "the model being trained", "teacher": "the teacher", "data": "the data"}.get(key, key)
+                raise DitcError(f"`resume`: {what} differs from the interrupted run's ({key}: {str(old.get(key))[:60]} "
+                                f"then, {str(mine.get(key))[:60]} now); resume with the same inputs or start over")
+        if meta.get("processes", acc.num_processes) != acc.num_processes:
+            raise DitcError(f"`resume`: the interrupted run had {meta['processes']} processes and this one has "
+                            f"{acc.num_processes}; the batches would differ")
         unwrapped = acc.unwrap_model(model)
         state = load_file(str(sd / "model.safetensors"))
         mine = unwrapped.state_dict()
@@ -213,6 +234,8 @@ class Trainer:
         model, opt = acc.prepare(model, opt)
         if ema is not None:
             ema.to(acc.device)
+        for m in self.frozen_modules:
+            m.to(acc.device)
         run = _Run(acc, model, ema, opt, sched)
         if resume:
             run.start, run.history = self._load_state(acc, model, ema, opt, sched)
@@ -228,7 +251,7 @@ class Trainer:
             seed = ((cfg.seed * 1_000_003 + step) * 131 + micro) * 64 + acc.process_index
             torch.manual_seed(seed)
             g = torch.Generator().manual_seed(seed)
-            batch = self.batch_fn(step, g, acc.process_index, acc.num_processes)
+            batch = to_device(self.batch_fn(step, g, acc.process_index, acc.num_processes), acc.device)
             with acc.accumulate(model):
                 with acc.autocast():
                     out = self.loss_fn(model, batch, step)
@@ -269,9 +292,18 @@ class Trainer:
         if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
             self._save_state(run.acc, run.model, run.ema, run.opt, run.sched, step, run.history)
             run.last_good = step
-        if self._stop_signal is not None:
+        if self._stop_requested(run.acc):
             self._save_state(run.acc, run.model, run.ema, run.opt, run.sched, step, run.history)
             raise TrainingInterrupted(f"interrupted at step {step}; state saved in {self.state_dir}, continue with `resume`")
+
+    def _stop_requested(self, acc) -> bool:
+        """A stop signal on any process stops every process at the same step (one small
+        all-reduce per step when there are several), so none waits in a collective alone."""
+        mine = self._stop_signal is not None
+        if acc.num_processes == 1:
+            return mine
+        flag = torch.tensor([1.0 if mine else 0.0], device=acc.device)
+        return bool(acc.reduce(flag, reduction="sum").item() > 0)
 
     def run(self, resume: bool = False) -> TrainResult:
         run = self._setup(resume)
