@@ -89,7 +89,7 @@ def flow_times(sampler: str, steps: int) -> list[float]:
     ODE: linspace(0, 1, N) (N - 1 Euler/Heun steps); SDE: linspace(0, 1 - 0.04, N) (N - 1
     Euler-Maruyama steps, then the mean-only last step of 0.04)."""
     end = 1.0 - SDE_LAST_STEP if sampler == "sde" else 1.0
-    return torch.linspace(0.0, end, steps, dtype=torch.float64).tolist()
+    return np.linspace(0.0, end, steps).tolist()
 
 
 def sampler_timesteps(sampler: str = "ddim", steps: int = 50, spacing: str | None = None,
@@ -103,18 +103,17 @@ def sampler_timesteps(sampler: str = "ddim", steps: int = 50, spacing: str | Non
         repa = config is not None and getattr(config, "time_input", "sit") == "repa"
         return [1.0 - t if repa else t for t in calls]
     if sampler == "dpm-solver":
-        return sorted(int(t) for t in _dpm_scheduler(steps, spacing).timesteps)
+        return sorted(dpm_schedule(steps, spacing)[0])
     try:
         return spaced_timesteps(1000, steps, spacing)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
 
-def loop_time_inputs(config, sampler: str, steps: int, spacing: str | None, dtype=torch.float32) -> torch.Tensor:
-    """The network time inputs of one sampling loop as the sampler feeds them (long for the
-    eps samplers, ``dtype`` for the flow samplers)."""
-    times = sampler_timesteps(sampler, steps, spacing, config)
-    return torch.tensor(times, dtype=dtype if sampler in FLOW_SAMPLERS else torch.long)
+def loop_time_inputs(config, sampler: str, steps: int, spacing: str | None) -> list:
+    """The network time inputs of one sampling loop as host numbers, exactly the values the
+    sampler passes as ``RunContext.t`` (ints for the eps samplers, floats for the flow ones)."""
+    return list(sampler_timesteps(sampler, steps, spacing, config))
 
 
 def _guided(model, cfg_scale: float, cfg_channels: int | None):
@@ -255,7 +254,7 @@ def _device_of(model, fallback: torch.Tensor) -> torch.device:
 def _run_sampler(model, noise, y, sampler, steps, spacing, cfg_scale, cfg_channels, progress, generator, clip,
                  guidance_interval):
     dynamic = getattr(model.config, "width", None) is not None  # only width routers use the run's time inputs
-    times = loop_time_inputs(model.config, sampler, steps, spacing, noise.dtype) if dynamic and sampler != "dopri5" else None
+    times = loop_time_inputs(model.config, sampler, steps, spacing) if dynamic and sampler != "dopri5" else None
     with width_cache(model, times):
         if sampler in FLOW_SAMPLERS:
             return _flow_sample(model, noise, y, sampler, steps, cfg_scale, cfg_channels, progress, generator,
@@ -354,28 +353,33 @@ def _dopri5(velocity, noise, atol: float = 1e-6, rtol: float = 1e-3):
     return odeint(f, noise, torch.tensor([0.0, 1.0], dtype=noise.dtype), method="dopri5", atol=atol, rtol=rtol)[-1]
 
 
-def _dpm_scheduler(steps: int, spacing: str):
-    from diffusers import DPMSolverMultistepScheduler
-
-    sched = DPMSolverMultistepScheduler(
-        num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-        algorithm_type="dpmsolver++", solver_order=2, timestep_spacing=spacing,
-    )
-    sched.set_timesteps(steps)
-    if len(set(int(t) for t in sched.timesteps)) != steps:
+def dpm_schedule(steps: int, spacing: str) -> tuple[list[int], list[float]]:
+    """(timesteps, sigmas) of DPM-Solver++ over the linear-beta 1000-step process, as diffusers'
+    DPMSolverMultistepScheduler.set_timesteps makes them (its float32 schedule, its three
+    spacings, a final sigma of 0), without building the scheduler."""
+    T = 1000
+    betas = np.linspace(1e-4, 0.02, T, dtype=np.float32)
+    acp = np.cumprod(1.0 - betas, dtype=np.float32)
+    if spacing == "linspace":
+        ts = np.linspace(0, T - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+    elif spacing == "leading":
+        ts = (np.arange(0, steps + 1) * (T // (steps + 1))).round()[::-1][:-1].astype(np.int64)
+    else:
+        ts = np.arange(T, 0, -T / steps).round().astype(np.int64) - 1
+    sig = np.interp(ts, np.arange(T), ((1 - acp) / acp) ** 0.5)
+    sig = np.concatenate([sig, [0.0]]).astype(np.float32)
+    if len(set(ts.tolist())) != steps:
         raise UsageError(f"`steps` {steps} with {spacing} spacing repeats timesteps in dpm-solver; take fewer steps")
-    return sched
+    return [int(t) for t in ts], [float(v) for v in sig]
 
 
 def _dpm_solver(plain, guided, interval, x, y, steps, spacing, progress):
     """DPM-Solver++(2M) (multistep, data prediction) as diffusers' DPMSolverMultistepScheduler
     runs it with ``algorithm_type="dpmsolver++"``, ``solver_order=2`` and a final sigma of 0:
     first-order on the first and the last step, second-order (midpoint) between. The
-    coefficients of every step are host numbers from the scheduler's own timesteps and sigmas,
-    computed once (tests/test_diffusion.py checks the trajectory against the scheduler)."""
-    sched = _dpm_scheduler(steps, spacing)
-    ts = [int(t) for t in sched.timesteps]
-    sig = [float(v) for v in sched.sigmas]  # len(ts) + 1, the last 0
+    coefficients of every step are host numbers from ``dpm_schedule``, computed once
+    (tests/test_diffusion.py checks the trajectory against the scheduler itself)."""
+    ts, sig = dpm_schedule(steps, spacing)  # len(sig) = len(ts) + 1, the last 0
     alpha = [1.0 / math.sqrt(s * s + 1.0) for s in sig]
     sigma = [s * a for s, a in zip(sig, alpha)]
     lam = [math.log(a) - math.log(s) if s > 0 else math.inf for a, s in zip(alpha, sigma)]

@@ -143,7 +143,7 @@ def _stats(times: list[float]) -> dict:
     return {"latency_ms": med * 1e3, "iqr_ms": (q_hi - q_lo) * 1e3}
 
 
-def _warm_up(model, x, y, cfg_scale, times: torch.Tensor) -> None:
+def _warm_up(model, x, y, cfg_scale, times: list, dtype=torch.float32) -> None:
     """One forward per distinct width profile of the loop (static models: one forward), at
     the loop's batch shape (CFG doubles it): everything the loop will run is compiled (and
     allocated) before timing starts, without paying for a whole untimed loop."""
@@ -152,11 +152,12 @@ def _warm_up(model, x, y, cfg_scale, times: torch.Tensor) -> None:
     with width_cache(model, times):
         cache = getattr(model, "_width_cache", None)
         seen = set()
-        for t in times.tolist():
+        for t in times:
             key = tuple(cache[t]) if cache else None
             if key not in seen:
                 seen.add(key)
-                model(x, torch.full((len(x),), t, dtype=times.dtype, device=x.device), y, run=RunContext(t=t))
+                tt = torch.full((len(x),), t, dtype=torch.long if isinstance(t, int) else dtype, device=x.device)
+                model(x, tt, y, run=RunContext(t=t))
 
 
 def _loop_rows(model, cfg, batch_sizes, repeats, warmup, sampler, steps, spacing, cfg_scale, dtype):
@@ -166,7 +167,7 @@ def _loop_rows(model, cfg, batch_sizes, repeats, warmup, sampler, steps, spacing
 
     rows = []
     dev = _device(model)
-    times_in = loop_time_inputs(cfg, sampler, steps, spacing, dtype)
+    times_in = loop_time_inputs(cfg, sampler, steps, spacing)
     for bs in batch_sizes:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(bs, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(dev, dtype)
@@ -175,7 +176,7 @@ def _loop_rows(model, cfg, batch_sizes, repeats, warmup, sampler, steps, spacing
         with torch.inference_mode():
             t0 = time.perf_counter()
             for _ in range(warmup):
-                _warm_up(model, x, y, cfg_scale, times_in)
+                _warm_up(model, x, y, cfg_scale, times_in, dtype)
             _sync(dev)
             warm = time.perf_counter() - t0
             graphs = compiled_graphs()

@@ -85,6 +85,14 @@ def load_image_folder(path: Path) -> np.ndarray:
 # ---------------------------------------------------------------------------- sampling
 
 
+def sample_batch(model, labels: np.ndarray, g: torch.Generator, **sampling) -> torch.Tensor:
+    """One batch of an eval: noise drawn from the shard's CPU generator (the same images on any
+    device and any process split), sampled on the model's device."""
+    cfg = model.config
+    noise = torch.randn(len(labels), cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
+    return sample(model, noise, torch.from_numpy(np.asarray(labels)).long(), generator=g, **sampling)
+
+
 def sample_shards(model, out_dir: Path, num_samples: int, sampler: str = "ddim", steps: int = 50,
                   cfg_scale: float = 1.0, cfg_channels: int | None = None, seed: int = 0, shard_size: int = 250,
                   batch_size: int = 125, vae=None, rank: int = 0, world: int = 1,
@@ -109,12 +117,10 @@ def sample_shards(model, out_dir: Path, num_samples: int, sampler: str = "ddim",
             imgs = []
             for b in range(lo, hi, batch_size):
                 e = min(hi, b + batch_size)
-                noise = torch.randn(e - b, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
-                y = torch.from_numpy(labels[b:e]).long()
                 tb = time.perf_counter()
-                x = sample(model, noise, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                           cfg_channels=cfg_channels, generator=g, timestep_spacing=timestep_spacing,
-                           guidance_interval=guidance_interval, compile=compile)
+                x = sample_batch(model, labels[b:e], g, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+                                 cfg_channels=cfg_channels, timestep_spacing=timestep_spacing,
+                                 guidance_interval=guidance_interval, compile=compile)
                 if batch_seconds is not None:
                     batch_seconds.append((e - b, time.perf_counter() - tb))
                 imgs.append(to_uint8(decode(model, x, vae)))

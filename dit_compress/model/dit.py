@@ -256,18 +256,23 @@ def only_blocks(model, keep: list[int] | None):
 
 
 @contextlib.contextmanager
-def width_cache(model, times: torch.Tensor | None = None):
+def width_cache(model, times: list | None = None):
     """``with width_cache(model, times): <sampling run>``: a dynamic model's per-block widths
-    are resolved once for the run (FAST mode): for the time inputs ``times`` up front, in one
-    router pass, and for any other t on its first call; the routers no longer run per call.
-    A no-op for models without width routers or not in FAST mode; nested uses share the
+    are resolved once for the run (FAST mode): for the time inputs ``times`` (host numbers:
+    ints for DiT, floats for SiT, the values a sampler passes as ``RunContext.t``) up front,
+    in one router pass, and for any other t on its first call; the routers no longer run per
+    call. A no-op for models without width routers or not in FAST mode; nested uses share the
     outer cache."""
     inner = getattr(model, "module", model)
     if getattr(inner.config, "width", None) is None or inner._width_cache is not None or inner.routing != Routing.FAST:
         yield model
         return
-    inner._width_cache = dict(zip(times.tolist(), inner.widths_at(times))) if times is not None and len(times) else {}
-    # keys are the host values of the time inputs; RunContext.t carries the same values
+    times = list(times.tolist() if torch.is_tensor(times) else times or [])
+    if times:
+        as_tensor = torch.tensor(times, dtype=torch.long if all(isinstance(t, int) for t in times) else torch.float32)
+        inner._width_cache = dict(zip(times, inner.widths_at(as_tensor)))
+    else:
+        inner._width_cache = {}
     try:
         yield model
     finally:
