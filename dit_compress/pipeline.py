@@ -44,12 +44,21 @@ from .report import plot_points, table_md
 VAR_RE = re.compile(r"\$\{([A-Za-z_][\w]*)\}")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 RECORDS = ".ditc-steps"
-RECIPES_DIR = Path(__file__).parent / "recipes"
+def recipe_dirs() -> list[Path]:
+    """Where built-in recipes are: the repository's top-level ``recipes/`` (a source checkout or
+    an editable install), or the same files installed as the package data
+    ``dit_compress/recipes`` (a plain ``pip install .``); then ``./recipes`` of the current
+    directory."""
+    here = Path(__file__).resolve().parent
+    dirs = [here / "recipes"]  # installed from a wheel
+    if (here.parent / "pyproject.toml").exists():
+        dirs.append(here.parent / "recipes")  # the source tree
+    return dirs + [Path.cwd() / "recipes"]
 
 
 def builtin_recipes() -> dict[str, Path]:
     out = {}
-    for d in (RECIPES_DIR, Path.cwd() / "recipes"):
+    for d in recipe_dirs():
         if d.is_dir():
             for p in sorted(d.glob("*.yaml")):
                 out.setdefault(p.stem, p)
