@@ -258,7 +258,7 @@ def create(arch: str = typer.Argument(..., help="DiT-S/2, DiT-B/4, DiT-XL/2 ... 
 Steps = typer.Option(1000, "--steps", help="Optimizer steps.")
 Batch = typer.Option(64, "--batch-size", help="Per-process batch size.")
 Lr = typer.Option(1e-4, "--lr", help="AdamW learning rate.")
-Ema = typer.Option(0.9999, "--ema", help="EMA decay of the written weights (0: write the raw weights).")
+Ema = typer.Option(None, "--ema", help="EMA decay of the written weights (0: the raw weights). Default: scaled to the run, a window of 5% of the steps, at most the papers' 0.9999 (reached at 200K steps); 0.933 at 300 steps.", show_default=False)
 Seed = typer.Option(0, "--seed")
 Clip = typer.Option(1.0, "--grad-clip")
 Accum = typer.Option(1, "--grad-accum")
@@ -268,7 +268,7 @@ Ckpt = typer.Option(0, "--ckpt-every", help="Save resumable state every N steps 
 MP = typer.Option("no", "--mixed-precision", help="no | bf16 | fp16 (GPU only)")
 WD = typer.Option(0.0, "--weight-decay")
 Resume = typer.Option(False, "--resume", help="Continue an interrupted run of the same command and output.")
-FlopsHold = typer.Option(100, "--flops-hold", help="Dynamic models: steps the FLOPs target stays at 1.0 (DyDiT: 100).")
+FlopsHold = typer.Option(None, "--flops-hold", help="Dynamic models: steps the FLOPs target stays at 1.0. Default: DyDiT's 100 of 150K steps, scaled to the run (0 under 750 steps).", show_default=False)
 FlopsDecay = typer.Option(None, "--flops-decay", help="Dynamic models: steps from 1.0 down to the target (DyDiT: about 3% of training; default 3% of --steps).")
 FullLoss = typer.Option(1.0, "--full-model-loss", help="Dynamic models: weight of the full-width model's diffusion loss added each step (DyDiT stage 1: 1.0; 0 turns it off).")
 FullSteps = typer.Option(None, "--full-model-steps", help="Dynamic models: steps that add the full-model loss (default all, as DyDiT's lambda 0.7 run).")
@@ -279,10 +279,10 @@ Data = typer.Option(..., "--data", help="digits | a latents dir (*_features/*.np
 @app.command()
 @handle_errors
 def finetune(source: str = Src, output: str = Out, data: str = Data, steps: int = Steps, batch_size: int = Batch,
-             lr: float = Lr, ema: float = Ema, seed: int = Seed, grad_clip: float = Clip, grad_accum: int = Accum,
+             lr: float = Lr, ema: Optional[float] = Ema, seed: int = Seed, grad_clip: float = Clip, grad_accum: int = Accum,
              warmup: int = Warm, schedule: str = Sched, ckpt_every: int = Ckpt, mixed_precision: str = MP,
              weight_decay: float = WD, resume: bool = Resume, force: bool = Force, json_out: bool = JsonOut,
-             flops_hold: int = FlopsHold, flops_decay: Optional[int] = FlopsDecay, full_model_loss: float = FullLoss,
+             flops_hold: Optional[int] = FlopsHold, flops_decay: Optional[int] = FlopsDecay, full_model_loss: float = FullLoss,
              full_model_steps: Optional[int] = FullSteps, t_strata: int = TStrata,
              num_heads: Optional[int] = NumHeads, prediction: Optional[str] = Prediction, numerics: Optional[str] = Numerics):
     """Fine-tune with the DiT hybrid loss (eps MSE + VLB). Dynamic models also train their
@@ -308,11 +308,11 @@ def distill(source: str = Src, output: str = Out, teacher: str = typer.Option(..
             no_rep_mask: bool = typer.Option(False, "--no-rep-mask", help="Plain RepKD without the massive-activation mask."),
             rep_pairs: str = typer.Option("paper", "--rep-pairs", help="paper: student i <-> teacher (i+1)*T//S-1 (TinyFusion; 2i+1 for 28->14) | kept: from the kept-layer indices."),
             rep_mask_form: str = typer.Option("paper", "--rep-mask-form", help="paper: mean((m_s*h_s - m_t*h_t)^2) over all elements (TinyFusion) | joint: both masks, renormalised."),
-            steps: int = Steps, batch_size: int = Batch, lr: float = Lr, ema: float = Ema, seed: int = Seed,
+            steps: int = Steps, batch_size: int = Batch, lr: float = Lr, ema: Optional[float] = Ema, seed: int = Seed,
             grad_clip: float = Clip, grad_accum: int = Accum, warmup: int = Warm, schedule: str = Sched,
             ckpt_every: int = Ckpt, mixed_precision: str = MP, weight_decay: float = WD, resume: bool = Resume,
             force: bool = Force, json_out: bool = JsonOut,
-            flops_hold: int = FlopsHold, flops_decay: Optional[int] = FlopsDecay, full_model_loss: float = FullLoss,
+            flops_hold: Optional[int] = FlopsHold, flops_decay: Optional[int] = FlopsDecay, full_model_loss: float = FullLoss,
             full_model_steps: Optional[int] = FullSteps, t_strata: int = TStrata,
             num_heads: Optional[int] = NumHeads, prediction: Optional[str] = Prediction, numerics: Optional[str] = Numerics):
     """Distill a (compressed) student from a teacher: output KD, TinyFusion's masked
@@ -350,7 +350,7 @@ def prune_depth_cmd(
     calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration samples (block-influence, min-loss, reported loss)."),
     num_candidates: int = typer.Option(16, "--candidates", help="min-loss: random masks to try."),
     influence_input: str = typer.Option("clean", "--influence-input", help="block-influence: clean latents with random t (TinyFusion's scorer) | noisy x_t."),
-    measure_cost: bool = typer.Option(True, "--measure-cost/--no-measure-cost", help="learned: time a search step vs a plain training step."),
+    measure_cost: Optional[bool] = typer.Option(None, "--measure-cost/--no-measure-cost", help="learned: time a search step vs a plain training step (two copies of the model and an extra forward+backward). Default: on for models up to 50M parameters (the testbeds), off above (minutes and ~20 GB at DiT-XL).", show_default=False),
     seed: int = Seed, ckpt_every: int = Ckpt, resume: bool = Resume, force: bool = Force, json_out: bool = JsonOut,
     num_heads: Optional[int] = NumHeads, prediction: Optional[str] = Prediction, numerics: Optional[str] = Numerics,
 ):
@@ -407,6 +407,7 @@ def add_token_router_cmd(
     reduction: int = typer.Option(16, "--reduction", help="Router MLP D -> D/reduction -> 1."),
     tau: float = typer.Option(5.0, "--tau", help="Gumbel-sigmoid temperature during training (DyDiT: 5)."),
     init_bias: float = typer.Option(35.0, "--init-bias", help="Bias of the router's last layer at start (DyDiT: 35; everything on)."),
+    target_flops: Optional[float] = typer.Option(None, "--target-flops", help="Block FLOPs ratio fine-tuning trains toward (DyDiT's lambda). Default: the width routers' target when the model has them; token routers alone then have none (they train toward 1.0)."),
     seed: int = Seed, force: bool = Force, json_out: bool = JsonOut,
     num_heads: Optional[int] = NumHeads, prediction: Optional[str] = Prediction, numerics: Optional[str] = Numerics,
 ):
@@ -448,6 +449,7 @@ def eval_cmd(
     timestep_spacing: Optional[str] = Spacing,
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the model (first_batch_seconds holds the compile; steady_seconds_per_image the rest)."),
     device: str = typer.Option("auto", "--device", help="auto (the process's GPU under accelerate launch, CUDA when present, else the CPU) | cpu | cuda | cuda:N."),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse a finished eval whose every input is the same (model weights, settings, metrics, reference contents): the base-model evals shipped for the quickstart, and, when DITC_CACHE_DIR names a folder, every eval stored there before. The report names where it came from."),
     force: bool = Force,
     json_out: bool = JsonOut,
     num_heads: Optional[int] = NumHeads, prediction: Optional[str] = Prediction, numerics: Optional[str] = Numerics,
@@ -603,6 +605,9 @@ def recipes_cmd():
 def _summary(report: dict | None, json_out: bool):
     if report is None:  # a process other than the main one under accelerate launch: it writes nothing
         return
+    if report.get("warning"):
+        err_console.print(f"[bold yellow]warning:[/] {escape(as_flags(str(report['warning'])))}", highlight=False,
+                          soft_wrap=True)
     short = {k: v for k, v in report.items() if k not in ("history",)}
     if json_out:
         emit_json(short)

@@ -16,6 +16,7 @@ FORMAT_VERSION = 1
 NUMERICS = ("original", "diffusers")
 PREDICTIONS = ("eps", "velocity")
 SORTS = ("magnitude", "taylor", "none")
+FAMILIES = ("dit", "pixart")  # model/family.py holds what each one is
 # Sizes a config may state, checked before anything is allocated: far above any published
 # DiT (XL/2 at 1024 px: 4,096 tokens, hidden 1152, 28 layers, 675M parameters), far below
 # what would exhaust a machine by a typo or a tampered file.
@@ -33,6 +34,18 @@ ARCHS = {
     "L": dict(depth=24, hidden_size=1024, num_heads=16),
     "XL": dict(depth=28, hidden_size=1152, num_heads=16),
 }
+
+
+def _pixart(sample: int, additional: bool) -> dict:
+    return dict(family="pixart", depth=28, hidden_size=1152, num_heads=16, patch_size=2, input_size=sample,
+                in_channels=4, num_classes=1, learn_sigma=True, caption_channels=4096, caption_length=120,
+                additional_conditions=additional, interpolation_scale=float(max(sample // 64, 1)),
+                pos_base_size=sample // 2, class_dropout_prob=0.1)
+
+
+# diffusers' transformer/config.json of PixArt-alpha/PixArt-XL-2-{256x256,512x512,1024-MS}
+PIXART_PRESETS = {"PixArt-XL/2-256": _pixart(32, False), "PixArt-XL/2-512": _pixart(64, False),
+                  "PixArt-XL/2-1024": _pixart(128, True)}
 
 
 @dataclass
@@ -120,6 +133,13 @@ class DiTConfig:
     tokens: TokenSpec | None = None
     lineage: list[dict[str, Any]] = field(default_factory=list)
     provenance: dict[str, str] = field(default_factory=dict)  # where each fact came from, as the loader read it
+    # the network family; "pixart" (text-to-image, adaLN-single + cross-attention) adds:
+    family: str = "dit"
+    caption_channels: int | None = None  # the text encoder's feature width (T5-XXL: 4096)
+    caption_length: int | None = None  # tokens the pipeline's tokenizer pads to (PixArt-α 120, Σ 300), when stated
+    additional_conditions: bool = False  # resolution + aspect-ratio conditions (the 1024 px models)
+    interpolation_scale: float | None = None  # positions / interpolation_scale (diffusers: sample_size // 64)
+    pos_base_size: int | None = None  # the grid the positions are scaled to (diffusers: sample_size // patch)
 
     def __post_init__(self):
         if self.source_depth is None:  # the least depth the kept layers can have come from
@@ -153,6 +173,14 @@ class DiTConfig:
     @property
     def is_dynamic(self) -> bool:
         return self.width is not None or self.tokens is not None
+
+    @property
+    def flops_target(self) -> float | None:
+        """The block FLOPs ratio the routers train toward: the token routers' own target when
+        given, else the width routers'; None for static models (and token routers without one)."""
+        if self.tokens is not None and self.tokens.target_flops is not None:
+            return self.tokens.target_flops
+        return self.width.target_flops if self.width is not None else None
 
     def validate(self) -> None:
         """Every field typed and in range, sizes bounded, before any module is built from it."""
@@ -211,6 +239,18 @@ class DiTConfig:
             raise UsageError(
                 f"MLP hidden size {self.mlp_hidden} cannot be split into {self.num_heads} groups"
             )
+        c.choice("family", self.family, FAMILIES)
+        if self.family == "pixart":
+            c.integer("caption_channels", self.caption_channels, lo=1, hi=MAX_HIDDEN)
+            c.integer("caption_length", self.caption_length, lo=1, hi=MAX_TOKENS, optional=True)
+            c.flag("additional_conditions", self.additional_conditions)
+            c.real("interpolation_scale", self.interpolation_scale, lo=0.0, lo_open=True, optional=True)
+            c.integer("pos_base_size", self.pos_base_size, lo=1, hi=MAX_TOKENS, optional=True)
+            if self.additional_conditions and self.hidden_size % 3:
+                raise UsageError(f"resolution/aspect-ratio conditions need a hidden size divisible by 3, got {self.hidden_size}")
+        elif (self.caption_channels, self.caption_length, self.interpolation_scale, self.pos_base_size) != (None,) * 4 \
+                or self.additional_conditions:
+            raise UsageError("caption and PixArt fields are set on a class-conditional DiT config")
         if not isinstance(self.lineage, list) or not all(isinstance(s, dict) for s in self.lineage):
             raise UsageError("`lineage` must be a list of objects")
         if not isinstance(self.provenance, dict):
@@ -219,19 +259,23 @@ class DiTConfig:
     def estimated_params(self) -> float:
         """Parameters this config describes (analytic, nothing allocated)."""
         D, L = float(self.hidden_size), float(self.depth)
+        if self.family == "pixart":
+            block = 8 * D * D + 2 * D * self.mlp_hidden + 6 * D
+            return L * block + (self.caption_channels or 0) * D + 8 * D * D + self.in_channels * self.patch_size ** 2 * D
         block = 4 * D * D + 2 * D * self.mlp_hidden + 6 * D * D
         emb = (self.num_classes + 1) * D * (L + 1 if self.block_embedders else 1)
         return L * block + emb + self.num_patches * D + self.in_channels * self.patch_size ** 2 * D
 
     def describe_arch(self) -> str:
+        family = "PixArt" if self.family == "pixart" else "DiT"
         for name, arch in ARCHS.items():
             if (
                 arch["hidden_size"] == self.hidden_size
                 and arch["num_heads"] == self.num_heads
                 and arch["depth"] == self.source_depth
             ):
-                return f"DiT-{name}/{self.patch_size}"
-        return f"DiT(D={self.hidden_size},H={self.num_heads},depth={self.source_depth})/{self.patch_size}"
+                return f"{family}-{name}/{self.patch_size}"
+        return f"{family}(D={self.hidden_size},H={self.num_heads},depth={self.source_depth})/{self.patch_size}"
 
     # ------------------------------------------------------------------ json
     def to_dict(self) -> dict:
@@ -280,7 +324,14 @@ class DiTConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "DiTConfig":
-        """``DiT-XL/2``, ``DiT-S/4``, ... with 256 px latents unless overridden."""
+        """``DiT-XL/2``, ``DiT-S/4``, ... with 256 px latents unless overridden; ``PixArt-XL/2-512``
+        (and -256, -1024) with PixArt-α's published transformer config (T5-XXL captions of 120
+        tokens; the 1024 px model with resolution/aspect-ratio conditions)."""
+        if isinstance(name, str) and name in PIXART_PRESETS:
+            arch = dict(PIXART_PRESETS[name])
+            arch.update(overrides)
+            arch.setdefault("name", name)
+            return cls(**arch)
 
         m = re.fullmatch(r"(?:DiT-)?(S|B|L|XL)[/-](2|4|8)", name) if isinstance(name, str) else None
         if not m:

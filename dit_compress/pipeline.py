@@ -30,6 +30,7 @@ import inspect
 import json
 import os
 import re
+import statistics
 import time
 import typing
 from pathlib import Path
@@ -39,7 +40,7 @@ import yaml
 from .commands import COMMANDS
 from .errors import DitcError, UsageError
 from .outputs import work_dir_for
-from .report import plot_points, table_md
+from .report import plot_with_noise, table_md
 
 VAR_RE = re.compile(r"\$\{([A-Za-z_][\w]*)\}")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -384,11 +385,15 @@ def summarize(run_dir: Path, resolved: dict, timings: list[dict]) -> dict:
         if step["command"] == "bench":
             for r in rep.get("rows", []):
                 benches.append({"step": step["name"], **{k: r[k] for k in ("model", "batch", "gflops", "flops_ratio", "latency_ms", "speedup")}})
-    summary = {"recipe": resolved["name"], "steps": timings, "quality": evals, "speed": benches}
+    noise = [{"model": m, "seeds": n, "fid_mean": mean, "fid_seed_sd": sd} for m, (mean, sd, n) in fid_noise(evals).items()]
+    summary = {"recipe": resolved["name"], "steps": timings, "quality": evals, "fid_noise": noise, "speed": benches}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     md = [f"# Run summary: {resolved['name']}", "", resolved.get("description", ""), "", "## Steps", "", table_md(timings)]
     if evals:
         md += ["## Quality", "", table_md(evals)]
+    if noise:
+        md += ["FID noise: the same model sampled at several seeds (same N); a FID difference within about "
+               "two of these sds is not one.", "", table_md(noise)]
     if benches:
         md += ["## Speed", "", table_md(benches)]
     (run_dir / "summary.md").write_text("\n".join(md) + "\n")
@@ -396,13 +401,36 @@ def summarize(run_dir: Path, resolved: dict, timings: list[dict]) -> dict:
     return summary
 
 
+def fid_noise(evals: list[dict]) -> dict[str, tuple[float, float, int]]:
+    """Per model evaluated at several seeds (same N): (mean FID, seed-to-seed sd, seeds)."""
+    by_model: dict[str, list[float]] = {}
+    for e in evals:
+        if "frechet_inception_distance" in e:
+            by_model.setdefault(str(e["model"]), []).append(float(e["frechet_inception_distance"]))
+    return {m: (statistics.mean(v), statistics.stdev(v), len(v)) for m, v in by_model.items() if len(v) > 1}
+
+
 def plot_quality_vs_speed(evals: list[dict], benches: list[dict], path: Path) -> None:
-    """FID against measured speedup (largest benchmarked batch) for models with both."""
+    """FID against measured speedup (largest benchmarked batch) for models with both, with the
+    FID noise: each model's seed-to-seed sd where it was evaluated at several seeds, else the
+    most-evaluated model's (the base), drawn as error bars and a band around that model."""
     if not evals or not benches:
         return
     big = max(r["batch"] for r in benches)
     speed = {str(r["model"]): r["speedup"] for r in benches if r["batch"] == big}
-    pts = [(speed[str(e["model"])], e["frechet_inception_distance"], e["step"], "") for e in evals
-           if str(e.get("model")) in speed and "frechet_inception_distance" in e]
-    if pts:
-        plot_points(path, pts, f"measured speedup (batch {big})", "FID (lower is better)")
+    noise = fid_noise(evals)
+    ref = max(noise.items(), key=lambda kv: kv[1][2]) if noise else None
+    pts, seen = [], set()
+    for e in evals:
+        m = str(e.get("model"))
+        if m in speed and "frechet_inception_distance" in e and m not in seen:
+            seen.add(m)
+            mean, sd, _ = noise.get(m, (float(e["frechet_inception_distance"]), ref[1][1] if ref else 0.0, 1))
+            pts.append((speed[m], mean, sd, e["step"]))
+    if not pts:
+        return
+    band = None
+    if ref is not None:
+        mean, sd, n = ref[1]
+        band = (mean - sd, mean + sd, f"{Path(ref[0]).name} FID \u00b1 1 sd over {n} seeds")
+    plot_with_noise(path, pts, band, f"measured speedup (batch {big})", "FID (lower is better)")

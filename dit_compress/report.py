@@ -103,6 +103,26 @@ def plot_points(path: Path, points, xlabel: str, ylabel: str, diagonal: str | No
             ax.legend(fontsize=7)
 
 
+def plot_with_noise(path: Path, points, band: tuple[float, float, str] | None, xlabel: str, ylabel: str,
+                    size=(5.5, 3.8)) -> None:
+    """(x, y, yerr, label) points with error bars, over a shaded horizontal band (low, high,
+    label): e.g. FID against speedup with the seed-to-seed spread of FID drawn, so a difference
+    inside the noise looks like one. The y axis starts at 0, so a small gap is drawn small."""
+    with figure(path, None, xlabel, ylabel, size) as (_, ax):
+        xs = [p[0] for p in points]
+        if band is not None:
+            lo, hi, text = band
+            ax.axhspan(lo, hi, color="0.85", label=text, zorder=0)
+        for x, y, err, label in points:
+            ax.errorbar([x], [y], yerr=[err] if err else None, fmt="o", capsize=4, zorder=2)
+            ax.annotate(label, (x, y), fontsize=7, xytext=(5, 5), textcoords="offset points")
+        top = max(max(p[1] + (p[2] or 0) for p in points), band[1] if band else 0)
+        ax.set_ylim(0, top * 1.25)
+        ax.set_xlim(0, max(xs) * 1.25 if xs else 1)
+        if band is not None:
+            ax.legend(fontsize=7, loc="lower right")
+
+
 def plot_heatmap(path: Path, matrix, title: str, xlabel: str, ylabel: str, xticks=None) -> None:
     m = np.asarray(matrix)
     with figure(path, title, xlabel, ylabel) as (fig, ax):

@@ -9,3 +9,19 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--expensive", action="store_true", default=False,
+                     help="also run the tests marked expensive (minutes each on 2 CPU cores)")
+
+
+def pytest_collection_modifyitems(config, items):
+    import pytest
+
+    if config.getoption("--expensive"):
+        return
+    skip = pytest.mark.skip(reason="expensive: run with --expensive")
+    for item in items:
+        if "expensive" in item.keywords:
+            item.add_marker(skip)

@@ -95,10 +95,12 @@ def test_failing_step_stops_with_its_code(tmp_path):
 @pytest.mark.slow
 def test_quickstart_recipe_at_reduced_budget(tmp_path):
     r = run("run", "quickstart", "prune_steps=5", "distill_steps=5", "samples=20", "prune.calib_samples=16",
-            "prune.measure_cost=false", "eval-base.steps=10", "eval-pruned.steps=10", "bench.repeats=2", "-o", tmp_path / "qs", "--json")
+            "prune.measure_cost=false", "eval_steps=10", "bench.repeats=2", "-o", tmp_path / "qs", "--json")
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
-    assert {q["step"] for q in s["quality"]} == {"eval-base", "eval-pruned"}
+    assert {q["step"] for q in s["quality"]} == {"eval-base", "eval-base-seed-1", "eval-base-seed-2", "eval-pruned"}
+    assert s["fid_noise"][0]["model"] == "digits-dit" and s["fid_noise"][0]["seeds"] == 3
+    assert (tmp_path / "qs" / "quality_vs_speed.png").exists()
     assert all("frechet_inception_distance" in q and "class_accuracy" in q for q in s["quality"])
     pruned = [row for row in s["speed"] if row["model"].endswith("distill")]
     assert pruned and all(row["flops_ratio"] > 1.8 for row in pruned)

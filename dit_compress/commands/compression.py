@@ -19,6 +19,7 @@ from ..model import DiT
 from .common import load_source, parse_ints, seed as check_seed, source_name, writes_output
 
 INFLUENCE_INPUTS = ("clean", "noisy")
+MEASURE_COST_UP_TO = 50_000_000  # parameters: the learned search times itself by default up to this size
 SUMMARY_KEYS = ("method", "groups", "kept_layers", "depth_after", "params_before", "params_after", "gflops_before",
                 "gflops_after", "calib_loss_chosen", "confidence", "seconds", "search_cost")
 
@@ -30,7 +31,7 @@ def prune_depth(source, *, output: str | Path, pattern: str | None = None, group
                 tau_start: float = 4.0, tau_end: float = 0.1, logit_scale: float = 100.0, logit_ema: float = 0.999,
                 recover: str = "lora", lora_rank: int = 8, lora_alpha: int = 16, keep_recovery_weights: bool = False,
                 calib_samples: int = 128, num_candidates: int = 16, influence_input: str = "clean",
-                measure_cost: bool = True, seed: int = 0, ckpt_every: int = 0, resume: bool = False,
+                measure_cost: bool | None = None, seed: int = 0, ckpt_every: int = 0, resume: bool = False,
                 force: bool = False, revision: str | None = None, no_ema: bool = False, num_heads: int | None = None,
                 prediction: str | None = None, numerics: str | None = None) -> tuple[DiT, dict]:
     """Remove layers: TinyFusion's learned N:M selection (Gumbel masks + LoRA recoverability)
@@ -56,9 +57,11 @@ def prune_depth(source, *, output: str | Path, pattern: str | None = None, group
     num_candidates = c.integer("num_candidates", num_candidates, lo=1, hi=c.MAX_COUNT)
     ckpt_every, seed = c.integer("ckpt_every", ckpt_every, lo=0, hi=big), check_seed(seed)
     keep_recovery_weights, resume = c.flag("keep_recovery_weights", keep_recovery_weights), c.flag("resume", resume)
-    measure_cost = c.flag("measure_cost", measure_cost)
+    measure_cost = None if measure_cost is None else c.flag("measure_cost", measure_cost)
     model = load_source(source, revision=revision, no_ema=no_ema, num_heads=num_heads, prediction=prediction,
                         numerics=numerics)
+    if measure_cost is None:  # two model copies and an extra step: seconds on a testbed, minutes and ~20 GB at XL
+        measure_cost = model.num_params() <= MEASURE_COST_UP_TO
     grp = depth_mod.parse_groups(model.config.depth, pattern, groups) if (pattern or groups) else None
     ds = load_data(data, model.config.num_classes) if data is not None else None
     lc = depth_mod.LearnedConfig(steps=steps, batch_size=batch_size, lr=lr, logit_lr=logit_lr, tau_start=tau_start,
@@ -81,8 +84,9 @@ def prune_depth(source, *, output: str | Path, pattern: str | None = None, group
 
 
 def _write_routed(model: DiT, source, op: str, output: Path, force: bool) -> tuple[DiT, dict]:
-    """A routed model with its report (describe + the width profile PNG)."""
-    report = describe(model)
+    """A routed model with its report (describe + the width profile PNG). Token routers that
+    were just added route a share their bias states: nothing is sampled to report it."""
+    report = describe(model, fresh_tokens=op == "add-token-router")
     report.update(op=op, source=source_name(source))
 
     def plots(out_dir):
@@ -116,14 +120,17 @@ def add_dynamic_width(source, *, output: str | Path, target_flops: float = 0.5, 
 
 @writes_output("source")
 def add_token_router(source, *, output: str | Path, reduction: int = 16, tau: float = 5.0, init_bias: float = 35.0,
-                     seed: int = 0, force: bool = False, revision: str | None = None, no_ema: bool = False,
+                     target_flops: float | None = None, seed: int = 0, force: bool = False, revision: str | None = None, no_ema: bool = False,
                      num_heads: int | None = None, prediction: str | None = None,
                      numerics: str | None = None) -> tuple[DiT, dict]:
-    """DyDiT spatial token routers before each block's MLP (all tokens on at start)."""
+    """DyDiT spatial token routers before each block's MLP (all tokens on at start).
+    ``target_flops``: the block FLOPs ratio fine-tuning trains toward (DyDiT's lambda; with
+    width routers it replaces theirs; without either the routers have no FLOPs target)."""
     reduction = checks.integer("reduction", reduction, lo=1, hi=2**15)
+    target_flops = checks.real("target_flops", target_flops, lo=0.0, hi=1.0, lo_open=True, optional=True)
     tau, init_bias = checks.real("tau", tau, lo=0.0, lo_open=True), checks.real("init_bias", init_bias)
     seed = check_seed(seed)
     model = load_source(source, revision=revision, no_ema=no_ema, num_heads=num_heads, prediction=prediction,
                         numerics=numerics)
-    routed = dynamic.add_token_router(model, tau, init_bias, reduction, seed)
+    routed = dynamic.add_token_router(model, tau, init_bias, reduction, seed, target_flops)
     return _write_routed(routed, source, "add-token-router", Path(output), force)

@@ -38,7 +38,7 @@ def evaluate_model(source, *, output: str | Path, num_samples: int = 1000, sampl
              dense_masks: bool = False, loss_data: str | None = None, grid: bool = True,
              timestep_spacing: str | None = None, revision: str | None = None, no_ema: bool = False,
              num_heads: int | None = None, prediction: str | None = None, numerics: str | None = None,
-             compile: bool = False, device: str = "auto", force: bool = False) -> dict | None:
+             compile: bool = False, device: str = "auto", cache: bool = True, force: bool = False) -> dict | None:
     """Sample class-balanced images (sharded, resumable, split over ``accelerate launch``
     processes), then FID / IS / KID / precision-recall, class accuracy and held-out loss on the
     digits testbed. Writes ``output`` (report.json/.md, samples) atomically once complete;
@@ -47,7 +47,8 @@ def evaluate_model(source, *, output: str | Path, num_samples: int = 1000, sampl
     ``force`` starts over). Returns the report (None on processes other than the main one).
     ``compile``: torch.compile the model first (the first batch's time, compile included, is
     reported apart from the steady seconds per image). ``device``: auto (the process's GPU
-    under accelerate, CUDA when present, else the CPU), cpu, cuda or cuda:N."""
+    under accelerate, CUDA when present, else the CPU), cpu, cuda or cuda:N. ``cache``: reuse a
+    finished eval whose every input is the same (the report says where it came from)."""
     from accelerate import PartialState  # heavy: imported on first use
 
     c = checks
@@ -63,6 +64,7 @@ def evaluate_model(source, *, output: str | Path, num_samples: int = 1000, sampl
     batch_size = c.integer("batch_size", batch_size, lo=1, hi=c.MAX_BATCH)
     kid_subset_size = c.integer("kid_subset_size", kid_subset_size, lo=1, hi=c.MAX_COUNT, optional=True)
     dense_masks, grid, compile = c.flag("dense_masks", dense_masks), c.flag("grid", grid), c.flag("compile", compile)
+    cache = c.flag("cache", cache)
     check_spacing(timestep_spacing)
     metric_list = parse_names(metrics, "metrics")
     fidelity.check_metrics(metric_list, num_samples, kid_subset_size)
@@ -86,7 +88,7 @@ def evaluate_model(source, *, output: str | Path, num_samples: int = 1000, sampl
                                  barrier=state.wait_for_everyone, loss_data=None if loss_data == "none" else loss_data,
                                  timestep_spacing=timestep_spacing, guidance_interval=interval,
                                  source=source_name(source), grid=grid, compile=compile, force=force,
-                                 producer=producer)
+                                 producer=producer, cache=cache)
 
 
 def resolve_device(device, auto=None) -> torch.device:

@@ -14,12 +14,32 @@ SCHEDULES = ("constant", "cosine", "linear")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
-def train_config(*, steps: int = 1000, batch_size: int = 64, lr: float = 1e-4, ema: float = 0.9999, seed: int = 0,
+PAPER_EMA = 0.9999  # DiT, TinyFusion and DyDiT fine-tuning (runs of 100K-500K steps)
+PAPER_FLOPS_HOLD = 100  # DyDiT: the FLOPs target stays at 1.0 for 100 of 150K iterations
+
+
+def auto_ema(steps: int) -> float:
+    """The EMA decay scaled to the run: its averaging window (1 / (1 - decay)) is 5% of the
+    steps, at most the papers' 0.9999 (a 10,000-step window, 5% of a 200K-step run): the
+    paper's value where the run is as long as the paper's, a window that ends near the last
+    weights on a short run."""
+    return min(PAPER_EMA, 1.0 - 1.0 / max(1.0, 0.05 * steps))
+
+
+def auto_flops_hold(steps: int) -> int:
+    """DyDiT's 100 held steps of 150K, scaled to the run (0 for runs under 750 steps)."""
+    return min(PAPER_FLOPS_HOLD, round(PAPER_FLOPS_HOLD * steps / 150_000))
+
+
+def train_config(*, steps: int = 1000, batch_size: int = 64, lr: float = 1e-4, ema: float | None = None, seed: int = 0,
                  grad_clip: float = 1.0, grad_accum: int = 1, warmup: int = 0, schedule: str = "constant",
                  ckpt_every: int = 0, mixed_precision: str = "no", weight_decay: float = 0.0) -> TrainConfig:
-    """The optimisation options of ``finetune``/``distill``, checked."""
+    """The optimisation options of ``finetune``/``distill``, checked; ``ema=None`` scales the
+    decay to the run (``auto_ema``)."""
     c, big = checks, checks.MAX_STEPS
-    return TrainConfig(steps=c.integer("steps", steps, lo=1, hi=big),
+    steps = c.integer("steps", steps, lo=1, hi=big)
+    ema = auto_ema(steps) if ema is None else ema
+    return TrainConfig(steps=steps,
                        batch_size=c.integer("batch_size", batch_size, lo=1, hi=c.MAX_BATCH),
                        lr=c.real("lr", lr, lo=0.0, lo_open=True), ema=c.real("ema", ema, lo=0.0, hi=1.0, hi_open=True),
                        seed=check_seed(seed), grad_clip=c.real("grad_clip", grad_clip, lo=0.0),
@@ -31,10 +51,12 @@ def train_config(*, steps: int = 1000, batch_size: int = 64, lr: float = 1e-4, e
                        weight_decay=c.real("weight_decay", weight_decay, lo=0.0))
 
 
-def dynamic_options(*, flops_hold: int = 100, flops_decay: int | None = None, full_model_loss: float = 1.0,
-                    full_model_steps: int | None = None, t_strata: int = 4) -> dict:
-    """DyDiT's schedule for models with routers (each DyDiT's value by default)."""
+def dynamic_options(*, flops_hold: int | None = None, flops_decay: int | None = None, full_model_loss: float = 1.0,
+                    full_model_steps: int | None = None, t_strata: int = 4, steps: int = 1000) -> dict:
+    """DyDiT's schedule for models with routers: its values at its run length, the hold and the
+    decay (3%) scaled to shorter runs when not given."""
     c, big = checks, checks.MAX_STEPS
+    flops_hold = auto_flops_hold(steps) if flops_hold is None else flops_hold
     return {"flops_hold": c.integer("flops_hold", flops_hold, lo=0, hi=big),
             "flops_decay": c.integer("flops_decay", flops_decay, lo=1, hi=big, optional=True),
             "full_loss": c.real("full_model_loss", full_model_loss, lo=0.0),
@@ -54,14 +76,15 @@ def _split(args: dict) -> tuple[TrainConfig, dict, dict]:
     options = {k: args[k] for k in _TRAIN + _DYN + _LOAD if k in args}
     dyn = {k: options.pop(k) for k in _DYN if k in options}
     load = {k: options.pop(k) for k in _LOAD if k in options}
-    return train_config(**options), dynamic_options(**dyn), load
+    tcfg = train_config(**options)
+    return tcfg, dynamic_options(**dyn, steps=tcfg.steps), load
 
 
 @writes_output("source", "data")
-def finetune(source, *, output: str | Path, data: str, steps: int = 1000, batch_size: int = 64, lr: float = 1e-4, ema: float = 0.9999, seed: int = 0,
+def finetune(source, *, output: str | Path, data: str, steps: int = 1000, batch_size: int = 64, lr: float = 1e-4, ema: float | None = None, seed: int = 0,
              grad_clip: float = 1.0, grad_accum: int = 1, warmup: int = 0, schedule: str = "constant",
              ckpt_every: int = 0, mixed_precision: str = "no", weight_decay: float = 0.0,
-             flops_hold: int = 100, flops_decay: int | None = None, full_model_loss: float = 1.0,
+             flops_hold: int | None = None, flops_decay: int | None = None, full_model_loss: float = 1.0,
              full_model_steps: int | None = None, t_strata: int = 4, resume: bool = False, force: bool = False,
              revision: str | None = None, no_ema: bool = False, num_heads: int | None = None,
              prediction: str | None = None, numerics: str | None = None):
@@ -81,10 +104,10 @@ def finetune(source, *, output: str | Path, data: str, steps: int = 1000, batch_
 @writes_output("source", "teacher", "data")
 def distill(source, *, output: str | Path, teacher, data: str, kd_out: float = 0.9, kd_plain: float = 0.1,
             kd_rep: float = 0.0, k_sigma: float = 2.0, no_rep_mask: bool = False, rep_pairs: str = "paper",
-            rep_mask_form: str = "paper", steps: int = 1000, batch_size: int = 64, lr: float = 1e-4, ema: float = 0.9999, seed: int = 0,
+            rep_mask_form: str = "paper", steps: int = 1000, batch_size: int = 64, lr: float = 1e-4, ema: float | None = None, seed: int = 0,
             grad_clip: float = 1.0, grad_accum: int = 1, warmup: int = 0, schedule: str = "constant",
             ckpt_every: int = 0, mixed_precision: str = "no", weight_decay: float = 0.0,
-            flops_hold: int = 100, flops_decay: int | None = None, full_model_loss: float = 1.0,
+            flops_hold: int | None = None, flops_decay: int | None = None, full_model_loss: float = 1.0,
             full_model_steps: int | None = None, t_strata: int = 4,
             revision: str | None = None, no_ema: bool = False, num_heads: int | None = None,
             prediction: str | None = None, numerics: str | None = None,

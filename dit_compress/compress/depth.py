@@ -326,6 +326,7 @@ def search_setup(model, data, groups, lc: LearnedConfig) -> SearchSetup:
         raise UsageError(f"`recover` must be lora, full or frozen, not {lc.recover!r}")
     dit = copy.deepcopy(model)
     dit.train()
+    torch.manual_seed(lc.seed)  # the LoRA initialisation draws from the global generator: seeded, reproducible
     if lc.recover == "lora":
         dit = add_lora(dit, lc.lora_rank, lc.lora_alpha)
     else:

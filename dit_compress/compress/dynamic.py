@@ -28,42 +28,60 @@ def _head_perm_rows(order: torch.Tensor, hd: int) -> torch.Tensor:
 
 @torch.no_grad()
 def importance(model, kind: str, data=None, batches: int = 4, batch_size: int = 32, seed: int = 0):
-    """Per-block (head scores [H], channel scores [4D]) — larger is more important."""
+    """Per-block (head scores [H], channel scores [4D]) — larger is more important.
+
+    ``magnitude``: norms of each head's value/output weights and each channel's in/out weights.
+    ``taylor``: first-order Taylor importance |sum over a group's weights of w * dL/dw|, taken
+    per batch and summed over ``batches`` batches (DynaBERT's accumulation, which DyDiT follows:
+    the absolute value of each batch's estimate, so batches whose signs differ do not cancel)."""
     cfg = model.config
     D, H = cfg.hidden_size, cfg.num_heads
     hd = D // H
-    grads = None
     if kind == "taylor":
         if data is None:
             raise UsageError("`sort_by` taylor needs `data` to measure first-order importance")
-        grads = _accumulate_grads(model, data, batches, batch_size, seed)
+        return _taylor_scores(model, data, batches, batch_size, seed)
     out = []
-    for i, b in enumerate(model.blocks):
+    for b in model.blocks:
         qkv, proj, fc1, fc2 = b.attn.qkv.weight, b.attn.proj.weight, b.mlp.fc1.weight, b.mlp.fc2.weight
-        if kind == "magnitude":
-            v = qkv[2 * D:].reshape(H, hd, D).norm(dim=(1, 2))
-            o = proj.reshape(D, H, hd).permute(1, 0, 2).norm(dim=(1, 2))
-            heads = v * o
-            chans = fc1.norm(dim=1) * fc2.norm(dim=0)
-        else:
-            g = grads
-            heads = ((qkv * g[f"blocks.{i}.attn.qkv.weight"]).reshape(3, H, hd, D).sum(dim=(0, 2, 3)).abs()
-                     + (proj * g[f"blocks.{i}.attn.proj.weight"]).reshape(D, H, hd).sum(dim=(0, 2)).abs())
-            chans = ((fc1 * g[f"blocks.{i}.mlp.fc1.weight"]).sum(1).abs() + (fc2 * g[f"blocks.{i}.mlp.fc2.weight"]).sum(0).abs())
-        out.append((heads, chans))
+        v = qkv[2 * D:].reshape(H, hd, D).norm(dim=(1, 2))
+        o = proj.reshape(D, H, hd).permute(1, 0, 2).norm(dim=(1, 2))
+        out.append((v * o, fc1.norm(dim=1) * fc2.norm(dim=0)))
     return out
 
 
-def _accumulate_grads(model, data, batches, batch_size, seed):
+def taylor_terms(block, H: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch's first-order estimates |sum w * g| per head and per MLP channel of a block
+    whose weights hold the batch's gradients."""
+    def wg(lin):
+        g = lin.weight.grad
+        return lin.weight * g if g is not None else torch.zeros_like(lin.weight)
+
+    D = block.attn.qkv.in_features
+    hd = D // H
+    heads = wg(block.attn.qkv).reshape(3, H, hd, D).sum(dim=(0, 2, 3)).abs() + \
+        wg(block.attn.proj).reshape(D, H, hd).sum(dim=(0, 2)).abs()
+    chans = wg(block.mlp.fc1).sum(1).abs() + wg(block.mlp.fc2).sum(0).abs()
+    return heads, chans
+
+
+def _taylor_scores(model, data, batches, batch_size, seed):
     m = copy.deepcopy(model).train()
     diff = objective_for(m.config)
     g = torch.Generator().manual_seed(seed)
-    with torch.enable_grad():
-        for _ in range(batches):
-            x, y = draw_examples(data, batch_size, g)
-            t = torch.randint(0, 1000, (batch_size,), generator=g)
-            diff.training_losses(m, x, t, y)["loss"].mean().backward()
-    return {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in m.named_parameters()}
+    dev = next(m.parameters()).device
+    total = None
+    for _ in range(batches):
+        x, y = draw_examples(data, batch_size, g)
+        t = torch.randint(0, 1000, (batch_size,), generator=g)
+        noise = torch.randn(x.shape, generator=g)  # every draw from the seeded generator: a reproducible order
+        m.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            diff.training_losses(m, x.to(dev), diff.continuous_t(t).to(dev), y.to(dev),
+                                 noise=noise.to(dev))["loss"].mean().backward()
+        terms = [taylor_terms(b, m.config.num_heads) for b in m.blocks]
+        total = terms if total is None else [(a + c, b + d) for (a, b), (c, d) in zip(total, terms)]
+    return total
 
 
 @torch.no_grad()
@@ -122,16 +140,19 @@ def add_dynamic_width(model, target_flops: float = 0.5, sort_by: str = "magnitud
     return new
 
 
-def add_token_router(model, tau: float = 5.0, init_bias: float = 35.0, reduction: int = 16, seed: int = 0):
-    """A copy of ``model`` with an all-on token router before every block's MLP."""
+def add_token_router(model, tau: float = 5.0, init_bias: float = 35.0, reduction: int = 16, seed: int = 0,
+                     target_flops: float | None = None):
+    """A copy of ``model`` with an all-on token router before every block's MLP. ``target_flops``:
+    the block FLOPs ratio the routers (with any width routers) train toward; without it a
+    model with width routers keeps theirs, and token routers alone have no FLOPs target."""
 
     cfg = model.config
     if cfg.tokens is not None:
         raise DitcError("this model already has token routers (add-token-router was applied before)")
     if reduction < 1 or cfg.hidden_size // reduction < 1:
         raise UsageError(f"`reduction` {reduction} leaves no router hidden units for hidden size {cfg.hidden_size}")
-    spec = TokenSpec(tau=tau, init_bias=init_bias, reduction=reduction)
-    new_cfg = cfg.copy(tokens=spec).with_step("add-token-router", reduction=reduction)
+    spec = TokenSpec(tau=tau, init_bias=init_bias, reduction=reduction, target_flops=target_flops)
+    new_cfg = cfg.copy(tokens=spec).with_step("add-token-router", reduction=reduction, target_flops=target_flops)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     torch.manual_seed(seed)
     for i in range(cfg.depth):

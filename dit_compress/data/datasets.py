@@ -4,6 +4,8 @@ image folders encoded on the fly."""
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +18,29 @@ from .images import ImageFolderData
 DIGITS_HELDOUT = 297  # the last 297 of a fixed permutation are never trained on
 
 
+_DIGITS = None
+
+
+def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    """(images [1797, 8, 8], labels) from the file scikit-learn ships (``digits.csv.gz``), read
+    as ``sklearn.datasets.load_digits`` reads it but without importing scikit-learn (seconds)."""
+    global _DIGITS
+    if _DIGITS is None:
+        spec = importlib.util.find_spec("sklearn")
+        if spec is None or not spec.submodule_search_locations:
+            raise DitcError("the digits testbed needs scikit-learn's bundled digits (pip install scikit-learn)")
+        f = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+        with gzip.open(f, "rt") as fh:
+            data = np.loadtxt(fh, delimiter=",")
+        _DIGITS = data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+    return _DIGITS
+
+
 def digits_arrays(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's 1797 real 8x8 digits as float images in [-1, 1], shape [N, 1, 8, 8]."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = (d.images.astype(np.float32) / 16.0) * 2 - 1
-    y = d.target.astype(np.int64)
+    images, target = _sklearn_digits()
+    x = (images.astype(np.float32) / 16.0) * 2 - 1
+    y = target.astype(np.int64)
     perm = np.random.RandomState(0).permutation(len(x))
     idx = {"train": perm[:-DIGITS_HELDOUT], "test": perm[-DIGITS_HELDOUT:], "all": perm}.get(split)
     if idx is None:

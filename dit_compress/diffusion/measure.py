@@ -4,6 +4,8 @@ sampler's timesteps (with token routers: over a really sampled probe batch)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..model.flops import block_macs, dynamic_macs, static_macs
@@ -118,25 +120,28 @@ class FlopsMeter:
 
 @torch.no_grad()
 def inference_flops(model, sampler: str | None = None, steps: int | None = None, timestep_spacing: str | None = None,
-                    cfg_scale: float = 1.0, probe: int = 10, seed: int = 0) -> dict:
+                    cfg_scale: float = 1.0, probe: int = 10, seed: int = 0, token_share: float | None = None) -> dict:
     """FLOPs of ``model`` as it runs at inference over a sampler's timesteps. Width masks
     depend on t only (exact from the routers); with token routers a class-balanced probe
-    batch is really sampled and every call measured on its actual x_t."""
+    batch is really sampled and every call measured on its actual x_t, unless ``token_share``
+    states the routed share (freshly added routers: every token's logit is their bias)."""
     cfg = model.config
     sampler, steps = eval_sampler(cfg, sampler, steps)
     ts = sampler_timesteps(sampler, steps, timestep_spacing, cfg)
-    if cfg.tokens is None:
+    if cfg.tokens is None or token_share is not None:
+        tk = 1.0 if token_share is None else token_share
         prof = width_profile(model, ts)
         attn, mlp = block_macs(cfg)
-        per_t = [dynamic_macs(cfg, [h[j] for h in prof["heads"]], [c[j] for c in prof["channels"]], [1.0] * cfg.depth)
+        per_t = [dynamic_macs(cfg, [h[j] for h in prof["heads"]], [c[j] for c in prof["channels"]], [tk] * cfg.depth)
                  for j in range(len(ts))]
-        blocks = [sum(attn * h[j] + mlp * c[j] for h, c in zip(prof["heads"], prof["channels"])) / (cfg.depth * (attn + mlp))
-                  for j in range(len(ts))]
+        blocks = [sum(attn * h[j] + mlp * c[j] * tk for h, c in zip(prof["heads"], prof["channels"]))
+                  / (cfg.depth * (attn + mlp)) for j in range(len(ts))]
         mean = sum(per_t) / len(per_t)
+        how = "router masks per timestep" + ("" if token_share is None else f", tokens routed as initialised ({tk:.3f})")
         return {"calls": len(ts), "macs": mean, "gflops": mean / 1e9, "flops_ratio": mean / static_macs(cfg)["total"],
-                "block_flops_ratio": sum(blocks) / len(blocks), "token_keep_ratio": 1.0,
+                "block_flops_ratio": sum(blocks) / len(blocks), "token_keep_ratio": tk,
                 "block_ratio_per_t": dict(zip(ts, blocks)),
-                "measured_on": f"{sampler} {steps} steps ({resolve_spacing(sampler, timestep_spacing)}): router masks per timestep"}
+                "measured_on": f"{sampler} {steps} steps ({resolve_spacing(sampler, timestep_spacing)}): {how}"}
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(probe, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
     y = torch.from_numpy(class_balanced_labels(probe, cfg.num_classes)).long()
@@ -147,3 +152,10 @@ def inference_flops(model, sampler: str | None = None, steps: int | None = None,
     res["measured_on"] = (f"{sampler} {steps} steps ({resolve_spacing(sampler, timestep_spacing)}), cfg {cfg_scale}: "
                           f"{probe} sampled images")
     return res
+
+
+def fresh_token_share(config) -> float:
+    """The routed share of freshly added token routers (zero last-layer weights: every token's
+    logit is the bias b, so inference routes round(N * sigmoid(b)) of the N tokens)."""
+    n = config.num_patches
+    return math.floor(n / (1.0 + math.exp(-config.tokens.init_bias)) + 0.5) / n

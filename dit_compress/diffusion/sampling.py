@@ -15,6 +15,7 @@ from .. import checks
 from ..errors import DitcError, UsageError
 from ..model.compile import compile_model
 from ..model.dit import width_cache
+from ..model.family import family_of
 from ..model.run import RunContext, accepts_run
 from ..progress import make_progress
 from .flow import FlowMatching
@@ -116,9 +117,10 @@ def loop_time_inputs(config, sampler: str, steps: int, spacing: str | None) -> l
     return list(sampler_timesteps(sampler, steps, spacing, config))
 
 
-def _guided(model, cfg_scale: float, cfg_channels: int | None):
+def _guided(model, cfg_scale: float, cfg_channels: int | None, negative=None):
     """Wrap the model so it takes the un-doubled batch (and the step's run context) and
-    returns the guided output."""
+    returns the guided output; the null condition is the family's (the null class, or the
+    ``negative`` caption)."""
     with_run = accepts_run(model)
 
     def call(fn, *args, run):
@@ -126,12 +128,15 @@ def _guided(model, cfg_scale: float, cfg_channels: int | None):
 
     if cfg_scale == 1.0:
         return lambda x, t, y, run: call(model, x, t, y, run=run)
-    null = model.config.num_classes
+    family = family_of(model)
+    nulls = {}
 
     def fn(x, t, y, run):
         xx = torch.cat([x, x], 0)
         tt = torch.cat([t, t], 0)
-        yy = torch.cat([y, torch.full_like(y, null)], 0)
+        if nulls.get("y") is not y:  # the same condition every step: its null made once per run
+            nulls["y"], nulls["yy"] = y, family.cat(y, family.null_condition(model, y, negative))
+        yy = nulls["yy"]
         if with_run:
             out = model.forward_with_cfg(xx, tt, yy, cfg_scale, guide_channels=cfg_channels, run=run)
         else:
@@ -166,7 +171,7 @@ def sample(model, noise: torch.Tensor, y: torch.Tensor, sampler: str | None = No
            cfg_scale: float = 1.0, cfg_channels: int | None = None, progress: bool = False,
            generator: torch.Generator | None = None, clip: bool = False,
            timestep_spacing: str | None = None, guidance_interval: tuple[float, float] | None = None,
-           compile: bool = False) -> torch.Tensor:
+           compile: bool = False, negative=None) -> torch.Tensor:
     """Draw samples from ``noise`` for labels ``y``.
 
     ``sampler=None`` uses the model's natural sampler: DDPM-250 for eps (DiT), SiT's SDE-250
@@ -179,6 +184,8 @@ def sample(model, noise: torch.Tensor, y: torch.Tensor, sampler: str | None = No
     ``create_diffusion(str(steps))``), ``leading`` or ``trailing``. ``compile=True`` compiles
     the model in place first (once; see model/compile.py for how graphs are bounded).
     Dynamic models resolve their per-timestep widths once per run (``width_cache``).
+    ``y`` is the model family's condition: class labels, or ``Captions`` for a text-to-image
+    model, whose guidance null is ``negative`` (the encoder's empty-prompt captions).
     The model runs in eval mode (restored afterwards); samples that are not finite stop the
     run with an error instead of reaching a metric.
     """
@@ -205,7 +212,7 @@ def sample(model, noise: torch.Tensor, y: torch.Tensor, sampler: str | None = No
         model.eval()
     try:
         x = _run_sampler(model, noise, y, sampler, steps, spacing, cfg_scale, cfg_channels, progress, generator, clip,
-                         guidance_interval)
+                         guidance_interval, negative)
     finally:
         if was_training:
             model.train()
@@ -216,7 +223,8 @@ def sample(model, noise: torch.Tensor, y: torch.Tensor, sampler: str | None = No
 
 
 def check_inputs(model, noise, y):
-    """Noise [B, C, H, W] of the model's shape and labels [B] (0..num_classes, the last the null)."""
+    """Noise [B, C, H, W] of the model's shape and its condition (class labels, with the null
+    class last; or captions), both on the model's device."""
     cfg = getattr(model, "config", None)
     if cfg is None or not callable(model):
         raise UsageError("`model` must be a loaded model (dit_compress.load_model)")
@@ -225,21 +233,10 @@ def check_inputs(model, noise, y):
     want = (cfg.in_channels, cfg.input_size, cfg.input_size)
     if noise.dim() != 4 or tuple(noise.shape[1:]) != want or noise.shape[0] < 1:
         raise UsageError(f"`noise` must have shape [B, {want[0]}, {want[1]}, {want[2]}], got {list(noise.shape)}")
-    if not torch.is_tensor(y):
-        try:
-            y = torch.as_tensor(y, dtype=torch.long)
-        except (TypeError, ValueError, RuntimeError):
-            raise UsageError(f"`y` must be class labels (a tensor of ints), got {type(y).__name__}") from None
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise UsageError(f"`y` must hold integer class labels, got {y.dtype}")
-    if y.dim() != 1 or len(y) != len(noise):
-        raise UsageError(f"`y` must be one label per sample ({len(noise)}), got shape {list(y.shape)}")
-    if checks.has_values(y) and len(y) and (int(y.min()) < 0 or int(y.max()) > cfg.num_classes):
-        raise UsageError(f"`y` holds labels outside 0..{cfg.num_classes} ({cfg.num_classes} is the null class)")
     if checks.has_values(noise) and not bool(torch.isfinite(noise).all()):
         raise UsageError("`noise` holds NaN or inf values")
-    device = _device_of(model, noise)
-    return noise.to(device), y.long().to(device)
+    y = family_of(model).check_condition(model, y, len(noise))
+    return noise.to(_device_of(model, noise)), y
 
 
 def _device_of(model, fallback: torch.Tensor) -> torch.device:
@@ -252,23 +249,23 @@ def _device_of(model, fallback: torch.Tensor) -> torch.device:
 
 
 def _run_sampler(model, noise, y, sampler, steps, spacing, cfg_scale, cfg_channels, progress, generator, clip,
-                 guidance_interval):
+                 guidance_interval, negative=None):
     dynamic = getattr(model.config, "width", None) is not None  # only width routers use the run's time inputs
     times = loop_time_inputs(model.config, sampler, steps, spacing) if dynamic and sampler != "dopri5" else None
     with width_cache(model, times):
         if sampler in FLOW_SAMPLERS:
             return _flow_sample(model, noise, y, sampler, steps, cfg_scale, cfg_channels, progress, generator,
-                                guidance_interval)
+                                guidance_interval, negative)
         return _eps_sample(model, noise, y, sampler, steps, spacing, cfg_scale, cfg_channels, progress, generator,
-                           clip, guidance_interval)
+                           clip, guidance_interval, negative)
 
 
 def _eps_sample(model, noise, y, sampler, steps, spacing, cfg_scale, cfg_channels, progress, generator, clip,
-                guidance_interval):
+                guidance_interval, negative=None):
     """Respaced DDPM (ancestral) / DDIM (eta 0) / DPM-Solver++(2M). Every per-step quantity
     (model time input, schedule coefficients, whether to guide) is a host number computed once
     per run, so a step launches device work only: no table lookups, no host syncs."""
-    plain, guided = _guided(model, 1.0, cfg_channels), _guided(model, cfg_scale, cfg_channels)
+    plain, guided = _guided(model, 1.0, cfg_channels), _guided(model, cfg_scale, cfg_channels, negative)
     if sampler == "dpm-solver":
         return _dpm_solver(plain, guided, guidance_interval, noise, y, steps, spacing, progress)
     try:
@@ -299,11 +296,12 @@ def _in_interval(interval, noise_level: float) -> bool:
     return interval is None or interval[0] <= noise_level <= interval[1]
 
 
-def _flow_sample(model, noise, y, sampler, steps, cfg_scale, cfg_channels, progress, generator, interval):
+def _flow_sample(model, noise, y, sampler, steps, cfg_scale, cfg_channels, progress, generator, interval,
+                 negative=None):
     """SiT's samplers in SiT time (0 = noise, 1 = data); see diffusion/flow.py for the equations."""
     flow = FlowMatching(model.config.time_input)
     C = noise.shape[1]
-    plain, guided = _guided(model, 1.0, cfg_channels), _guided(model, cfg_scale, cfg_channels)
+    plain, guided = _guided(model, 1.0, cfg_channels), _guided(model, cfg_scale, cfg_channels, negative)
 
     calls = [0]
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..diffusion.measure import inference_flops, width_profile
+from ..diffusion.measure import fresh_token_share, inference_flops, width_profile
 from ..diffusion.sampling import eval_sampler, resolve_spacing, sampler_timesteps
 from ..model.flops import static_macs
 from ..report import plot_heatmap
 
 
 def describe(model, sampler: str | None = None, steps: int | None = None, timestep_spacing: str | None = None,
-             cfg_scale: float = 1.0) -> dict:
+             cfg_scale: float = 1.0, fresh_tokens: bool = False) -> dict:
+    """``fresh_tokens``: the token routers were just added (their routed share follows from
+    their bias; nothing needs sampling)."""
     cfg = model.config
     s = static_macs(cfg)
     sampler, steps = eval_sampler(cfg, sampler, steps)
@@ -44,11 +46,12 @@ def describe(model, sampler: str | None = None, steps: int | None = None, timest
         "provenance": cfg.provenance,
     }
     if cfg.is_dynamic:
-        e = inference_flops(model, sampler, steps, spacing, cfg_scale)
+        share = fresh_token_share(cfg) if fresh_tokens and cfg.tokens is not None else None
+        e = inference_flops(model, sampler, steps, spacing, cfg_scale, token_share=share)
         info["inference_gflops"] = e["gflops"]
         info["inference_flops_ratio"] = e["flops_ratio"]
         info["inference_block_flops_ratio"] = e["block_flops_ratio"]
-        info["target_block_flops"] = cfg.width.target_flops if cfg.width is not None else None
+        info["target_block_flops"] = cfg.flops_target
         info["token_keep_ratio"] = e["token_keep_ratio"]
         info["inference_measured_on"] = e["measured_on"]
         if cfg.width is not None:

@@ -8,17 +8,19 @@ whether the run was interrupted.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import statistics
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..assets import EVALS_DIR
 from ..data.batches import calibration_set
 from ..data.datasets import check_fits, digits_arrays, load_data
 from ..data.vae import decode, load_vae
@@ -271,17 +273,84 @@ def check_metrics(metrics: list[str], num_samples: int, kid_subset_size: int | N
         raise UsageError(f"`num_samples` {num_samples} is smaller than the KID subset size {kid_subset_size}")
 
 
+EVAL_CACHE_VERSION = 1  # bump when sampling or metrics numerics change: older entries stop matching
+CACHED = ("report.json", "samples.npz", "samples.png")
+
+
+def path_identity(value) -> str | None:
+    """A named file or folder as what it holds (names, sizes, modification times), so a
+    reference folder that changed under the same path is another input."""
+    if value is None or not isinstance(value, str) or not Path(value).exists():
+        return value
+    p = Path(value)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    listing = "\n".join(f"{f.relative_to(p) if p.is_dir() else f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+                         for f in files)
+    return f"{value}#{hashlib.sha256(listing.encode()).hexdigest()[:16]}"
+
+
+def cache_key(recipe: dict, metrics: list[str], ref, extractor: dict, kid_subset_size, loss_data) -> str:
+    """What an eval's result depends on: the model's identity and every sampling setting
+    (``recipe``), the metrics, their reference (its contents, when it is a path) and feature
+    network, and the held-out data."""
+    extractor = {k: path_identity(v) if k.endswith("_path") else v for k, v in extractor.items()}
+    body = {"recipe": recipe, "metrics": sorted(metrics), "ref": path_identity(ref), "extractor": extractor,
+            "kid_subset_size": kid_subset_size, "loss_data": path_identity(loss_data), "version": EVAL_CACHE_VERSION}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def cache_dirs() -> list[Path]:
+    """Where finished evals are looked up: the ones shipped with the package (the quickstart's
+    base-model evals, computed once), then, when ``DITC_CACHE_DIR`` names one, the user's
+    cache, where every finished eval is also stored."""
+    user = os.environ.get("DITC_CACHE_DIR")
+    return [EVALS_DIR] + ([Path(user) / "evals"] if user else [])
+
+
+def _from_cache(key: str) -> tuple[Path, dict] | None:
+    for d in cache_dirs():
+        entry = d / key
+        if all((entry / f).exists() for f in CACHED[:2]):
+            try:
+                return entry, json.loads((entry / "report.json").read_text())
+            except (OSError, ValueError):
+                continue
+    return None
+
+
+def _to_cache(key: str, out_dir: Path) -> None:
+    """Store a finished eval (its report, samples and grid) in the user cache (when
+    ``DITC_CACHE_DIR`` names one); a cache that cannot be written is skipped, never an error."""
+    if not os.environ.get("DITC_CACHE_DIR"):
+        return
+    target = cache_dirs()[-1] / key
+    if target.exists():
+        return
+    try:
+        tmp = target.parent / f".{key}.{os.getpid()}.tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        for f in CACHED:
+            if (out_dir / f).exists():
+                shutil.copy2(out_dir / f, tmp / f)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None = None, steps: int | None = None,
              cfg_scale: float = 1.0, cfg_channels: int | None = None, seed: int = 0, ref: str | None = None,
              metrics: list[str] | None = None, inception_weights: str | None = None, extractor: str | None = None,
              vae_name: str | None = None, shard_size: int = 250, batch_size: int = 125, kid_subset_size: int | None = None,
              rank: int = 0, world: int = 1, barrier=None, loss_data: str | None = None,
              timestep_spacing: str | None = None, guidance_interval=None, source: str | None = None,
-             grid: bool = True, compile: bool = False, force: bool = False, producer: dict | None = None) -> dict | None:
+             grid: bool = True, compile: bool = False, force: bool = False, producer: dict | None = None,
+             cache: bool = True) -> dict | None:
     """Sample, score and write ``out_dir`` (report.json/.md, samples.npz, samples/ and, with
     ``grid``, samples.png) atomically: returns the report on process 0, None elsewhere.
     Shards are sampled into ``out_dir``'s work dir, recorded with what produced them
-    (``producer``), so an interrupted run resumes and a run with other settings never reuses them."""
+    (``producer``), so an interrupted run resumes and a run with other settings never reuses them.
+    ``cache``: an eval whose every input (model identity, settings, metrics, reference) matches
+    a finished one (``cache_dirs``) is copied from it instead of recomputed, and says so."""
 
     metrics = metrics or ["fid", "prc"]
     sampler, steps = eval_sampler(model.config, sampler, steps)
@@ -301,6 +370,10 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
               "num_samples": num_samples, "shard_size": shard_size, "batch_size": batch_size, "compile": compile,
               "vae": vae_name or model.config.vae if model.config.latent_scale is not None else None,
               **(producer or {})}
+    key = cache_key(recipe, metrics, ref, ex_kw, kid_subset_size, loss_data)
+    hit = _from_cache(key) if cache and world == 1 and not compile else None
+    if hit is not None:
+        return _cached_eval(hit, Path(out_dir), force, source, key)
     work = work_dir_for(out_dir)
     if rank == 0:
         work, _ = resumable_work(out_dir, recipe, force, what="eval")
@@ -334,11 +407,9 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
         r = meter.result()
         report["inference_flops_ratio"], report["inference_block_flops_ratio"] = r["flops_ratio"], r["block_flops_ratio"]
         report["token_keep_ratio"] = r["token_keep_ratio"]
-        report["target_block_flops"] = model.config.width.target_flops if model.config.width is not None else None
+        report["target_block_flops"] = model.config.flops_target
     if num_samples < 50_000 and "fid" in metrics:
-        msg = f"FID from {num_samples} samples (< 50,000) is biased upward: compare only with figures at the same N"
-        warnings.warn(msg)
-        report["warning"] = msg
+        report["warning"] = f"FID from {num_samples} samples (< 50,000) is biased upward: compare only with figures at the same N"
     report["metrics"] = compute_metrics(imgs, ref_kind, ref_val, metrics, ex_kw, kid_subset_size)
     if loss_data:
         report["metrics"].update(heldout_loss(model, loss_data, seed))
@@ -354,6 +425,22 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
             sample_grid_png(tmp / "samples.png", imgs, labels, model.config.num_classes)
         write_report(tmp, report, f"ditc eval: {source}")
     shutil.rmtree(work, ignore_errors=True)
+    if cache:
+        _to_cache(key, Path(out_dir))
+    return report
+
+
+def _cached_eval(hit: tuple[Path, dict], out_dir: Path, force: bool, source, key: str) -> dict:
+    """A finished eval with the same inputs, written as this one's output: its report (with
+    where it came from), samples and grid; the per-image PNG shards are not kept in the cache."""
+    entry, report = hit
+    report = {**report, "source": source, "cached": f"{entry} (an eval with every input the same; key {key})",
+              "shards_written_now": 0}
+    with atomic_dir(out_dir, force) as tmp:
+        for f in CACHED[1:]:
+            if (entry / f).exists():
+                shutil.copy2(entry / f, tmp / f)
+        write_report(tmp, report, f"ditc eval: {source}")
     return report
 
 

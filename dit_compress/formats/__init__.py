@@ -52,7 +52,7 @@ def detect(source: str) -> tuple[str, Path | str]:
         if p.is_dir():
             if (p / "model.safetensors").exists():
                 return "ditc", p
-            if (p / "model_index.json").exists():
+            if (p / "model_index.json").exists() or (p / "transformer" / "config.json").exists():
                 return "diffusers", p
             cfg = p / "config.json"
             if cfg.exists():

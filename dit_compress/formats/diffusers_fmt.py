@@ -19,6 +19,7 @@ from ..config import DiTConfig
 from ..errors import FormatError
 from .ditc import read_safetensors
 from .original import safe_torch_load
+from .pixart_fmt import config_from_pixart, is_pixart, pixart_config, pixart_index
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
@@ -30,6 +31,8 @@ def transformer_dir(path: Path) -> Path:
         if not sub.is_dir():
             raise FormatError(f"{path} has a model_index.json but no transformer/ folder")
         return sub
+    if not (path / "config.json").exists() and (path / "transformer" / "config.json").exists():
+        return path / "transformer"  # a transformer folder written alone (velocity models)
     return path
 
 
@@ -163,6 +166,11 @@ def load_diffusers(path: Path) -> tuple[DiTConfig, dict]:
         d = json.loads(cfile.read_text())
     except json.JSONDecodeError as e:
         raise FormatError(f"{cfile} is not valid JSON: {e}") from None
+    if is_pixart(d):  # PixArt-α / Σ: diffusers' own key layout, weights copied as they are
+        cfg = config_from_pixart(d, str(tdir))
+        if cfg.name is None:
+            cfg.name = Path(path).name
+        return cfg, _read_weights(tdir)
     cfg = config_from_diffusers(d)
     raw = _read_weights(tdir)
     identical = embedders_identical(raw, cfg.depth)
@@ -218,11 +226,25 @@ def diffusers_config(cfg: DiTConfig) -> dict:
 
 
 def save_diffusers(model, out_dir: Path, dtype: torch.dtype | None = None) -> None:
-    """A transformer-only diffusers layout: ``model_index.json`` + ``transformer/``."""
+    """A transformer-only diffusers layout: ``model_index.json`` + ``transformer/`` for eps
+    models (loadable in ``DiTPipeline``). A velocity (SiT) model is written as the
+    ``transformer/`` folder alone: diffusers' DiTPipeline would sample it as an eps model with
+    its DDIM/DDPM scheduler, so no pipeline index claims it; its config's ``_ditc`` entry
+    states the prediction and time input, and ditc reloads it exactly."""
 
     cfg = model.config
     if cfg.is_dynamic:
         raise FormatError("a model with dynamic routers cannot be expressed in the diffusers layout; save it as ditc")
+    if cfg.family == "pixart":  # PixArtTransformer2DModel, loadable in PixArtAlphaPipeline
+        sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        if dtype is not None:
+            sd = {k: v.to(dtype) for k, v in sd.items()}
+        tdir = Path(out_dir) / "transformer"
+        tdir.mkdir(parents=True, exist_ok=True)
+        save_file(sd, str(tdir / "diffusion_pytorch_model.safetensors"))
+        (tdir / "config.json").write_text(json.dumps(pixart_config(cfg), indent=2))
+        (Path(out_dir) / "model_index.json").write_text(json.dumps(pixart_index(), indent=2))
+        return
     if cfg.mlp_ratio != 4.0:
         raise FormatError("the diffusers DiT fixes the MLP ratio at 4; this model's is " + str(cfg.mlp_ratio))
     sd = {k: v.detach() for k, v in model.state_dict().items() if k != "pos_embed"}
@@ -233,6 +255,8 @@ def save_diffusers(model, out_dir: Path, dtype: torch.dtype | None = None) -> No
     tdir.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(tdir / "diffusion_pytorch_model.safetensors"))
     (tdir / "config.json").write_text(json.dumps(diffusers_config(cfg), indent=2))
+    if cfg.prediction != "eps":
+        return
     index = {"_class_name": "DiTPipeline", "_diffusers_version": "0.30.0",
              "transformer": ["diffusers", "DiTTransformer2DModel"]}
     (Path(out_dir) / "model_index.json").write_text(json.dumps(index, indent=2))

@@ -13,6 +13,9 @@ ALIASES = {
     "DiT-XL-2-256": "facebook/DiT-XL-2-256",
     "DiT-XL-2-512": "facebook/DiT-XL-2-512",
     "DiT-XL/2": "facebook/DiT-XL-2-256",
+    "PixArt-XL-2-512": "PixArt-alpha/PixArt-XL-2-512x512",
+    "PixArt-XL-2-1024": "PixArt-alpha/PixArt-XL-2-1024-MS",
+    "PixArt-Sigma-XL-2-1024": "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
 }
 
 REPO_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -52,7 +55,7 @@ def download(repo_id: str, revision: str | None = None) -> Path:
         raise DitcError(f"cannot fetch {repo_id}: {str(e).splitlines()[0]}") from None
     p = Path(path)
     if not (p / "transformer").is_dir():
-        raise DitcError(f"{repo_id} has no transformer/ folder: not a DiT pipeline repository")
+        raise DitcError(f"{repo_id} has no transformer/ folder: not a DiT or PixArt pipeline repository")
     return p
 
 

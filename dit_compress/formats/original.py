@@ -45,6 +45,10 @@ def extract_state(obj, use_ema: bool = True) -> tuple[dict, object]:
         state = obj[key]
     else:
         state = obj
+    if any(k.startswith(("t_block.", "y_embedder.y_proj.")) or ".cross_attn." in k for k in state):
+        raise FormatError("an original PixArt checkpoint (PixArt-alpha's own .pth layout): not read directly, since "
+                          "its learned null caption and key/value layout do not map one to one; convert it with "
+                          "diffusers' scripts/convert_pixart_alpha_to_diffusers.py and give ditc the diffusers folder")
     if "x_embedder.proj.weight" not in state:
         first = next(iter(state), "<empty>")
         raise FormatError(f"not an original-layout DiT state dict (no x_embedder.proj.weight; first key {first})")
@@ -62,6 +66,11 @@ def _heads(hidden: int, args, num_heads: int | None, where: str) -> tuple[int, s
         if num_heads < 1 or hidden % num_heads:
             raise UsageError(f"`num_heads` {num_heads} does not divide the hidden size {hidden}")
         return num_heads, "given (--num-heads)"
+    stated = getattr(args, "ditc_num_heads", None) if args is not None else None
+    if stated is not None:
+        if isinstance(stated, bool) or not isinstance(stated, int) or stated < 1 or hidden % stated:
+            raise FormatError(f"{where}: args.ditc_num_heads {stated!r} does not divide the hidden size {hidden}")
+        return stated, "args.ditc_num_heads (written by ditc)"
     model_name = str(getattr(args, "model", "") or "") if args is not None else ""
     m = PRESET_RE.match(model_name)
     if m:
@@ -86,6 +95,11 @@ def _prediction(args, prediction: str | None, where: str, repa_keys: bool) -> tu
     (REPA: t = 1 is noise, SiT: t = 1 is data); a plain state dict does not."""
     path = getattr(args, "path_type", None) if args is not None else None
     repa = repa_keys or (args is not None and any(hasattr(args, k) for k in REPA_ARGS))
+    stated_time = getattr(args, "ditc_time_input", None) if args is not None else None
+    if stated_time is not None:
+        if stated_time not in ("sit", "repa"):
+            raise FormatError(f"{where}: args.ditc_time_input {stated_time!r} is neither sit nor repa")
+        repa = stated_time == "repa"
     if path is not None:
         if str(path).lower() != "linear":
             raise FormatError(f"{where}: path type {path!r} is not supported (only the linear interpolant)")
@@ -167,6 +181,34 @@ def load_original(file: Path, use_ema: bool = True, num_heads: int | None = None
     return cfg, state
 
 
+def plain_state_says_all(cfg: DiTConfig) -> bool:
+    """Whether a plain state dict (DiT's released files) states every fact of this model: an eps
+    model of a published width (heads follow from it) with SiT/DiT time."""
+    published = HEADS_BY_HIDDEN.get(cfg.hidden_size, (None, None))[1] == cfg.num_heads
+    return cfg.prediction == "eps" and published and cfg.time_input == "sit"
+
+
 def save_original(model, file: Path, dtype: torch.dtype | None = None) -> None:
-    torch.save(state_for_save(model, dtype), file)
+    """A plain state dict when that states every fact (a DiT of a published size); otherwise a
+    training-checkpoint layout ``{"ema": weights, "args": Namespace(...)}`` as DiT/SiT's
+    train.py writes (and their ``find_model`` reads), whose args state what the weights do
+    not: ``model`` (a published preset name when it is one), SiT's ``path_type`` and
+    ``prediction`` for velocity models, ``image_size``, ``num_classes``, and two fields of this
+    toolkit, ``ditc_num_heads`` and ``ditc_time_input`` (REPA's t = 1 is noise), so the file
+    reloads with no options."""
+    cfg = model.config
+    state = state_for_save(model, dtype)
+    if plain_state_says_all(cfg):
+        torch.save(state, file)
+        return
+    name, heads = HEADS_BY_HIDDEN.get(cfg.hidden_size, (None, None))
+    family = "SiT" if cfg.prediction == "velocity" else "DiT"
+    preset = f"{family}-{name}/{cfg.patch_size}" if name and heads == cfg.num_heads and cfg.patch_size in (2, 4, 8) else ""
+    args = argparse.Namespace(model=preset, num_classes=cfg.num_classes, ditc_num_heads=cfg.num_heads,
+                              ditc_time_input=cfg.time_input)
+    if cfg.latent_scale is not None:
+        args.image_size = cfg.input_size * 8
+    if cfg.prediction == "velocity":
+        args.path_type, args.prediction = "Linear", "velocity"
+    torch.save({"ema": state, "args": args}, file)
 

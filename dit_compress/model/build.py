@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 
@@ -9,25 +10,23 @@ import torch
 
 from ..config import DiTConfig
 from ..errors import FormatError
-from .dit import DiT, sincos_2d
+from .family import family_of
 
 
 def expected_shapes(cfg: DiTConfig) -> dict[str, tuple]:
     """Every key and shape a model of ``cfg`` holds (built on the meta device: nothing allocated)."""
     with torch.device("meta"):
-        model = DiT(cfg)
+        model = family_of(cfg).module(cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def build_model(cfg: DiTConfig, state: dict, dtype: torch.dtype | None = None, source: str = ""):
     """Instantiate without initialising (meta device) and assign the weights, with a clear
     error naming the first missing, unexpected or mis-shaped key."""
+    family = family_of(cfg)
     with torch.device("meta"):
-        model = DiT(cfg)
-    state = dict(state)
-    if "pos_embed" not in state:
-        grid = int(cfg.num_patches ** 0.5)
-        state["pos_embed"] = torch.from_numpy(sincos_2d(cfg.hidden_size, grid)).float().unsqueeze(0)
+        model = family.module(cfg)
+    state = family.complete_state(cfg, dict(state))
     expected = model.state_dict()
     where = f" in {source}" if source else ""
     for k, v in expected.items():
@@ -41,7 +40,7 @@ def build_model(cfg: DiTConfig, state: dict, dtype: torch.dtype | None = None, s
     target = dtype or torch.float32
     state = {k: (v.to(target) if v.is_floating_point() else v) for k, v in state.items()}
     model.load_state_dict(state, assign=True, strict=True)
-    model.pos_embed.requires_grad_(False)
+    family.after_load(model)
     for k, v in model.state_dict().items():
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise FormatError(f"key {k}{where} holds NaN or inf values")
@@ -53,7 +52,9 @@ def fingerprint(model) -> str:
     artefact (eval shards, training state, recipe steps): the config's architecture and
     compression fields, and per tensor its shape, sum, absolute sum and a strided sample of
     its values. Any change of a weight changes the sums; the sample guards the rest."""
-    cfg = {k: v for k, v in model.config.to_dict().items() if k not in ("lineage", "provenance", "name")}
+    defaults = {f.name: f.default for f in dataclasses.fields(type(model.config))}
+    cfg = {k: v for k, v in model.config.to_dict().items()  # fields at their default are left out, so a field
+           if k not in ("lineage", "provenance", "name") and v != defaults.get(k, object())}  # added later keeps ids
     h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for k, v in sorted(model.state_dict().items()):

@@ -17,15 +17,33 @@ import sys
 import torch
 
 
+_COMPILED: dict = {}
+
+
+def compiled(fn, dynamic: bool = False):
+    """The compiled form of the plain function ``fn`` (a forward taking the module as its first
+    argument), made once per process: a module compiled this way runs its own weights, and so
+    does every copy of it (``copy.deepcopy`` for EMA or search copies), since nothing compiled
+    is bound to one instance."""
+    key = (fn, dynamic)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, dynamic=dynamic)
+    return _COMPILED[key]
+
+
+def is_compiled(module) -> bool:
+    """Whether ``module`` was marked by ``compile_model`` (and is not already being traced)."""
+    return bool(module.__dict__.get("_ditc_compiled")) and not torch.compiler.is_compiling()
+
+
 def compile_model(model):
-    """Compile ``model`` (a DiT) in place for inference, once; returns it."""
-    if getattr(model, "_ditc_compiled", False):
+    """Compile ``model`` (a DiT) in place for inference, once; returns it. The model (static)
+    or each of its blocks (dynamic) is marked; its forward then runs the compiled function."""
+    if model.__dict__.get("_ditc_compiled"):
         return model
     if model.config.is_dynamic:
         for b in model.blocks:
-            b.forward = torch.compile(b.forward, dynamic=True)
-    else:
-        model.forward = torch.compile(model.forward)
+            b._ditc_compiled = True
     model._ditc_compiled = True
     return model
 

@@ -6,7 +6,6 @@ fewer blocks (``config.kept_layers`` says which); dynamic models (DyDiT) have ro
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -22,15 +21,9 @@ from .layers import (
     sincos_2d,
     timestep_sinusoid,
 )
+from .compile import compiled, is_compiled
 from .routers import Routing
-from .run import RunContext
-
-
-@dataclass
-class ForwardAux:
-    features: list = field(default_factory=list)
-    flops_ratio: torch.Tensor | None = None  # [B], block FLOPs dynamic / static
-    stats: list = field(default_factory=list)
+from .run import ForwardAux, RunContext, forward_with_cfg
 
 
 class DiT(nn.Module):
@@ -124,6 +117,11 @@ class DiT(nn.Module):
     def forward(self, x, t, y, return_aux: bool = False, run: RunContext | None = None):
         """The DiT forward; ``return_aux`` also returns each block's output (and, for
         dynamic models, the per-sample FLOPs ratio the routers chose, over the routed rows)."""
+        if not self.config.is_dynamic and is_compiled(self):  # a static model reads nothing of ``run``
+            return compiled(DiT._forward)(self, x, t, y, return_aux)
+        return self._forward(x, t, y, return_aux, run)
+
+    def _forward(self, x, t, y, return_aux: bool = False, run: RunContext | None = None):
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         h, t_emb, c = self.embed(x, t, y)
@@ -204,14 +202,7 @@ class DiT(nn.Module):
         channels "for exact reproducibility"); ``None`` guides all latent channels as
         diffusers' DiTPipeline does. The learned-variance channels are never guided.
         """
-        half = x[: len(x) // 2]
-        combined = torch.cat([half, half], dim=0)
-        out = self(combined, t, y, run=run.guided() if run is not None else None)  # through __call__: hooks see it
-        n = self.config.in_channels if guide_channels is None else guide_channels
-        eps, rest = out[:, :n], out[:, n:]
-        cond, uncond = torch.split(eps, len(eps) // 2, dim=0)
-        guided = uncond + cfg_scale * (cond - uncond)
-        return torch.cat([torch.cat([guided, guided], dim=0), rest], dim=1)
+        return forward_with_cfg(self, x, t, y, cfg_scale, guide_channels, run)
 
     # ------------------------------------------------------------------ helpers
     def set_numerics(self, kind: str = "original") -> "DiT":

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import DiTConfig
+from .compile import compiled, is_compiled
 from .flops import block_macs
 from .layers import DiTBlock, modulate
 from .routers import (
@@ -86,6 +87,12 @@ class RoutedBlock(DiTBlock):
         beforehand (``DiT``'s per-run width cache); the width routers are then not run.
         ``full_rows``: the last rows run at full width (masked-dense modes); ``stats`` cover
         the other rows."""
+        if is_compiled(self):  # widths arrive as plain ints: symbolic sizes, one graph for every width
+            return compiled(RoutedBlock._forward, dynamic=True)(self, x, c, t_emb, mode, tau, stats, widths, full_rows)
+        return self._forward(x, c, t_emb, mode, tau, stats, widths, full_rows)
+
+    def _forward(self, x, c, t_emb=None, mode: Routing = Routing.DENSE, tau: float = 5.0,
+                 stats: BlockStats | None = None, widths: tuple[int, int] | None = None, full_rows: int = 0):
         if widths is not None:
             return self.forward_sliced(x, c, widths[0], widths[1], stats)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)

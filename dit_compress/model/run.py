@@ -11,7 +11,9 @@ caches. In training, ``full_rows`` > 0 marks the last rows of the batch to run a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 BRANCHES = ("cond", "guided", "uncond")
 
@@ -30,3 +32,28 @@ class RunContext:
 def accepts_run(model) -> bool:
     """Whether ``model`` takes ``run=`` (ditc models do; a user's wrapper may not)."""
     return bool(getattr(getattr(model, "module", model), "accepts_run", False))
+
+
+@dataclass
+class ForwardAux:
+    """What ``model(..., return_aux=True)`` returns beside the output: each block's output and,
+    for dynamic models, the per-sample FLOPs ratio and the routers' statistics."""
+
+    features: list = field(default_factory=list)
+    flops_ratio: torch.Tensor | None = None  # [B], block FLOPs dynamic / static
+    stats: list = field(default_factory=list)
+
+
+def forward_with_cfg(model, x, t, cond, cfg_scale: float, guide_channels: int | None = None,
+                     run: RunContext | None = None):
+    """Classifier-free guidance for any family: ``cond`` holds the conditions of the first half
+    of the batch and the nulls of the second; the first ``guide_channels`` output channels (all
+    latent channels by default) are guided, the learned-variance channels never."""
+    half = x[: len(x) // 2]
+    combined = torch.cat([half, half], dim=0)
+    out = model(combined, t, cond, run=run.guided() if run is not None else None)  # through __call__: hooks see it
+    n = model.config.in_channels if guide_channels is None else guide_channels
+    eps, rest = out[:, :n], out[:, n:]
+    c, u = torch.split(eps, len(eps) // 2, dim=0)
+    guided = u + cfg_scale * (c - u)
+    return torch.cat([torch.cat([guided, guided], dim=0), rest], dim=1)

@@ -70,7 +70,9 @@ def train_and_save(model, data_spec: str, output: Path, cfg: TrainConfig, *, for
     if not resume and (work / "train_state").exists():
         raise UsageError(f"{work} holds an interrupted run: pass `resume` to continue it, or delete it")
     t0 = time.time()
-    producer = {"op": op, "source": fingerprint(model), "data": data_spec, "kd": kd or {},
+    schedule = ("flops_hold", "flops_decay", "full_loss", "full_steps", "t_strata")  # DyDiT's: dynamic models only
+    kd_used = {k: v for k, v in (kd or {}).items() if model.config.is_dynamic or k not in schedule}
+    producer = {"op": op, "source": fingerprint(model), "data": data_spec, "kd": kd_used,
                 "teacher": fingerprint(teacher) if teacher is not None else None}
     res = train_model(model, data, cfg, work, teacher=teacher, resume=resume, kd=kd, desc=op, producer=producer)
     if not res.is_main:
@@ -84,6 +86,9 @@ def train_and_save(model, data_spec: str, output: Path, cfg: TrainConfig, *, for
     }
     if final.config.is_dynamic:  # what the written (EMA) model runs at inference, next to its target
         report.update(_inference_report(final))
+        miss = flops_miss(report, cfg)
+        if miss:
+            report["warning"] = miss
 
     def plots(d):
         if res.history:
@@ -95,8 +100,30 @@ def train_and_save(model, data_spec: str, output: Path, cfg: TrainConfig, *, for
     return final, report
 
 
+FLOPS_TOLERANCE = 0.03
+
+
+def flops_miss(report: dict, cfg: TrainConfig) -> str | None:
+    """One line when the written model's inference block FLOPs miss the target by more than
+    0.03: the gap, the reason (training did not reach the target, or reached it while the EMA
+    still averages earlier routers) and the option that closes it."""
+    target, got = report.get("target_block_flops"), report.get("inference_block_flops_ratio")
+    if target is None or got is None or abs(got - target) <= FLOPS_TOLERANCE:
+        return None
+    trained = [h["flops_ratio"] for h in report.get("history", []) if "flops_ratio" in h]
+    last = trained[-1] if trained else None
+    head = (f"the written model runs at {got:.3f} of the block FLOPs ({report.get('inference_measured_on')}), "
+            f"{got - target:+.3f} from the target {target}")
+    if last is not None and abs(last - target) <= FLOPS_TOLERANCE and cfg.ema > 0:
+        return (f"{head}: training reached {last:.3f}, but the EMA weights (decay {cfg.ema:.4g}) still average routers "
+                f"from before; lower `ema` or train longer (`steps`)")
+    ended = f" (training ended at {last:.3f})" if last is not None else ""
+    return (f"{head}: the routers did not reach it in {cfg.steps} steps{ended}; train longer (`steps`), or reach the "
+            f"target sooner (`flops_decay`, `flops_hold`)")
+
+
 def _inference_report(model) -> dict:
     e = inference_flops(model)  # its eval sampler: DDIM-50 (eps) or Euler-50 (velocity)
     return {"inference_block_flops_ratio": e["block_flops_ratio"], "inference_flops_ratio": e["flops_ratio"],
             "inference_measured_on": e["measured_on"],
-            "target_block_flops": model.config.width.target_flops if model.config.width else None}
+            "target_block_flops": model.config.flops_target}

@@ -131,7 +131,7 @@ def combined_loss(diffusion: GaussianDiffusion, model, teacher, kd: dict, total_
     w_plain = kd.get("plain", 0.1 if teacher is not None else 1.0)
     beta = kd.get("rep", 0.0)
     k_sigma = kd.get("k_sigma", 2.0)
-    lam = model.config.width.target_flops if model.config.width is not None else kd.get("target_flops", 1.0)
+    lam = model.config.flops_target if model.config.flops_target is not None else 1.0
     w = model.config.width
     dynamic = model.config.tokens is not None or (w is not None and not w.static)
     hold, decay = flops_schedule(kd, total_steps)

@@ -217,7 +217,8 @@ class Trainer:
 
         cfg = self.cfg
         acc = Accelerator(
-            mixed_precision=cfg.mixed_precision if torch.cuda.is_available() or cfg.mixed_precision == "no" else "no",
+            # bf16 autocasts on the CPU too; fp16 needs a GPU (its loss scaling is CUDA's)
+            mixed_precision=cfg.mixed_precision if torch.cuda.is_available() or cfg.mixed_precision != "fp16" else "no",
             gradient_accumulation_steps=cfg.grad_accum,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
             cpu=not torch.cuda.is_available(),

@@ -1,0 +1,96 @@
+"""The diffusers layout of PixArt-α / PixArt-Σ: ``PixArtTransformer2DModel`` dirs (bare, or the
+``transformer/`` of a pipeline dir). ditc's PixArt module holds diffusers' own key names, so
+the weights are copied as they are; the config is read field by field, and every field this
+toolkit does not model must hold the value the module implements, else the variant is
+refused in one line."""
+
+from __future__ import annotations
+
+import json
+
+from ..config import DiTConfig
+from ..errors import FormatError
+
+# fields of PixArtTransformer2DModel's config that the module implements only at these values
+FIXED = {"dropout": 0.0, "attention_bias": True, "activation_fn": "gelu-approximate", "upcast_attention": False,
+         "norm_type": "ada_norm_single", "norm_elementwise_affine": False, "norm_eps": 1e-6,
+         "attention_type": "default", "num_embeds_ada_norm": 1000, "norm_num_groups": 32}
+READ = {"num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "num_layers", "cross_attention_dim",
+        "sample_size", "patch_size", "interpolation_scale", "use_additional_conditions", "caption_channels"}
+IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "_ditc", "use_linear_projection", "num_vector_embeds",
+           "_use_default_values"}
+
+
+def is_pixart(d: dict) -> bool:
+    return d.get("_class_name") == "PixArtTransformer2DModel" or d.get("norm_type") == "ada_norm_single"
+
+
+def config_from_pixart(d: dict, where: str) -> DiTConfig:
+    """A ditc config from a diffusers PixArt transformer config; refuses what the module does
+    not implement (naming the field), never guesses what the file leaves out."""
+    if "_ditc" in d:  # written by ditc: the full config (kept layers, lineage)
+        return DiTConfig.from_dict(d["_ditc"])
+    unknown = sorted(set(d) - set(FIXED) - READ - IGNORED)
+    if unknown:
+        raise FormatError(f"{where}: unsupported PixArt variant (config field {unknown[0]!r}, e.g. PixArt-Σ's key/value "
+                          "token compression, is not implemented)")
+    for k, v in FIXED.items():
+        if k in d and d[k] != v and not (isinstance(v, float) and isinstance(d[k], (int, float)) and abs(d[k] - v) < 1e-12):
+            raise FormatError(f"{where}: unsupported PixArt variant ({k} = {d[k]!r}; only {v!r} is implemented)")
+    try:
+        heads, hd = int(d["num_attention_heads"]), int(d["attention_head_dim"])
+        in_ch, sample, patch = int(d["in_channels"]), int(d["sample_size"]), int(d["patch_size"])
+        out = int(d.get("out_channels") or in_ch)
+        layers = int(d["num_layers"])
+        caption = d["caption_channels"]
+    except KeyError as e:
+        raise FormatError(f"{where}: the PixArt transformer config lacks {e.args[0]!r}") from None
+    if caption is None:
+        raise FormatError(f"{where}: caption_channels is null (a PixArt without caption projection is not supported)")
+    inner = heads * hd
+    cross = d.get("cross_attention_dim")
+    if cross is not None and int(cross) != inner:
+        raise FormatError(f"{where}: unsupported PixArt variant (cross_attention_dim {cross} differs from the inner "
+                          f"width {inner}; the captions are projected to the inner width)")
+    if out not in (in_ch, 2 * in_ch):
+        raise FormatError(f"{where}: out_channels {out} is neither in_channels nor twice it")
+    prov = {"num_heads": "config.json (num_attention_heads)", "prediction": "diffusers PixArt: eps (PixArtAlphaPipeline)",
+            "numerics": "diffusers' PixArt code (the module reproduces it)"}
+    add = d.get("use_additional_conditions")
+    if add is None:
+        add = sample == 128
+        prov["additional_conditions"] = "diffusers' rule for an unset use_additional_conditions: sample_size == 128"
+    interp = d.get("interpolation_scale")
+    if interp is None:
+        interp = float(max(sample // 64, 1))
+        prov["interpolation_scale"] = "diffusers' rule for an unset interpolation_scale: max(sample_size // 64, 1)"
+    return DiTConfig(
+        family="pixart", input_size=sample, patch_size=patch, in_channels=in_ch, hidden_size=inner, depth=layers,
+        num_heads=heads, mlp_ratio=4.0, num_classes=1, learn_sigma=out == 2 * in_ch, caption_channels=int(caption),
+        additional_conditions=bool(add), interpolation_scale=float(interp), pos_base_size=sample // patch,
+        latent_scale=0.18215 if in_ch == 4 else None, vae="stabilityai/sd-vae-ft-ema" if in_ch == 4 else None,
+        numerics="diffusers", provenance=prov,
+    )
+
+
+def pixart_config(cfg: DiTConfig) -> dict:
+    """PixArtTransformer2DModel's config.json for ``cfg`` (the implemented values of every other
+    field), with the ditc config under ``_ditc``."""
+    return {"_class_name": "PixArtTransformer2DModel", "num_attention_heads": cfg.num_heads,
+            "attention_head_dim": cfg.head_dim, "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
+            "num_layers": cfg.depth, "cross_attention_dim": cfg.hidden_size, "sample_size": cfg.input_size,
+            "patch_size": cfg.patch_size, "interpolation_scale": cfg.interpolation_scale,
+            "use_additional_conditions": cfg.additional_conditions, "caption_channels": cfg.caption_channels,
+            **FIXED, "_ditc": cfg.to_dict()}
+
+
+def pixart_index() -> dict:
+    return {"_class_name": "PixArtAlphaPipeline", "_diffusers_version": "0.30.0",
+            "transformer": ["diffusers", "PixArtTransformer2DModel"]}
+
+
+def read_config(cfile) -> dict:
+    try:
+        return json.loads(cfile.read_text())
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{cfile} is not valid JSON: {e}") from None

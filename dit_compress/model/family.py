@@ -1,0 +1,153 @@
+"""Families behind one interface. A family is one network design in its source's own key
+layout; everything above model/ and formats/ reaches a model only through ``family_of(x)``:
+
+    module(cfg)                  the network for a config (meta-device friendly)
+    complete_state(cfg, state)   what a state dict may leave out and the config determines
+    after_load(model)            buffers built from the config once the weights are in
+    stack_key                    the state-dict prefix of the block stack depth pruning cuts
+                                 (``model.blocks`` is that stack on every family)
+    condition                    "labels" (class-conditional) or "captions" (text-to-image)
+    check_condition(model, c, n) the condition of n samples, checked, on the model's device
+    null_condition(model, c, negative)  the guidance null for ``c``: the null class, or the
+                                 given negative caption (the pipeline's encoding of "")
+    cat(a, b)                    two conditions as one batch
+
+A third family (MAR's two stacks, say) is a module and one more entry in ``FAMILIES``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import UsageError
+from .dit import DiT, sincos_2d
+from .pixart import Captions, PixArt
+
+
+def _checked_tensor(t) -> bool:
+    return not (t.is_meta or type(t).__name__ == "FakeTensor")
+
+
+def _device(model) -> torch.device:
+    inner = getattr(model, "module", model)
+    if isinstance(inner, torch.nn.Module):
+        for p in inner.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+class DiTFamily:
+    """Class-conditional DiT / SiT / REPA (original layout ``blocks.i.attn.qkv``)."""
+
+    name, stack_key, condition = "dit", "blocks", "labels"
+
+    @staticmethod
+    def module(cfg):
+        return DiT(cfg)
+
+    @staticmethod
+    def complete_state(cfg, state: dict) -> dict:
+        if "pos_embed" not in state:
+            grid = int(cfg.num_patches ** 0.5)
+            state["pos_embed"] = torch.from_numpy(sincos_2d(cfg.hidden_size, grid)).float().unsqueeze(0)
+        return state
+
+    @staticmethod
+    def after_load(model):
+        model.pos_embed.requires_grad_(False)
+        return model
+
+    @staticmethod
+    def check_condition(model, y, n: int):
+        cfg = model.config
+        if isinstance(y, Captions):
+            raise UsageError("this is a class-conditional model: `y` takes class labels, not captions")
+        if not torch.is_tensor(y):
+            try:
+                y = torch.as_tensor(np.asarray(y), dtype=torch.long)
+            except (TypeError, ValueError, RuntimeError):
+                raise UsageError(f"`y` must be class labels (a tensor of ints), got {type(y).__name__}") from None
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise UsageError(f"`y` must hold integer class labels, got {y.dtype}")
+        if y.dim() != 1 or len(y) != n:
+            raise UsageError(f"`y` must be one label per sample ({n}), got shape {list(y.shape)}")
+        if _checked_tensor(y) and len(y) and (int(y.min()) < 0 or int(y.max()) > cfg.num_classes):
+            raise UsageError(f"`y` holds labels outside 0..{cfg.num_classes} ({cfg.num_classes} is the null class)")
+        return y.long().to(_device(model))
+
+    @staticmethod
+    def null_condition(model, y, negative=None):
+        return torch.full_like(y, model.config.num_classes)
+
+    @staticmethod
+    def cat(a, b):
+        return torch.cat([a, b], 0)
+
+
+class PixArtFamily:
+    """PixArt-α / Σ (diffusers layout ``transformer_blocks.i.attn1.to_q``)."""
+
+    name, stack_key, condition = "pixart", "transformer_blocks", "captions"
+
+    @staticmethod
+    def module(cfg):
+        return PixArt(cfg)
+
+    @staticmethod
+    def complete_state(cfg, state: dict) -> dict:
+        return state
+
+    @staticmethod
+    def after_load(model):
+        model.reset_pos_table()
+        return model
+
+    @staticmethod
+    def check_condition(model, c, n: int):
+        cfg = model.config
+        if not isinstance(c, Captions):
+            raise UsageError("this is a text-to-image model: the condition is Captions(emb [B, L, C], mask [B, L])")
+        if not (torch.is_tensor(c.emb) and c.emb.is_floating_point() and c.emb.dim() == 3):
+            raise UsageError("caption embeddings must be a float tensor [B, L, C]")
+        if c.emb.shape[0] != n or c.emb.shape[2] != cfg.caption_channels:
+            raise UsageError(f"caption embeddings have shape {list(c.emb.shape)}; the model takes [{n}, L, "
+                             f"{cfg.caption_channels}] (its caption width)")
+        if not torch.is_tensor(c.mask) or tuple(c.mask.shape) != tuple(c.emb.shape[:2]):
+            raise UsageError(f"the caption mask must be [B, L] = {list(c.emb.shape[:2])}")
+        if cfg.additional_conditions and (c.resolution is None or c.aspect_ratio is None):
+            raise UsageError("this PixArt takes resolution and aspect-ratio conditions (a 1024 px model): give "
+                             "Captions(..., resolution=[B, 2], aspect_ratio=[B, 1])")
+        if _checked_tensor(c.emb) and not bool(torch.isfinite(c.emb).all()):
+            raise UsageError("caption embeddings hold NaN or inf values")
+        return Captions(c.emb.float(), c.mask.float(),
+                        None if c.resolution is None else c.resolution.float(),
+                        None if c.aspect_ratio is None else c.aspect_ratio.float()).to(_device(model))
+
+    @classmethod
+    def null_condition(cls, model, c, negative=None):
+        if negative is None:
+            raise UsageError("classifier-free guidance of a text-to-image model needs the null caption: give "
+                             "`negative` (the text encoder's encoding of the empty prompt, as the pipeline's "
+                             "negative_prompt_embeds)")
+        neg = cls.check_condition(model, negative if len(negative) == len(c) else _repeat(negative, len(c)), len(c))
+        return neg
+
+    @staticmethod
+    def cat(a, b):
+        return a.cat(b)
+
+
+def _repeat(c: Captions, n: int) -> Captions:
+    if len(c) != 1:
+        raise UsageError(f"`negative` holds {len(c)} captions; give one (repeated) or one per sample ({n})")
+    return c[torch.zeros(n, dtype=torch.long)]
+
+
+FAMILIES = {"dit": DiTFamily, "pixart": PixArtFamily}
+
+
+def family_of(x):
+    """The family of a config, a model, or a model wrapped by accelerate/DDP."""
+    cfg = getattr(getattr(x, "module", x), "config", x)
+    return FAMILIES[getattr(cfg, "family", "dit")]
