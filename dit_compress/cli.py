@@ -9,7 +9,6 @@ import inspect
 import json
 import re
 import sys
-from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -38,7 +37,7 @@ class OneLineErrors(typer.core.TyperGroup):
         try:
             rv = super().main(*args, standalone_mode=False, **kwargs)
         except _NO_ARGS as e:
-            click.echo(e.ctx.get_help() if e.ctx is not None else e.format_message())
+            typer.echo(e.ctx.get_help() if e.ctx is not None else e.format_message())
             sys.exit(0)
         except _CLICK.ClickException as e:
             ctx = getattr(e, "ctx", None)

@@ -14,6 +14,7 @@ from ..errors import UsageError
 from ..evaluate.describe import describe, plot_width_profile
 from ..formats import write_checkpoint
 from ..model.build import fingerprint
+from ..model.family import require
 from ..outputs import is_main_process, work_dir_for
 from ..model import DiT
 from .common import load_source, parse_ints, seed as check_seed, source_name, writes_output
@@ -63,6 +64,8 @@ def prune_depth(source, *, output: str | Path, pattern: str | None = None, group
     if measure_cost is None:  # two model copies and an extra step: seconds on a testbed, minutes and ~20 GB at XL
         measure_cost = model.num_params() <= MEASURE_COST_UP_TO
     grp = depth_mod.parse_groups(model.config.depth, pattern, groups) if (pattern or groups) else None
+    if data is not None or method not in ("uniform", "oracle", "random"):
+        require(model, "training")
     ds = load_data(data, model.config.num_classes) if data is not None else None
     lc = depth_mod.LearnedConfig(steps=steps, batch_size=batch_size, lr=lr, logit_lr=logit_lr, tau_start=tau_start,
                                  tau_end=tau_end, logit_scale=logit_scale, logit_ema=logit_ema, recover=recover,

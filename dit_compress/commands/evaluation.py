@@ -16,6 +16,7 @@ from ..evaluate import fidelity
 from ..outputs import atomic_dir
 from ..model import Routing, routing
 from ..model.build import fingerprint
+from ..model.family import require
 from ..report import write_report
 from .common import (
     load_facts,
@@ -72,6 +73,7 @@ def evaluate_model(source, *, output: str | Path, num_samples: int = 1000, sampl
     resolve_device(device)  # checked before the model is read
     model = load_source(source, revision=revision, no_ema=no_ema, num_heads=num_heads, prediction=prediction,
                         numerics=numerics)
+    require(model, "eval")
     sampler, steps = eval_sampler(model.config, sampler, steps)
     resolve_spacing(sampler, timestep_spacing)  # checked before anything is written
     if cfg_channels is not None and cfg_channels > model.config.in_channels:

@@ -29,6 +29,7 @@ from ..diffusion import objective_for
 from ..diffusion.calibration import calib_device, calibration_losses
 from ..errors import TrainingError, UsageError
 from ..model.build import build_model
+from ..model.family import family_of, require
 from ..model.flops import gflops
 from ..report import plot_lines
 from ..train.losses import plain_loss
@@ -102,12 +103,13 @@ def prune_layers(model, keep: list[int], op_params: dict | None = None):
     cfg = model.config.copy(depth=len(keep), kept_layers=[model.config.kept_layers[i] for i in keep])
     if op_params is not None:
         cfg = cfg.with_step("prune-depth", **op_params)
+    stack = family_of(model).stack_key + "."
     state = {}
     for k, v in model.state_dict().items():
-        if k.startswith("blocks."):
-            _, i, rest = k.split(".", 2)
+        if k.startswith(stack):
+            i, rest = k[len(stack):].split(".", 1)
             if int(i) in keep:
-                state[f"blocks.{keep.index(int(i))}.{rest}"] = v.detach().clone()
+                state[f"{stack}{keep.index(int(i))}.{rest}"] = v.detach().clone()
         else:
             state[k] = v.detach().clone()
     return build_model(cfg, state, dtype=next(model.parameters()).dtype)
@@ -530,6 +532,7 @@ def prune_depth(model, method: str, groups=None, keep: list[int] | None = None, 
     keep = _check_request(method, groups, keep, model.config.depth)
     calib = None
     if data is not None:
+        require(model, "training")
         check_fits(data, model.config)
         calib = calibration_set(data, calib_samples, seed=lc.seed + 12345)
     sel = Selection(model, groups, data, calib, lc, work_dir, resume, num_candidates, influence_noisy, measure_cost,

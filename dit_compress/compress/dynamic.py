@@ -17,6 +17,7 @@ from ..data.batches import draw_examples
 from ..diffusion import objective_for
 from ..errors import DitcError, UsageError
 from ..model.build import build_model
+from ..model.family import require
 from ..model.routers import Routing, TokenRouter, WidthRouter, routing
 
 SORTS = ("magnitude", "taylor", "none")
@@ -113,6 +114,7 @@ def add_dynamic_width(model, target_flops: float = 0.5, sort_by: str = "magnitud
     channels (the least important, after sorting) is dropped at every timestep, sized so
     the blocks reach ``target_flops``; the routers are frozen at that choice."""
 
+    require(model, "routing")
     cfg = model.config
     if not (0.0 < target_flops <= 1.0):
         raise UsageError(f"`target_flops` must be in (0, 1], got {target_flops}")
@@ -146,6 +148,7 @@ def add_token_router(model, tau: float = 5.0, init_bias: float = 35.0, reduction
     the block FLOPs ratio the routers (with any width routers) train toward; without it a
     model with width routers keeps theirs, and token routers alone have no FLOPs target."""
 
+    require(model, "routing")
     cfg = model.config
     if cfg.tokens is not None:
         raise DitcError("this model already has token routers (add-token-router was applied before)")

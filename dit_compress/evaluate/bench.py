@@ -35,7 +35,6 @@ from ..compress.dynamic import (
 from ..config import DiTConfig
 from ..diffusion.measure import FlopsMeter
 from ..diffusion.sampling import (
-    class_balanced_labels,
     eval_sampler,
     loop_time_inputs,
     sample,
@@ -43,8 +42,8 @@ from ..diffusion.sampling import (
 )
 from ..errors import DitcError, UsageError
 from ..formats import load_model, save_model
-from ..model import DiT
-from ..model.build import build_model
+from ..model.build import build_model, expected_shapes
+from ..model.family import family_of
 from ..model.compile import compile_model, compiled_graphs
 from ..model.dit import width_cache
 from ..model.flops import static_macs
@@ -72,8 +71,7 @@ def build(spec: str, seed: int = 0, load: dict | None = None, schedule=(None, No
     base, variants = parse_spec(spec)
     if base.startswith("shape:"):
         cfg = DiTConfig.preset(base[len("shape:"):])
-        with torch.device("meta"):
-            shapes = {k: v.shape for k, v in DiT(cfg).state_dict().items()}
+        shapes = expected_shapes(cfg)
         g = torch.Generator().manual_seed(seed)
         state = {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
         model = build_model(cfg, state)
@@ -121,7 +119,7 @@ def _static_forward_rows(model, cfg, batch_sizes, repeats, warmup, timesteps, dt
     for bs in batch_sizes:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(bs, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(dev, dtype)
-        y = torch.randint(0, cfg.num_classes, (bs,), generator=g).to(dev)
+        y = family_of(cfg).example_condition(cfg, bs, g)[0].to(dev)
         times = []
         with torch.inference_mode(), width_cache(model):
             for i in range(warmup + repeats):
@@ -143,12 +141,13 @@ def _stats(times: list[float]) -> dict:
     return {"latency_ms": med * 1e3, "iqr_ms": (q_hi - q_lo) * 1e3}
 
 
-def _warm_up(model, x, y, cfg_scale, times: list, dtype=torch.float32) -> None:
+def _warm_up(model, x, y, cfg_scale, times: list, dtype=torch.float32, negative=None) -> None:
     """One forward per distinct width profile of the loop (static models: one forward), at
     the loop's batch shape (CFG doubles it): everything the loop will run is compiled (and
     allocated) before timing starts, without paying for a whole untimed loop."""
     if cfg_scale != 1.0:
-        x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, model.config.num_classes)])
+        family = family_of(model)
+        x, y = torch.cat([x, x]), family.cat(y, family.null_condition(model, y, negative))
     with width_cache(model, times):
         cache = getattr(model, "_width_cache", None)
         seen = set()
@@ -171,19 +170,20 @@ def _loop_rows(model, cfg, batch_sizes, repeats, warmup, sampler, steps, spacing
     for bs in batch_sizes:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(bs, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(dev, dtype)
-        y = torch.from_numpy(class_balanced_labels(bs, cfg.num_classes)).long().to(dev)
+        y, negative = family_of(cfg).example_condition(cfg, bs, g)
+        y, negative = y.to(dev), None if negative is None else negative.to(dev)
         times = []
         with torch.inference_mode():
             t0 = time.perf_counter()
             for _ in range(warmup):
-                _warm_up(model, x, y, cfg_scale, times_in, dtype)
+                _warm_up(model, x, y, cfg_scale, times_in, dtype, negative)
             _sync(dev)
             warm = time.perf_counter() - t0
             graphs = compiled_graphs()
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 sample(model, x, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale, timestep_spacing=spacing,
-                       generator=torch.Generator().manual_seed(1))
+                       generator=torch.Generator().manual_seed(1), negative=negative)
                 _sync(dev)
                 times.append(time.perf_counter() - t0)
         med = statistics.median(times)
@@ -197,10 +197,10 @@ def _loop_macs(model, cfg, sampler, steps, spacing, cfg_scale, dtype) -> tuple[f
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(_device(model), dtype)
-    y = torch.from_numpy(class_balanced_labels(2, cfg.num_classes)).long().to(x.device)
+    y, negative = family_of(cfg).example_condition(cfg, 2, g)
     with torch.inference_mode(), FlopsMeter(model) as meter:
         sample(model, x, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale, timestep_spacing=spacing,
-               generator=torch.Generator().manual_seed(1))
+               generator=torch.Generator().manual_seed(1), negative=negative)
     r = meter.result()
     per_row = 2 if cfg_scale != 1.0 else 1  # CFG runs the conditional and the null row for every image
     return r["macs"] * r["calls"] * per_row, r["calls"]
@@ -236,7 +236,7 @@ def _measure_child(spec, batch_sizes, repeats, warmup, schedule, threads, dtype_
                 g = torch.Generator().manual_seed(0)
                 bs0 = batch_sizes[0]
                 x = torch.randn(bs0, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(dev, dtype)
-                y = torch.randint(0, cfg.num_classes, (bs0,), generator=g).to(dev)
+                y = family_of(cfg).example_condition(cfg, bs0, g)[0].to(dev)
                 with torch.inference_mode(), FlopsMeter(model) as meter:
                     for tt in timesteps:
                         model(x, torch.full((bs0,), tt, device=dev), y)

@@ -33,6 +33,7 @@ from ..diffusion.sampling import (
     sample,
 )
 from ..errors import DitcError, UsageError
+from ..model.family import require
 from ..outputs import atomic_dir, resumable_work, work_dir_for
 from ..progress import make_progress
 from ..report import write_report
@@ -352,6 +353,7 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
     ``cache``: an eval whose every input (model identity, settings, metrics, reference) matches
     a finished one (``cache_dirs``) is copied from it instead of recomputed, and says so."""
 
+    require(model, "eval")
     metrics = metrics or ["fid", "prc"]
     sampler, steps = eval_sampler(model.config, sampler, steps)
     spacing = resolve_spacing(sampler, timestep_spacing)

@@ -11,6 +11,12 @@ layout; everything above model/ and formats/ reaches a model only through ``fami
     null_condition(model, c, negative)  the guidance null for ``c``: the null class, or the
                                  given negative caption (the pipeline's encoding of "")
     cat(a, b)                    two conditions as one batch
+    supports                     what this toolkit implements on the family so far, by name
+                                 ("routing", "training", "eval"); ``require(model, what)``
+                                 refuses the rest in one line
+    example_condition(cfg, n, g) (condition, negative) for n samples when no data gives one:
+                                 class-balanced labels; random caption features of the
+                                 model's caption length (benchmarks, shape-only runs)
 
 A third family (MAR's two stacks, say) is a module and one more entry in ``FAMILIES``.
 """
@@ -22,6 +28,7 @@ import torch
 
 from ..errors import UsageError
 from .dit import DiT, sincos_2d
+from .flops import PIXART_CAPTION_TOKENS
 from .pixart import Captions, PixArt
 
 
@@ -41,6 +48,7 @@ class DiTFamily:
     """Class-conditional DiT / SiT / REPA (original layout ``blocks.i.attn.qkv``)."""
 
     name, stack_key, condition = "dit", "blocks", "labels"
+    supports = frozenset({"routing", "training", "eval"})
 
     @staticmethod
     def module(cfg):
@@ -84,11 +92,16 @@ class DiTFamily:
     def cat(a, b):
         return torch.cat([a, b], 0)
 
+    @staticmethod
+    def example_condition(cfg, n: int, generator=None):
+        return torch.from_numpy(np.arange(n) % cfg.num_classes).long(), None
+
 
 class PixArtFamily:
     """PixArt-α / Σ (diffusers layout ``transformer_blocks.i.attn1.to_q``)."""
 
     name, stack_key, condition = "pixart", "transformer_blocks", "captions"
+    supports = frozenset()  # loading, export, sampling, depth pruning without data and bench so far
 
     @staticmethod
     def module(cfg):
@@ -137,6 +150,20 @@ class PixArtFamily:
     def cat(a, b):
         return a.cat(b)
 
+    @staticmethod
+    def example_condition(cfg, n: int, generator=None):
+        L = cfg.caption_length or PIXART_CAPTION_TOKENS
+        extra = {}
+        if cfg.additional_conditions:
+            side = float(cfg.input_size * 8)
+            extra = dict(resolution=torch.tensor([[side, side]]).repeat(n, 1), aspect_ratio=torch.ones(n, 1))
+
+        def caption(k):
+            return Captions(torch.randn(k, L, cfg.caption_channels, generator=generator), torch.ones(k, L),
+                            **{key: v[:k] for key, v in extra.items()})
+
+        return caption(n), caption(1)
+
 
 def _repeat(c: Captions, n: int) -> Captions:
     if len(c) != 1:
@@ -145,6 +172,20 @@ def _repeat(c: Captions, n: int) -> Captions:
 
 
 FAMILIES = {"dit": DiTFamily, "pixart": PixArtFamily}
+
+WHAT = {"routing": "dynamic width and token routing (DyDiT)",
+        "training": "training and data-driven layer selection (finetune, distill, learned or block-influence "
+                    "prune-depth: they need caption data)",
+        "eval": "eval (it needs a prompt set)"}
+
+
+def require(model, what: str) -> None:
+    """Refuse in one line what the model's family does not implement yet."""
+    fam = family_of(model)
+    if what not in fam.supports:
+        raise UsageError(f"{WHAT[what]} is not implemented for {fam.name} models in this version; "
+                         "supported on them: loading, export, sampling with caption embeddings, depth pruning with "
+                         "`method` uniform or oracle, info and bench")
 
 
 def family_of(x):

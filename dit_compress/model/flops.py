@@ -8,14 +8,25 @@ from __future__ import annotations
 from ..config import DiTConfig
 
 
+PIXART_CAPTION_TOKENS = 120  # PixArtAlphaPipeline's max_sequence_length, when the model does not state its own
+
+
+def caption_tokens(cfg: DiTConfig) -> int:
+    return cfg.caption_length or PIXART_CAPTION_TOKENS
+
+
 def block_macs(cfg: DiTConfig) -> tuple[float, float]:
     """(attention, MLP) MACs of one full-width block over all tokens.
 
-    Attention: qkv + proj 4ND^2 and the two N x N products 2N^2D; MLP 2*N*D*hidden.
-    Both scale linearly with the share of heads / channels kept.
+    Attention: qkv + proj 4ND^2 and the two N x N products 2N^2D; for PixArt also the
+    cross-attention to L caption tokens: q + out 2ND^2, k + v 2LD^2, the two N x L products
+    2NLD. MLP 2*N*D*hidden. Both scale linearly with the share of heads / channels kept.
     """
     N, D = cfg.num_patches, cfg.hidden_size
     attn = 4 * N * D * D + 2 * N * N * D
+    if cfg.family == "pixart":
+        L = caption_tokens(cfg)
+        attn += 2 * N * D * D + 2 * L * D * D + 2 * N * L * D
     mlp = 2 * N * D * cfg.mlp_hidden
     return float(attn), float(mlp)
 
@@ -27,6 +38,11 @@ def static_macs(cfg: DiTConfig) -> dict:
     ada = 6 * D * D
     embed = N * p * p * cfg.in_channels * D + 256 * D + D * D
     final = 2 * D * D + N * D * p * p * cfg.out_channels
+    if cfg.family == "pixart":  # adaLN-single once (not per block), the caption projection, no final adaLN
+        L = caption_tokens(cfg)
+        embed += 6 * D * D + L * (cfg.caption_channels * D + D * D)
+        final = N * D * p * p * cfg.out_channels
+        ada = 0
     routers = 0.0
     if cfg.width is not None:
         routers += 2 * D * cfg.num_heads

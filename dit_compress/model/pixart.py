@@ -228,7 +228,7 @@ class PixArt(nn.Module):
         D = config.hidden_size
         self.pos_embed = PatchEmbed(config.patch_size, config.in_channels, D)
         self.transformer_blocks = nn.ModuleList([
-            PixArtBlock(D, config.num_heads, config.head_dim, config.cross_attention_dim or D, config.mlp_hidden)
+            PixArtBlock(D, config.num_heads, config.head_dim, D, config.mlp_hidden)
             for _ in range(config.depth)])
         self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.scale_shift_table = nn.Parameter(torch.randn(2, D) / D ** 0.5)

@@ -15,6 +15,7 @@ from ..diffusion.measure import inference_flops
 from ..errors import DitcError, UsageError
 from ..formats import write_checkpoint
 from ..model.build import fingerprint
+from ..model.family import require
 from ..outputs import check_output, work_dir_for
 from ..report import plot_lines
 from .losses import combined_loss
@@ -31,6 +32,7 @@ def train_model(model, data: TensorData, cfg: TrainConfig, work_dir: Path, teach
     loss added during ``kd["full_steps"]`` (default all) with weight ``kd["full_loss"]``
     (default 1.0), and batches stratified into ``kd["t_strata"]`` (default 4) timestep ranges.
     """
+    require(model, "training")
     check_fits(data, model.config)
     if teacher is not None:
         tc = teacher.config
@@ -65,6 +67,7 @@ def train_and_save(model, data_spec: str, output: Path, cfg: TrainConfig, *, for
     other than the main one under ``accelerate launch``."""
     output = Path(output)
     check_output(output, force)
+    require(model, "training")
     data = load_data(data_spec, model.config.num_classes, model.config)
     work = work_dir_for(output)
     if not resume and (work / "train_state").exists():

@@ -1,0 +1,195 @@
+"""PixArt-α / Σ (text-to-image DiT) through the family interface, tested on transformers made
+by diffusers (small configs, random weights, save_pretrained), not by ditc."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import dit_compress as dc
+from dit_compress.cli import app
+from dit_compress.model.pixart import Captions
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def diffusers_pixart(seed=0, layers=4, additional=False, **kw):
+    """diffusers' own tiny PixArt (its tests' config), every weight random."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    m = PixArtTransformer2DModel(sample_size=8, num_layers=layers, patch_size=2, attention_head_dim=8,
+                                 num_attention_heads=3, caption_channels=32, in_channels=4, cross_attention_dim=24,
+                                 out_channels=8, use_additional_conditions=additional, **kw).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return m
+
+
+def inputs(batch=2, tokens=5, seed=1, additional=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 700][:batch] + [500] * max(0, batch - 2))
+    emb = torch.randn(batch, tokens, 32, generator=g)
+    mask = torch.ones(batch, tokens)
+    mask[0, 3:] = 0  # a caption shorter than the padding
+    extra = {}
+    if additional:
+        extra = dict(resolution=torch.tensor([[64.0, 64.0]] * batch), aspect_ratio=torch.ones(batch, 1))
+    return x, t, Captions(emb, mask, **extra)
+
+
+def diffusers_out(d, x, t, c: Captions):
+    added = {"resolution": c.resolution, "aspect_ratio": c.aspect_ratio} if c.resolution is not None else None
+    with torch.no_grad():
+        return d(x, encoder_hidden_states=c.emb, timestep=t, encoder_attention_mask=c.mask,
+                 added_cond_kwargs=added, return_dict=False)[0]
+
+
+@pytest.mark.parametrize("additional", [False, True])
+def test_forward_parity_with_diffusers_including_masked_captions(tmp_path, additional):
+    d = diffusers_pixart(additional=additional)
+    d.save_pretrained(tmp_path / "t")
+    m = dc.load_model(str(tmp_path / "t"))
+    assert m.config.family == "pixart" and m.config.depth == 4 and m.config.additional_conditions == additional
+    x, t, c = inputs(additional=additional)
+    with torch.no_grad():
+        ours = m(x, t, c)
+    ref = diffusers_out(d, x, t, c)
+    assert ours.shape == ref.shape == (2, 8, 8, 8)
+    assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
+    # the mask matters: the same captions unmasked give another output
+    with torch.no_grad():
+        other = m(x, t, Captions(c.emb, torch.ones_like(c.mask), c.resolution, c.aspect_ratio))
+    assert not torch.allclose(other, ours, atol=1e-4)
+
+
+def test_pipeline_dir_and_ditc_round_trip(tmp_path):
+    d = diffusers_pixart()
+    d.save_pretrained(tmp_path / "pipe" / "transformer")
+    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline"}))
+    m = dc.load_model(str(tmp_path / "pipe"))
+    dc.save_model(m, tmp_path / "ditc")
+    back = dc.load_model(str(tmp_path / "ditc"))
+    x, t, c = inputs()
+    with torch.no_grad():
+        assert torch.equal(m(x, t, c), back(x, t, c))
+    info = json.loads(run("info", tmp_path / "ditc", "--json").stdout)
+    assert info["architecture"].startswith("PixArt(") and info["depth"] == 4
+
+
+@pytest.mark.parametrize("keep", [[1, 3], [0, 2]])
+def test_pruned_export_reloads_in_diffusers_and_equals_skipped_blocks(tmp_path, keep):
+    """prune-depth (oracle and uniform 1:2) -> --to diffusers: the stock PixArtTransformer2DModel
+    loads it with half the blocks, and equals the diffusers source with the others skipped."""
+    from diffusers import PixArtTransformer2DModel
+
+    d = diffusers_pixart()
+    d.save_pretrained(tmp_path / "src")
+    method = ["--method", "uniform", "--pattern", "1:2"] if keep == [1, 3] else ["--method", "oracle", "--keep", "0,2"]
+    r = run("prune-depth", tmp_path / "src", *method, "-o", tmp_path / "p")
+    assert r.exit_code == 0, r.output
+    r = run("convert", tmp_path / "p", "--to", "diffusers", "-o", tmp_path / "pd")
+    assert r.exit_code == 0, r.output
+    pruned = PixArtTransformer2DModel.from_pretrained(tmp_path / "pd" / "transformer").eval()
+    assert pruned.config.num_layers == 2
+    x, t, c = inputs()
+    ours = diffusers_out(pruned, x, t, c)
+    d.transformer_blocks = torch.nn.ModuleList([d.transformer_blocks[i] for i in keep])
+    assert torch.allclose(ours, diffusers_out(d, x, t, c), atol=1e-5)
+    assert json.loads((tmp_path / "pd" / "transformer" / "config.json").read_text())["_ditc"]["kept_layers"] == keep
+
+
+def test_the_export_samples_in_pixart_alpha_pipeline_and_ditc_sample_agrees(tmp_path):
+    """A PixArtAlphaPipeline around the pruned export (a tiny VAE from a diffusers config, no
+    text encoder, prompt embeddings given) samples; ditc's DDIM with the same guidance, noise
+    and negative captions gives the same latents."""
+    from diffusers import AutoencoderKL, DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    diffusers_pixart().save_pretrained(tmp_path / "src")
+    assert run("prune-depth", tmp_path / "src", "--method", "uniform", "--pattern", "1:2", "-o", tmp_path / "p").exit_code == 0
+    assert run("convert", tmp_path / "p", "--to", "diffusers", "-o", tmp_path / "pd").exit_code == 0
+    transformer = PixArtTransformer2DModel.from_pretrained(tmp_path / "pd" / "transformer").eval()
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8).eval()
+    pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                               scheduler=DDIMScheduler(clip_sample=False))
+    _, _, c = inputs()
+    neg = Captions(torch.zeros(1, 5, 32), torch.cat([torch.ones(1, 1), torch.zeros(1, 4)], 1))
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    out = pipe(negative_prompt=None, prompt_embeds=c.emb, prompt_attention_mask=c.mask, negative_prompt_embeds=neg.emb.repeat(2, 1, 1),
+               negative_prompt_attention_mask=neg.mask.repeat(2, 1), latents=noise.clone(), num_inference_steps=5,
+               guidance_scale=3.0, output_type="latent", height=8 * vae_scale(pipe), width=8 * vae_scale(pipe),
+               use_resolution_binning=False)
+    ref = out.images
+    m = dc.load_model(str(tmp_path / "p"))
+    ours = dc.sample(m, noise, c, sampler="ddim", steps=5, timestep_spacing="leading", cfg_scale=3.0,
+                     negative=neg)
+    assert torch.allclose(ours, ref, atol=1e-4), (ours - ref).abs().max()
+
+
+def vae_scale(pipe) -> int:
+    return pipe.vae_scale_factor
+
+
+def test_bad_pixart_inputs_are_refused_in_one_line(tmp_path):
+    d = diffusers_pixart()
+    d.save_pretrained(tmp_path / "t")
+    m = dc.load_model(str(tmp_path / "t"))
+    x, t, c = inputs()
+    with pytest.raises(dc.UsageError, match="caption width"):
+        dc.sample(m, x, Captions(torch.randn(2, 5, 16), torch.ones(2, 5)), sampler="ddim", steps=2)
+    with pytest.raises(dc.UsageError, match="needs the null caption"):
+        dc.sample(m, x, c, sampler="ddim", steps=2, cfg_scale=2.0)
+    with pytest.raises(dc.UsageError, match="text-to-image"):
+        dc.sample(m, x, torch.tensor([1, 2]), sampler="ddim", steps=2)
+    cfg = json.loads((tmp_path / "t" / "config.json").read_text())
+    for change, text in (({"attention_type": "gated"}, "unsupported PixArt variant (attention_type"),
+                         ({"use_kv_compress": True}, "unsupported PixArt variant (config field 'use_kv_compress'"),
+                         ({"cross_attention_dim": 32}, "cross_attention_dim 32")):
+        (tmp_path / "v").mkdir(exist_ok=True)
+        (tmp_path / "v" / "config.json").write_text(json.dumps({**cfg, **change}))
+        (tmp_path / "v" / "diffusion_pytorch_model.safetensors").write_bytes(
+            (tmp_path / "t" / "diffusion_pytorch_model.safetensors").read_bytes())
+        r = run("info", tmp_path / "v")
+        assert r.exit_code != 0 and text in r.stderr and r.stderr.count("\n") == 1, (change, r.output)
+    state = {"x_embedder.proj.weight": torch.zeros(4, 4, 2, 2), "t_block.1.weight": torch.zeros(6, 4),
+             "blocks.0.cross_attn.q_linear.weight": torch.zeros(4, 4)}
+    torch.save(state, tmp_path / "PixArt-XL-2-512x512.pth")
+    r = run("info", tmp_path / "PixArt-XL-2-512x512.pth")
+    assert r.exit_code == 1 and "original PixArt checkpoint" in r.stderr and r.stderr.count("\n") == 1
+    r = run("convert", tmp_path / "t", "-o", tmp_path / "o.pt", "--to", "original")
+    assert r.exit_code != 0 and r.stderr.count("\n") == 1 and not (tmp_path / "o.pt").exists()
+
+
+def test_pixart_shapes_have_analytic_flops_and_bench(tmp_path):
+    """`--shape PixArt-XL/2-512` needs no weights: FLOPs with cross-attention to 120 caption
+    tokens; a reduced-depth shape benchmarks its whole DDIM loop with CFG."""
+    info = dc.info("PixArt-XL/2-512", arch=True)
+    assert info["architecture"] == "PixArt-XL/2" and info["gflops"] == pytest.approx(618.0, rel=0.01)
+    from dit_compress.evaluate.bench import build
+
+    small = build("shape:PixArt-XL/2-256+d2")
+    assert small.config.family == "pixart" and small.config.depth == 2
+
+
+def test_what_is_not_implemented_on_pixart_is_refused_in_one_line(tmp_path):
+    diffusers_pixart().save_pretrained(tmp_path / "t")
+    for args in (["add-dynamic-width", tmp_path / "t", "-o", tmp_path / "o"],
+                 ["add-token-router", tmp_path / "t", "-o", tmp_path / "o"],
+                 ["finetune", tmp_path / "t", "--data", "digits", "-o", tmp_path / "o"],
+                 ["prune-depth", tmp_path / "t", "--pattern", "1:2", "--data", "digits", "-o", tmp_path / "o"],
+                 ["eval", tmp_path / "t", "-o", tmp_path / "o", "-n", "4"]):
+        r = run(*args)
+        assert r.exit_code == 2 and "not implemented for pixart models" in r.stderr, (args, r.output)
+        assert r.stderr.count("\n") == 1 and not (tmp_path / "o").exists()
