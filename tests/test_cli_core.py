@@ -125,3 +125,12 @@ def test_library_parameter_names_become_flags_on_the_command_line(tmp_path):
 
     assert as_flags("`num_candidates` must be > 0", flag_names(prune_depth_cmd.__wrapped__)) == "--candidates must be > 0"
     assert not (tmp_path / "o").exists()
+
+
+def test_no_arguments_prints_the_help_and_parse_errors_are_one_line():
+    r = run()
+    assert r.exit_code == 0 and "Usage" in r.output and "prune-depth" in r.output
+    r = run("finetune", "digits-dit", "--steps", "abc")
+    assert r.exit_code == 2 and r.stderr.startswith("error:") and r.stderr.count("\n") == 1
+    r = run("info")
+    assert r.exit_code == 2 and "Missing argument" in r.stderr and r.stderr.count("\n") == 1

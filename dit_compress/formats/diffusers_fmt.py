@@ -235,28 +235,22 @@ def save_diffusers(model, out_dir: Path, dtype: torch.dtype | None = None) -> No
     cfg = model.config
     if cfg.is_dynamic:
         raise FormatError("a model with dynamic routers cannot be expressed in the diffusers layout; save it as ditc")
-    if cfg.family == "pixart":  # PixArtTransformer2DModel, loadable in PixArtAlphaPipeline
-        sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-        if dtype is not None:
-            sd = {k: v.to(dtype) for k, v in sd.items()}
-        tdir = Path(out_dir) / "transformer"
-        tdir.mkdir(parents=True, exist_ok=True)
-        save_file(sd, str(tdir / "diffusion_pytorch_model.safetensors"))
-        (tdir / "config.json").write_text(json.dumps(pixart_config(cfg), indent=2))
-        (Path(out_dir) / "model_index.json").write_text(json.dumps(pixart_index(), indent=2))
-        return
-    if cfg.mlp_ratio != 4.0:
-        raise FormatError("the diffusers DiT fixes the MLP ratio at 4; this model's is " + str(cfg.mlp_ratio))
-    sd = {k: v.detach() for k, v in model.state_dict().items() if k != "pos_embed"}
-    sd = original_to_diffusers(sd, cfg.depth, cfg.block_embedders)
+    if cfg.family == "pixart":  # PixArtTransformer2DModel (diffusers' keys already), loadable in PixArtAlphaPipeline
+        sd, config, index = dict(model.state_dict()), pixart_config(cfg), pixart_index()
+    else:
+        if cfg.mlp_ratio != 4.0:
+            raise FormatError("the diffusers DiT fixes the MLP ratio at 4; this model's is " + str(cfg.mlp_ratio))
+        sd = original_to_diffusers({k: v for k, v in model.state_dict().items() if k != "pos_embed"}, cfg.depth,
+                                   cfg.block_embedders)
+        config = diffusers_config(cfg)
+        index = {"_class_name": "DiTPipeline", "_diffusers_version": "0.30.0",
+                 "transformer": ["diffusers", "DiTTransformer2DModel"]} if cfg.prediction == "eps" else None
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
     tdir = Path(out_dir) / "transformer"
     tdir.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(tdir / "diffusion_pytorch_model.safetensors"))
-    (tdir / "config.json").write_text(json.dumps(diffusers_config(cfg), indent=2))
-    if cfg.prediction != "eps":
-        return
-    index = {"_class_name": "DiTPipeline", "_diffusers_version": "0.30.0",
-             "transformer": ["diffusers", "DiTTransformer2DModel"]}
-    (Path(out_dir) / "model_index.json").write_text(json.dumps(index, indent=2))
+    (tdir / "config.json").write_text(json.dumps(config, indent=2))
+    if index is not None:
+        (Path(out_dir) / "model_index.json").write_text(json.dumps(index, indent=2))

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import timestep_sinusoid
+from .layers import PatchEmbed, timestep_sinusoid
 from .run import ForwardAux, RunContext, forward_with_cfg
 
 
@@ -92,15 +92,6 @@ def pixart_pos_table(dim: int, grid: int, base_size: int, interpolation_scale: f
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
     return np.concatenate([one(dim // 2, col), one(dim // 2, row)], axis=1)
-
-
-class PatchEmbed(nn.Module):
-    def __init__(self, patch: int, in_ch: int, dim: int):
-        super().__init__()
-        self.proj = nn.Conv2d(in_ch, dim, kernel_size=patch, stride=patch, bias=True)
-
-    def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)
 
 
 class TimestepEmbedding(nn.Module):
