@@ -5,6 +5,8 @@
     x = dit_compress.sample(model, noise, y, sampler="ddim", steps=50, cfg_scale=2.0)
     dit_compress.save_model(model, "out/", format="ditc")   # ditc | diffusers | original
     x = dit_compress.sample(model, noise, y, compile=True)  # torch.compile once, bounded graphs
+    y, null = dit_compress.encode_prompts("pixart-pipeline/", ["a red square"])  # text-to-image captions
+    x = dit_compress.sample(pixart, noise, y, negative=null, cfg_scale=4.5)
 
 Every ``ditc`` command is a function here with the same options as keywords, e.g.
 ``dit_compress.prune_depth("digits-dit", output="tiny/", pattern="1:2", data="digits")``.
@@ -24,13 +26,15 @@ from .commands import (
     prune_depth,
 )
 from .config import DiTConfig
+from .data.text import encode_prompts
 from .diffusion import sample, training_losses
 from .errors import DitcError, FormatError, MissingFactError, TrainingError, UsageError
 from .formats import load_model, save_model
 from .model import DiT
+from .model.pixart import Captions
 from .model.compile import compile_model
 
 __version__ = "0.1.0"
-__all__ = ["DiT", "DiTConfig", "DitcError", "FormatError", "MissingFactError", "TrainingError", "UsageError", "add_dynamic_width", "add_token_router", "bench", "compile_model", "convert", "create",
-           "distill", "evaluate_model", "finetune", "info", "load_model", "prepare_data", "prune_depth", "sample",
+__all__ = ["Captions", "DiT", "DiTConfig", "DitcError", "FormatError", "MissingFactError", "TrainingError", "UsageError", "add_dynamic_width", "add_token_router", "bench", "compile_model", "convert", "create",
+           "distill", "encode_prompts", "evaluate_model", "finetune", "info", "load_model", "prepare_data", "prune_depth", "sample",
            "save_model", "training_losses", "__version__"]

@@ -529,26 +529,35 @@ def bench(
 @app.command("prepare-data")
 @handle_errors
 def prepare_data_cmd(
-    images: str = typer.Argument(..., help="Image folder with one sub-folder per class.", show_default=False),
+    images: str = typer.Argument(..., help="Image folder: one sub-folder per class, or images with captions "
+                                 "(a .txt beside each, or a metadata.jsonl) with --text-encoder.", show_default=False),
     output: str = Out,
     vae: Optional[str] = typer.Option("stabilityai/sd-vae-ft-ema", "--vae", help="VAE (hub id or local dir); 'none' stores pixels."),
     image_size: int = typer.Option(256, "--image-size"),
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="Captioned images: the pipeline's text "
+                                               "encoder (a local pipeline dir with text_encoder/ and tokenizer/)."),
+    max_length: int = typer.Option(120, "--max-length", help="Caption tokens (the pipeline's max_sequence_length: "
+                                   "PixArt-α 120, Σ 300); longer captions are truncated with a note."),
     batch_size: int = typer.Option(32, "--batch-size"),
     shard_size: int = typer.Option(1024, "--shard-size"),
     force: bool = typer.Option(False, "--force", help="Replace an existing output, or start over when the work dir holds shards made from other inputs."),
     json_out: bool = JsonOut,
 ):
-    """Encode an image folder into latent shards (center crop, image + horizontal flip,
-    scale 0.18215) for `finetune` / `distill` / `prune-depth --data`. Rerun to resume.
+    """Encode an image folder into latent shards (center crop, scale 0.18215) for `finetune` /
+    `distill` / `prune-depth --data`: class folders with image + horizontal flip; captioned
+    images with their caption features (text-to-image models). Rerun to resume.
 
     Examples:
 
         ditc prepare-data /data/imagenet/train -o imagenet256-latents/
 
         ditc prepare-data my-images/ --vae ./local-vae --image-size 512 -o latents512/
+
+        ditc prepare-data captioned/ --text-encoder ./PixArt-XL-2-512x512 --image-size 512 -o t2i-latents/
     """
     _summary(commands.prepare_data(images, output=output, vae=vae, image_size=image_size, batch_size=batch_size,
-                                   shard_size=shard_size, force=force), json_out)
+                                   shard_size=shard_size, force=force, text_encoder=text_encoder,
+                                   max_length=max_length), json_out)
 
 
 # ---------------------------------------------------------------------------- recipes

@@ -14,7 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import dit_compress as dc
 from dit_compress.compress.depth import LearnedConfig, search_setup
 from dit_compress.compress.dynamic import add_dynamic_width, add_token_router, set_banded_width
-from dit_compress.data.batches import label_dropout_batch_fn
+from dit_compress.data.batches import condition_dropout_batch_fn
 from dit_compress.data.datasets import load_data
 from dit_compress.diffusion import objective_for
 from dit_compress.diffusion.sampling import sampler_timesteps
@@ -82,7 +82,7 @@ def _objective(name):
         kd = {"flops_hold": 0, "flops_decay": 2}  # DyDiT defaults otherwise: the full-model loss is on
     model.train()
     loss_fn, _ = combined_loss(objective_for(model.config), model, teacher, kd, total_steps=4)
-    batch_fn = label_dropout_batch_fn(data, 4, 10, 0.1, t_strata=4 if name == "dydit" else 0)
+    batch_fn = condition_dropout_batch_fn(data, 4, model.config, t_strata=4 if name == "dydit" else 0)
     return model, teacher, loss_fn, batch_fn
 
 

@@ -157,7 +157,7 @@ def test_distill_cli_with_masked_repkd(tmp_path):
     # a teacher with another latent size is refused
     save_model(DiT(tiny_config(input_size=16, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2)), tmp_path / "big")
     r = run("distill", tmp_path / "s", "--teacher", tmp_path / "big", "--data", "digits", "--steps", "2", "-o", tmp_path / "x")
-    assert r.exit_code == 1 and "teacher takes 1x16x16" in r.stderr
+    assert r.exit_code == 2 and "teacher takes 1x16x16" in r.stderr
     assert not (tmp_path / "x").exists()
 
 

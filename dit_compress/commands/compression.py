@@ -66,7 +66,7 @@ def prune_depth(source, *, output: str | Path, pattern: str | None = None, group
     grp = depth_mod.parse_groups(model.config.depth, pattern, groups) if (pattern or groups) else None
     if data is not None or method not in ("uniform", "oracle", "random"):
         require(model, "training")
-    ds = load_data(data, model.config.num_classes) if data is not None else None
+    ds = load_data(data, cfg=model.config) if data is not None else None
     lc = depth_mod.LearnedConfig(steps=steps, batch_size=batch_size, lr=lr, logit_lr=logit_lr, tau_start=tau_start,
                                  tau_end=tau_end, logit_scale=logit_scale, logit_ema=logit_ema, recover=recover,
                                  lora_rank=lora_rank, lora_alpha=lora_alpha, seed=seed, ckpt_every=ckpt_every)
@@ -116,7 +116,7 @@ def add_dynamic_width(source, *, output: str | Path, target_flops: float = 0.5, 
     static, seed = checks.flag("static", static), check_seed(seed)
     model = load_source(source, revision=revision, no_ema=no_ema, num_heads=num_heads, prediction=prediction,
                         numerics=numerics)
-    ds = load_data(data, model.config.num_classes) if data is not None else None
+    ds = load_data(data, cfg=model.config) if data is not None else None
     routed = dynamic.add_dynamic_width(model, target_flops, sort_by, ds, tau, init_bias, static, seed)
     return _write_routed(routed, source, "add-dynamic-width", Path(output), force)
 

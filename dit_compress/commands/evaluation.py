@@ -8,7 +8,8 @@ import torch
 
 from .. import checks
 from ..config import DiTConfig
-from ..data.images import prepare
+from ..data.images import prepare, scan_captioned
+from ..data.text import PIXART_MAX_LENGTH, TextEncoder
 from ..diffusion.sampling import SAMPLERS, check_spacing, eval_sampler, resolve_spacing
 from ..errors import UsageError
 from ..evaluate import bench as bench_mod
@@ -193,23 +194,33 @@ def bench(sources=None, *, shape: str | None = None, variants=None, baseline: st
     return report
 
 
-@writes_output("images")
+@writes_output("images", "text_encoder")
 def prepare_data(images: str | Path, *, output: str | Path, vae: str | None = "stabilityai/sd-vae-ft-ema",
-                 image_size: int = 256, batch_size: int = 32, shard_size: int = 1024, force: bool = False) -> dict:
-    """Encode an image folder (one sub-folder per class) into latent shards for training data
-    (center crop, image + flip, scale 0.18215); ``vae=None`` stores pixels. The shards are
-    made in a work dir beside ``output``, recorded with what produced them (the images, the
-    VAE, the sizes): a rerun with the same inputs resumes, other inputs are refused (``force``
-    starts over); ``output`` appears complete at the end."""
+                 image_size: int = 256, batch_size: int = 32, shard_size: int = 1024, force: bool = False,
+                 text_encoder: str | Path | None = None, max_length: int = PIXART_MAX_LENGTH) -> dict:
+    """Encode an image folder into latent shards for training data (center crop, scale
+    0.18215); ``vae=None`` stores pixels. Class folders (ROOT/<class>/<image>): image + flip,
+    with labels. With ``text_encoder`` (a local pipeline dir with text_encoder/ and tokenizer/,
+    e.g. PixArt's T5), images with captions (a .txt beside each, or ROOT/metadata.jsonl):
+    latents with the caption features (``max_length`` tokens, the pipeline's 120), their masks
+    and the null caption. The shards are made in a work dir beside ``output``, recorded with
+    what produced them (the images, captions, VAE, text encoder, sizes): a rerun with the same
+    inputs resumes, other inputs are refused (``force`` starts over); ``output`` appears
+    complete at the end."""
     images = Path(checks.path("images", images))
     vae = checks.text("vae", vae, optional=True)
     image_size = checks.integer("image_size", image_size, lo=8, hi=8192)
     batch_size = checks.integer("batch_size", batch_size, lo=1, hi=checks.MAX_BATCH)
     shard_size = checks.integer("shard_size", shard_size, lo=1, hi=checks.MAX_COUNT)
+    max_length = checks.integer("max_length", max_length, lo=1, hi=4096)
+    text_encoder = checks.path("text_encoder", text_encoder, optional=True)
     if not images.exists():
         raise UsageError(f"image folder {images} does not exist")
     if not images.is_dir():
-        raise UsageError(f"{images} is not a folder (prepare-data reads ROOT/<class>/<image>)")
+        raise UsageError(f"{images} is not a folder (prepare-data reads ROOT/<class>/<image>, or captioned images)")
+    if text_encoder is not None:
+        scan_captioned(images)  # the folder's captions checked before the encoder loads
+    encoder = TextEncoder(text_encoder, max_length) if text_encoder is not None else None
     info = prepare(images, Path(output), None if vae in (None, "none") else vae, image_size, batch_size, shard_size,
-                   force=force)
-    return {"op": "prepare-data", **info}
+                   force=force, text_encoder=encoder)
+    return {"op": "prepare-data", **info, **({"warning": info["note"]} if info.get("note") else {})}

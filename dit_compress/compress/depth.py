@@ -22,7 +22,7 @@ from ..data.batches import (
     CalibSet,
     calibration_set,
     draw_examples,
-    label_dropout_batch_fn,
+    condition_dropout_batch_fn,
 )
 from ..data.datasets import check_fits
 from ..diffusion import objective_for
@@ -136,7 +136,7 @@ def block_influence(model, calib: CalibSet, batch: int = 64, noisy: bool = False
         x, y = calib.x[sl].to(dev), calib.y[sl].to(dev)
         xt = diff.q_sample(x, t, calib.noise[sl].to(dev)) if noisy else x
         _, aux = model(xt, diff.model_t(t), y, return_aux=True)
-        h_in = model.embed(xt, diff.model_t(t), y)[0]
+        h_in = aux.block_input
         for i, h_out in enumerate(aux.features):
             cos = torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1)  # B N
             scores[i] += float((1 - cos).sum())
@@ -261,14 +261,10 @@ class SearchWrapper(nn.Module):
             self._gates = None
 
 
-LORA_TARGETS = (r"(blocks\.\d+\.attn\.(qkv|proj)|blocks\.\d+\.mlp\.fc[12]|blocks\.\d+\.adaLN_modulation\.1"
-                r"|t_embedder\.mlp\.[02]|final_layer\.linear|final_layer\.adaLN_modulation\.1)")
-
-
 def add_lora(model, rank: int, alpha: int):
     from peft import LoraConfig, inject_adapter_in_model
 
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS, lora_dropout=0.0, bias="none")
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=family_of(model).lora_targets, lora_dropout=0.0, bias="none")
     model = inject_adapter_in_model(cfg, model)
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n)
@@ -359,7 +355,7 @@ def search_setup(model, data, groups, lc: LearnedConfig) -> SearchSetup:
     def status(w):
         return f"keep {w.search.decision()} conf {w.search.confidence():.2f}"
 
-    batch_fn = label_dropout_batch_fn(data, lc.batch_size, model.config.num_classes, model.config.class_dropout_prob, False)
+    batch_fn = condition_dropout_batch_fn(data, lc.batch_size, model.config)
     return SearchSetup(wrapper, loss_fn, batch_fn, groups_param, on_step, status, history_probs)
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model.family import family_of
 from .datasets import TensorData
 
 
@@ -37,14 +38,19 @@ def random_batch_fn(data, batch_size: int, t_strata: int = 0, num_timesteps: int
     return fn
 
 
-def label_dropout_batch_fn(data: TensorData, batch_size: int, num_classes: int, p_drop: float, t_strata: int = 0):
+def condition_dropout_batch_fn(data: TensorData, batch_size: int, cfg, t_strata: int = 0, p_drop: float | None = None):
+    """Batches whose conditions are replaced by the null (the null class, or the data's null
+    caption) with probability ``p_drop`` (default the config's ``class_dropout_prob``): the
+    unconditional model classifier-free guidance needs."""
     base = random_batch_fn(data, batch_size, t_strata=t_strata)
+    p_drop = cfg.class_dropout_prob if p_drop is None else p_drop
+    family = family_of(cfg)
 
     def fn(step, g, rank, world):
         b = base(step, g, rank, world)
         if p_drop > 0:
             drop = torch.rand(batch_size, generator=g) < p_drop
-            b["y"] = torch.where(drop, torch.full_like(b["y"], num_classes), b["y"])
+            b["y"] = family.drop_condition(cfg, b["y"], drop, data)
         return b
 
     return fn

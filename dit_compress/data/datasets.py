@@ -13,6 +13,8 @@ import torch
 from safetensors.numpy import load_file
 
 from ..errors import DitcError, UsageError
+from ..model.family import family_of
+from ..model.pixart import Captions
 from .images import ImageFolderData
 
 DIGITS_HELDOUT = 297  # the last 297 of a fixed permutation are never trained on
@@ -73,6 +75,15 @@ class TensorData:
         return x, self.y[idx]
 
 
+class CaptionData(TensorData):
+    """Latents with their captions' features (text-to-image training data): ``y`` is a
+    ``Captions`` (emb [N, L, C], mask [N, L]); ``null`` the encoding of "" [1, L, C] that
+    guidance dropout puts in place of a caption."""
+
+    def __init__(self, x, captions: Captions, null: Captions, name: str = "data", flip_pairs: bool = False):
+        self.x, self.y, self.null, self.name, self.flip_pairs = x, captions, null, name, flip_pairs
+
+
 class NpyDirData(TensorData):
     """DiT/TinyFusion extraction layout: ``<root>/*_features/N.npy`` and ``*_labels/N.npy``."""
 
@@ -130,15 +141,26 @@ def load_shards(root: Path) -> TensorData:
     """The project's own layout: ``shard-*.safetensors`` with ``latents`` and ``labels``."""
 
     shards = sorted(root.glob("shard-*.safetensors"))
-    xs, ys = [], []
+    xs, ys, caps, null = [], [], [], None
     for s in shards:
         try:
             d = load_file(str(s))
         except Exception as e:  # noqa: BLE001 - any decode failure is a bad shard
             raise DitcError(f"cannot read latent shard {s}: {str(e)[:160]}") from None
-        if "latents" not in d or "labels" not in d:
+        captioned = "caption_emb" in d
+        if (captioned and xs and not caps) or (caps and not captioned):
+            raise DitcError(f"latent shard {s}: some shards hold captions and others class labels")
+        if captioned:
+            lat = d.get("latents")
+            if lat is None:
+                raise DitcError(f"latent shard {s} lacks 'latents'")
+            cap, null = _shard_captions(s, d, len(lat), null)
+            caps.append(cap)
+            lab = np.zeros(len(lat), dtype=np.int64)
+        elif "latents" not in d or "labels" not in d:
             raise DitcError(f"latent shard {s} lacks 'latents' or 'labels'")
-        lat, lab = d["latents"], d["labels"]
+        else:
+            lat, lab = d["latents"], d["labels"]
         if lab.ndim != 1 or not np.issubdtype(lab.dtype, np.integer):
             raise DitcError(f"latent shard {s}: labels must be a 1-D array of integer classes, found shape "
                             f"{tuple(lab.shape)} of {lab.dtype}")
@@ -153,11 +175,41 @@ def load_shards(root: Path) -> TensorData:
         xs.append(lat)
         ys.append(lab)
     x = np.concatenate(xs)
+    if caps:
+        if len({c.emb.shape[1:] for c in caps}) > 1:
+            raise DitcError(f"the caption shards in {root} hold caption features of different shapes")
+        captions = Captions(torch.cat([c.emb for c in caps]), torch.cat([c.mask for c in caps]))
+        return CaptionData(x, captions, null, name=str(root), flip_pairs=x.ndim == 5)
     return TensorData(x, np.concatenate(ys), name=str(root), flip_pairs=x.ndim == 5)
 
 
+def _shard_captions(s: Path, d: dict, n: int, null: Captions | None) -> tuple[Captions, Captions]:
+    """A caption shard's (captions, null caption), checked: float features [n, L, C], a 0/1 mask
+    [n, L], the null caption [1, L, C] the same in every shard."""
+    need = ("caption_emb", "caption_mask", "null_caption_emb", "null_caption_mask")
+    missing = [k for k in need if k not in d]
+    if missing:
+        raise DitcError(f"caption shard {s} lacks {missing[0]!r}")
+    emb, mask, nemb, nmask = (d[k] for k in need)
+    if not np.issubdtype(emb.dtype, np.floating) or emb.ndim != 3 or len(emb) != n:
+        raise DitcError(f"caption shard {s}: caption_emb must be float [{n}, L, C], found {tuple(emb.shape)} of {emb.dtype}")
+    if mask.shape != emb.shape[:2] or nemb.shape != (1, *emb.shape[1:]) or nmask.shape != (1, emb.shape[1]):
+        raise DitcError(f"caption shard {s}: the caption mask or the null caption does not match caption_emb "
+                        f"{tuple(emb.shape)}")
+    if not (np.isin(mask, (0, 1)).all() and np.isin(nmask, (0, 1)).all()):
+        raise DitcError(f"caption shard {s}: caption masks must hold 0 and 1 only")
+    if not (np.isfinite(emb).all() and np.isfinite(nemb).all()):
+        raise DitcError(f"caption shard {s} holds NaN or inf caption features")
+    this_null = Captions(torch.from_numpy(nemb).float(), torch.from_numpy(nmask).float())
+    if null is not None and not (torch.equal(null.emb, this_null.emb) and torch.equal(null.mask, this_null.mask)):
+        raise DitcError(f"caption shard {s} holds another null caption than the first shard (another text encoder?)")
+    return Captions(torch.from_numpy(emb).float(), torch.from_numpy(mask).float()), this_null
+
+
 def load_data(spec: str, num_classes: int | None = None, cfg=None) -> TensorData:
-    """``digits`` / ``digits:test`` / a latents dir / a shards dir / an image folder."""
+    """``digits`` / ``digits:test`` / a latents dir / a shards dir (class labels, or captions)
+    / an image folder, checked against the model's condition when ``cfg`` is given (else
+    labels against ``num_classes``)."""
     if hasattr(spec, "__fspath__"):
         spec = str(spec)
     if not isinstance(spec, str) or not spec.strip():
@@ -186,12 +238,18 @@ def load_data(spec: str, num_classes: int | None = None, cfg=None) -> TensorData
             raise DitcError(f"{spec} is empty or holds no known data layout (latents, shards or class folders)")
     if len(data) == 0:
         raise DitcError(f"data {spec} holds no samples")
-    if num_classes is not None:
-        bad = (data.y < 0) | (data.y >= num_classes)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise DitcError(f"data {spec}: label {int(data.y[i])} of sample {i} is outside 0..{num_classes - 1}")
+    facts = cfg if cfg is not None else (_Classes(num_classes) if num_classes is not None else None)
+    if facts is not None:
+        family_of(facts).check_data(facts, data, spec)
     return data
+
+
+class _Classes:
+    """The fact a label check needs when the caller has a class count and no config (a
+    class-conditional model's)."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
 
 
 def check_fits(data: TensorData, cfg) -> None:

@@ -366,7 +366,7 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
     if vae is not None:
         vae = vae.to(next(model.parameters()).device)
     if loss_data:
-        check_fits(load_data(loss_data, model.config.num_classes, model.config), model.config)
+        check_fits(load_data(loss_data, cfg=model.config), model.config)
     recipe = {"sampler": sampler, "steps": steps, "timestep_spacing": spacing, "cfg_scale": cfg_scale,
               "cfg_channels": cfg_channels, "guidance_interval": guidance_interval, "seed": seed,
               "num_samples": num_samples, "shard_size": shard_size, "batch_size": batch_size, "compile": compile,
@@ -462,7 +462,7 @@ def heldout_loss(model, spec: str, seed: int = 0, repeats: int = 4) -> dict:
     """Mean DiT hybrid loss and eps-MSE on held-out data, every sample at ``repeats`` fixed
     random timesteps/noises (a sensitive, sampling-free quality measure)."""
 
-    data = load_data(spec, model.config.num_classes, model.config)
+    data = load_data(spec, cfg=model.config)
     check_fits(data, model.config)
     r = calibration_losses(model, calibration_set(data, len(data) * repeats, seed=seed + 777), batch=256)
     return {"heldout_loss": r["loss"], "heldout_mse": r["mse"]}

@@ -128,7 +128,7 @@ class DiT(nn.Module):
         conds = self.block_conditions(t, y, t_emb, c)
         mode = self._mode()
         tau = self._tau()
-        aux = ForwardAux() if return_aux else None
+        aux = ForwardAux(block_input=h) if return_aux else None
         want_stats = return_aux and self.config.is_dynamic
         full_rows = run.full_rows if run is not None else 0
         widths = self._cached_widths(t, conds, run) if mode == Routing.FAST else None

@@ -17,6 +17,13 @@ layout; everything above model/ and formats/ reaches a model only through ``fami
     example_condition(cfg, n, g) (condition, negative) for n samples when no data gives one:
                                  class-balanced labels; random caption features of the
                                  model's caption length (benchmarks, shape-only runs)
+    check_data(cfg, data, name)  training data fits the condition (labels in range; caption
+                                 features of the model's width, with the null caption)
+    drop_condition(cfg, y, drop, data)  guidance dropout in training: the rows ``drop`` get the
+                                 null class, or the data's null caption (the encoding of "")
+    condition_key(cfg)           what a teacher must share with its student (classes, or the
+                                 caption width)
+    lora_targets                 the linears a LoRA recovery adapts (peft ``target_modules``)
 
 A third family (MAR's two stacks, say) is a module and one more entry in ``FAMILIES``.
 """
@@ -26,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import UsageError
+from ..errors import DitcError, UsageError
 from .dit import DiT, sincos_2d
 from .flops import PIXART_CAPTION_TOKENS
 from .pixart import Captions, PixArt
@@ -49,6 +56,7 @@ class DiTFamily:
 
     name, stack_key, condition = "dit", "blocks", "labels"
     supports = frozenset({"routing", "training", "eval"})
+    implemented = "every command"
 
     @staticmethod
     def module(cfg):
@@ -96,12 +104,37 @@ class DiTFamily:
     def example_condition(cfg, n: int, generator=None):
         return torch.from_numpy(np.arange(n) % cfg.num_classes).long(), None
 
+    # the block linears, adaLN and timestep MLPs, the final layer (TinyFusion's LoRA on DiT)
+    lora_targets = (r"(blocks\.\d+\.attn\.(qkv|proj)|blocks\.\d+\.mlp\.fc[12]|blocks\.\d+\.adaLN_modulation\.1"
+                    r"|t_embedder\.mlp\.[02]|final_layer\.linear|final_layer\.adaLN_modulation\.1)")
+
+    @staticmethod
+    def check_data(cfg, data, name: str) -> None:
+        y = data.y
+        if not torch.is_tensor(y):
+            raise UsageError(f"data {name} holds captions; this class-conditional model trains on class labels "
+                             "(class folders, or latents with labels)")
+        bad = (y < 0) | (y >= cfg.num_classes)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise DitcError(f"data {name}: label {int(y[i])} of sample {i} is outside 0..{cfg.num_classes - 1}")
+
+    @staticmethod
+    def drop_condition(cfg, y, drop, data):
+        return torch.where(drop, torch.full_like(y, cfg.num_classes), y)
+
+    @staticmethod
+    def condition_key(cfg) -> str:
+        return f"{cfg.num_classes} classes"
+
 
 class PixArtFamily:
     """PixArt-α / Σ (diffusers layout ``transformer_blocks.i.attn1.to_q``)."""
 
     name, stack_key, condition = "pixart", "transformer_blocks", "captions"
-    supports = frozenset()  # loading, export, sampling, depth pruning without data and bench so far
+    supports = frozenset({"training"})  # not yet: dynamic width / token routing, eval
+    implemented = ("loading, export, sampling with caption embeddings, prepare-data with captions, depth pruning "
+                   "(every method), finetune, distill, info and bench")
 
     @staticmethod
     def module(cfg):
@@ -164,6 +197,38 @@ class PixArtFamily:
 
         return caption(n), caption(1)
 
+    # both attentions (self and cross), the feed-forward, adaLN-single and the timestep MLP,
+    # the output projection: the DiT family's targets, plus cross-attention
+    lora_targets = (r"(transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
+                    r"|adaln_single\.(linear|emb\.timestep_embedder\.linear_[12])|proj_out)")
+
+    @staticmethod
+    def check_data(cfg, data, name: str) -> None:
+        y = data.y
+        if not isinstance(y, Captions):
+            raise UsageError(f"data {name} holds class labels; a text-to-image model trains on caption shards "
+                             "(ditc prepare-data IMAGES --text-encoder PIPELINE -o SHARDS)")
+        if y.emb.shape[-1] != cfg.caption_channels:
+            raise UsageError(f"data {name} holds caption features {y.emb.shape[-1]} wide; the model's caption "
+                             f"projection takes {cfg.caption_channels} (encode the captions with its own text encoder)")
+        if getattr(data, "null", None) is None:
+            raise UsageError(f"data {name} lacks the null caption (the encoding of \"\") that guidance dropout needs")
+        if cfg.additional_conditions and y.resolution is None:
+            raise UsageError(f"data {name} lacks the resolution and aspect-ratio conditions this 1024 px PixArt takes")
+
+    @staticmethod
+    def drop_condition(cfg, y, drop, data):
+        null = _repeat(data.null, len(y))
+        if null.emb.shape[1] != y.emb.shape[1]:
+            raise UsageError(f"the null caption has {null.emb.shape[1]} tokens, the captions {y.emb.shape[1]}")
+        keep = ~drop
+        return Captions(torch.where(keep[:, None, None], y.emb, null.emb), torch.where(keep[:, None], y.mask, null.mask),
+                        y.resolution, y.aspect_ratio)
+
+    @staticmethod
+    def condition_key(cfg) -> str:
+        return f"captions {cfg.caption_channels} wide"
+
 
 def _repeat(c: Captions, n: int) -> Captions:
     if len(c) != 1:
@@ -175,8 +240,8 @@ FAMILIES = {"dit": DiTFamily, "pixart": PixArtFamily}
 
 WHAT = {"routing": "dynamic width and token routing (DyDiT)",
         "training": "training and data-driven layer selection (finetune, distill, learned or block-influence "
-                    "prune-depth: they need caption data)",
-        "eval": "eval (it needs a prompt set)"}
+                    "prune-depth)",
+        "eval": "eval (sampling from a prompt set, FID, CLIP score)"}
 
 
 def require(model, what: str) -> None:
@@ -184,8 +249,7 @@ def require(model, what: str) -> None:
     fam = family_of(model)
     if what not in fam.supports:
         raise UsageError(f"{WHAT[what]} is not implemented for {fam.name} models in this version; "
-                         "supported on them: loading, export, sampling with caption embeddings, depth pruning with "
-                         "`method` uniform or oracle, info and bench")
+                         f"supported on them: {fam.implemented}")
 
 
 def family_of(x):

@@ -49,8 +49,8 @@ class Captions:
     def __getitem__(self, idx) -> "Captions":
         return self._map(lambda v: v[idx])
 
-    def to(self, device) -> "Captions":
-        return self._map(lambda v: v.to(device))
+    def to(self, device, **kw) -> "Captions":
+        return self._map(lambda v: v.to(device, **kw))
 
     @property
     def device(self):
@@ -258,7 +258,7 @@ class PixArt(nn.Module):
         t6, e = self.adaln_single(t, captions.resolution, captions.aspect_ratio)
         caption = self.caption_projection(captions.emb.to(h.dtype))
         bias = ((1 - captions.mask.to(h.dtype)) * -10000.0).unsqueeze(1)  # [B, 1, L], diffusers' convention
-        features = []
+        h0, features = h, []
         for block in self.transformer_blocks:
             h = block(h, t6, caption, bias)
             if return_aux:
@@ -267,7 +267,7 @@ class PixArt(nn.Module):
         out = self.unpatchify(self.proj_out(self.norm_out(h) * (1 + scale) + shift))
         if not return_aux:
             return out
-        return out, ForwardAux(features=features)
+        return out, ForwardAux(features=features, block_input=h0)
 
     def forward_with_cfg(self, x, t, captions, cfg_scale: float, guide_channels: int | None = None,
                          run: RunContext | None = None):

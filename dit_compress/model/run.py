@@ -36,10 +36,12 @@ def accepts_run(model) -> bool:
 
 @dataclass
 class ForwardAux:
-    """What ``model(..., return_aux=True)`` returns beside the output: each block's output and,
-    for dynamic models, the per-sample FLOPs ratio and the routers' statistics."""
+    """What ``model(..., return_aux=True)`` returns beside the output: the block stack's input
+    and each block's output and, for dynamic models, the per-sample FLOPs ratio and the
+    routers' statistics."""
 
     features: list = field(default_factory=list)
+    block_input: torch.Tensor | None = None  # the tokens entering the first block
     flops_ratio: torch.Tensor | None = None  # [B], block FLOPs dynamic / static
     stats: list = field(default_factory=list)
 

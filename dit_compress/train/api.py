@@ -8,14 +8,14 @@ import shutil
 import time
 from pathlib import Path
 
-from ..data.batches import label_dropout_batch_fn
+from ..data.batches import condition_dropout_batch_fn
 from ..data.datasets import TensorData, check_fits, load_data
 from ..diffusion import objective_for
 from ..diffusion.measure import inference_flops
 from ..errors import DitcError, UsageError
 from ..formats import write_checkpoint
 from ..model.build import fingerprint
-from ..model.family import require
+from ..model.family import family_of, require
 from ..outputs import check_output, work_dir_for
 from ..report import plot_lines
 from .losses import combined_loss
@@ -37,11 +37,12 @@ def train_model(model, data: TensorData, cfg: TrainConfig, work_dir: Path, teach
     if teacher is not None:
         tc = teacher.config
         mc = model.config
-        if (tc.in_channels, tc.input_size, tc.num_classes) != (mc.in_channels, mc.input_size, mc.num_classes):
-            raise DitcError(
-                f"teacher takes {tc.in_channels}x{tc.input_size}x{tc.input_size} with {tc.num_classes} classes, "
-                f"the student {mc.in_channels}x{mc.input_size}x{mc.input_size} with {mc.num_classes}"
-            )
+        def takes(c):
+            return f"{c.in_channels}x{c.input_size}x{c.input_size} with {family_of(c).condition_key(c)}"
+
+        if takes(tc) != takes(mc) or family_of(tc) is not family_of(mc):
+            raise UsageError(f"teacher takes {takes(tc)} ({family_of(tc).name}), the student {takes(mc)} "
+                            f"({family_of(mc).name})")
         teacher.eval().requires_grad_(False)
     if model.config.width is not None and model.config.width.static:
         for b in model.blocks:  # static width pruning: the chosen widths stay fixed
@@ -49,8 +50,8 @@ def train_model(model, data: TensorData, cfg: TrainConfig, work_dir: Path, teach
             b.channel_router.requires_grad_(False)
     diffusion = objective_for(model.config)
     loss_fn, status_fn = combined_loss(diffusion, model, teacher, kd or {}, cfg.steps)
-    batch_fn = label_dropout_batch_fn(
-        data, cfg.batch_size, model.config.num_classes, model.config.class_dropout_prob,
+    batch_fn = condition_dropout_batch_fn(
+        data, cfg.batch_size, model.config,
         t_strata=int((kd or {}).get("t_strata", 4)) if model.config.is_dynamic else 0,
     )
     trainer = Trainer(model, loss_fn, batch_fn, cfg, work_dir, desc=desc, status_fn=status_fn,
@@ -68,7 +69,7 @@ def train_and_save(model, data_spec: str, output: Path, cfg: TrainConfig, *, for
     output = Path(output)
     check_output(output, force)
     require(model, "training")
-    data = load_data(data_spec, model.config.num_classes, model.config)
+    data = load_data(data_spec, cfg=model.config)
     work = work_dir_for(output)
     if not resume and (work / "train_state").exists():
         raise UsageError(f"{work} holds an interrupted run: pass `resume` to continue it, or delete it")

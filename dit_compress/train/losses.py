@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..diffusion.gaussian import GaussianDiffusion, mean_flat, normal_kl
+from ..model.family import family_of
 from ..model.run import RunContext
 
 
@@ -151,7 +152,7 @@ def combined_loss(diffusion: GaussianDiffusion, model, teacher, kd: dict, total_
             # in the same forward (its rows run at full width), so multi-process training
             # (DDP) sees one forward and one backward per step
             B = len(x0)
-            both = diffusion.training_losses(m, torch.cat([x0, x0]), torch.cat([t, t]), torch.cat([y, y]),
+            both = diffusion.training_losses(m, torch.cat([x0, x0]), torch.cat([t, t]), family_of(m).cat(y, y),
                                              noise=torch.cat([noise, noise]), return_aux=True,
                                              run=RunContext(full_rows=B))
             res, full = _split_rows(both, B)

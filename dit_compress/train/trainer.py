@@ -79,7 +79,7 @@ def _lr_lambda(cfg: TrainConfig):
 def to_device(batch: dict, device) -> dict:
     """A batch drawn on the CPU (from CPU generators, so a seed gives the same batch on any
     device) moved to the device the model trains on."""
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    return {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else v) for k, v in batch.items()}
 
 
 @torch.no_grad()

@@ -1,0 +1,91 @@
+"""Prompts -> caption features, as the text-to-image pipeline computes them: the pipeline's
+own tokenizer and text encoder (T5 for PixArt) through ``transformers``, from local files.
+
+PixArtAlphaPipeline.encode_prompt: tokenize with ``padding="max_length"``, ``max_length`` =
+``max_sequence_length`` (120), ``truncation=True``, ``add_special_tokens=True``; the encoder's
+last hidden state under that attention mask; the negative (null) prompt "" the same way. The
+pipeline's optional caption cleaning (``clean_caption``, needs bs4 and ftfy) is not applied:
+prompts are encoded as given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from ..errors import DitcError, UsageError
+from ..model.pixart import Captions
+
+PIXART_MAX_LENGTH = 120  # PixArtAlphaPipeline's max_sequence_length (PixArt-Σ: 300)
+
+
+def _dirs(path: Path) -> tuple[Path, Path]:
+    """(text encoder dir, tokenizer dir) of a pipeline dir (text_encoder/ + tokenizer/) or of a
+    dir holding both an encoder config and tokenizer files."""
+    if (path / "text_encoder").is_dir():
+        tok = path / "tokenizer"
+        if not tok.is_dir():
+            raise UsageError(f"{path} has text_encoder/ but no tokenizer/ (the pipeline's tokenizer is needed)")
+        return path / "text_encoder", tok
+    if (path / "config.json").exists():
+        return path, path
+    raise UsageError(f"{path} holds no text encoder (a pipeline dir with text_encoder/ and tokenizer/, or an encoder "
+                     "dir with its tokenizer)")
+
+
+class TextEncoder:
+    """A frozen tokenizer + encoder pair; ``encode(prompts)`` -> (Captions, truncated count)."""
+
+    def __init__(self, path, max_length: int = PIXART_MAX_LENGTH, device="cpu"):
+        path = Path(path)
+        if not path.exists():
+            raise UsageError(f"text encoder {path} does not exist (give a local pipeline or text encoder dir)")
+        enc_dir, tok_dir = _dirs(path)
+        try:
+            from transformers import AutoTokenizer, T5EncoderModel  # heavy: imported on first use
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # loading bars would break the one-line output
+            self.tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+            self.model = T5EncoderModel.from_pretrained(str(enc_dir)).eval().requires_grad_(False).to(device)
+        except ImportError:
+            raise DitcError("caption encoding needs transformers (pip install transformers sentencepiece)") from None
+        except (OSError, ValueError, KeyError) as e:
+            raise DitcError(f"cannot load the text encoder from {path}: {str(e).splitlines()[0][:200]}") from None
+        self.path, self.max_length, self.device = path, max_length, torch.device(device)
+        self._dirs = sorted({enc_dir, tok_dir})
+        self.width = int(self.model.config.d_model)
+
+    def identity(self) -> str:
+        """What the features depend on: the encoder's config and weights, the tokenizer, the length."""
+        h = hashlib.sha256()
+        for d in self._dirs:
+            for f in sorted(p for p in d.rglob("*") if p.is_file()):
+                h.update(f"{f.relative_to(self.path)}:{f.stat().st_size}".encode())
+        h.update(str(self.max_length).encode())
+        return h.hexdigest()[:20]
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[Captions, int]:
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise UsageError("prompts must be a list of strings")
+        tok = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
+                             add_special_tokens=True, return_tensors="pt")
+        full = self.tokenizer(list(prompts), padding=False, truncation=False, add_special_tokens=True)["input_ids"]
+        truncated = sum(len(ids) > self.max_length for ids in full)
+        mask = tok["attention_mask"].to(self.device)
+        emb = self.model(tok["input_ids"].to(self.device), attention_mask=mask)[0]
+        return Captions(emb.float().cpu(), mask.float().cpu()), truncated
+
+    def null(self) -> Captions:
+        """The negative caption the pipeline guides with: the encoding of ""."""
+        return self.encode([""])[0]
+
+
+def encode_prompts(text_encoder, prompts: list[str], max_length: int = PIXART_MAX_LENGTH):
+    """(captions, null caption) for ``prompts`` with a local pipeline's text encoder: the inputs
+    ``dit_compress.sample(model, ..., y=captions, negative=null)`` takes."""
+    enc = text_encoder if isinstance(text_encoder, TextEncoder) else TextEncoder(text_encoder, max_length)
+    return enc.encode(prompts)[0], enc.null()
