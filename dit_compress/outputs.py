@@ -138,6 +138,8 @@ def claim_output(path, force: bool = False, sources=()):
         raise
     _HELD[key] = fd
     try:
+        # checked again under the lock: a writer that held it before us may have finished the output
+        res = check_output(path, force, sources)
         yield res
     finally:
         _HELD.pop(key, None)
@@ -171,9 +173,12 @@ def _remove_made(made: list[Path]) -> None:
             d.rmdir()
 
 
-def _swap_in(tmp: Path, path: Path) -> None:
-    """Put ``tmp`` at ``path``; an existing ``path`` is moved aside first and removed last."""
+def _swap_in(tmp: Path, path: Path, force: bool) -> None:
+    """Put ``tmp`` at ``path``; an existing ``path`` (only with ``force``) is moved aside first
+    and removed last."""
     old = None
+    if (path.exists() or path.is_symlink()) and not force:
+        raise UsageError(f"output {path} appeared while this command ran (another program wrote it); nothing replaced")
     if path.exists() or path.is_symlink():
         old = path.parent / f".{path.name}.{os.getpid()}.old"
         if old.exists():
@@ -191,8 +196,17 @@ def _swap_in(tmp: Path, path: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: Path, force: bool = False, sources=()):
-    """Yield a temporary directory that becomes ``path`` only if the block succeeds."""
+    """Yield a temporary directory that becomes ``path`` only if the block succeeds. On a
+    process other than the main one, a scratch directory that is thrown away (only the main
+    process writes)."""
     path = Path(path)
+    if not is_main_process():
+        scratch = Path(tempfile.mkdtemp(prefix="ditc-rank-scratch-"))
+        try:
+            yield scratch
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return
     with claim_output(path, force, sources) as res:
         made = _make_parents(res.parent)
         try:
@@ -206,7 +220,7 @@ def atomic_dir(path: Path, force: bool = False, sources=()):
             for f in tmp.rglob("*"):  # some writers (safetensors) create 0600 files
                 if f.is_file():
                     os.chmod(f, 0o666 & ~_umask())
-            _swap_in(tmp, res)
+            _swap_in(tmp, res, force)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             _remove_made(made)
@@ -215,8 +229,17 @@ def atomic_dir(path: Path, force: bool = False, sources=()):
 
 @contextlib.contextmanager
 def atomic_file(path: Path, force: bool = False, sources=()):
-    """Yield a temporary file path that becomes ``path`` only if the block succeeds."""
+    """Yield a temporary file path that becomes ``path`` only if the block succeeds (on a
+    process other than the main one, a scratch file that is thrown away)."""
     path = Path(path)
+    if not is_main_process():
+        fd, scratch = tempfile.mkstemp(prefix="ditc-rank-scratch-")
+        os.close(fd)
+        try:
+            yield Path(scratch)
+        finally:
+            Path(scratch).unlink(missing_ok=True)
+        return
     with claim_output(path, force, sources) as res:
         made = _make_parents(res.parent)
         try:
@@ -229,7 +252,7 @@ def atomic_file(path: Path, force: bool = False, sources=()):
         tmp = Path(tmp)
         try:
             yield tmp
-            _swap_in(tmp, res)
+            _swap_in(tmp, res, force)
         except BaseException:
             tmp.unlink(missing_ok=True)
             _remove_made(made)

@@ -144,3 +144,50 @@ def test_failures_leave_nothing_behind(tmp_path, model_dir, monkeypatch):
     assert r.exit_code != 0
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out"]
+
+
+def test_an_output_finished_by_another_writer_before_the_lock_is_not_replaced(tmp_path, monkeypatch):
+    """The existence check runs again under the lock: a writer that held the lock and finished
+    between our first check and our lock keeps its output."""
+    import fcntl
+
+    from dit_compress import outputs
+    from dit_compress.errors import UsageError
+
+    out = tmp_path / "o"
+    real = fcntl.flock
+
+    def flock(fd, op):
+        if op & fcntl.LOCK_EX and not out.exists():  # the other writer finishes just before we lock
+            out.mkdir()
+            (out / "a").write_text("A")
+        return real(fd, op)
+
+    monkeypatch.setattr(outputs.fcntl, "flock", flock)
+    with pytest.raises(UsageError, match="already exists"):
+        with outputs.atomic_dir(out) as tmp:
+            (tmp / "a").write_text("B")
+    assert (out / "a").read_text() == "A"
+
+
+def test_an_output_that_appears_while_the_command_runs_is_not_replaced(tmp_path):
+    from dit_compress import outputs
+    from dit_compress.errors import UsageError
+
+    out = tmp_path / "o"
+    with pytest.raises(UsageError, match="appeared while this command ran"):
+        with outputs.atomic_file(out) as tmp:
+            tmp.write_text("ours")
+            out.write_text("theirs")  # another program, not ditc, wrote it meanwhile
+    assert out.read_text() == "theirs" and [p.name for p in tmp_path.iterdir()] == ["o"]
+
+
+def test_processes_other_than_the_main_one_write_nothing(tmp_path, monkeypatch):
+    from dit_compress import outputs
+
+    monkeypatch.setenv("RANK", "1")
+    with outputs.atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "x").write_text("rank 1")
+    with outputs.atomic_file(tmp_path / "f") as tmp:
+        tmp.write_text("rank 1")
+    assert list(tmp_path.iterdir()) == []

@@ -162,7 +162,7 @@ def test_bad_pixart_inputs_are_refused_in_one_line(tmp_path):
         (tmp_path / "v" / "diffusion_pytorch_model.safetensors").write_bytes(
             (tmp_path / "t" / "diffusion_pytorch_model.safetensors").read_bytes())
         r = run("info", tmp_path / "v")
-        assert r.exit_code != 0 and text in r.stderr and r.stderr.count("\n") == 1, (change, r.output)
+        assert r.exit_code == 2 and text in r.stderr and r.stderr.count("\n") == 1, (change, r.output)
     state = {"x_embedder.proj.weight": torch.zeros(4, 4, 2, 2), "t_block.1.weight": torch.zeros(6, 4),
              "blocks.0.cross_attn.q_linear.weight": torch.zeros(4, 4)}
     torch.save(state, tmp_path / "PixArt-XL-2-512x512.pth")
@@ -197,3 +197,67 @@ def test_what_is_not_implemented_on_pixart_is_refused_in_one_line(tmp_path):
         r = run(*args)
         assert r.exit_code == 2 and "holds class labels; a text-to-image model" in r.stderr, (args, r.output)
         assert r.stderr.count("\n") == 1 and not (tmp_path / "o").exists()
+
+
+# the transformer/config.json of PixArt-alpha/PixArt-XL-2-512x512 on the hub (diffusers 0.22,
+# written by Transformer2DModel), the sizes replaced by the tiny test model's
+HUB_512_CONFIG = {
+    "_class_name": "Transformer2DModel", "_diffusers_version": "0.22.0.dev0", "activation_fn": "gelu-approximate",
+    "attention_bias": True, "attention_head_dim": 8, "attention_type": "default", "caption_channels": 32,
+    "cross_attention_dim": 24, "double_self_attention": False, "dropout": 0.0, "in_channels": 4,
+    "norm_elementwise_affine": False, "norm_eps": 1e-06, "norm_num_groups": 32, "norm_type": "ada_norm_single",
+    "num_attention_heads": 3, "num_embeds_ada_norm": 1000, "num_layers": 4, "num_vector_embeds": None,
+    "only_cross_attention": False, "out_channels": 8, "patch_size": 2, "sample_size": 8, "upcast_attention": False,
+    "use_linear_projection": False,
+}
+
+
+def test_the_hub_transformer2dmodel_config_loads_with_parity(tmp_path):
+    d = diffusers_pixart()
+    d.save_pretrained(tmp_path / "t")
+    (tmp_path / "t" / "config.json").write_text(json.dumps(HUB_512_CONFIG))
+    m = dc.load_model(str(tmp_path / "t"))
+    x, t, c = inputs()
+    with torch.no_grad():
+        assert torch.allclose(m(x, t, c), diffusers_out(d, x, t, c), atol=1e-5)
+    for key, bad in (("double_self_attention", True), ("only_cross_attention", True), ("num_vector_embeds", 16)):
+        (tmp_path / "t" / "config.json").write_text(json.dumps({**HUB_512_CONFIG, key: bad}))
+        r = run("info", tmp_path / "t")
+        assert r.exit_code == 2 and "unsupported PixArt variant" in r.stderr and key in r.stderr, r.output
+
+
+def test_forward_parity_at_1024_px_settings(tmp_path):
+    """sample_size 128: diffusers' rules give interpolation_scale 2 and size conditions on."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    d = PixArtTransformer2DModel(sample_size=128, num_layers=2, patch_size=8, attention_head_dim=8,
+                                 num_attention_heads=3, caption_channels=32, in_channels=4, cross_attention_dim=24,
+                                 out_channels=8).eval()
+    d.save_pretrained(tmp_path / "t")
+    m = dc.load_model(str(tmp_path / "t"))
+    assert m.config.interpolation_scale == 2.0 and m.config.additional_conditions
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, 128, 128, generator=g)
+    c = Captions(torch.randn(2, 5, 32, generator=g), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).float(),
+                 resolution=torch.tensor([[1024.0, 1024.0]] * 2), aspect_ratio=torch.ones(2, 1))
+    t = torch.tensor([3, 900])
+    with torch.no_grad():
+        assert torch.allclose(m(x, t, c), diffusers_out(d, x, t, c), atol=1e-5)
+
+
+def test_pipeline_dirs_state_their_vae_and_caption_length(tmp_path):
+    """A PixArt-Σ pipeline dir (SDXL VAE, scaling_factor 0.13025; 300 caption tokens) is read as
+    it says; a bare transformer dir says its VAE is not stated."""
+    diffusers_pixart().save_pretrained(tmp_path / "sigma" / "transformer")
+    (tmp_path / "sigma" / "model_index.json").write_text(json.dumps({"_class_name": "PixArtSigmaPipeline"}))
+    (tmp_path / "sigma" / "vae").mkdir()
+    (tmp_path / "sigma" / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL",
+                                                                          "scaling_factor": 0.13025}))
+    m = dc.load_model(str(tmp_path / "sigma"))
+    assert m.config.latent_scale == 0.13025 and m.config.caption_length == 300
+    assert m.config.vae == str((tmp_path / "sigma" / "vae").resolve())
+    diffusers_pixart().save_pretrained(tmp_path / "bare")
+    bare = dc.load_model(str(tmp_path / "bare"))
+    assert bare.config.latent_scale == 0.18215 and "not stated" in bare.config.provenance["vae"]
+    assert bare.config.caption_length is None

@@ -88,6 +88,13 @@ def test_resume_with_mismatching_config(tmp_path, monkeypatch):
                     T.TrainConfig(steps=4, batch_size=8, lr=1e-3, ema=0.99, seed=5), tmp_path / "b", resume=True)
     with pytest.raises(DitcError, match="no training state"):
         train_model(small_digits(), load_data("digits"), T.TrainConfig(steps=2, batch_size=8), tmp_path / "none", resume=True)
+    # a longer run is a plain continuation only under a constant learning rate
+    (tmp_path / "b" / "train_state" / "state.json").write_text(
+        (tmp_path / "b" / "train_state" / "state.json").read_text().replace('"schedule": "constant"', '"schedule": "cosine"'))
+    with pytest.raises(DitcError, match="steps was 4 .* is 8 now, and the cosine learning-rate schedule"):
+        train_model(small_digits(seed=1), load_data("digits"),
+                    T.TrainConfig(steps=8, batch_size=8, lr=1e-3, ema=0.99, seed=5, schedule="cosine"), tmp_path / "b",
+                    resume=True)
 
 
 def test_nan_loss_stops_cleanly(tmp_path):

@@ -14,7 +14,7 @@ from ..diffusion.sampling import SAMPLERS, check_spacing, eval_sampler, resolve_
 from ..errors import UsageError
 from ..evaluate import bench as bench_mod
 from ..evaluate import fidelity
-from ..outputs import atomic_dir
+from ..outputs import atomic_dir, is_main_process
 from ..model import Routing, routing
 from ..model.build import fingerprint
 from ..model.family import require
@@ -208,6 +208,8 @@ def prepare_data(images: str | Path, *, output: str | Path, vae: str | None = "s
     inputs resumes, other inputs are refused (``force`` starts over); ``output`` appears
     complete at the end."""
     images = Path(checks.path("images", images))
+    if not is_main_process():  # under accelerate launch the main process encodes; the others write nothing
+        return None
     vae = checks.text("vae", vae, optional=True)
     image_size = checks.integer("image_size", image_size, lo=8, hi=8192)
     batch_size = checks.integer("batch_size", batch_size, lo=1, hi=checks.MAX_BATCH)

@@ -195,7 +195,7 @@ def prepare(images: Path, out: Path, vae_name: str | None, image_size: int, batc
         files, labels, classes = scan(images)
         where = None
     flip = text_encoder is None
-    listing = hashlib.sha256("\n".join(f"{f.relative_to(images)}:{f.stat().st_size}:{lab}"
+    listing = hashlib.sha256("\n".join(f"{f.relative_to(images)}:{f.stat().st_size}:{f.stat().st_mtime_ns}:{lab}"
                                        for f, lab in zip(files, labels)).encode()).hexdigest()[:20]
     producer = {"images": str(Path(images).resolve()), "files": listing, "count": len(files), "vae": vae_name,
                 "image_size": image_size, "batch_size": batch_size, "shard_size": shard_size,

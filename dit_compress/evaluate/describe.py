@@ -8,6 +8,7 @@ import numpy as np
 from ..diffusion.measure import fresh_token_share, inference_flops, width_profile
 from ..diffusion.sampling import eval_sampler, resolve_spacing, sampler_timesteps
 from ..model.flops import static_macs
+from ..model.family import family_of
 from ..report import plot_heatmap
 
 
@@ -30,7 +31,8 @@ def describe(model, sampler: str | None = None, steps: int | None = None, timest
         "patch_size": cfg.patch_size,
         "input": f"{cfg.in_channels}x{cfg.input_size}x{cfg.input_size}",
         "tokens": cfg.num_patches,
-        "num_classes": cfg.num_classes,
+        "num_classes": cfg.num_classes if family_of(cfg).condition == "labels" else None,
+        "condition": family_of(cfg).condition_key(cfg),
         "learn_sigma": cfg.learn_sigma,
         "prediction": cfg.prediction if cfg.prediction == "eps" else
         f"velocity ({cfg.path_type} path; network time: {'t, 1 = data (SiT)' if cfg.time_input == 'sit' else '1 - t, 1 = noise (REPA)'})",

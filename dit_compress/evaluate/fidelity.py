@@ -33,6 +33,7 @@ from ..diffusion.sampling import (
     sample,
 )
 from ..errors import DitcError, UsageError
+from ..model.build import fingerprint
 from ..model.family import require
 from ..outputs import atomic_dir, resumable_work, work_dir_for
 from ..progress import make_progress
@@ -372,6 +373,7 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
               "num_samples": num_samples, "shard_size": shard_size, "batch_size": batch_size, "compile": compile,
               "vae": vae_name or model.config.vae if model.config.latent_scale is not None else None,
               **(producer or {})}
+    recipe["model"] = fingerprint(model)  # whatever the caller passed: the weights sampled are the key
     key = cache_key(recipe, metrics, ref, ex_kw, kid_subset_size, loss_data)
     hit = _from_cache(key) if cache and world == 1 and not compile else None
     if hit is not None:

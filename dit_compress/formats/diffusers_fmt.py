@@ -19,7 +19,7 @@ from ..config import DiTConfig
 from ..errors import FormatError
 from .ditc import read_safetensors
 from .original import safe_torch_load
-from .pixart_fmt import config_from_pixart, is_pixart, pixart_config, pixart_index
+from .pixart_fmt import config_from_pixart, is_pixart, pipeline_facts, pixart_config, pixart_index
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
@@ -168,6 +168,8 @@ def load_diffusers(path: Path) -> tuple[DiTConfig, dict]:
         raise FormatError(f"{cfile} is not valid JSON: {e}") from None
     if is_pixart(d):  # PixArt-α / Σ: diffusers' own key layout, weights copied as they are
         cfg = config_from_pixart(d, str(tdir))
+        if "_ditc" not in d:
+            cfg = pipeline_facts(cfg, path)
         if cfg.name is None:
             cfg.name = Path(path).name
         return cfg, _read_weights(tdir)

@@ -7,6 +7,7 @@ refused in one line."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from ..config import DiTConfig
 from ..errors import FormatError
@@ -15,10 +16,18 @@ from ..errors import FormatError
 FIXED = {"dropout": 0.0, "attention_bias": True, "activation_fn": "gelu-approximate", "upcast_attention": False,
          "norm_type": "ada_norm_single", "norm_elementwise_affine": False, "norm_eps": 1e-6,
          "attention_type": "default", "num_embeds_ada_norm": 1000, "norm_num_groups": 32}
+# fields of Transformer2DModel that the hub's PixArt-α configs (written by that class) state
+LEGACY_FIXED = {"double_self_attention": False, "only_cross_attention": False, "num_vector_embeds": None}
 READ = {"num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "num_layers", "cross_attention_dim",
         "sample_size", "patch_size", "interpolation_scale", "use_additional_conditions", "caption_channels"}
-IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "_ditc", "use_linear_projection", "num_vector_embeds",
-           "_use_default_values"}
+IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "_ditc", "use_linear_projection",
+           "_use_default_values"}  # use_linear_projection: unused on patched inputs
+
+
+def _unsupported(message: str) -> FormatError:
+    """A well-formed PixArt config of a variant this toolkit does not implement: a usage error
+    (exit 2), as the file is fine and the request is what cannot be served."""
+    return FormatError(message, exit_code=2)
 
 
 def is_pixart(d: dict) -> bool:
@@ -30,13 +39,13 @@ def config_from_pixart(d: dict, where: str) -> DiTConfig:
     not implement (naming the field), never guesses what the file leaves out."""
     if "_ditc" in d:  # written by ditc: the full config (kept layers, lineage)
         return DiTConfig.from_dict(d["_ditc"])
-    unknown = sorted(set(d) - set(FIXED) - READ - IGNORED)
+    unknown = sorted(set(d) - set(FIXED) - set(LEGACY_FIXED) - READ - IGNORED)
     if unknown:
-        raise FormatError(f"{where}: unsupported PixArt variant (config field {unknown[0]!r}, e.g. PixArt-Σ's key/value "
+        raise _unsupported(f"{where}: unsupported PixArt variant (config field {unknown[0]!r}, e.g. PixArt-Σ's key/value "
                           "token compression, is not implemented)")
-    for k, v in FIXED.items():
+    for k, v in {**FIXED, **LEGACY_FIXED}.items():
         if k in d and d[k] != v and not (isinstance(v, float) and isinstance(d[k], (int, float)) and abs(d[k] - v) < 1e-12):
-            raise FormatError(f"{where}: unsupported PixArt variant ({k} = {d[k]!r}; only {v!r} is implemented)")
+            raise _unsupported(f"{where}: unsupported PixArt variant ({k} = {d[k]!r}; only {v!r} is implemented)")
     try:
         heads, hd = int(d["num_attention_heads"]), int(d["attention_head_dim"])
         in_ch, sample, patch = int(d["in_channels"]), int(d["sample_size"]), int(d["patch_size"])
@@ -50,7 +59,7 @@ def config_from_pixart(d: dict, where: str) -> DiTConfig:
     inner = heads * hd
     cross = d.get("cross_attention_dim")
     if cross is not None and int(cross) != inner:
-        raise FormatError(f"{where}: unsupported PixArt variant (cross_attention_dim {cross} differs from the inner "
+        raise _unsupported(f"{where}: unsupported PixArt variant (cross_attention_dim {cross} differs from the inner "
                           f"width {inner}; the captions are projected to the inner width)")
     if out not in (in_ch, 2 * in_ch):
         raise FormatError(f"{where}: out_channels {out} is neither in_channels nor twice it")
@@ -71,6 +80,34 @@ def config_from_pixart(d: dict, where: str) -> DiTConfig:
         latent_scale=0.18215 if in_ch == 4 else None, vae="stabilityai/sd-vae-ft-ema" if in_ch == 4 else None,
         numerics="diffusers", provenance=prov,
     )
+
+
+PIPELINE_CAPTION_LENGTH = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}  # max_sequence_length
+
+
+def pipeline_facts(cfg: DiTConfig, root) -> DiTConfig:
+    """What a PixArt pipeline dir states beyond its transformer: the VAE (its folder and
+    ``scaling_factor``: α's sd-vae-ft-ema 0.18215, Σ's SDXL VAE 0.13025) and the caption length
+    of the pipeline class (α 120, Σ 300). Outside a pipeline the VAE is α's, said as assumed."""
+    root = Path(root)
+    index = root / "model_index.json"
+    if index.exists():
+        cls = read_config(index).get("_class_name")
+        if cls in PIPELINE_CAPTION_LENGTH and cfg.caption_length is None:
+            cfg.caption_length = PIPELINE_CAPTION_LENGTH[cls]
+            cfg.provenance["caption_length"] = f"{cls}'s max_sequence_length"
+        vcfg = root / "vae" / "config.json"
+        if vcfg.exists() and cfg.in_channels == 4:
+            scale = read_config(vcfg).get("scaling_factor", 0.18215)
+            if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale < 100:
+                raise FormatError(f"{vcfg}: scaling_factor {scale!r} is not a positive number")
+            cfg.vae, cfg.latent_scale = str((root / "vae").resolve()), float(scale)
+            cfg.provenance["vae"] = f"the pipeline's vae/ folder (scaling_factor {scale})"
+            return cfg
+    if cfg.in_channels == 4:
+        cfg.provenance["vae"] = ("not stated (no pipeline vae/): PixArt-α's sd-vae-ft-ema, scale 0.18215, taken for "
+                                 "decoding only; load a PixArt-Σ (SDXL VAE, 0.13025) from its pipeline dir")
+    return cfg
 
 
 def pixart_config(cfg: DiTConfig) -> dict:

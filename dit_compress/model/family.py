@@ -94,6 +94,8 @@ class DiTFamily:
 
     @staticmethod
     def null_condition(model, y, negative=None):
+        if negative is not None:
+            raise UsageError("`negative` is for text-to-image models; a class-conditional model guides with its null class")
         return torch.full_like(y, model.config.num_classes)
 
     @staticmethod
@@ -176,8 +178,12 @@ class PixArtFamily:
             raise UsageError("classifier-free guidance of a text-to-image model needs the null caption: give "
                              "`negative` (the text encoder's encoding of the empty prompt, as the pipeline's "
                              "negative_prompt_embeds)")
-        neg = cls.check_condition(model, negative if len(negative) == len(c) else _repeat(negative, len(c)), len(c))
-        return neg
+        if not isinstance(negative, Captions):
+            raise UsageError("`negative` must be Captions (the encoding of the empty prompt)")
+        neg = negative if len(negative) == len(c) else _repeat(negative, len(c))
+        # the null half runs at the conditional half's size conditions, as the pipeline's guidance does
+        neg = Captions(neg.emb, neg.mask, c.resolution, c.aspect_ratio)
+        return cls.check_condition(model, neg, len(c))
 
     @staticmethod
     def cat(a, b):

@@ -18,7 +18,7 @@ from ..model.build import fingerprint
 from ..model.family import family_of, require
 from ..outputs import check_output, work_dir_for
 from ..report import plot_lines
-from .losses import combined_loss
+from .losses import combined_loss, flops_schedule
 from .trainer import TrainConfig, Trainer, TrainResult
 
 
@@ -76,6 +76,8 @@ def train_and_save(model, data_spec: str, output: Path, cfg: TrainConfig, *, for
     t0 = time.time()
     schedule = ("flops_hold", "flops_decay", "full_loss", "full_steps", "t_strata")  # DyDiT's: dynamic models only
     kd_used = {k: v for k, v in (kd or {}).items() if model.config.is_dynamic or k not in schedule}
+    if model.config.is_dynamic:  # the FLOPs decay follows the run's length unless given: part of what the run is
+        kd_used["flops_decay_steps"] = flops_schedule(kd or {}, cfg.steps)[1]
     producer = {"op": op, "source": fingerprint(model), "data": data_spec, "kd": kd_used,
                 "teacher": fingerprint(teacher) if teacher is not None else None}
     res = train_model(model, data, cfg, work, teacher=teacher, resume=resume, kd=kd, desc=op, producer=producer)

@@ -165,6 +165,10 @@ class Trainer:
             raise DitcError(f"`resume`: no training state in {self.work_dir} (expected {sd}/state.json)")
         meta = json.loads((sd / "state.json").read_text())
         saved = meta["train_config"]
+        if saved.get("steps") != self.cfg.steps and self.cfg.schedule != "constant":
+            raise DitcError(f"`resume`: steps was {saved.get('steps')} in the interrupted run but is {self.cfg.steps} now, "
+                            f"and the {self.cfg.schedule} learning-rate schedule follows the step count; resume with "
+                            "the same steps or start over")
         for key in sorted(set(saved) | set(self.cfg.to_dict())):
             if key not in ("steps", "log_every", "ckpt_every") and saved.get(key) != getattr(self.cfg, key, None):
                 raise DitcError(
