@@ -17,7 +17,7 @@ from ..data.batches import draw_examples
 from ..diffusion import objective_for
 from ..errors import DitcError, UsageError
 from ..model.build import build_model
-from ..model.family import require
+from ..model.family import family_of, require
 from ..model.routers import Routing, TokenRouter, WidthRouter, routing
 
 SORTS = ("magnitude", "taylor", "none")
@@ -27,48 +27,57 @@ def _head_perm_rows(order: torch.Tensor, hd: int) -> torch.Tensor:
     return (order[:, None] * hd + torch.arange(hd)[None]).reshape(-1)
 
 
+def _linear(block, path: str):
+    return block.get_submodule(path)
+
+
 @torch.no_grad()
 def importance(model, kind: str, data=None, batches: int = 4, batch_size: int = 32, seed: int = 0):
-    """Per-block (head scores [H], channel scores [4D]) — larger is more important.
+    """Per-block (head scores [H], channel scores [MLP hidden]) — larger is more important.
 
     ``magnitude``: norms of each head's value/output weights and each channel's in/out weights.
     ``taylor``: first-order Taylor importance |sum over a group's weights of w * dL/dw|, taken
     per batch and summed over ``batches`` batches (DynaBERT's accumulation, which DyDiT follows:
-    the absolute value of each batch's estimate, so batches whose signs differ do not cancel)."""
+    the absolute value of each batch's estimate, so batches whose signs differ do not cancel).
+    Where the heads and channels sit comes from the family's ``width_layout``."""
     cfg = model.config
-    D, H = cfg.hidden_size, cfg.num_heads
-    hd = D // H
+    H, hd = cfg.num_heads, cfg.head_dim
+    lay = family_of(model).width_layout(cfg)
     if kind == "taylor":
         if data is None:
             raise UsageError("`sort_by` taylor needs `data` to measure first-order importance")
         return _taylor_scores(model, data, batches, batch_size, seed)
     out = []
     for b in model.blocks:
-        qkv, proj, fc1, fc2 = b.attn.qkv.weight, b.attn.proj.weight, b.mlp.fc1.weight, b.mlp.fc2.weight
-        v = qkv[2 * D:].reshape(H, hd, D).norm(dim=(1, 2))
-        o = proj.reshape(D, H, hd).permute(1, 0, 2).norm(dim=(1, 2))
+        (vpath, voff) = lay.value
+        vw = _linear(b, vpath).weight
+        v = vw[voff:voff + H * hd].reshape(H, hd, -1).norm(dim=(1, 2))
+        ow = _linear(b, lay.head_cols).weight
+        o = ow.reshape(ow.shape[0], H, hd).permute(1, 0, 2).norm(dim=(1, 2))
+        fc1, fc2 = _linear(b, lay.chan_rows).weight, _linear(b, lay.chan_cols).weight
         out.append((v * o, fc1.norm(dim=1) * fc2.norm(dim=0)))
     return out
 
 
-def taylor_terms(block, H: int) -> tuple[torch.Tensor, torch.Tensor]:
+def taylor_terms(block, H: int, layout, hd: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One batch's first-order estimates |sum w * g| per head and per MLP channel of a block
     whose weights hold the batch's gradients."""
-    def wg(lin):
+    def wg(path):
+        lin = _linear(block, path)
         g = lin.weight.grad
         return lin.weight * g if g is not None else torch.zeros_like(lin.weight)
 
-    D = block.attn.qkv.in_features
-    hd = D // H
-    heads = wg(block.attn.qkv).reshape(3, H, hd, D).sum(dim=(0, 2, 3)).abs() + \
-        wg(block.attn.proj).reshape(D, H, hd).sum(dim=(0, 2)).abs()
-    chans = wg(block.mlp.fc1).sum(1).abs() + wg(block.mlp.fc2).sum(0).abs()
+    heads = sum(wg(path)[off:off + H * hd].reshape(H, hd, -1).sum(dim=(1, 2)) for path, off in layout.head_rows).abs()
+    ow = wg(layout.head_cols)
+    heads = heads + ow.reshape(ow.shape[0], H, hd).sum(dim=(0, 2)).abs()
+    chans = wg(layout.chan_rows).sum(1).abs() + wg(layout.chan_cols).sum(0).abs()
     return heads, chans
 
 
 def _taylor_scores(model, data, batches, batch_size, seed):
     m = copy.deepcopy(model).train()
     diff = objective_for(m.config)
+    lay = family_of(m).width_layout(m.config)
     g = torch.Generator().manual_seed(seed)
     dev = next(m.parameters()).device
     total = None
@@ -80,7 +89,7 @@ def _taylor_scores(model, data, batches, batch_size, seed):
         with torch.enable_grad():
             diff.training_losses(m, x.to(dev), diff.continuous_t(t).to(dev), y.to(dev),
                                  noise=noise.to(dev))["loss"].mean().backward()
-        terms = [taylor_terms(b, m.config.num_heads) for b in m.blocks]
+        terms = [taylor_terms(b, m.config.num_heads, lay, m.config.head_dim) for b in m.blocks]
         total = terms if total is None else [(a + c, b + d) for (a, b), (c, d) in zip(total, terms)]
     return total
 
@@ -89,20 +98,26 @@ def _taylor_scores(model, data, batches, batch_size, seed):
 def sorted_state(model, scores) -> dict:
     """State dict with heads and MLP channels of every block in descending importance."""
     cfg = model.config
-    D, H = cfg.hidden_size, cfg.num_heads
-    hd = D // H
+    H, hd = cfg.num_heads, cfg.head_dim
+    lay = family_of(model).width_layout(cfg)
+    stack = family_of(model).stack_key
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for i, (hs, cs) in enumerate(scores):
-        p = f"blocks.{i}."
+        p = f"{stack}.{i}."
         rows = _head_perm_rows(torch.argsort(hs, descending=True, stable=True), hd)
-        qkv_rows = torch.cat([rows, rows + D, rows + 2 * D])
-        state[p + "attn.qkv.weight"] = state[p + "attn.qkv.weight"][qkv_rows]
-        state[p + "attn.qkv.bias"] = state[p + "attn.qkv.bias"][qkv_rows]
-        state[p + "attn.proj.weight"] = state[p + "attn.proj.weight"][:, rows]
+        for path in dict.fromkeys(path for path, _ in lay.head_rows):
+            w = state[f"{p}{path}.weight"]
+            perm = torch.arange(w.shape[0])
+            for path2, off2 in lay.head_rows:  # a fused projection holds several row blocks
+                if path2 == path:
+                    perm[off2:off2 + H * hd] = rows + off2
+            state[f"{p}{path}.weight"] = w[perm]
+            state[f"{p}{path}.bias"] = state[f"{p}{path}.bias"][perm]
+        state[f"{p}{lay.head_cols}.weight"] = state[f"{p}{lay.head_cols}.weight"][:, rows]
         ch = torch.argsort(cs, descending=True, stable=True)
-        state[p + "mlp.fc1.weight"] = state[p + "mlp.fc1.weight"][ch]
-        state[p + "mlp.fc1.bias"] = state[p + "mlp.fc1.bias"][ch]
-        state[p + "mlp.fc2.weight"] = state[p + "mlp.fc2.weight"][:, ch]
+        state[f"{p}{lay.chan_rows}.weight"] = state[f"{p}{lay.chan_rows}.weight"][ch]
+        state[f"{p}{lay.chan_rows}.bias"] = state[f"{p}{lay.chan_rows}.bias"][ch]
+        state[f"{p}{lay.chan_cols}.weight"] = state[f"{p}{lay.chan_cols}.weight"][:, ch]
     return state
 
 
@@ -114,7 +129,7 @@ def add_dynamic_width(model, target_flops: float = 0.5, sort_by: str = "magnitud
     channels (the least important, after sorting) is dropped at every timestep, sized so
     the blocks reach ``target_flops``; the routers are frozen at that choice."""
 
-    require(model, "routing")
+    require(model, "width")
     cfg = model.config
     if not (0.0 < target_flops <= 1.0):
         raise UsageError(f"`target_flops` must be in (0, 1], got {target_flops}")
@@ -135,7 +150,7 @@ def add_dynamic_width(model, target_flops: float = 0.5, sort_by: str = "magnitud
         for name in ("head_router", "channel_router"):
             r = WidthRouter(cfg.hidden_size, cfg.num_heads, init_bias)
             for k, v in r.state_dict().items():
-                state[f"blocks.{i}.{name}.{k}"] = v
+                state[f"{family_of(model).stack_key}.{i}.{name}.{k}"] = v
     new = build_model(new_cfg, state, dtype=next(model.parameters()).dtype)
     if static:
         set_static_width(new, target_flops, target_flops)
@@ -148,7 +163,7 @@ def add_token_router(model, tau: float = 5.0, init_bias: float = 35.0, reduction
     the block FLOPs ratio the routers (with any width routers) train toward; without it a
     model with width routers keeps theirs, and token routers alone have no FLOPs target."""
 
-    require(model, "routing")
+    require(model, "tokens")
     cfg = model.config
     if cfg.tokens is not None:
         raise DitcError("this model already has token routers (add-token-router was applied before)")
@@ -214,9 +229,7 @@ def set_banded_width(model, share: float, times: list) -> list[float]:
         shares[i] = sh
     per_layer = {sh: spread_widths(H, sh, L) for sh in set(shares)}
     t = torch.tensor(times)
-    t_emb = model.t_embedder(t)
-    conds = model.block_conditions(t, torch.zeros(len(times), dtype=torch.long), t_emb, t_emb)
-    for layer, (b, (te, _)) in enumerate(zip(model.blocks, conds)):
+    for layer, (b, te) in enumerate(zip(model.blocks, model.width_router_inputs(t))):
         ks = torch.tensor([per_layer[sh][layer] for sh in shares])
         target = torch.where(torch.arange(H)[None] < ks[:, None], 30.0, -30.0).double()
         feats = torch.cat([te.double(), torch.ones(len(times), 1, dtype=torch.float64)], 1)

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from ..model.flops import block_macs, dynamic_macs, static_macs
+from ..model.flops import block_share, dynamic_macs, static_macs
 from ..model.routers import Routing, expected_prefix_mask, expected_topk_mask
 from .sampling import (
     class_balanced_labels,
@@ -29,7 +29,7 @@ def width_profile(model, timesteps: list[int]) -> dict:
                 "depth": cfg.depth}
     widths = model.widths_at(torch.tensor(timesteps))  # network time inputs (ints for DiT, floats for SiT)
     heads = [[widths[j][i][0] / cfg.num_heads for j in range(n)] for i in range(cfg.depth)]
-    chans = [[widths[j][i][1] / b.mlp.fc1.out_features for j in range(n)] for i, b in enumerate(model.blocks)]
+    chans = [[widths[j][i][1] / b.channels for j in range(n)] for i, b in enumerate(model.blocks)]
     return {"timesteps": timesteps, "heads": heads, "channels": chans, "depth": cfg.depth}
 
 
@@ -78,7 +78,7 @@ class FlopsMeter:
         for i, (heads, channels) in enumerate(cache[call["t"]]):
             layer = call["layers"].setdefault(i, {})
             layer.setdefault("head_router", [heads, H])
-            layer.setdefault("channel_router", [channels, self.model.blocks[i].mlp.fc1.out_features])
+            layer.setdefault("channel_router", [channels, self.model.blocks[i].channels])
 
     def _record(self, i, name, logits):
         if not self.calls or self.model.routing == Routing.FULL:
@@ -101,13 +101,12 @@ class FlopsMeter:
         """Mean over the recorded calls: whole-model MACs and ratio, and DyDiT's block ratio
         (attention + MLP FLOPs dynamic / static, the quantity the FLOPs loss trains toward)."""
         cfg = self.model.config
-        attn, mlp = block_macs(cfg)
         total, blocks, per_t, toks = [], [], {}, []
         for c in self.calls:
             h, ch, tk = (self._shares(c, n) for n in ("head_router", "channel_router", "token_router"))
             toks.append(sum(tk) / len(tk))
             total.append(dynamic_macs(cfg, h, ch, tk))
-            blocks.append(sum(attn * a + mlp * b * k for a, b, k in zip(h, ch, tk)) / (cfg.depth * (attn + mlp)))
+            blocks.append(sum(block_share(cfg, a, b, k) for a, b, k in zip(h, ch, tk)) / cfg.depth)
             per_t.setdefault(c["t"], []).append(blocks[-1])
         if not total:
             return {"calls": 0}
@@ -131,11 +130,10 @@ def inference_flops(model, sampler: str | None = None, steps: int | None = None,
     if cfg.tokens is None or token_share is not None:
         tk = 1.0 if token_share is None else token_share
         prof = width_profile(model, ts)
-        attn, mlp = block_macs(cfg)
         per_t = [dynamic_macs(cfg, [h[j] for h in prof["heads"]], [c[j] for c in prof["channels"]], [tk] * cfg.depth)
                  for j in range(len(ts))]
-        blocks = [sum(attn * h[j] + mlp * c[j] * tk for h, c in zip(prof["heads"], prof["channels"]))
-                  / (cfg.depth * (attn + mlp)) for j in range(len(ts))]
+        blocks = [sum(block_share(cfg, h[j], c[j], tk) for h, c in zip(prof["heads"], prof["channels"])) / cfg.depth
+                  for j in range(len(ts))]
         mean = sum(per_t) / len(per_t)
         how = "router masks per timestep" + ("" if token_share is None else f", tokens routed as initialised ({tk:.3f})")
         return {"calls": len(ts), "macs": mean, "gflops": mean / 1e9, "flops_ratio": mean / static_macs(cfg)["total"],

@@ -159,7 +159,7 @@ def save_model(model, path, format: str = "ditc", dtype=None, force: bool = Fals
     path = Path(path)
     if format == "original":
         if model.config.is_dynamic:
-            raise FormatError("a model with dynamic routers cannot be saved in the original layout; save it as ditc")
+            raise UsageError("a model with dynamic routers cannot be saved in the original layout; save it as ditc")
         if model.config.block_embedders:
             raise FormatError("the original layout holds one timestep/class embedder and this model has per-block "
                               "embedders (a DiT made in diffusers); save it as ditc or diffusers")

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..config import DiTConfig
-from ..errors import FormatError
+from ..errors import FormatError, UsageError
 from .ditc import read_safetensors
 from .original import safe_torch_load
 from .pixart_fmt import config_from_pixart, is_pixart, pipeline_facts, pixart_config, pixart_index
@@ -236,7 +236,7 @@ def save_diffusers(model, out_dir: Path, dtype: torch.dtype | None = None) -> No
 
     cfg = model.config
     if cfg.is_dynamic:
-        raise FormatError("a model with dynamic routers cannot be expressed in the diffusers layout; save it as ditc")
+        raise UsageError("a model with dynamic routers cannot be expressed in the diffusers layout; save it as ditc")
     if cfg.family == "pixart":  # PixArtTransformer2DModel (diffusers' keys already), loadable in PixArtAlphaPipeline
         sd, config, index = dict(model.state_dict()), pixart_config(cfg), pixart_index()
     else:

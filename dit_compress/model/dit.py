@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..config import DiTConfig
-from .dynamic import BlockStats, RoutedBlock, block_flops_ratio
+from .dynamic import BlockStats, RoutedBlock, RoutedModel, block_flops_ratio
 from .layers import (
     DiTBlock,
     FinalLayer,
@@ -26,7 +26,7 @@ from .routers import Routing
 from .run import ForwardAux, RunContext, forward_with_cfg
 
 
-class DiT(nn.Module):
+class DiT(RoutedModel, nn.Module):
     """Diffusion Transformer. ``model(x, t, y)`` has the original DiT forward semantics;
     ``run=RunContext(...)`` (model/run.py) passes what the caller knows about the call."""
 
@@ -131,7 +131,7 @@ class DiT(nn.Module):
         aux = ForwardAux(block_input=h) if return_aux else None
         want_stats = return_aux and self.config.is_dynamic
         full_rows = run.full_rows if run is not None else 0
-        widths = self._cached_widths(t, conds, run) if mode == Routing.FAST else None
+        widths = self._cached_widths(t, run) if mode == Routing.FAST else None
         for i, block in enumerate(self.blocks):
             st = BlockStats() if want_stats else None
             if widths is not None:
@@ -151,48 +151,12 @@ class DiT(nn.Module):
             aux.flops_ratio = block_flops_ratio(self.config, aux.stats, x.shape[0] - full_rows, x.device)
         return out, aux
 
-    def _cached_widths(self, t, conds, run: RunContext | None = None) -> list[tuple[int, int]] | None:
-        """Inside ``width_cache(model)``: each block's (heads, channels) for this call's t,
-        computed by the routers on the first call with that t and reused afterwards (width
-        routers read t only). The t comes from ``run`` when the caller states it (no host
-        sync); otherwise it is read from the tensor. None when no cache is active or t
-        differs inside the batch."""
-        if self._width_cache is None:
-            return None
-        if run is not None and run.t is not None:
-            key = run.t
-        elif bool((t == t[0]).all()):
-            key = t[0].item()
-        else:
-            return None
-        if key not in self._width_cache:
-            self._width_cache[key] = self.widths_at(t[:1])[0]
-        return self._width_cache[key]
-
     @torch.no_grad()
-    def widths_at(self, t: torch.Tensor) -> list[list[tuple[int, int]]]:
-        """[(heads, MLP channels) per block] at inference for each time input in ``t`` (one
-        batched pass of the width routers; they read the timestep only)."""
-        t = t.to(self.x_embedder.proj.weight.device)
+    def width_router_inputs(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """What each block's width routers read at time input ``t``: its timestep embedding."""
         y = torch.zeros(len(t), dtype=torch.long, device=t.device)
         t_emb = self.t_embedder(t)
-        per_block = [b.widths(te) for b, (te, _) in zip(self.blocks, self.block_conditions(t, y, t_emb, t_emb))]
-        return [[pb[j] for pb in per_block] for j in range(len(t))]
-
-    def _mode(self) -> Routing:
-        if self.routing == Routing.FULL:
-            return Routing.FULL
-        if self.training and self.config.is_dynamic:
-            return Routing.TRAIN
-        return Routing(self.routing)
-
-    def _tau(self) -> float:
-        c = self.config
-        if c.width is not None:
-            return c.width.tau
-        if c.tokens is not None:
-            return c.tokens.tau
-        return 1.0
+        return [te for te, _ in self.block_conditions(t, y, t_emb, t_emb)]
 
     def forward_with_cfg(self, x, t, y, cfg_scale: float, guide_channels: int | None = None,
                          run: RunContext | None = None):

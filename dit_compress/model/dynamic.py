@@ -16,7 +16,7 @@ import torch
 
 from ..config import DiTConfig
 from .compile import compiled, is_compiled
-from .flops import block_macs
+from .flops import block_share
 from .layers import DiTBlock, modulate
 from .routers import (
     Routing,
@@ -36,22 +36,19 @@ class BlockStats:
     token_frac: torch.Tensor | None = None  # [B]
 
 
-class RoutedBlock(DiTBlock):
-    """A DiT block with width routers (``head_router``, ``channel_router``) and/or a token
-    router (``token_router``), as the config's width / tokens specs say."""
+class WidthRouted:
+    """Timestep-wise width routing, for the routed block of any family: ``head_router`` and
+    ``channel_router`` read the block's timestep embedding; the block has ``heads`` heads and
+    ``channels`` MLP channels in ``heads`` groups."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, num_classes: int | None, config: DiTConfig):
-        super().__init__(dim, heads, mlp_ratio, num_classes)
+    def add_width_routers(self, dim: int, heads: int, config: DiTConfig) -> None:
         self.head_router: WidthRouter | None = None
         self.channel_router: WidthRouter | None = None
-        self.token_router: TokenRouter | None = None
         self.static_width = False
         if config.width is not None:
             self.head_router = WidthRouter(dim, heads, config.width.init_bias)
             self.channel_router = WidthRouter(dim, heads, config.width.init_bias)
             self.static_width = config.width.static
-        if config.tokens is not None:
-            self.token_router = TokenRouter(dim, config.tokens.reduction, config.tokens.init_bias)
 
     def width_masks(self, t_emb, mode: str, tau: float, full_rows: int = 0):
         """Nested (prefix) masks over heads and MLP channel groups: [B, H] each, or None.
@@ -67,6 +64,51 @@ class RoutedBlock(DiTBlock):
             hm, cm = expected_prefix_mask(hl).to(t_emb.dtype), expected_prefix_mask(cl).to(t_emb.dtype)
         return _full_tail(hm, full_rows), _full_tail(cm, full_rows)
 
+    def widths(self, t_emb) -> list[tuple[int, int]]:
+        """(active heads, active MLP channels) at inference for each row of ``t_emb``."""
+        hm, cm = self.width_masks(t_emb, Routing.DENSE, 0.0)
+        gs = self.channels // cm.shape[1]
+        return list(zip(hm.sum(1).long().tolist(), (cm.sum(1).long() * gs).tolist()))
+
+    def width_stats(self, stats, hm, cm, n: int) -> None:
+        if stats is not None:
+            stats.head_frac = hm[:n].mean(1) if hm is not None else None
+            stats.channel_frac = cm[:n].mean(1) if cm is not None else None
+
+    def split_by_width(self, hm, cm, run):
+        """Run ``run(rows, heads, channels)`` on each group of rows that share one width (the
+        timesteps differ inside the batch) and put the parts back in order; one call when
+        every row has the same width."""
+        k_heads, k_groups = hm.sum(1).long(), cm.sum(1).long()
+        gs = self.channels // cm.shape[1]
+        if bool((k_heads == k_heads[0]).all()) and bool((k_groups == k_groups[0]).all()):
+            return run(None, int(k_heads[0]), int(k_groups[0]) * gs)
+        keys = torch.stack([k_heads, k_groups], 1)
+        parts = []
+        for key in torch.unique(keys, dim=0):
+            sel = (keys == key).all(1)
+            parts.append((sel, run(sel, int(key[0]), int(key[1]) * gs)))
+        out = torch.empty((len(hm), *parts[0][1].shape[1:]), dtype=parts[0][1].dtype, device=parts[0][1].device)
+        for sel, part in parts:
+            out[sel] = part
+        return out
+
+
+class RoutedBlock(WidthRouted, DiTBlock):
+    """A DiT block with width routers (``head_router``, ``channel_router``) and/or a token
+    router (``token_router``), as the config's width / tokens specs say."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, num_classes: int | None, config: DiTConfig):
+        super().__init__(dim, heads, mlp_ratio, num_classes)
+        self.add_width_routers(dim, heads, config)
+        self.token_router: TokenRouter | None = None
+        if config.tokens is not None:
+            self.token_router = TokenRouter(dim, config.tokens.reduction, config.tokens.init_bias)
+
+    @property
+    def channels(self) -> int:
+        return self.mlp.fc1.out_features
+
     def token_mask(self, x, mode: str, tau: float, full_rows: int = 0):
         if self.token_router is None or mode == Routing.FULL:
             return None
@@ -74,12 +116,6 @@ class RoutedBlock(DiTBlock):
         if mode == Routing.TRAIN:
             return _full_tail(gumbel_sigmoid_mask(logits, tau), full_rows)
         return _full_tail(expected_topk_mask(logits).to(x.dtype), full_rows)
-
-    def widths(self, t_emb) -> list[tuple[int, int]]:
-        """(active heads, active MLP channels) at inference for each row of ``t_emb``."""
-        hm, cm = self.width_masks(t_emb, Routing.DENSE, 0.0)
-        gs = self.mlp.fc1.out_features // cm.shape[1]
-        return list(zip(hm.sum(1).long().tolist(), (cm.sum(1).long() * gs).tolist()))
 
     def forward(self, x, c, t_emb=None, mode: Routing = Routing.DENSE, tau: float = 5.0, stats: BlockStats | None = None,
                 widths: tuple[int, int] | None = None, full_rows: int = 0):
@@ -141,7 +177,7 @@ class RoutedBlock(DiTBlock):
             if stats is not None:
                 stats.head_frac, stats.channel_frac = hm.mean(1), cm.mean(1)
             return out
-        gs = self.mlp.fc1.out_features // cm.shape[1]
+        gs = self.channels // cm.shape[1]
         return self._sliced(x, int(k_heads[0]), int(k_groups[0]) * gs, mods, stats)
 
     def forward_sliced(self, x, c, heads: int, channels: int, stats: BlockStats | None = None):
@@ -156,7 +192,7 @@ class RoutedBlock(DiTBlock):
         tm = self.token_mask(x, Routing.FAST, 0.0)
         if stats is not None:
             one = torch.ones(x.shape[0], device=x.device)
-            stats.head_frac, stats.channel_frac = one * (k / self.attn.heads), one * (ch / self.mlp.fc1.out_features)
+            stats.head_frac, stats.channel_frac = one * (k / self.attn.heads), one * (ch / self.channels)
             stats.token_frac = tm.mean(1) if tm is not None else None
         if tm is not None:
             return self._mlp_on_tokens(x, tm, shift_mlp, scale_mlp, gate_mlp, ch)
@@ -173,12 +209,58 @@ def _full_tail(mask, full_rows: int):
 
 def block_flops_ratio(config: DiTConfig, stats: list, batch: int, device) -> torch.Tensor:
     """Per-sample dynamic/static FLOPs of the blocks (DyDiT's F_dyn / F_static)."""
-    attn, mlp = block_macs(config)
     one = torch.ones(batch, device=device)
     dyn = 0.0
     for st in stats:
         h = st.head_frac if st.head_frac is not None else one
         ch = st.channel_frac if st.channel_frac is not None else one
         tk = st.token_frac if st.token_frac is not None else one
-        dyn = dyn + attn * h + mlp * ch * tk
-    return dyn / (len(stats) * (attn + mlp))
+        dyn = dyn + block_share(config, h, ch, tk)
+    return dyn / len(stats)
+
+
+class RoutedModel:
+    """The model side of routing, for every family: the routing mode, the per-run width cache
+    and the widths per time input. A model provides ``blocks``, ``routing``,
+    ``_width_cache`` and ``width_router_inputs(t)`` (what each block's width routers read)."""
+
+    def _cached_widths(self, t, run=None) -> list[tuple[int, int]] | None:
+        """Inside ``width_cache(model)``: each block's (heads, channels) for this call's t,
+        computed by the routers on the first call with that t and reused afterwards (width
+        routers read t only). The t comes from ``run`` when the caller states it (no host
+        sync); otherwise it is read from the tensor. None when no cache is active or t
+        differs inside the batch."""
+        if self._width_cache is None:
+            return None
+        if run is not None and run.t is not None:
+            key = run.t
+        elif bool((t == t[0]).all()):
+            key = t[0].item()
+        else:
+            return None
+        if key not in self._width_cache:
+            self._width_cache[key] = self.widths_at(t[:1])[0]
+        return self._width_cache[key]
+
+    @torch.no_grad()
+    def widths_at(self, t: torch.Tensor) -> list[list[tuple[int, int]]]:
+        """[(heads, MLP channels) per block] at inference for each time input in ``t`` (one
+        batched pass of the width routers; they read the timestep only)."""
+        t = t.to(next(self.parameters()).device)
+        per_block = [b.widths(inp) for b, inp in zip(self.blocks, self.width_router_inputs(t))]
+        return [[pb[j] for pb in per_block] for j in range(len(t))]
+
+    def _mode(self) -> Routing:
+        if self.routing == Routing.FULL:
+            return Routing.FULL
+        if self.training and self.config.is_dynamic:
+            return Routing.TRAIN
+        return Routing(self.routing)
+
+    def _tau(self) -> float:
+        c = self.config
+        if c.width is not None:
+            return c.width.tau
+        if c.tokens is not None:
+            return c.tokens.tau
+        return 1.0

@@ -24,11 +24,15 @@ layout; everything above model/ and formats/ reaches a model only through ``fami
     condition_key(cfg)           what a teacher must share with its student (classes, or the
                                  caption width)
     lora_targets                 the linears a LoRA recovery adapts (peft ``target_modules``)
+    width_layout(cfg)            where dynamic width's heads and MLP channels sit in a block's
+                                 linears (``WidthLayout``): sorting and routing use it
 
 A third family (MAR's two stacks, say) is a module and one more entry in ``FAMILIES``.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -37,6 +41,20 @@ from ..errors import DitcError, UsageError
 from .dit import DiT, sincos_2d
 from .flops import PIXART_CAPTION_TOKENS
 from .pixart import Captions, PixArt
+
+
+@dataclass(frozen=True)
+class WidthLayout:
+    """Where a block's heads and MLP channels sit in its linears (paths relative to the block):
+    head h owns rows ``offset + h*hd .. offset + (h+1)*hd`` of each of ``head_rows`` (query,
+    key, value), of which ``value`` is the value's, and the same columns of ``head_cols`` (the
+    output projection); MLP channel c owns row c of ``chan_rows`` and column c of ``chan_cols``."""
+
+    head_rows: tuple[tuple[str, int], ...]
+    value: tuple[str, int]
+    head_cols: str
+    chan_rows: str
+    chan_cols: str
 
 
 def _checked_tensor(t) -> bool:
@@ -55,7 +73,7 @@ class DiTFamily:
     """Class-conditional DiT / SiT / REPA (original layout ``blocks.i.attn.qkv``)."""
 
     name, stack_key, condition = "dit", "blocks", "labels"
-    supports = frozenset({"routing", "training", "eval"})
+    supports = frozenset({"width", "tokens", "training", "eval"})
     implemented = "every command"
 
     @staticmethod
@@ -111,6 +129,12 @@ class DiTFamily:
                     r"|t_embedder\.mlp\.[02]|final_layer\.linear|final_layer\.adaLN_modulation\.1)")
 
     @staticmethod
+    def width_layout(cfg) -> WidthLayout:
+        D = cfg.hidden_size
+        return WidthLayout((("attn.qkv", 0), ("attn.qkv", D), ("attn.qkv", 2 * D)), ("attn.qkv", 2 * D), "attn.proj",
+                           "mlp.fc1", "mlp.fc2")
+
+    @staticmethod
     def check_data(cfg, data, name: str) -> None:
         y = data.y
         if not torch.is_tensor(y):
@@ -134,9 +158,9 @@ class PixArtFamily:
     """PixArt-α / Σ (diffusers layout ``transformer_blocks.i.attn1.to_q``)."""
 
     name, stack_key, condition = "pixart", "transformer_blocks", "captions"
-    supports = frozenset({"training"})  # not yet: dynamic width / token routing, eval
+    supports = frozenset({"width", "training"})  # not yet: token routing, eval
     implemented = ("loading, export, sampling with caption embeddings, prepare-data with captions, depth pruning "
-                   "(every method), finetune, distill, info and bench")
+                   "(every method), dynamic width, finetune, distill, info and bench")
 
     @staticmethod
     def module(cfg):
@@ -209,6 +233,13 @@ class PixArtFamily:
                     r"|adaln_single\.(linear|emb\.timestep_embedder\.linear_[12])|proj_out)")
 
     @staticmethod
+    def width_layout(cfg) -> WidthLayout:
+        """Self-attention heads and feed-forward channels (cross-attention keeps every head:
+        model/pixart.py says why)."""
+        return WidthLayout((("attn1.to_q", 0), ("attn1.to_k", 0), ("attn1.to_v", 0)), ("attn1.to_v", 0),
+                           "attn1.to_out.0", "ff.net.0.proj", "ff.net.2")
+
+    @staticmethod
     def check_data(cfg, data, name: str) -> None:
         y = data.y
         if not isinstance(y, Captions):
@@ -244,7 +275,8 @@ def _repeat(c: Captions, n: int) -> Captions:
 
 FAMILIES = {"dit": DiTFamily, "pixart": PixArtFamily}
 
-WHAT = {"routing": "dynamic width and token routing (DyDiT)",
+WHAT = {"width": "dynamic width (DyDiT's timestep-wise width routers)",
+        "tokens": "token routing (DyDiT's spatial token routers)",
         "training": "training and data-driven layer selection (finetune, distill, learned or block-influence "
                     "prune-depth)",
         "eval": "eval (sampling from a prompt set, FID, CLIP score)"}

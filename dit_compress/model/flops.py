@@ -16,25 +16,38 @@ def caption_tokens(cfg: DiTConfig) -> int:
 
 
 def block_macs(cfg: DiTConfig) -> tuple[float, float]:
-    """(attention, MLP) MACs of one full-width block over all tokens.
+    """(attention, MLP) MACs of one full-width block over all tokens: the parts dynamic width
+    scales (with the share of heads / channels kept).
 
-    Attention: qkv + proj 4ND^2 and the two N x N products 2N^2D; for PixArt also the
-    cross-attention to L caption tokens: q + out 2ND^2, k + v 2LD^2, the two N x L products
-    2NLD. MLP 2*N*D*hidden. Both scale linearly with the share of heads / channels kept.
+    Attention: qkv + proj 4ND^2 and the two N x N products 2N^2D. MLP 2*N*D*hidden.
     """
     N, D = cfg.num_patches, cfg.hidden_size
-    attn = 4 * N * D * D + 2 * N * N * D
-    if cfg.family == "pixart":
-        L = caption_tokens(cfg)
-        attn += 2 * N * D * D + 2 * L * D * D + 2 * N * L * D
-    mlp = 2 * N * D * cfg.mlp_hidden
-    return float(attn), float(mlp)
+    return float(4 * N * D * D + 2 * N * N * D), float(2 * N * D * cfg.mlp_hidden)
+
+
+def block_fixed_macs(cfg: DiTConfig) -> float:
+    """MACs of one block that no router scales: PixArt's cross-attention to L caption tokens
+    (q + out 2ND^2, k + v 2LD^2, the two N x L products 2NLD); none for DiT."""
+    if cfg.family != "pixart":
+        return 0.0
+    N, D, L = cfg.num_patches, cfg.hidden_size, caption_tokens(cfg)
+    return float(2 * N * D * D + 2 * L * D * D + 2 * N * L * D)
+
+
+def block_share(cfg: DiTConfig, heads, channels, tokens):
+    """One block's FLOPs at the given active shares over its full-width FLOPs (DyDiT's
+    F_dyn / F_static for the block; a fixed part, e.g. cross-attention, counts in both).
+    Works on floats and on per-sample tensors."""
+    attn, mlp = block_macs(cfg)
+    fixed = block_fixed_macs(cfg)
+    return (fixed + attn * heads + mlp * channels * tokens) / (fixed + attn + mlp)
 
 
 def static_macs(cfg: DiTConfig) -> dict:
     """Breakdown of one forward pass for one sample."""
     N, D, p = cfg.num_patches, cfg.hidden_size, cfg.patch_size
     attn, mlp = block_macs(cfg)
+    attn += block_fixed_macs(cfg)
     ada = 6 * D * D
     embed = N * p * p * cfg.in_channels * D + 256 * D + D * D
     final = 2 * D * D + N * D * p * p * cfg.out_channels
@@ -63,10 +76,11 @@ def static_macs(cfg: DiTConfig) -> dict:
 def dynamic_macs(cfg: DiTConfig, head_frac, channel_frac, token_frac) -> float:
     """MACs for given per-layer active shares (lists of floats, one per block)."""
     attn, mlp = block_macs(cfg)
+    fixed = block_fixed_macs(cfg)
     s = static_macs(cfg)
     total = s["adaln"] + s["routers"] + s["embed_final"]
     for h, c, t in zip(head_frac, channel_frac, token_frac):
-        total += attn * h + mlp * c * t
+        total += fixed + attn * h + mlp * c * t
     return total
 
 

@@ -24,7 +24,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import UsageError
+from .dynamic import BlockStats, RoutedModel, WidthRouted, block_flops_ratio
 from .layers import PatchEmbed, timestep_sinusoid
+from .routers import Routing
 from .run import ForwardAux, RunContext, forward_with_cfg
 
 
@@ -119,9 +122,14 @@ class CombinedEmbedding(nn.Module):
             self.resolution_embedder = TimestepEmbedding(256, dim // 3)
             self.aspect_ratio_embedder = TimestepEmbedding(256, dim // 3)
 
+    def timestep(self, t):
+        """The timestep's own embedding (before the size conditions are added): what the
+        width routers of a dynamic PixArt read."""
+        return self.timestep_embedder(timestep_sinusoid(t).to(self.timestep_embedder.linear_1.weight.dtype))
+
     def forward(self, t, resolution=None, aspect_ratio=None):
         dtype = self.timestep_embedder.linear_1.weight.dtype
-        emb = self.timestep_embedder(timestep_sinusoid(t).to(dtype))
+        emb = self.timestep(t)
         if self.additional:
             B = len(t)
             res = self.resolution_embedder(timestep_sinusoid(resolution.flatten()).to(dtype)).reshape(B, -1)
@@ -155,7 +163,7 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(kv_dim or dim, inner)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
 
-    def forward(self, x, context=None, bias=None):
+    def forward(self, x, context=None, bias=None, head_mask=None):
         B, N, _ = x.shape
         ctx = x if context is None else context
         H, hd = self.heads, self.head_dim
@@ -164,7 +172,22 @@ class Attention(nn.Module):
         v = self.to_v(ctx).view(B, ctx.shape[1], H, hd).transpose(1, 2)
         mask = None if bias is None else bias[:, None, :, :].to(q.dtype)  # [B, 1, 1, L]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if head_mask is not None:
+            o = o * head_mask[:, :, None, None].to(o.dtype)
         return self.to_out[0](o.transpose(1, 2).reshape(B, N, H * hd))
+
+    def forward_sliced(self, x, k: int):
+        """Self-attention with only the first ``k`` heads, through zero-copy weight views."""
+        if k == self.heads:
+            return self.forward(x)
+        B, N, _ = x.shape
+        hd, n = self.head_dim, k * self.head_dim
+
+        def proj(lin):
+            return F.linear(x, lin.weight[:n], lin.bias[:n]).view(B, N, k, hd).transpose(1, 2)
+
+        o = F.scaled_dot_product_attention(proj(self.to_q), proj(self.to_k), proj(self.to_v))
+        return F.linear(o.transpose(1, 2).reshape(B, N, n), self.to_out[0].weight[:, :n], self.to_out[0].bias)
 
 
 class GELUProj(nn.Module):
@@ -181,8 +204,20 @@ class FeedForward(nn.Module):
         super().__init__()
         self.net = nn.ModuleList([GELUProj(dim, inner), nn.Dropout(0.0), nn.Linear(inner, dim)])
 
-    def forward(self, x):
-        return self.net[2](self.net[0](x))
+    def forward(self, x, channel_mask=None):
+        h = self.net[0](x)
+        if channel_mask is not None:
+            groups = channel_mask.shape[-1]
+            h = (h.view(*h.shape[:-1], groups, -1) * channel_mask.view(h.shape[0], 1, groups, 1).to(h.dtype)).view_as(h)
+        return self.net[2](h)
+
+    def forward_sliced(self, x, c: int):
+        """Only the first ``c`` hidden channels (zero-copy views)."""
+        lin1, lin2 = self.net[0].proj, self.net[2]
+        if c == lin1.out_features:
+            return self.forward(x)
+        h = F.gelu(F.linear(x, lin1.weight[:c], lin1.bias[:c]), approximate="tanh")
+        return F.linear(h, lin2.weight[:, :c], lin2.bias)
 
 
 class PixArtBlock(nn.Module):
@@ -197,16 +232,64 @@ class PixArtBlock(nn.Module):
         self.ff = FeedForward(dim, mlp_hidden)
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim ** 0.5)
 
+    @property
+    def channels(self) -> int:
+        return self.ff.net[0].proj.out_features
+
+    def modulations(self, t6):
+        return (self.scale_shift_table[None] + t6.reshape(t6.shape[0], 6, -1)).chunk(6, dim=1)
+
     def forward(self, x, t6, caption, bias):
-        B = x.shape[0]
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.scale_shift_table[None] + t6.reshape(B, 6, -1)).chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulations(t6)
         x = x + gate_msa * self.attn1(self.norm1(x) * (1 + scale_msa) + shift_msa)
         x = x + self.attn2(x, caption, bias)
         return x + gate_mlp * self.ff(self.norm2(x) * (1 + scale_mlp) + shift_mlp)
 
 
-class PixArt(nn.Module):
+class RoutedPixArtBlock(WidthRouted, PixArtBlock):
+    """A PixArt block with DyDiT's timestep-wise width routers over its self-attention heads
+    and feed-forward channel groups. Cross-attention keeps every head: the routers read the
+    timestep alone, and the caption path is the one way the prompt reaches the image, so no
+    timestep decides to drop it; its FLOPs count as the block's fixed part."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, cross_dim: int, mlp_hidden: int, config):
+        super().__init__(dim, heads, head_dim, cross_dim, mlp_hidden)
+        self.add_width_routers(dim, heads, config)
+
+    def forward(self, x, t6, caption, bias, t_emb=None, mode: Routing = Routing.DENSE, tau: float = 5.0,
+                stats=None, widths: tuple[int, int] | None = None, full_rows: int = 0):
+        mods = self.modulations(t6)
+        if widths is not None:
+            return self._sliced(x, mods, caption, bias, widths[0], widths[1], stats)
+        if full_rows and mode == Routing.FAST:
+            raise ValueError("full_rows needs a masked-dense routing mode (TRAIN or DENSE)")
+        hm, cm = self.width_masks(t_emb, mode, tau, full_rows)
+        if mode == Routing.FAST and hm is not None:
+            def run(rows, heads, channels):
+                if rows is None:
+                    return self._sliced(x, mods, caption, bias, heads, channels, None)
+                return self._sliced(x[rows], [m[rows] for m in mods], caption[rows], bias[rows], heads, channels, None)
+
+            out = self.split_by_width(hm, cm, run)
+            self.width_stats(stats, hm, cm, len(x))
+            return out
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        x = x + gate_msa * self.attn1(self.norm1(x) * (1 + scale_msa) + shift_msa, head_mask=hm)
+        x = x + self.attn2(x, caption, bias)
+        self.width_stats(stats, hm, cm, x.shape[0] - full_rows)
+        return x + gate_mlp * self.ff(self.norm2(x) * (1 + scale_mlp) + shift_mlp, channel_mask=cm)
+
+    def _sliced(self, x, mods, caption, bias, heads: int, channels: int, stats):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        x = x + gate_msa * self.attn1.forward_sliced(self.norm1(x) * (1 + scale_msa) + shift_msa, heads)
+        x = x + self.attn2(x, caption, bias)
+        if stats is not None:
+            one = torch.ones(x.shape[0], device=x.device)
+            stats.head_frac, stats.channel_frac = one * (heads / self.attn1.heads), one * (channels / self.channels)
+        return x + gate_mlp * self.ff.forward_sliced(self.norm2(x) * (1 + scale_mlp) + shift_mlp, channels)
+
+
+class PixArt(RoutedModel, nn.Module):
     """PixArt transformer. ``model(x, t, captions)`` has diffusers' PixArtTransformer2DModel
     forward semantics (t: diffusion steps 0..999; ``captions``: a ``Captions``)."""
 
@@ -217,10 +300,17 @@ class PixArt(nn.Module):
         super().__init__()
         self.config = config
         D = config.hidden_size
+        if config.tokens is not None:
+            raise UsageError("token routing is not implemented for pixart models in this version (dynamic width is)")
         self.pos_embed = PatchEmbed(config.patch_size, config.in_channels, D)
-        self.transformer_blocks = nn.ModuleList([
-            PixArtBlock(D, config.num_heads, config.head_dim, D, config.mlp_hidden)
-            for _ in range(config.depth)])
+        if config.width is not None:
+            blocks = [RoutedPixArtBlock(D, config.num_heads, config.head_dim, D, config.mlp_hidden, config)
+                      for _ in range(config.depth)]
+        else:
+            blocks = [PixArtBlock(D, config.num_heads, config.head_dim, D, config.mlp_hidden) for _ in range(config.depth)]
+        self.transformer_blocks = nn.ModuleList(blocks)
+        self.routing = Routing.FAST  # set with dit_compress.model.routing(model, mode)
+        self._width_cache: dict | None = None
         self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.scale_shift_table = nn.Parameter(torch.randn(2, D) / D ** 0.5)
         self.proj_out = nn.Linear(D, config.patch_size ** 2 * config.out_channels)
@@ -258,16 +348,41 @@ class PixArt(nn.Module):
         t6, e = self.adaln_single(t, captions.resolution, captions.aspect_ratio)
         caption = self.caption_projection(captions.emb.to(h.dtype))
         bias = ((1 - captions.mask.to(h.dtype)) * -10000.0).unsqueeze(1)  # [B, 1, L], diffusers' convention
-        h0, features = h, []
-        for block in self.transformer_blocks:
-            h = block(h, t6, caption, bias)
-            if return_aux:
-                features.append(h)
+        aux = ForwardAux(block_input=h) if return_aux else None
+        if self.config.width is None:
+            for block in self.transformer_blocks:
+                h = block(h, t6, caption, bias)
+                if aux is not None:
+                    aux.features.append(h)
+        else:
+            h = self._routed_blocks(h, t, t6, caption, bias, aux, run)
         shift, scale = (self.scale_shift_table[None] + e[:, None]).chunk(2, dim=1)
         out = self.unpatchify(self.proj_out(self.norm_out(h) * (1 + scale) + shift))
-        if not return_aux:
+        if aux is None:
             return out
-        return out, ForwardAux(features=features, block_input=h0)
+        if aux.stats:
+            full_rows = run.full_rows if run is not None else 0
+            aux.flops_ratio = block_flops_ratio(self.config, aux.stats, x.shape[0] - full_rows, x.device)
+        return out, aux
+
+    def _routed_blocks(self, h, t, t6, caption, bias, aux, run):
+        mode, tau = self._mode(), self._tau()
+        full_rows = run.full_rows if run is not None else 0
+        widths = self._cached_widths(t, run) if mode == Routing.FAST else None
+        t_emb = self.adaln_single.emb.timestep(t) if widths is None else None
+        for i, block in enumerate(self.transformer_blocks):
+            st = BlockStats() if aux is not None else None
+            h = block(h, t6, caption, bias, t_emb, mode, tau, st, widths=None if widths is None else widths[i],
+                      full_rows=full_rows)
+            if aux is not None:
+                aux.features.append(h)
+                aux.stats.append(st)
+        return h
+
+    @torch.no_grad()
+    def width_router_inputs(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """What each block's width routers read at time input ``t``: the timestep embedding."""
+        return [self.adaln_single.emb.timestep(t)] * len(self.transformer_blocks)
 
     def forward_with_cfg(self, x, t, captions, cfg_scale: float, guide_channels: int | None = None,
                          run: RunContext | None = None):
