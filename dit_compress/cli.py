@@ -449,12 +449,16 @@ def eval_cmd(
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the model (first_batch_seconds holds the compile; steady_seconds_per_image the rest)."),
     device: str = typer.Option("auto", "--device", help="auto (the process's GPU under accelerate launch, CUDA when present, else the CPU) | cpu | cuda | cuda:N."),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse a finished eval whose every input is the same (model weights, settings, metrics, reference contents): the base-model evals shipped for the quickstart, and, when DITC_CACHE_DIR names a folder, every eval stored there before. The report names where it came from."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="Text-to-image models: a text file (one prompt per line) or caption shards (prepare-data --text-encoder); sampled in turn."),
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="Encodes a prompt file (a local pipeline dir with text_encoder/ and tokenizer/); default: the source's, when it is a pipeline dir."),
+    clip: Optional[str] = typer.Option(None, "--clip", help="A local CLIP model dir (CLIPModel + tokenizer + image processor): adds the CLIP score of each image with its prompt."),
     force: bool = Force,
     json_out: bool = JsonOut,
     num_heads: Optional[int] = NumHeads, prediction: Optional[str] = Prediction, numerics: Optional[str] = Numerics,
 ):
-    """Sample class-balanced images (sharded, resumable, split over `accelerate launch`
-    processes) and compute FID / IS / KID / precision-recall with torch-fidelity.
+    """Sample class-balanced images (text-to-image models: the prompts in turn; sharded,
+    resumable, split over `accelerate launch` processes) and compute FID / IS / KID /
+    precision-recall with torch-fidelity, and the CLIP score with a local CLIP model.
 
     Examples:
 
@@ -465,6 +469,8 @@ def eval_cmd(
         accelerate launch --num_processes 2 -m dit_compress.cli eval tiny/ -o eval/ -n 2000
 
         ditc eval tinydit-d14/ -o eval/ -n 50000 --sampler ddpm --steps 250 --cfg-scale 1.5 --ref VIRTUAL_imagenet256_labeled.npz --inception-weights pt_inception-2015-12-05.pth --metrics fid,isc
+
+        ditc eval pixart-pipeline/ --prompts prompts.txt --cfg-scale 4.5 --ref coco-val/ --inception-weights pt_inception.pth --clip ./clip-vit-b32 -n 1000 -o eval-t2i/
     """
     report = commands.evaluate_model(source, **_options(locals()))
     if report is None:  # not the main process

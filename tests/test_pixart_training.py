@@ -249,3 +249,81 @@ def test_learned_prune_depth_adapts_both_attentions_and_distill_with_masked_repk
     assert r.exit_code == 0, r.output
     hist = json.loads((tmp_path / "s" / "report.json").read_text())["history"]
     assert all(np.isfinite(h["rep"]) and h["rep"] > 0 for h in hist if "rep" in h) and any("rep" in h for h in hist)
+
+
+def make_clip(root):
+    """A tiny CLIP (transformers' CLIPModel from a small config) with a word-level tokenizer and
+    CLIP's image processor, saved as a local model dir."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>").save_pretrained(root)
+    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(root)
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    CLIPModel(CLIPConfig(text_config=dict(vocab_size=len(WORDS), max_position_embeddings=32, **small),
+                         vision_config=dict(image_size=16, patch_size=8, **small), projection_dim=16)).save_pretrained(root)
+    return root
+
+
+def test_eval_on_pixart_samples_the_prompts_with_fid_and_clip_score(world, tmp_path):
+    """`ditc eval` of a PixArt: caption shards or a prompt file (encoded by the pipeline's own
+    text encoder) sampled in turn with guidance by the null caption, FID against images, and
+    the CLIP score equal to CLIP's own features of the written images and their prompts."""
+    from PIL import Image as PILImage
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+    r = run("eval", world / "pipe", "--prompts", world / "shards", "-n", 6, "--steps", 3, "--cfg-scale", 4.5,
+            "--ref", world / "imgs", "--vae", world / "vae", "--extractor", "digits-cnn", "--metrics", "fid",
+            "-o", tmp_path / "e1", "--json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "e1" / "report.json").read_text())
+    assert np.isfinite(rep["metrics"]["frechet_inception_distance"]) and rep["prompts"].endswith("shards")
+    prompts = tmp_path / "prompts.txt"
+    texts = ["a red square on the left", "a blue dot", "a big green square"]
+    prompts.write_text("\n".join(texts) + "\n\n")
+    clip = make_clip(tmp_path / "clip")
+    r = run("eval", world / "pipe", "--prompts", prompts, "-n", 5, "--steps", 3, "--cfg-scale", 4.5,
+            "--ref", world / "imgs", "--vae", world / "vae", "--extractor", "digits-cnn", "--metrics", "fid",
+            "--clip", clip, "-o", tmp_path / "e2", "--json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "e2" / "report.json").read_text())
+    d = np.load(tmp_path / "e2" / "samples.npz")
+    assert d["arr_0"].shape == (5, 8, 8, 3) and d["labels"].tolist() == [0, 1, 2, 0, 1]
+    model, tok, proc = (CLIPModel.from_pretrained(clip).eval(), AutoTokenizer.from_pretrained(clip),
+                        AutoImageProcessor.from_pretrained(clip))
+    with torch.no_grad():
+        pix = proc(images=[PILImage.fromarray(a) for a in d["arr_0"]], return_tensors="pt")["pixel_values"]
+        t = tok([texts[k] for k in d["labels"]], padding=True, return_tensors="pt")
+        img = model.get_image_features(pixel_values=pix)
+        txt = model.get_text_features(input_ids=t["input_ids"], attention_mask=t["attention_mask"])
+        img = img if torch.is_tensor(img) else img.pooler_output
+        txt = txt if torch.is_tensor(txt) else txt.pooler_output
+        ref = float((100 * torch.nn.functional.cosine_similarity(img, txt, dim=-1).clamp(min=0)).mean())
+    assert abs(rep["metrics"]["clip_score"] - ref) < 1e-4
+    # another prompt file is another eval: never the cached one
+    prompts.write_text("a blue dot\n")
+    r = run("eval", world / "pipe", "--prompts", prompts, "-n", 2, "--steps", 3, "--ref", world / "imgs", "--vae",
+            world / "vae", "--extractor", "digits-cnn", "--metrics", "fid", "-o", tmp_path / "e3", "--json")
+    assert r.exit_code == 0 and "cached" not in json.loads((tmp_path / "e3" / "report.json").read_text())
+
+
+@pytest.mark.parametrize("case", ["no prompts", "empty prompt file", "missing clip", "clip with shards",
+                                  "prompts for a DiT", "missing prompts"])
+def test_bad_eval_inputs_on_pixart_are_refused_in_one_line(world, tmp_path, case):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    src, extra = world / "pipe", {
+        "no prompts": [], "empty prompt file": ["--prompts", empty],
+        "missing clip": ["--prompts", world / "shards", "--clip", tmp_path / "no-clip"],
+        "clip with shards": ["--prompts", world / "shards", "--clip", tmp_path],
+        "prompts for a DiT": ["--prompts", world / "shards"], "missing prompts": ["--prompts", tmp_path / "nope.txt"],
+    }[case]
+    if case == "prompts for a DiT":
+        src = "digits-dit"
+    r = run("eval", src, *extra, "-n", 2, "--steps", 2, "--ref", world / "imgs", "--vae", world / "vae",
+            "--extractor", "digits-cnn", "--metrics", "fid", "-o", tmp_path / "o")
+    one_line_refusal(r)
+    assert not (tmp_path / "o").exists()

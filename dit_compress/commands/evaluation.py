@@ -9,7 +9,7 @@ import torch
 from .. import checks
 from ..config import DiTConfig
 from ..data.images import prepare, scan_captioned
-from ..data.text import PIXART_MAX_LENGTH, TextEncoder
+from ..data.text import PIXART_MAX_LENGTH, TextEncoder, load_prompts
 from ..diffusion.sampling import SAMPLERS, check_spacing, eval_sampler, resolve_spacing
 from ..errors import UsageError
 from ..evaluate import bench as bench_mod
@@ -17,7 +17,7 @@ from ..evaluate import fidelity
 from ..outputs import atomic_dir, is_main_process
 from ..model import Routing, routing
 from ..model.build import fingerprint
-from ..model.family import require
+from ..model.family import family_of, require
 from ..report import write_report
 from .common import (
     load_facts,
@@ -31,7 +31,7 @@ from .common import (
 )
 
 
-@writes_output("source", "ref", "loss_data")
+@writes_output("source", "ref", "loss_data", "prompts", "text_encoder", "clip")
 def evaluate_model(source, *, output: str | Path, num_samples: int = 1000, sampler: str | None = None,
              steps: int | None = None, guidance_interval=None, cfg_scale: float = 1.0,
              cfg_channels: int | None = None, ref: str | None = None, metrics="fid,prc",
@@ -40,8 +40,12 @@ def evaluate_model(source, *, output: str | Path, num_samples: int = 1000, sampl
              dense_masks: bool = False, loss_data: str | None = None, grid: bool = True,
              timestep_spacing: str | None = None, revision: str | None = None, no_ema: bool = False,
              num_heads: int | None = None, prediction: str | None = None, numerics: str | None = None,
-             compile: bool = False, device: str = "auto", cache: bool = True, force: bool = False) -> dict | None:
-    """Sample class-balanced images (sharded, resumable, split over ``accelerate launch``
+             compile: bool = False, device: str = "auto", cache: bool = True, force: bool = False,
+             prompts: str | Path | None = None, text_encoder: str | Path | None = None,
+             clip: str | Path | None = None) -> dict | None:
+    """Sample class-balanced images (text-to-image models: the ``prompts`` in turn, a text file
+    encoded with ``text_encoder``, default the source pipeline's, or caption shards; ``clip``, a
+    local CLIP model dir, adds the CLIP score) (sharded, resumable, split over ``accelerate launch``
     processes), then FID / IS / KID / precision-recall, class accuracy and held-out loss on the
     digits testbed. Writes ``output`` (report.json/.md, samples) atomically once complete;
     an unfinished run's shards wait in a work dir beside it, recorded with the model and the
@@ -61,6 +65,10 @@ def evaluate_model(source, *, output: str | Path, num_samples: int = 1000, sampl
     for name, value in (("ref", ref), ("inception_weights", inception_weights), ("extractor", extractor),
                         ("vae", vae), ("loss_data", loss_data)):
         c.text(name, value, optional=True)
+    prompts, text_encoder = c.path("prompts", prompts, optional=True), c.path("text_encoder", text_encoder, optional=True)
+    clip = c.path("clip", clip, optional=True)
+    if clip is not None:
+        fidelity.check_clip(clip, [] if prompts is None or not Path(prompts).is_dir() else None)
     seed = check_seed(seed)
     shard_size = c.integer("shard_size", shard_size, lo=1, hi=c.MAX_COUNT)
     batch_size = c.integer("batch_size", batch_size, lo=1, hi=c.MAX_BATCH)
@@ -75,6 +83,11 @@ def evaluate_model(source, *, output: str | Path, num_samples: int = 1000, sampl
     model = load_source(source, revision=revision, no_ema=no_ema, num_heads=num_heads, prediction=prediction,
                         numerics=numerics)
     require(model, "eval")
+    if prompts is not None and text_encoder is None and Path(prompts).is_file() \
+            and isinstance(source, (str, Path)) and (Path(source) / "text_encoder").is_dir():
+        text_encoder = source  # the pipeline's own text encoder
+    prompt_set = load_prompts(prompts, model.config, text_encoder) if prompts is not None else None
+    family_of(model).eval_conditions(model.config, num_samples, prompt_set)  # checked before anything runs
     sampler, steps = eval_sampler(model.config, sampler, steps)
     resolve_spacing(sampler, timestep_spacing)  # checked before anything is written
     if cfg_channels is not None and cfg_channels > model.config.in_channels:
@@ -91,7 +104,7 @@ def evaluate_model(source, *, output: str | Path, num_samples: int = 1000, sampl
                                  barrier=state.wait_for_everyone, loss_data=None if loss_data == "none" else loss_data,
                                  timestep_spacing=timestep_spacing, guidance_interval=interval,
                                  source=source_name(source), grid=grid, compile=compile, force=force,
-                                 producer=producer, cache=cache)
+                                 producer=producer, cache=cache, prompts=prompt_set, clip=clip)
 
 
 def resolve_device(device, auto=None) -> torch.device:

@@ -11,12 +11,14 @@ prompts are encoded as given.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import DitcError, UsageError
 from ..model.pixart import Captions
+from .datasets import load_data
 
 PIXART_MAX_LENGTH = 120  # PixArtAlphaPipeline's max_sequence_length (PixArt-Σ: 300)
 
@@ -89,3 +91,41 @@ def encode_prompts(text_encoder, prompts: list[str], max_length: int = PIXART_MA
     ``dit_compress.sample(model, ..., y=captions, negative=null)`` takes."""
     enc = text_encoder if isinstance(text_encoder, TextEncoder) else TextEncoder(text_encoder, max_length)
     return enc.encode(prompts)[0], enc.null()
+
+
+@dataclass
+class PromptSet:
+    """The prompts an eval samples: their captions [P], the null caption [1], the texts when
+    known (a prompt file; caption shards hold features only), and what they were read from."""
+
+    captions: Captions
+    null: Captions
+    texts: list | None
+    source: str
+    encoded_by: str | None = None  # the text encoder (path#identity) of a prompt file
+    note: str | None = None
+
+
+def load_prompts(spec, cfg, text_encoder=None) -> PromptSet:
+    """A prompt file (one prompt per line, encoded with ``text_encoder``: a local pipeline dir)
+    or caption shards made by ``prepare-data --text-encoder``."""
+    p = Path(spec)
+    if not p.exists():
+        raise UsageError(f"prompts {spec} do not exist (a text file of prompts, or caption shards)")
+    if p.is_dir():
+        data = load_data(str(p), cfg=cfg)
+        return PromptSet(data.y, data.null, None, str(p))
+    try:
+        texts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read the prompt file {p}: {str(e)[:120]}") from None
+    if not texts:
+        raise UsageError(f"the prompt file {p} holds no prompts (one per line)")
+    if text_encoder is None:
+        raise UsageError(f"prompts in a text file need `text_encoder` (the model's pipeline dir with text_encoder/ "
+                         "and tokenizer/) to be encoded")
+    enc = TextEncoder(text_encoder, cfg.caption_length or PIXART_MAX_LENGTH)
+    caps, cut = enc.encode(texts)
+    note = (f"{cut} prompt(s) were longer than {enc.max_length} tokens and were truncated, as the pipeline truncates"
+            if cut else None)
+    return PromptSet(caps, enc.null(), texts, str(p), f"{enc.path}#{enc.identity()}", note)

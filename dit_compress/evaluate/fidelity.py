@@ -27,17 +27,17 @@ from ..data.vae import decode, load_vae
 from ..diffusion.calibration import calibration_losses
 from ..diffusion.measure import FlopsMeter
 from ..diffusion.sampling import (
-    class_balanced_labels,
     eval_sampler,
     resolve_spacing,
     sample,
 )
 from ..errors import DitcError, UsageError
 from ..model.build import fingerprint
-from ..model.family import require
+from ..model.family import family_of, require
 from ..outputs import atomic_dir, resumable_work, work_dir_for
 from ..progress import make_progress
 from ..report import write_report
+from .clip import check_clip, clip_score  # noqa: F401 - check_clip is the commands' too
 from .features import class_accuracy, register
 
 METRICS = ("fid", "isc", "kid", "prc")
@@ -89,25 +89,31 @@ def load_image_folder(path: Path) -> np.ndarray:
 # ---------------------------------------------------------------------------- sampling
 
 
-def sample_batch(model, labels: np.ndarray, g: torch.Generator, **sampling) -> torch.Tensor:
+def sample_batch(model, cond, g: torch.Generator, negative=None, **sampling) -> torch.Tensor:
     """One batch of an eval: noise drawn from the shard's CPU generator (the same images on any
-    device and any process split), sampled on the model's device."""
+    device and any process split), sampled on the model's device. ``cond``: class labels, or
+    the family's condition of the batch (``negative``: its guidance null)."""
     cfg = model.config
-    noise = torch.randn(len(labels), cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
-    return sample(model, noise, torch.from_numpy(np.asarray(labels)).long(), generator=g, **sampling)
+    if isinstance(cond, (list, tuple, np.ndarray)):
+        cond = torch.from_numpy(np.asarray(cond)).long()
+    noise = torch.randn(len(cond), cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
+    extra = {"negative": negative} if negative is not None else {}
+    return sample(model, noise, cond, generator=g, **sampling, **extra)
 
 
 def sample_shards(model, out_dir: Path, num_samples: int, sampler: str = "ddim", steps: int = 50,
                   cfg_scale: float = 1.0, cfg_channels: int | None = None, seed: int = 0, shard_size: int = 250,
                   batch_size: int = 125, vae=None, rank: int = 0, world: int = 1,
                   timestep_spacing: str | None = None, guidance_interval=None, compile: bool = False,
-                  batch_seconds: list | None = None) -> list[int]:
+                  batch_seconds: list | None = None, conds=None) -> list[int]:
     """Write the shards this process owns (shard i -> process i % world); skip finished
     ones. Returns the shard ids written now; ``batch_seconds`` collects (images, seconds)
-    of each sampled batch."""
+    of each sampled batch. ``conds``: the family's eval conditions (default: its own, e.g.
+    class-balanced labels)."""
 
     cfg = model.config
-    labels = class_balanced_labels(num_samples, cfg.num_classes)
+    conds = conds or family_of(model).eval_conditions(cfg, num_samples)
+    labels = conds.labels
     n_shards = (num_samples + shard_size - 1) // shard_size
     sdir = Path(out_dir) / "samples"
     sdir.mkdir(parents=True, exist_ok=True)
@@ -122,7 +128,8 @@ def sample_shards(model, out_dir: Path, num_samples: int, sampler: str = "ddim",
             for b in range(lo, hi, batch_size):
                 e = min(hi, b + batch_size)
                 tb = time.perf_counter()
-                x = sample_batch(model, labels[b:e], g, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+                x = sample_batch(model, conds.batch(b, e), g, conds.negative, sampler=sampler, steps=steps,
+                                 cfg_scale=cfg_scale,
                                  cfg_channels=cfg_channels, timestep_spacing=timestep_spacing,
                                  guidance_interval=guidance_interval, compile=compile)
                 if batch_seconds is not None:
@@ -346,15 +353,20 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
              rank: int = 0, world: int = 1, barrier=None, loss_data: str | None = None,
              timestep_spacing: str | None = None, guidance_interval=None, source: str | None = None,
              grid: bool = True, compile: bool = False, force: bool = False, producer: dict | None = None,
-             cache: bool = True) -> dict | None:
+             cache: bool = True, prompts=None, clip: str | None = None) -> dict | None:
     """Sample, score and write ``out_dir`` (report.json/.md, samples.npz, samples/ and, with
     ``grid``, samples.png) atomically: returns the report on process 0, None elsewhere.
     Shards are sampled into ``out_dir``'s work dir, recorded with what produced them
     (``producer``), so an interrupted run resumes and a run with other settings never reuses them.
     ``cache``: an eval whose every input (model identity, settings, metrics, reference) matches
-    a finished one (``cache_dirs``) is copied from it instead of recomputed, and says so."""
+    a finished one (``cache_dirs``) is copied from it instead of recomputed, and says so.
+    ``prompts`` (text-to-image models: a ``PromptSet``) are sampled in turn; ``clip`` (a local
+    CLIP model dir) adds the CLIP score of each image with its prompt."""
 
     require(model, "eval")
+    conds = family_of(model).eval_conditions(model.config, num_samples, prompts)
+    if clip is not None:
+        check_clip(clip, conds.texts)
     metrics = metrics or ["fid", "prc"]
     sampler, steps = eval_sampler(model.config, sampler, steps)
     spacing = resolve_spacing(sampler, timestep_spacing)
@@ -374,6 +386,10 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
               "vae": vae_name or model.config.vae if model.config.latent_scale is not None else None,
               **(producer or {})}
     recipe["model"] = fingerprint(model)  # whatever the caller passed: the weights sampled are the key
+    if prompts is not None:
+        recipe["prompts"] = [path_identity(prompts.source), prompts.encoded_by]
+    if clip is not None:
+        recipe["clip"] = path_identity(clip)
     key = cache_key(recipe, metrics, ref, ex_kw, kid_subset_size, loss_data)
     hit = _from_cache(key) if cache and world == 1 and not compile else None
     if hit is not None:
@@ -389,7 +405,7 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
         with FlopsMeter(model) if model.config.is_dynamic else contextlib.nullcontext() as meter:
             written = sample_shards(model, work, num_samples, sampler, steps, cfg_scale, cfg_channels, seed,
                                     shard_size, batch_size, vae, rank, world, spacing, guidance_interval, compile,
-                                    batch_seconds)
+                                    batch_seconds, conds)
     except DitcError:  # a failed (not interrupted) run with nothing finished leaves nothing behind
         if rank == 0 and not list((work / "samples").glob("shard-*.npz")):
             shutil.rmtree(work, ignore_errors=True)
@@ -417,7 +433,14 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
     report["metrics"] = compute_metrics(imgs, ref_kind, ref_val, metrics, ex_kw, kid_subset_size)
     if loss_data:
         report["metrics"].update(heldout_loss(model, loss_data, seed))
-    if ex_kw["feature_extractor"] == "digits-cnn":
+    if clip is not None:
+        report["metrics"]["clip_score"] = clip_score(imgs, [conds.texts[k] for k in labels], clip)
+        report["clip_model"] = clip
+    if prompts is not None:
+        report["prompts"] = prompts.source + (f" (encoded by {prompts.encoded_by})" if prompts.encoded_by else "")
+        if prompts.note:
+            report["warning"] = "; ".join(w for w in (report.get("warning"), prompts.note) if w)
+    if ex_kw["feature_extractor"] == "digits-cnn" and family_of(model).condition == "labels":
         x = torch.from_numpy(imgs).float().mean(-1, keepdim=True).permute(0, 3, 1, 2) / 127.5 - 1
         report["metrics"]["class_accuracy"] = class_accuracy(x, torch.from_numpy(labels).long())
     report["source"] = source
@@ -426,7 +449,7 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
         os.replace(work / "samples", tmp / "samples")
         np.savez(tmp / "samples.npz", arr_0=imgs, labels=labels)
         if grid:
-            sample_grid_png(tmp / "samples.png", imgs, labels, model.config.num_classes)
+            sample_grid_png(tmp / "samples.png", imgs, labels, conds.groups)
         write_report(tmp, report, f"ditc eval: {source}")
     shutil.rmtree(work, ignore_errors=True)
     if cache:
@@ -450,7 +473,7 @@ def _cached_eval(hit: tuple[Path, dict], out_dir: Path, force: bool, source, key
 
 def sample_grid_png(path: Path, imgs: np.ndarray, labels: np.ndarray, num_classes: int, per_class: int = 10,
                     scale: int = 4) -> None:
-    """The first samples of each class, one row per class (at most 10 rows)."""
+    """The first samples of each class (or prompt), one row per class (at most 10 rows)."""
     rows = min(num_classes, 10)
     H, W = imgs.shape[1:3]
     grid = np.zeros((rows * H, per_class * W, 3), dtype=np.uint8)

@@ -57,6 +57,20 @@ class WidthLayout:
     chan_cols: str
 
 
+@dataclass
+class EvalConditions:
+    """What an eval samples: ``labels`` [n] (the class, or the prompt index, of each sample),
+    ``batch(lo, hi)`` the condition of samples lo..hi, the guidance ``negative`` (None: the
+    family's own null), ``groups`` (distinct labels: grid rows) and the prompt ``texts``
+    when known (CLIP score)."""
+
+    labels: np.ndarray
+    batch: object
+    negative: object
+    groups: int
+    texts: list | None = None
+
+
 def _checked_tensor(t) -> bool:
     return not (t.is_meta or type(t).__name__ == "FakeTensor")
 
@@ -153,14 +167,23 @@ class DiTFamily:
     def condition_key(cfg) -> str:
         return f"{cfg.num_classes} classes"
 
+    @staticmethod
+    def eval_conditions(cfg, n: int, prompts=None) -> EvalConditions:
+        """Class-balanced labels (sample i gets class i mod num_classes)."""
+        if prompts is not None:
+            raise UsageError("`prompts` are for text-to-image models; a class-conditional model samples class-balanced "
+                             "labels")
+        labels = np.arange(n) % cfg.num_classes
+        return EvalConditions(labels, lambda lo, hi: torch.from_numpy(labels[lo:hi]).long(), None, cfg.num_classes)
+
 
 class PixArtFamily:
     """PixArt-α / Σ (diffusers layout ``transformer_blocks.i.attn1.to_q``)."""
 
     name, stack_key, condition = "pixart", "transformer_blocks", "captions"
-    supports = frozenset({"width", "training"})  # not yet: token routing, eval
+    supports = frozenset({"width", "training", "eval"})  # not yet: token routing
     implemented = ("loading, export, sampling with caption embeddings, prepare-data with captions, depth pruning "
-                   "(every method), dynamic width, finetune, distill, info and bench")
+                   "(every method), dynamic width, finetune, distill, eval with prompts, info and bench")
 
     @staticmethod
     def module(cfg):
@@ -265,6 +288,20 @@ class PixArtFamily:
     @staticmethod
     def condition_key(cfg) -> str:
         return f"captions {cfg.caption_channels} wide"
+
+    @staticmethod
+    def eval_conditions(cfg, n: int, prompts=None) -> EvalConditions:
+        """The prompts in turn (sample i gets prompt i mod P), guided by their null caption."""
+        if prompts is None:
+            raise UsageError("eval of a text-to-image model needs `prompts`: caption shards (ditc prepare-data "
+                             "--text-encoder) or a text file with one prompt per line (and `text_encoder`)")
+        caps = prompts.captions
+        if caps.emb.shape[-1] != cfg.caption_channels:
+            raise UsageError(f"the prompts' caption features are {caps.emb.shape[-1]} wide; the model takes "
+                             f"{cfg.caption_channels} (encode them with its own text encoder)")
+        labels = np.arange(n) % len(caps)
+        return EvalConditions(labels, lambda lo, hi: caps[torch.from_numpy(labels[lo:hi])], prompts.null, len(caps),
+                              prompts.texts)
 
 
 def _repeat(c: Captions, n: int) -> Captions:
