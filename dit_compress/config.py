@@ -289,7 +289,10 @@ class DiTConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "DiTConfig":
         d = dict(d)
-        d.pop("format_version", None)
+        version = d.pop("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION or isinstance(version, bool):
+            raise FormatError(f"config format_version {version!r}: this ditc reads version {FORMAT_VERSION} (a newer "
+                              "ditc wrote it, or the file was edited)")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known, key=str)
         if unknown:

@@ -80,12 +80,37 @@ def load_recipe(path_or_name: str) -> tuple[dict, Path]:
         else:
             raise UsageError(f"no recipe {path_or_name!r} (not a file; built-in: {', '.join(known) or 'none'})")
     try:
-        recipe = yaml.safe_load(p.read_text())
+        recipe = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise UsageError(f"recipe {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise UsageError(f"recipe {p} cannot be read as text: {str(e)[:120]}") from None
+    _check_plain(recipe, p)
     if not isinstance(recipe, dict) or not isinstance(recipe.get("steps"), list) or not recipe["steps"]:
         raise UsageError(f"recipe {p} needs a non-empty 'steps' list")
+    for i, st in enumerate(recipe["steps"]):
+        if not isinstance(st, dict):
+            raise UsageError(f"recipe {p}: step {i + 1} must be a mapping (name:, command:, args:), got {st!r}"[:200])
+    if "name" in recipe:
+        name = recipe["name"]
+        if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+            raise UsageError(f"recipe {p}: its name {name!r} must be a plain name (letters, digits, '_', '-', '.'; "
+                             "no '/', no '..'): it names the run directory runs/NAME"[:240])
     return recipe, p
+
+
+def _check_plain(value, where, depth: int = 0) -> None:
+    """YAML as plain data: text keys, bounded nesting (a self-referencing alias is refused)."""
+    if depth > 32:
+        raise UsageError(f"recipe {where} nests deeper than 32 levels (a self-referencing YAML alias?)")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise UsageError(f"recipe {where}: key {k!r} must be text (quote it)"[:200])
+            _check_plain(v, where, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            _check_plain(v, where, depth + 1)
 
 
 def _subst(value, variables: dict):
@@ -358,7 +383,10 @@ def run_recipe(path_or_name: str, run_dir: Path | None, overrides: list[str], ec
         if kwargs.get("output") is not None:
             out = Path(kwargs["output"])
             if "force" in _params(step["command"]) and out.exists():
-                kwargs["force"] = True  # a stale or unrecorded output of this very step, confined to the run dir
+                if _recorded(run_dir, step["name"]) is None and not force:
+                    raise UsageError(f"step {step['name']!r}: its output {out} exists and this run did not make it; "
+                                     "move it away, or pass `force` to replace it")
+                kwargs["force"] = True  # this run's own earlier (stale) output of this very step, in the run dir
             if resume and "resume" in _params(step["command"]) and (work_dir_for(out) / "train_state").exists():
                 kwargs["resume"] = True
         echo(f"[{step['name']}] {_describe_call(step['command'], kwargs)}")

@@ -191,3 +191,18 @@ def test_processes_other_than_the_main_one_write_nothing(tmp_path, monkeypatch):
     with outputs.atomic_file(tmp_path / "f") as tmp:
         tmp.write_text("rank 1")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_path_object_source_and_an_embedded_model_by_name_are_protected(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import dit_compress as dc
+    from dit_compress.assets import EMBEDDED
+
+    dc.convert("digits-dit", output=tmp_path / "s1")
+    with pytest.raises(dc.UsageError):
+        dc.convert(Path(tmp_path / "s1"), output=tmp_path / "s1", force=True, to="diffusers")
+    assert (tmp_path / "s1" / "model.safetensors").exists()
+    with pytest.raises(dc.UsageError):
+        dc.convert("digits-dit", output=EMBEDDED["digits-dit"], force=True, to="diffusers")
+    assert (EMBEDDED["digits-dit"] / "model.safetensors").exists()

@@ -115,3 +115,35 @@ def test_interrupted_step_resumes_with_run_resume(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "run" / "ft" / "report.json").read_text())
     assert rep["resumed_from"] == 2 and rep["steps"] == 4
+
+
+@pytest.mark.parametrize("name", ["../victim", "/tmp/elsewhere", "a/b", 7])
+def test_recipe_names_stay_under_runs(tmp_path, name):
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({"name": name, "steps": [{"name": "prune", **PRUNE}]}))
+    refused(run("run", p), "must be a plain name")
+
+
+def test_an_existing_output_this_run_did_not_make_is_never_replaced(tmp_path, monkeypatch):
+    """A step's output dir that holds someone's files (no record of this run) is refused, not
+    replaced; `--force` replaces it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine" / "prune").mkdir(parents=True)
+    (tmp_path / "mine" / "prune" / "precious.txt").write_text("x")
+    p = recipe(tmp_path, [{"name": "prune", **PRUNE}])
+    refused(run("run", p, "-o", tmp_path / "mine"), "this run did not make it")
+    assert (tmp_path / "mine" / "prune" / "precious.txt").read_text() == "x"
+    r = run("run", p, "-o", tmp_path / "mine", "--force")
+    assert r.exit_code == 0, r.output
+    assert not (tmp_path / "mine" / "prune" / "precious.txt").exists()
+
+
+@pytest.mark.parametrize("text,msg", [("args: &x {source: [*x]}\nname: t\nsteps: [{name: a, command: info, args: *x}]",
+                                       "nests deeper"),
+                                      ("name: t\nsteps: [{name: a, command: info, args: {1: 2}}]", "must be text"),
+                                      ("name: t\nsteps: [1, 2]", "must be a mapping"),
+                                      (b"\xff\xfe\x00garbage\x80", "cannot be read as text")])
+def test_hostile_recipe_files_are_refused_in_one_line(tmp_path, text, msg):
+    p = tmp_path / "r.yaml"
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    refused(run("run", p), msg)

@@ -258,3 +258,51 @@ def test_pipeline_dirs_state_their_vae_and_caption_length(tmp_path):
     bare = dc.load_model(str(tmp_path / "bare"))
     assert bare.config.latent_scale == 0.18215 and "not stated" in bare.config.provenance["vae"]
     assert bare.config.caption_length is None
+
+
+@pytest.mark.parametrize("change,text", [
+    ({"num_attention_heads": "3"}, "num_attention_heads"), ({"num_attention_heads": 3.7}, "num_attention_heads"),
+    ({"caption_channels": 32.5}, "caption_channels"), ({"num_attention_heads": None}, "num_attention_heads"),
+    ({"sample_size": [8, 8]}, "sample_size"), ({"patch_size": 0}, "patch_size"),
+    ({"interpolation_scale": "abc"}, "interpolation_scale"), ({"dropout": False}, "dropout"),
+    ({"attention_bias": 1}, "attention_bias"), ({"use_additional_conditions": "no"}, "use_additional_conditions"),
+])
+def test_pixart_config_values_of_the_wrong_type_are_refused_not_coerced(tmp_path, change, text):
+    diffusers_pixart().save_pretrained(tmp_path / "t")
+    cfg = json.loads((tmp_path / "t" / "config.json").read_text())
+    (tmp_path / "t" / "config.json").write_text(json.dumps({**cfg, **change}))
+    r = run("info", tmp_path / "t")
+    assert r.exit_code != 0 and text in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.output, r.output
+
+
+def test_an_edited_export_config_is_refused_not_read_from_its_ditc_record(tmp_path):
+    diffusers_pixart().save_pretrained(tmp_path / "src")
+    assert run("convert", tmp_path / "src", "--to", "diffusers", "-o", tmp_path / "d").exit_code == 0
+    cfile = tmp_path / "d" / "transformer" / "config.json"
+    cfg = json.loads(cfile.read_text())
+    for change, text in (({"num_layers": 2}, "says depth 2"), ({"num_attention_heads": 6, "attention_head_dim": 4},
+                                                                "says num_heads 6"),
+                         ({"norm_type": "layer_norm"}, "unsupported PixArt variant")):
+        cfile.write_text(json.dumps({**cfg, **change}))
+        r = run("info", tmp_path / "d")
+        assert r.exit_code != 0 and text in r.stderr and r.stderr.count("\n") == 1, (change, r.output)
+
+
+def test_captions_that_do_not_fit_are_refused_in_one_line(tmp_path):
+    d = diffusers_pixart(additional=True)
+    d.save_pretrained(tmp_path / "t")
+    m = dc.load_model(str(tmp_path / "t"))
+    x = torch.randn(2, 4, 8, 8)
+    emb, ok = torch.randn(2, 5, 32), torch.ones(2, 5)
+    size = dict(resolution=torch.tensor([[64.0, 64.0]] * 2), aspect_ratio=torch.ones(2, 1))
+    for c, text in ((Captions(emb, ok * 5, **size), r"0 \(padding\) and 1"),
+                    (Captions(emb[:, :0], ok[:, :0], **size), "no tokens"),
+                    (Captions(emb, ok, torch.ones(2, 3), torch.ones(2, 1)), r"resolution must be a tensor \[2, 2\]"),
+                    (Captions(emb, ok, [[64, 64]] * 2, torch.ones(2, 1)), "resolution must be a tensor")):
+        with pytest.raises(dc.UsageError, match=text):
+            dc.sample(m, x, c, sampler="ddim", steps=2)
+    with pytest.raises(dc.UsageError, match="must be Captions"):
+        dc.sample(m, x, Captions(emb, ok, **size), sampler="ddim", steps=2, cfg_scale=2.0, negative=5)
+    with pytest.raises(dc.UsageError, match="negative"):
+        dc.sample(dc.load_model("digits-dit"), torch.randn(1, 1, 8, 8), torch.tensor([1]), sampler="ddim", steps=2,
+                  negative=Captions(emb[:1], ok[:1]))

@@ -8,7 +8,10 @@ import functools
 import inspect
 from typing import Sequence
 
+import torch
+
 from .. import checks
+from ..assets import EMBEDDED
 from ..config import NUMERICS, PREDICTIONS
 from ..errors import UsageError
 from ..formats import load_model
@@ -32,16 +35,16 @@ def load_source(source, *, revision: str | None = None, no_ema: bool = False, nu
     with the facts the user supplied for sources that do not state them."""
     source = checks.source(what, source)
     facts = load_facts(revision=revision, no_ema=no_ema, num_heads=num_heads, prediction=prediction, numerics=numerics)
-    if isinstance(source, DiT):
+    if isinstance(source, torch.nn.Module) and hasattr(source, "config"):  # a model of any family, loaded or made
         return source
     if not isinstance(source, str):
-        raise UsageError(f"`{what}` must be a model name, a path or a DiT, got a {type(source).__name__}")
+        raise UsageError(f"`{what}` must be a model name, a path or a loaded model, got a {type(source).__name__}")
     return load_model(source, revision=facts["revision"], use_ema=not facts["no_ema"], num_heads=facts["num_heads"],
                       prediction=facts["prediction"], numerics=facts["numerics"])
 
 
 def source_name(source) -> str:
-    return source.config.name if isinstance(source, DiT) else str(source)
+    return source.config.name if isinstance(source, torch.nn.Module) else str(source)
 
 
 def seed(value) -> int:
@@ -73,9 +76,15 @@ def parse_interval(value) -> tuple[float, float] | None:
 
 
 def _paths(value) -> list:
+    """The filesystem paths a source argument reads: paths given as text or os.PathLike, and
+    the embedded models' own folders when named (so no output replaces them)."""
     if isinstance(value, (list, tuple)):
-        return [v for v in value if isinstance(v, str)]
-    return [value] if isinstance(value, str) else []
+        return [p for v in value for p in _paths(v)]
+    if hasattr(value, "__fspath__"):
+        value = str(value)
+    if not isinstance(value, str):
+        return []
+    return [str(EMBEDDED[value]), value] if value in EMBEDDED else [value]
 
 
 def writes_output(*read_params: str, required: bool = True):

@@ -190,6 +190,8 @@ def sample(model, noise: torch.Tensor, y: torch.Tensor, sampler: str | None = No
     run with an error instead of reaching a metric.
     """
     noise, y = check_inputs(model, noise, y)
+    if negative is not None:  # checked whether guidance uses it or not (a class-conditional model refuses it)
+        family_of(model).null_condition(model, y, negative)
     sampler, steps = resolve_sampler(model.config, sampler, steps)
     spacing = resolve_spacing(sampler, check_spacing(timestep_spacing))
     cfg_scale = checks.real("cfg_scale", cfg_scale, lo=0.0)
@@ -235,8 +237,17 @@ def check_inputs(model, noise, y):
         raise UsageError(f"`noise` must have shape [B, {want[0]}, {want[1]}, {want[2]}], got {list(noise.shape)}")
     if checks.has_values(noise) and not bool(torch.isfinite(noise).all()):
         raise UsageError("`noise` holds NaN or inf values")
+    inner = getattr(model, "module", model)
+    dtype = noise.dtype
+    if isinstance(inner, torch.nn.Module):
+        dtypes = {p.dtype for p in inner.parameters() if p.is_floating_point()}
+        if len(dtypes) > 1:
+            raise UsageError(f"the model's weights mix {', '.join(sorted(map(str, dtypes)))}: give it one dtype "
+                             "(model.float(), model.to(torch.bfloat16))")
+        if dtypes:
+            dtype = dtypes.pop()  # the sampler runs in the model's dtype, as bench --dtype does
     y = family_of(model).check_condition(model, y, len(noise))
-    return noise.to(_device_of(model, noise)), y
+    return noise.to(_device_of(model, noise), dtype), y
 
 
 def _device_of(model, fallback: torch.Tensor) -> torch.device:

@@ -143,6 +143,12 @@ def load_model(source, *, revision: str | None = None, use_ema: bool = True, dty
     once records them."""
     if hasattr(source, "__fspath__"):
         source = str(source)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"`device` must be cpu, cuda or cuda:N, got {device!r}"[:120]) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("`device` is cuda but torch sees no CUDA device here")
     cfg, state = load_state(source, revision=revision, use_ema=use_ema, num_heads=num_heads,
                             prediction=prediction, numerics=numerics)
     return build_model(cfg, state, parse_dtype(dtype), source=str(source)).to(device)
@@ -156,7 +162,10 @@ def save_model(model, path, format: str = "ditc", dtype=None, force: bool = Fals
     if format not in FORMATS:
         raise UsageError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     dt = parse_dtype(dtype)
-    path = Path(path)
+    if not (isinstance(model, torch.nn.Module) and hasattr(model, "config")):
+        raise UsageError(f"`model` must be a model made or loaded by ditc, got {type(model).__name__} (load it with "
+                         "dit_compress.load_model first)")
+    path = Path(checks.path("path", path))
     if format == "original":
         if model.config.is_dynamic:
             raise UsageError("a model with dynamic routers cannot be saved in the original layout; save it as ditc")

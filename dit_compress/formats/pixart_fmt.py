@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .. import checks
 from ..config import DiTConfig
-from ..errors import FormatError
+from ..errors import FormatError, UsageError
 
 # fields of PixArtTransformer2DModel's config that the module implements only at these values
 FIXED = {"dropout": 0.0, "attention_bias": True, "activation_fn": "gelu-approximate", "upcast_attention": False,
@@ -30,6 +31,33 @@ def _unsupported(message: str) -> FormatError:
     return FormatError(message, exit_code=2)
 
 
+MAX_FIELD = 1 << 20
+
+
+def _same(value, implemented) -> bool:
+    """``value`` is the implemented value, of its type (``false`` is not 0.0, ``1`` not true)."""
+    if implemented is None or isinstance(implemented, bool):
+        return value is implemented
+    if isinstance(value, bool):
+        return False
+    if isinstance(implemented, float):
+        return isinstance(value, (int, float)) and abs(value - implemented) < 1e-12
+    return type(value) is type(implemented) and value == implemented
+
+
+def _ditc_record(d: dict, where: str, stated: dict) -> DiTConfig:
+    record = d["_ditc"]
+    if not isinstance(record, dict):
+        raise FormatError(f"{where}: its _ditc record must be a JSON object")
+    cfg = DiTConfig.from_dict(record)
+    for key, value in stated.items():
+        mine = getattr(cfg, key)
+        if mine != value:
+            raise FormatError(f"{where}: config.json says {key} {value} but its ditc record (_ditc) says {mine}: the "
+                              "file was edited; remove _ditc to read the diffusers fields alone")
+    return cfg
+
+
 def is_pixart(d: dict) -> bool:
     return d.get("_class_name") == "PixArtTransformer2DModel" or d.get("norm_type") == "ada_norm_single"
 
@@ -37,32 +65,51 @@ def is_pixart(d: dict) -> bool:
 def config_from_pixart(d: dict, where: str) -> DiTConfig:
     """A ditc config from a diffusers PixArt transformer config; refuses what the module does
     not implement (naming the field), never guesses what the file leaves out."""
-    if "_ditc" in d:  # written by ditc: the full config (kept layers, lineage)
-        return DiTConfig.from_dict(d["_ditc"])
+    if not isinstance(d, dict):
+        raise FormatError(f"{where}: config.json must hold a JSON object")
     unknown = sorted(set(d) - set(FIXED) - set(LEGACY_FIXED) - READ - IGNORED)
     if unknown:
         raise _unsupported(f"{where}: unsupported PixArt variant (config field {unknown[0]!r}, e.g. PixArt-Σ's key/value "
                           "token compression, is not implemented)")
     for k, v in {**FIXED, **LEGACY_FIXED}.items():
-        if k in d and d[k] != v and not (isinstance(v, float) and isinstance(d[k], (int, float)) and abs(d[k] - v) < 1e-12):
+        if k in d and not _same(d[k], v):
             raise _unsupported(f"{where}: unsupported PixArt variant ({k} = {d[k]!r}; only {v!r} is implemented)")
-    try:
-        heads, hd = int(d["num_attention_heads"]), int(d["attention_head_dim"])
-        in_ch, sample, patch = int(d["in_channels"]), int(d["sample_size"]), int(d["patch_size"])
-        out = int(d.get("out_channels") or in_ch)
-        layers = int(d["num_layers"])
-        caption = d["caption_channels"]
-    except KeyError as e:
-        raise FormatError(f"{where}: the PixArt transformer config lacks {e.args[0]!r}") from None
+
+    def num(key, kind=int, optional=False, lo=1):
+        if key not in d and not optional:
+            raise FormatError(f"{where}: the PixArt transformer config lacks {key!r}")
+        try:
+            if kind is int:
+                return checks.integer(key, d.get(key), lo=lo, hi=MAX_FIELD, optional=optional)
+            return checks.real(key, d.get(key), lo=0.0, lo_open=True, hi=1e6, optional=optional)
+        except UsageError as e:  # a config field, not an option: named as the file names it
+            raise FormatError(f"{where}: config field {str(e).replace('`', '')}") from None
+
+    heads, hd = num("num_attention_heads"), num("attention_head_dim")
+    in_ch, sample, patch = num("in_channels"), num("sample_size"), num("patch_size")
+    out = num("out_channels", optional=True) or in_ch
+    layers = num("num_layers")
+    caption = num("caption_channels", optional=True)
     if caption is None:
-        raise FormatError(f"{where}: caption_channels is null (a PixArt without caption projection is not supported)")
+        raise FormatError(f"{where}: caption_channels is missing or null (a PixArt without caption projection is not "
+                          "supported)")
+    if patch > sample:
+        raise FormatError(f"{where}: patch_size {patch} is larger than sample_size {sample}")
     inner = heads * hd
-    cross = d.get("cross_attention_dim")
-    if cross is not None and int(cross) != inner:
+    cross = num("cross_attention_dim", optional=True)
+    if cross is not None and cross != inner:
         raise _unsupported(f"{where}: unsupported PixArt variant (cross_attention_dim {cross} differs from the inner "
                           f"width {inner}; the captions are projected to the inner width)")
     if out not in (in_ch, 2 * in_ch):
         raise FormatError(f"{where}: out_channels {out} is neither in_channels nor twice it")
+    add = d.get("use_additional_conditions")
+    if add is not None and not isinstance(add, bool):
+        raise FormatError(f"{where}: use_additional_conditions must be true, false or null, got {add!r}")
+    interp = num("interpolation_scale", float, optional=True)
+    if "_ditc" in d:  # written by ditc: the full config (kept layers, lineage), checked against the diffusers fields
+        return _ditc_record(d, where, {"depth": layers, "num_heads": heads, "head_dim": hd, "in_channels": in_ch,
+                                       "out_channels": out, "input_size": sample, "patch_size": patch,
+                                       "caption_channels": caption})
     prov = {"num_heads": "config.json (num_attention_heads)", "prediction": "diffusers PixArt: eps (PixArtAlphaPipeline)",
             "numerics": "diffusers' PixArt code (the module reproduces it)"}
     add = d.get("use_additional_conditions")
@@ -92,13 +139,15 @@ def pipeline_facts(cfg: DiTConfig, root) -> DiTConfig:
     root = Path(root)
     index = root / "model_index.json"
     if index.exists():
-        cls = read_config(index).get("_class_name")
+        idx = read_config(index)
+        cls = idx.get("_class_name") if isinstance(idx, dict) else None
         if cls in PIPELINE_CAPTION_LENGTH and cfg.caption_length is None:
             cfg.caption_length = PIPELINE_CAPTION_LENGTH[cls]
             cfg.provenance["caption_length"] = f"{cls}'s max_sequence_length"
         vcfg = root / "vae" / "config.json"
         if vcfg.exists() and cfg.in_channels == 4:
-            scale = read_config(vcfg).get("scaling_factor", 0.18215)
+            vd = read_config(vcfg)
+            scale = vd.get("scaling_factor", 0.18215) if isinstance(vd, dict) else None
             if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale < 100:
                 raise FormatError(f"{vcfg}: scaling_factor {scale!r} is not a positive number")
             cfg.vae, cfg.latent_scale = str((root / "vae").resolve()), float(scale)

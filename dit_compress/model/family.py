@@ -208,16 +208,29 @@ class PixArtFamily:
         if c.emb.shape[0] != n or c.emb.shape[2] != cfg.caption_channels:
             raise UsageError(f"caption embeddings have shape {list(c.emb.shape)}; the model takes [{n}, L, "
                              f"{cfg.caption_channels}] (its caption width)")
+        if c.emb.shape[1] < 1:
+            raise UsageError("captions hold no tokens (L = 0); even the empty prompt encodes to one (</s>)")
         if not torch.is_tensor(c.mask) or tuple(c.mask.shape) != tuple(c.emb.shape[:2]):
             raise UsageError(f"the caption mask must be [B, L] = {list(c.emb.shape[:2])}")
         if cfg.additional_conditions and (c.resolution is None or c.aspect_ratio is None):
             raise UsageError("this PixArt takes resolution and aspect-ratio conditions (a 1024 px model): give "
                              "Captions(..., resolution=[B, 2], aspect_ratio=[B, 1])")
-        if _checked_tensor(c.emb) and not bool(torch.isfinite(c.emb).all()):
-            raise UsageError("caption embeddings hold NaN or inf values")
+        for name, v, width in (("resolution", c.resolution, 2), ("aspect_ratio", c.aspect_ratio, 1)):
+            if v is not None and not (torch.is_tensor(v) and tuple(v.shape) == (n, width)):
+                raise UsageError(f"captions' {name} must be a tensor [{n}, {width}], got "
+                                 f"{list(v.shape) if torch.is_tensor(v) else type(v).__name__}")
+        if _checked_tensor(c.emb):
+            if not bool(torch.isfinite(c.emb).all()):
+                raise UsageError("caption embeddings hold NaN or inf values")
+            if not bool(((c.mask == 0) | (c.mask == 1)).all()):
+                raise UsageError("the caption mask must hold 0 (padding) and 1 (a token) only")
+            for v in (c.resolution, c.aspect_ratio):
+                if v is not None and not bool(torch.isfinite(v.float()).all()):
+                    raise UsageError("the size conditions hold NaN or inf values")
+        extra = cfg.additional_conditions  # size conditions of a model without them are ignored, as diffusers does
         return Captions(c.emb.float(), c.mask.float(),
-                        None if c.resolution is None else c.resolution.float(),
-                        None if c.aspect_ratio is None else c.aspect_ratio.float()).to(_device(model))
+                        None if c.resolution is None or not extra else c.resolution.float(),
+                        None if c.aspect_ratio is None or not extra else c.aspect_ratio.float()).to(_device(model))
 
     @classmethod
     def null_condition(cls, model, c, negative=None):
