@@ -69,3 +69,24 @@ class Recorder:
     def __call__(self, x, t, y):
         self.calls.append((x.clone(), t.clone()))
         return self.m(x, t, y)
+
+
+def training_vs_inference_flops(m, data, idx, draws: int = 30) -> tuple[float, float]:
+    """(block FLOPs ratio training expects: the mean over ``draws`` Gumbel draws, the ratio the
+    deterministic inference masks run) on the examples ``idx`` of ``data``, noised at
+    timesteps spread over 0..999 (fixed draws)."""
+    import torch
+
+    from dit_compress.diffusion.gaussian import GaussianDiffusion
+
+    g = torch.Generator().manual_seed(0)
+    x0, y = data.get(idx, generator=g)
+    t = torch.linspace(0, 999, len(idx)).long()
+    xt = GaussianDiffusion.create().q_sample(x0, t, torch.randn(x0.shape, generator=g))
+    with torch.no_grad():
+        m.train()
+        train_exp = sum(float(m(xt, t, y, return_aux=True)[1].flops_ratio.mean()) for _ in range(draws)) / draws
+        m.eval()
+        m.routing = "dense"
+        infer = float(m(xt, t, y, return_aux=True)[1].flops_ratio.mean())
+    return train_exp, infer

@@ -4,7 +4,7 @@ reference, all-on routers reproduce the source, training moves FLOPs toward the 
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_config, tiny_model
+from helpers import tiny_config, tiny_model, training_vs_inference_flops
 from typer.testing import CliRunner
 
 from dit_compress.cli import app
@@ -185,7 +185,6 @@ def test_inference_flops_equal_training_expectation(tmp_path, tokens):
     """After a short FLOPs-target run the deterministic inference masks run the FLOPs that
     training expects (Monte Carlo over the Gumbel draws), on the same inputs."""
     from dit_compress.diffusion.measure import inference_flops
-    from dit_compress.diffusion.gaussian import GaussianDiffusion
     from dit_compress.train.api import train_model
     from dit_compress.train.trainer import TrainConfig
 
@@ -195,16 +194,7 @@ def test_inference_flops_equal_training_expectation(tmp_path, tokens):
         m = Y.add_token_router(m, init_bias=3.0)
     cfg = TrainConfig(steps=50, batch_size=16, lr=2e-3, ema=0.0, log_every=10)
     m = train_model(m, data, cfg, tmp_path / "w", kd={"flops_hold": 0, "flops_decay": 15, "full_loss": 0.0}).model
-    g = torch.Generator().manual_seed(0)
-    x0, y = data.get(torch.arange(48), generator=g)
-    t = torch.linspace(0, 999, 48).long()
-    xt = GaussianDiffusion.create().q_sample(x0, t, torch.randn(x0.shape, generator=g))
-    with torch.no_grad():
-        m.train()
-        train_exp = sum(float(m(xt, t, y, return_aux=True)[1].flops_ratio.mean()) for _ in range(30)) / 30
-        m.eval()
-        m.routing = "dense"
-        infer = float(m(xt, t, y, return_aux=True)[1].flops_ratio.mean())
+    train_exp, infer = training_vs_inference_flops(m, data, torch.arange(48))
     assert train_exp < 0.85, train_exp  # the routers did switch work off
     assert abs(infer - train_exp) < 0.03, (infer, train_exp)
     if not tokens:  # the sampler-level figure of `ditc info` agrees with the per-forward one

@@ -183,12 +183,8 @@ def test_pixart_shapes_have_analytic_flops_and_bench(tmp_path):
     assert small.config.family == "pixart" and small.config.depth == 2
 
 
-def test_what_is_not_implemented_on_pixart_is_refused_in_one_line(tmp_path):
+def test_class_label_data_for_a_pixart_is_refused_in_one_line(tmp_path):
     diffusers_pixart().save_pretrained(tmp_path / "t")
-    r = run("add-token-router", tmp_path / "t", "-o", tmp_path / "o")
-    assert r.exit_code == 2 and "not implemented for pixart models" in r.stderr, r.output
-    assert r.stderr.count("\n") == 1 and not (tmp_path / "o").exists()
-    # training is implemented; class-label data for it is refused (caption data: test_pixart_training.py)
     for args in (["finetune", tmp_path / "t", "--data", "digits", "-o", tmp_path / "o"],
                  ["prune-depth", tmp_path / "t", "--pattern", "1:2", "--data", "digits", "-o", tmp_path / "o"]):
         r = run(*args)

@@ -1,6 +1,6 @@
-"""DyDiT's dynamic width on PixArt (self-attention heads and feed-forward channels by
-timestep; cross-attention at full width), and PixArt's FLOPs against torch's own counter on
-diffusers' model."""
+"""DyDiT on PixArt: dynamic width (self-attention heads and feed-forward channels by
+timestep; cross-attention at full width) and token routing before the feed-forward, and
+PixArt's FLOPs against torch's own counter on diffusers' model."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import training_vs_inference_flops
 from test_pixart import diffusers_out, diffusers_pixart, inputs
 from test_pixart_training import one_line_refusal, run, world  # noqa: F401 - `world` is a fixture
 
@@ -59,23 +60,30 @@ def test_sorting_keeps_the_function_and_all_on_routers_reproduce_the_source(tmp_
         assert torch.all(hs[:-1] >= hs[1:] - 1e-6) and torch.all(cs[:-1] >= cs[1:] - 1e-6)
 
 
-def _routed(tmp_path):
-    w = Y.add_dynamic_width(pixart(tmp_path), 0.5)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # routers that depend on t: different widths at different timesteps
-        for b in w.blocks:
-            for r in (b.head_router, b.channel_router):
-                r.linear.weight.copy_(torch.randn(r.linear.weight.shape, generator=g) * 0.3)
-                r.linear.bias.copy_(torch.tensor([2.0, 0.0, -1.0]))
+def _routed(tmp_path, width=True, tokens=False):
+    w = pixart(tmp_path)
+    if width:
+        w = Y.add_dynamic_width(w, 0.5)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # routers that depend on t: different widths at different timesteps
+            for b in w.blocks:
+                for r in (b.head_router, b.channel_router):
+                    r.linear.weight.copy_(torch.randn(r.linear.weight.shape, generator=g) * 0.3)
+                    r.linear.bias.copy_(torch.tensor([2.0, 0.0, -1.0]))
+    if tokens:
+        w = Y.add_token_router(w)
+        Y.set_token_keep(w, 0.5)
     return w
 
 
-def test_sliced_fast_path_equals_masked_dense_and_under_guided_sampling(tmp_path):
-    w = _routed(tmp_path)
+@pytest.mark.parametrize("width,tokens", [(True, False), (False, True), (True, True)])
+def test_fast_paths_equal_masked_dense_and_under_guided_sampling(tmp_path, width, tokens):
+    w = _routed(tmp_path, width, tokens)
     x, t, c = inputs(batch=4)
     t = torch.tensor([5, 300, 700, 999])
-    widths = {tuple(v) for v in (tuple(map(tuple, r)) for r in w.widths_at(t))}
-    assert len(widths) > 1  # the batch really mixes widths
+    if width:
+        widths = {tuple(v) for v in (tuple(map(tuple, r)) for r in w.widths_at(t))}
+        assert len(widths) > 1  # the batch really mixes widths
     for tt in (t, torch.full_like(t, 400)):
         fast, dense = out(w, x, tt, c, "fast"), out(w, x, tt, c, "dense")
         assert torch.allclose(fast, dense, atol=1e-5), (fast - dense).abs().max()
@@ -84,9 +92,12 @@ def test_sliced_fast_path_equals_masked_dense_and_under_guided_sampling(tmp_path
     a = dc.sample(w, x[:2], c[:2], sampler="ddim", steps=6, cfg_scale=4.5, negative=neg)
     w.routing = "dense"
     b = dc.sample(w, x[:2], c[:2], sampler="ddim", steps=6, cfg_scale=4.5, negative=neg)
-    assert torch.allclose(a, b, atol=1e-4)
+    # float32 rounding relative to the sample's scale (this random model's samples reach |x| ~ 600)
+    assert (a - b).abs().max() <= 1e-4 + 2e-6 * a.abs().max(), ((a - b).abs().max(), a.abs().max())
     info = json.loads(run("info", _save(w, tmp_path / "dyn"), "--json").stdout)
-    assert info["inference_flops_ratio"] < 0.95 and info["dynamic_width"]["target_flops"] == 0.5
+    assert info["inference_flops_ratio"] < 0.95
+    if tokens:
+        assert 0.3 < info["token_keep_ratio"] < 0.7
 
 
 def _save(m, path):
@@ -94,30 +105,22 @@ def _save(m, path):
     return path
 
 
-def test_inference_flops_equal_the_training_expectation(tmp_path, world):  # noqa: F811
+@pytest.mark.parametrize("tokens", [False, True])
+def test_inference_flops_equal_the_training_expectation(tmp_path, world, tokens):  # noqa: F811
     """After a short FLOPs-target run on caption data, the deterministic inference masks run
     the block FLOPs that training expects (Monte Carlo over the Gumbel draws)."""
-    from dit_compress.diffusion.gaussian import GaussianDiffusion
     from dit_compress.train.api import train_model
     from dit_compress.train.trainer import TrainConfig
 
     # a low initial bias and a high rate: this test model's timestep embeddings are small, so its
     # routers move slowly at the rates the digits DiT test uses
     m = Y.add_dynamic_width(dc.load_model(str(world / "pipe")), target_flops=0.5, init_bias=1.0)
+    if tokens:
+        m = Y.add_token_router(m, init_bias=1.0)
     data = load_data(str(world / "shards"), cfg=m.config)
     cfg = TrainConfig(steps=80, batch_size=8, lr=5e-3, ema=0.0, log_every=10)
     m = train_model(m, data, cfg, tmp_path / "w", kd={"flops_hold": 0, "flops_decay": 15, "full_loss": 0.0}).model
-    g = torch.Generator().manual_seed(0)
-    idx = torch.arange(12).repeat(2)
-    x0, c = data.get(idx, generator=g)
-    t = torch.linspace(0, 999, len(idx)).long()
-    xt = GaussianDiffusion.create().q_sample(x0, t, torch.randn(x0.shape, generator=g))
-    with torch.no_grad():
-        m.train()
-        train_exp = sum(float(m(xt, t, c, return_aux=True)[1].flops_ratio.mean()) for _ in range(30)) / 30
-        m.eval()
-        m.routing = "dense"
-        infer = float(m(xt, t, c, return_aux=True)[1].flops_ratio.mean())
+    train_exp, infer = training_vs_inference_flops(m, data, torch.arange(12).repeat(2))
     assert train_exp < 0.85, train_exp  # the routers did switch work off
     assert abs(infer - train_exp) < 0.03, (infer, train_exp)
 
@@ -130,14 +133,16 @@ def test_the_cli_path_and_what_dynamic_pixarts_refuse(tmp_path, world):  # noqa:
     rep = json.loads((tmp_path / "f" / "report.json").read_text())
     assert rep["target_block_flops"] == 0.6 and "inference_block_flops_ratio" in rep
     assert np.isfinite(rep["history"][-1]["flops_ratio"])
-    # the diffusers layout has no routers: refused; token routing on PixArt: not implemented
+    # the diffusers layout has no routers: refused
     one_line_refusal(run("convert", tmp_path / "f", "--to", "diffusers", "-o", tmp_path / "d"))
-    r = run("add-token-router", world / "pipe", "-o", tmp_path / "k")
-    one_line_refusal(r)
-    assert "token routing" in r.stderr
-    assert not (tmp_path / "d").exists() and not (tmp_path / "k").exists()
+    assert not (tmp_path / "d").exists()
     back = dc.load_model(str(tmp_path / "f"))
     assert back.config.width is not None and type(back.blocks[0]).__name__ == "RoutedPixArtBlock"
+    r = run("add-token-router", world / "pipe", "--target-flops", "0.8", "-o", tmp_path / "k")
+    assert r.exit_code == 0, r.output
+    r = run("finetune", tmp_path / "k", "--data", world / "shards", "--steps", 4, "--batch-size", 4, "-o", tmp_path / "kf")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "kf" / "report.json").read_text())["target_block_flops"] == 0.8
 
 
 def test_bench_variants_on_the_pixart_shape():

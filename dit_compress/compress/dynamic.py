@@ -176,7 +176,7 @@ def add_token_router(model, tau: float = 5.0, init_bias: float = 35.0, reduction
     for i in range(cfg.depth):
         r = TokenRouter(cfg.hidden_size, reduction, init_bias)
         for k, v in r.state_dict().items():
-            state[f"blocks.{i}.token_router.{k}"] = v
+            state[f"{family_of(model).stack_key}.{i}.token_router.{k}"] = v
     return build_model(new_cfg, state, dtype=next(model.parameters()).dtype)
 
 
@@ -260,7 +260,7 @@ def set_token_keep(model, share: float, batch: int = 2, seed: int = 0, passes: i
         net[2].bias.zero_()
     x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
     t = torch.full((batch,), 500)
-    y = torch.zeros(batch, dtype=torch.long)
+    y = family_of(cfg).example_condition(cfg, batch, g)[0]
     logits = {}
     hooks = [b.token_router.register_forward_hook(lambda m, i, o, k=k: logits.__setitem__(k, o.detach().flatten()))
              for k, b in enumerate(model.blocks)]

@@ -122,7 +122,7 @@ def load_prompts(spec, cfg, text_encoder=None) -> PromptSet:
     if not texts:
         raise UsageError(f"the prompt file {p} holds no prompts (one per line)")
     if text_encoder is None:
-        raise UsageError(f"prompts in a text file need `text_encoder` (the model's pipeline dir with text_encoder/ "
+        raise UsageError("prompts in a text file need `text_encoder` (the model's pipeline dir with text_encoder/ "
                          "and tokenizer/) to be encoded")
     enc = TextEncoder(text_encoder, cfg.caption_length or PIXART_MAX_LENGTH)
     caps, cut = enc.encode(texts)

@@ -8,10 +8,10 @@ import math
 
 import torch
 
+from ..model.family import family_of
 from ..model.flops import block_share, dynamic_macs, static_macs
 from ..model.routers import Routing, expected_prefix_mask, expected_topk_mask
 from .sampling import (
-    class_balanced_labels,
     eval_sampler,
     resolve_spacing,
     sample,
@@ -142,10 +142,10 @@ def inference_flops(model, sampler: str | None = None, steps: int | None = None,
                 "measured_on": f"{sampler} {steps} steps ({resolve_spacing(sampler, timestep_spacing)}): {how}"}
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(probe, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
-    y = torch.from_numpy(class_balanced_labels(probe, cfg.num_classes)).long()
+    y, negative = family_of(cfg).example_condition(cfg, probe, g)  # class-balanced labels, or random captions
     with FlopsMeter(model) as meter:
         sample(model, noise, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale, generator=g,
-               timestep_spacing=timestep_spacing)
+               timestep_spacing=timestep_spacing, **({"negative": negative} if negative is not None else {}))
     res = meter.result()
     res["measured_on"] = (f"{sampler} {steps} steps ({resolve_spacing(sampler, timestep_spacing)}), cfg {cfg_scale}: "
                           f"{probe} sampled images")

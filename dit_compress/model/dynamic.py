@@ -37,11 +37,14 @@ class BlockStats:
 
 
 class WidthRouted:
-    """Timestep-wise width routing, for the routed block of any family: ``head_router`` and
-    ``channel_router`` read the block's timestep embedding; the block has ``heads`` heads and
-    ``channels`` MLP channels in ``heads`` groups."""
+    """DyDiT's routing, for the routed block of any family: timestep-wise width (``head_router``
+    and ``channel_router`` read the block's timestep embedding; the block has ``heads`` heads
+    and ``channels`` MLP channels in ``heads`` groups) and spatial tokens (``token_router``
+    reads each token before the MLP)."""
 
     def add_width_routers(self, dim: int, heads: int, config: DiTConfig) -> None:
+        """The width routers (and the token router: DyDiT's spatial routing before the MLP) the
+        config's specs ask for."""
         self.head_router: WidthRouter | None = None
         self.channel_router: WidthRouter | None = None
         self.static_width = False
@@ -49,6 +52,19 @@ class WidthRouted:
             self.head_router = WidthRouter(dim, heads, config.width.init_bias)
             self.channel_router = WidthRouter(dim, heads, config.width.init_bias)
             self.static_width = config.width.static
+        self.token_router: TokenRouter | None = None
+        if config.tokens is not None:
+            self.token_router = TokenRouter(dim, config.tokens.reduction, config.tokens.init_bias)
+
+    def token_mask(self, x, mode: str, tau: float, full_rows: int = 0):
+        """[B, N] tokens routed through the MLP (None: every token): Gumbel gates in training,
+        the expected count in logit order at inference."""
+        if self.token_router is None or mode == Routing.FULL:
+            return None
+        logits = self.token_router(x)
+        if mode == Routing.TRAIN:
+            return _full_tail(gumbel_sigmoid_mask(logits, tau), full_rows)
+        return _full_tail(expected_topk_mask(logits).to(x.dtype), full_rows)
 
     def width_masks(self, t_emb, mode: str, tau: float, full_rows: int = 0):
         """Nested (prefix) masks over heads and MLP channel groups: [B, H] each, or None.
@@ -69,6 +85,13 @@ class WidthRouted:
         hm, cm = self.width_masks(t_emb, Routing.DENSE, 0.0)
         gs = self.channels // cm.shape[1]
         return list(zip(hm.sum(1).long().tolist(), (cm.sum(1).long() * gs).tolist()))
+
+    def sliced_stats(self, stats, x, head_share: float, channels: int, tm) -> None:
+        """The statistics of a call run at one width (``channels`` MLP channels) for every row."""
+        if stats is not None:
+            one = torch.ones(x.shape[0], device=x.device)
+            stats.head_frac, stats.channel_frac = one * head_share, one * (channels / self.channels)
+            stats.token_frac = tm.mean(1) if tm is not None else None
 
     def width_stats(self, stats, hm, cm, n: int) -> None:
         if stats is not None:
@@ -101,21 +124,10 @@ class RoutedBlock(WidthRouted, DiTBlock):
     def __init__(self, dim: int, heads: int, mlp_ratio: float, num_classes: int | None, config: DiTConfig):
         super().__init__(dim, heads, mlp_ratio, num_classes)
         self.add_width_routers(dim, heads, config)
-        self.token_router: TokenRouter | None = None
-        if config.tokens is not None:
-            self.token_router = TokenRouter(dim, config.tokens.reduction, config.tokens.init_bias)
 
     @property
     def channels(self) -> int:
         return self.mlp.fc1.out_features
-
-    def token_mask(self, x, mode: str, tau: float, full_rows: int = 0):
-        if self.token_router is None or mode == Routing.FULL:
-            return None
-        logits = self.token_router(x)
-        if mode == Routing.TRAIN:
-            return _full_tail(gumbel_sigmoid_mask(logits, tau), full_rows)
-        return _full_tail(expected_topk_mask(logits).to(x.dtype), full_rows)
 
     def forward(self, x, c, t_emb=None, mode: Routing = Routing.DENSE, tau: float = 5.0, stats: BlockStats | None = None,
                 widths: tuple[int, int] | None = None, full_rows: int = 0):
@@ -190,10 +202,7 @@ class RoutedBlock(WidthRouted, DiTBlock):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
         x = x + gate_msa.unsqueeze(1) * self.attn.forward_sliced(modulate(self.norm1(x), shift_msa, scale_msa), k)
         tm = self.token_mask(x, Routing.FAST, 0.0)
-        if stats is not None:
-            one = torch.ones(x.shape[0], device=x.device)
-            stats.head_frac, stats.channel_frac = one * (k / self.attn.heads), one * (ch / self.channels)
-            stats.token_frac = tm.mean(1) if tm is not None else None
+        self.sliced_stats(stats, x, k / self.attn.heads, ch, tm)
         if tm is not None:
             return self._mlp_on_tokens(x, tm, shift_mlp, scale_mlp, gate_mlp, ch)
         h = self.mlp.forward_sliced(modulate(self.norm2(x), shift_mlp, scale_mlp), ch)

@@ -181,9 +181,8 @@ class PixArtFamily:
     """PixArt-α / Σ (diffusers layout ``transformer_blocks.i.attn1.to_q``)."""
 
     name, stack_key, condition = "pixart", "transformer_blocks", "captions"
-    supports = frozenset({"width", "training", "eval"})  # not yet: token routing
-    implemented = ("loading, export, sampling with caption embeddings, prepare-data with captions, depth pruning "
-                   "(every method), dynamic width, finetune, distill, eval with prompts, info and bench")
+    supports = frozenset({"width", "tokens", "training", "eval"})
+    implemented = "every command"
 
     @staticmethod
     def module(cfg):

@@ -24,7 +24,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import UsageError
 from .dynamic import BlockStats, RoutedModel, WidthRouted, block_flops_ratio
 from .layers import PatchEmbed, timestep_sinusoid
 from .routers import Routing
@@ -247,10 +246,12 @@ class PixArtBlock(nn.Module):
 
 
 class RoutedPixArtBlock(WidthRouted, PixArtBlock):
-    """A PixArt block with DyDiT's timestep-wise width routers over its self-attention heads
-    and feed-forward channel groups. Cross-attention keeps every head: the routers read the
-    timestep alone, and the caption path is the one way the prompt reaches the image, so no
-    timestep decides to drop it; its FLOPs count as the block's fixed part."""
+    """A PixArt block with DyDiT's routers: timestep-wise width over its self-attention heads
+    and feed-forward channel groups, and spatial token routing before the feed-forward (the
+    router reads each token after both attentions). Cross-attention keeps every head: the
+    width routers read the timestep alone, and the caption path is the one way the prompt
+    reaches the image, so no timestep decides to drop it; its FLOPs count as the block's fixed
+    part."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, cross_dim: int, mlp_hidden: int, config):
         super().__init__(dim, heads, head_dim, cross_dim, mlp_hidden)
@@ -276,16 +277,34 @@ class RoutedPixArtBlock(WidthRouted, PixArtBlock):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
         x = x + gate_msa * self.attn1(self.norm1(x) * (1 + scale_msa) + shift_msa, head_mask=hm)
         x = x + self.attn2(x, caption, bias)
+        tm = self.token_mask(x, mode, tau, full_rows)
         self.width_stats(stats, hm, cm, x.shape[0] - full_rows)
-        return x + gate_mlp * self.ff(self.norm2(x) * (1 + scale_mlp) + shift_mlp, channel_mask=cm)
+        if stats is not None:
+            stats.token_frac = tm[:x.shape[0] - full_rows].mean(1) if tm is not None else None
+        if mode == Routing.FAST and tm is not None:
+            return self._ff_on_tokens(x, tm, shift_mlp, scale_mlp, gate_mlp, None)
+        h = self.ff(self.norm2(x) * (1 + scale_mlp) + shift_mlp, channel_mask=cm)
+        if tm is not None:
+            h = h * tm.unsqueeze(-1)
+        return x + gate_mlp * h
+
+    def _ff_on_tokens(self, x, tm, shift, scale, gate, channels: int | None):
+        """The feed-forward on the routed tokens only (flattened over the batch), scattered back."""
+        b_idx, n_idx = tm.nonzero(as_tuple=True)
+        sel = self.norm2(x[b_idx, n_idx]) * (1 + scale[b_idx, 0]) + shift[b_idx, 0]
+        h = self.ff.forward_sliced(sel, channels) if channels is not None else self.ff(sel)
+        out = x.clone()
+        out[b_idx, n_idx] += gate[b_idx, 0] * h
+        return out
 
     def _sliced(self, x, mods, caption, bias, heads: int, channels: int, stats):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
         x = x + gate_msa * self.attn1.forward_sliced(self.norm1(x) * (1 + scale_msa) + shift_msa, heads)
         x = x + self.attn2(x, caption, bias)
-        if stats is not None:
-            one = torch.ones(x.shape[0], device=x.device)
-            stats.head_frac, stats.channel_frac = one * (heads / self.attn1.heads), one * (channels / self.channels)
+        tm = self.token_mask(x, Routing.FAST, 0.0)
+        self.sliced_stats(stats, x, heads / self.attn1.heads, channels, tm)
+        if tm is not None:
+            return self._ff_on_tokens(x, tm, shift_mlp, scale_mlp, gate_mlp, channels)
         return x + gate_mlp * self.ff.forward_sliced(self.norm2(x) * (1 + scale_mlp) + shift_mlp, channels)
 
 
@@ -300,10 +319,8 @@ class PixArt(RoutedModel, nn.Module):
         super().__init__()
         self.config = config
         D = config.hidden_size
-        if config.tokens is not None:
-            raise UsageError("token routing is not implemented for pixart models in this version (dynamic width is)")
         self.pos_embed = PatchEmbed(config.patch_size, config.in_channels, D)
-        if config.width is not None:
+        if config.is_dynamic:
             blocks = [RoutedPixArtBlock(D, config.num_heads, config.head_dim, D, config.mlp_hidden, config)
                       for _ in range(config.depth)]
         else:
@@ -349,7 +366,7 @@ class PixArt(RoutedModel, nn.Module):
         caption = self.caption_projection(captions.emb.to(h.dtype))
         bias = ((1 - captions.mask.to(h.dtype)) * -10000.0).unsqueeze(1)  # [B, 1, L], diffusers' convention
         aux = ForwardAux(block_input=h) if return_aux else None
-        if self.config.width is None:
+        if not self.config.is_dynamic:
             for block in self.transformer_blocks:
                 h = block(h, t6, caption, bias)
                 if aux is not None:
@@ -369,7 +386,7 @@ class PixArt(RoutedModel, nn.Module):
         mode, tau = self._mode(), self._tau()
         full_rows = run.full_rows if run is not None else 0
         widths = self._cached_widths(t, run) if mode == Routing.FAST else None
-        t_emb = self.adaln_single.emb.timestep(t) if widths is None else None
+        t_emb = self.adaln_single.emb.timestep(t) if widths is None and self.config.width is not None else None
         for i, block in enumerate(self.transformer_blocks):
             st = BlockStats() if aux is not None else None
             h = block(h, t6, caption, bias, t_emb, mode, tau, st, widths=None if widths is None else widths[i],

@@ -12,7 +12,7 @@ from ..data.batches import condition_dropout_batch_fn
 from ..data.datasets import TensorData, check_fits, load_data
 from ..diffusion import objective_for
 from ..diffusion.measure import inference_flops
-from ..errors import DitcError, UsageError
+from ..errors import UsageError
 from ..formats import write_checkpoint
 from ..model.build import fingerprint
 from ..model.family import family_of, require

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import DitcError, TrainingError
+from ..errors import DitcError, TrainingError, UsageError
 from ..formats.ditc import state_for_save
 from ..progress import make_progress
 
@@ -220,9 +220,11 @@ class Trainer:
         from accelerate.utils import DistributedDataParallelKwargs
 
         cfg = self.cfg
+        if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise UsageError("`mixed_precision` fp16 needs a CUDA device (its loss scaling is CUDA's); use bf16, which "
+                             "autocasts on the CPU too, or no")
         acc = Accelerator(
-            # bf16 autocasts on the CPU too; fp16 needs a GPU (its loss scaling is CUDA's)
-            mixed_precision=cfg.mixed_precision if torch.cuda.is_available() or cfg.mixed_precision != "fp16" else "no",
+            mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=cfg.grad_accum,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
             cpu=not torch.cuda.is_available(),
