@@ -8,7 +8,8 @@ import torch
 
 from .. import checks
 from ..config import DiTConfig
-from ..data.images import prepare, scan_captioned
+from ..data.datasets import bundled_digits, digits_split
+from ..data.images import prepare, prepare_digit_captions, scan_captioned
 from ..data.text import PIXART_MAX_LENGTH, TextEncoder, load_prompts
 from ..diffusion.sampling import SAMPLERS, check_spacing, eval_sampler, resolve_spacing
 from ..errors import UsageError
@@ -220,7 +221,8 @@ def prepare_data(images: str | Path, *, output: str | Path, vae: str | None = "s
     what produced them (the images, captions, VAE, text encoder, sizes): a rerun with the same
     inputs resumes, other inputs are refused (``force`` starts over); ``output`` appears
     complete at the end."""
-    images = Path(checks.path("images", images))
+    split = bundled_digits(images)
+    images = images if split is not None else Path(checks.path("images", images))
     if not is_main_process():  # under accelerate launch the main process encodes; the others write nothing
         return None
     vae = checks.text("vae", vae, optional=True)
@@ -229,6 +231,14 @@ def prepare_data(images: str | Path, *, output: str | Path, vae: str | None = "s
     shard_size = checks.integer("shard_size", shard_size, lo=1, hi=checks.MAX_COUNT)
     max_length = checks.integer("max_length", max_length, lo=1, hi=4096)
     text_encoder = checks.path("text_encoder", text_encoder, optional=True)
+    if split is not None:  # the bundled digits with their generated captions (the text-to-image testbed's data)
+        if text_encoder is None:
+            raise UsageError("the bundled digits train as they are (`data` digits); prepare-data makes caption "
+                             "shards of them with `text_encoder`")
+        digits_split(split, 1)  # the split name checked before the encoder loads
+        info = prepare_digit_captions(split, Path(output), TextEncoder(text_encoder, max_length), shard_size,
+                                      force=force)
+        return {"op": "prepare-data", **info}
     if not images.exists():
         raise UsageError(f"image folder {images} does not exist")
     if not images.is_dir():

@@ -5,6 +5,7 @@ image folders encoded on the fly."""
 from __future__ import annotations
 
 import gzip
+import json
 import importlib.util
 from pathlib import Path
 
@@ -38,15 +39,30 @@ def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
     return _DIGITS
 
 
+def bundled_digits(spec) -> str | None:
+    """The split a spec names when it names the bundled digits (``digits`` or ``digits:SPLIT``),
+    else None: ``digits-latents/`` or ``digits_ref`` are paths like any other (``./digits``
+    names a local folder called digits)."""
+    if not isinstance(spec, str) or not (spec == "digits" or spec.startswith("digits:")):
+        return None
+    return spec.split(":", 1)[1] if ":" in spec else "train"
+
+
+def digits_split(split: str, n: int) -> np.ndarray:
+    """Indices of a digits split into the full set of ``n``."""
+    perm = np.random.RandomState(0).permutation(n)
+    idx = {"train": perm[:-DIGITS_HELDOUT], "test": perm[-DIGITS_HELDOUT:], "all": perm}.get(split)
+    if idx is None:
+        raise UsageError(f"unknown digits split {split!r} (train, test, all)")
+    return idx
+
+
 def digits_arrays(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's 1797 real 8x8 digits as float images in [-1, 1], shape [N, 1, 8, 8]."""
     images, target = _sklearn_digits()
     x = (images.astype(np.float32) / 16.0) * 2 - 1
     y = target.astype(np.int64)
-    perm = np.random.RandomState(0).permutation(len(x))
-    idx = {"train": perm[:-DIGITS_HELDOUT], "test": perm[-DIGITS_HELDOUT:], "all": perm}.get(split)
-    if idx is None:
-        raise UsageError(f"unknown digits split {split!r} (train, test, all)")
+    idx = digits_split(split, len(x))
     return x[idx, None], y[idx]
 
 
@@ -80,8 +96,11 @@ class CaptionData(TensorData):
     ``Captions`` (emb [N, L, C], mask [N, L]); ``null`` the encoding of "" [1, L, C] that
     guidance dropout puts in place of a caption."""
 
-    def __init__(self, x, captions: Captions, null: Captions, name: str = "data", flip_pairs: bool = False):
+    def __init__(self, x, captions: Captions, null: Captions, name: str = "data", flip_pairs: bool = False,
+                 classes: np.ndarray | None = None, texts: list[str] | None = None):
         self.x, self.y, self.null, self.name, self.flip_pairs = x, captions, null, name, flip_pairs
+        self.classes = classes  # the class each caption asks for, when the data states it (the digits captions)
+        self.texts = texts  # the captions' texts, when the shards' manifest lists them
 
 
 class NpyDirData(TensorData):
@@ -156,7 +175,7 @@ def load_shards(root: Path) -> TensorData:
                 raise DitcError(f"latent shard {s} lacks 'latents'")
             cap, null = _shard_captions(s, d, len(lat), null)
             caps.append(cap)
-            lab = np.zeros(len(lat), dtype=np.int64)
+            lab = d.get("labels", np.full(len(lat), -1, dtype=np.int64))  # the class a caption asks for, if stated
         elif "latents" not in d or "labels" not in d:
             raise DitcError(f"latent shard {s} lacks 'latents' or 'labels'")
         else:
@@ -179,8 +198,21 @@ def load_shards(root: Path) -> TensorData:
         if len({c.emb.shape[1:] for c in caps}) > 1:
             raise DitcError(f"the caption shards in {root} hold caption features of different shapes")
         captions = Captions(torch.cat([c.emb for c in caps]), torch.cat([c.mask for c in caps]))
-        return CaptionData(x, captions, null, name=str(root), flip_pairs=x.ndim == 5)
+        classes = np.concatenate(ys)
+        return CaptionData(x, captions, null, name=str(root), flip_pairs=x.ndim == 5,
+                           classes=classes if (classes >= 0).all() else None, texts=_manifest_texts(root, len(x)))
     return TensorData(x, np.concatenate(ys), name=str(root), flip_pairs=x.ndim == 5)
+
+
+def _manifest_texts(root: Path, n: int) -> list[str] | None:
+    """The caption texts a caption-shard manifest lists (one per sample, in shard order)."""
+    try:
+        texts = json.loads((root / "manifest.json").read_text()).get("texts")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(texts, list) and len(texts) == n and all(isinstance(t, str) for t in texts):
+        return texts
+    return None
 
 
 def _shard_captions(s: Path, d: dict, n: int, null: Captions | None) -> tuple[Captions, Captions]:
@@ -214,8 +246,8 @@ def load_data(spec: str, num_classes: int | None = None, cfg=None) -> TensorData
         spec = str(spec)
     if not isinstance(spec, str) or not spec.strip():
         raise UsageError(f"`data` must be digits, digits:test or a directory, got {spec!r}"[:200])
-    if spec.startswith("digits"):
-        split = spec.split(":", 1)[1] if ":" in spec else "train"
+    split = bundled_digits(spec)
+    if split is not None:
         x, y = digits_arrays(split)
         data = TensorData(torch.from_numpy(x), y, name=f"digits:{split}")
     else:

@@ -22,7 +22,7 @@ from PIL import Image
 
 from ..assets import EVALS_DIR
 from ..data.batches import calibration_set
-from ..data.datasets import check_fits, digits_arrays, load_data
+from ..data.datasets import bundled_digits, check_fits, digits_arrays, load_data
 from ..data.vae import decode, load_vae
 from ..diffusion.calibration import calibration_losses
 from ..diffusion.measure import FlopsMeter
@@ -171,8 +171,8 @@ def resolve_reference(ref: str | None, model_cfg) -> tuple[str, object]:
             ref = "digits"
         else:
             raise UsageError("`ref` is required: an image folder, an ADM .npz (mu/sigma) or 'digits'")
-    if ref.startswith("digits"):
-        split = ref.split(":", 1)[1] if ":" in ref else "train"
+    split = bundled_digits(ref)
+    if split is not None:
         return "array", digits_reference(split)
     p = Path(ref)
     if not p.exists():
