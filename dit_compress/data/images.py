@@ -250,6 +250,12 @@ def prepare(images: Path, out: Path, vae_name: str | None, image_size: int, batc
         if truncated:  # as the pipeline does: cut to the tokenizer's length, with a note
             manifest["note"] = (f"{truncated} caption(s) (of the shards encoded in this run) were longer than "
                                 f"{text_encoder.max_length} tokens and were truncated, as the pipeline truncates")
+    return _finish_shards(work, out, manifest, force, done)
+
+
+def _finish_shards(work: Path, out: Path, manifest: dict, force: bool, done: int) -> dict:
+    """Move the finished shards and their manifest into ``out`` at once; the summary (the
+    manifest without its caption texts)."""
     with atomic_dir(out, force) as tmp:
         for f in sorted(work.glob("shard-*.safetensors")):
             os.replace(f, tmp / f.name)
@@ -299,9 +305,4 @@ def prepare_digit_captions(split: str, out: Path, text_encoder, shard_size: int 
     if truncated:
         manifest["note"] = (f"{truncated} caption(s) were longer than {text_encoder.max_length} tokens and were "
                             "truncated, as the pipeline truncates")
-    with atomic_dir(out, force) as tmp:
-        for f in sorted(work.glob("shard-*.safetensors")):
-            os.replace(f, tmp / f.name)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    shutil.rmtree(work, ignore_errors=True)
-    return {**{k: v for k, v in manifest.items() if k != "texts"}, "shards_written_now": done}
+    return _finish_shards(work, out, manifest, force, done)
