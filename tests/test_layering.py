@@ -29,7 +29,7 @@ LAYERS = [
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 # imported on first use only: heavy to import and needed by few code paths
 LAZY_OK = {"diffusers", "torchdiffeq", "torch_fidelity", "matplotlib", "peft", "sklearn", "huggingface_hub",
-           "accelerate", "psutil", "transformers"}
+           "accelerate", "psutil", "transformers", "tokenizers"}
 
 
 def _modules():

@@ -9,7 +9,8 @@ import torch
 from .. import checks
 from ..config import DiTConfig
 from ..data.datasets import bundled_digits, digits_split
-from ..data.images import prepare, prepare_digit_captions, scan_captioned
+from ..data.digit_shards import prepare_digit_captions
+from ..data.images import prepare, scan_captioned
 from ..data.text import PIXART_MAX_LENGTH, TextEncoder, load_prompts
 from ..diffusion.sampling import SAMPLERS, check_spacing, eval_sampler, resolve_spacing
 from ..errors import UsageError

@@ -16,7 +16,10 @@ drawn from a generator seeded by the image's index in the full set.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import torch
 
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 STROKE = ("thin", "thick")
@@ -99,9 +102,6 @@ def build_text_encoder(out, d_model: int = 64, layers: int = 2, heads: int = 4, 
     ``out/text_encoder`` (``transformers``' ``T5EncoderModel`` from a small config, weights
     drawn from ``seed``). Never trained: like PixArt's T5, it is a fixed map from text to
     caption features, and distinct words get distinct embeddings."""
-    from pathlib import Path
-
-    import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
     from transformers.utils import logging as hf_logging
