@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import os
-import numpy as np
 from pathlib import Path
 
 from safetensors.numpy import save_file
 
-from ..progress import make_progress
 from ..outputs import resumable_work
-from .datasets import _sklearn_digits, digits_split
+from ..progress import make_progress
+from .datasets import _sklearn_digits, digits_arrays, digits_split
 from .digit_captions import digit_captions
-from .images import _finish_shards
+from .images import _finish_shards, note_truncated
 
 
 def prepare_digit_captions(split: str, out: Path, text_encoder, shard_size: int = 1024, seed: int = 0,
@@ -23,8 +22,7 @@ def prepare_digit_captions(split: str, out: Path, text_encoder, shard_size: int 
     images, target = _sklearn_digits()
     idx = digits_split(split, len(images))
     texts = digit_captions(images, target, idx, held_out=split == "test", seed=seed)
-    x = ((images[idx].astype(np.float32) / 16.0) * 2 - 1)[:, None]
-    labels = target[idx].astype(np.int64)
+    x, labels = digits_arrays(split)  # the images of idx as training reads them, and their classes
     producer = {"images": f"digits:{split}", "captions": "digit_captions", "seed": seed, "count": len(idx),
                 "shard_size": shard_size, "text_encoder": text_encoder.identity()}
     work, _ = resumable_work(out, producer, force, what="prepare-data")
@@ -50,7 +48,5 @@ def prepare_digit_captions(split: str, out: Path, text_encoder, shard_size: int 
                 "captions": "digit_captions (" + ("held-out" if split == "test" else "training") + " templates)",
                 "text_encoder": str(text_encoder.path), "caption_tokens": text_encoder.max_length,
                 "caption_width": text_encoder.width, "texts": texts}
-    if truncated:
-        manifest["note"] = (f"{truncated} caption(s) were longer than {text_encoder.max_length} tokens and were "
-                            "truncated, as the pipeline truncates")
+    note_truncated(manifest, truncated, text_encoder.max_length)
     return _finish_shards(work, out, manifest, force, done)

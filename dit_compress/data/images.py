@@ -247,10 +247,15 @@ def prepare(images: Path, out: Path, vae_name: str | None, image_size: int, batc
     if text_encoder is not None:
         manifest.update(captions=where, text_encoder=str(text_encoder.path), caption_tokens=text_encoder.max_length,
                         caption_width=text_encoder.width, texts=list(labels))
-        if truncated:  # as the pipeline does: cut to the tokenizer's length, with a note
-            manifest["note"] = (f"{truncated} caption(s) (of the shards encoded in this run) were longer than "
-                                f"{text_encoder.max_length} tokens and were truncated, as the pipeline truncates")
+        note_truncated(manifest, truncated, text_encoder.max_length)
     return _finish_shards(work, out, manifest, force, done)
+
+
+def note_truncated(manifest: dict, truncated: int, max_length: int) -> None:
+    """As the pipeline does: captions cut to the tokenizer's length, said in the manifest."""
+    if truncated:
+        manifest["note"] = (f"{truncated} caption(s) (of the shards encoded in this run) were longer than "
+                            f"{max_length} tokens and were truncated, as the pipeline truncates")
 
 
 def _finish_shards(work: Path, out: Path, manifest: dict, force: bool, done: int) -> dict:
