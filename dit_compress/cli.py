@@ -202,8 +202,9 @@ def convert(source: str = Src, output: str = Out,
             dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 | bf16 | fp16 (default: keep float32)"),
             revision: Optional[str] = Revision, no_ema: bool = NoEma,
             num_heads: Optional[int] = NumHeads, prediction: Optional[str] = Prediction, numerics: Optional[str] = Numerics,
+            text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="PixArt with --to diffusers: a pipeline (or encoder) dir whose text encoder and tokenizer the written pipeline carries (with a DDIM scheduler), so diffusers' PixArtAlphaPipeline loads it whole."),
             force: bool = Force):
-    """Convert between layouts: ditc checkpoint, diffusers (DiTTransformer2DModel), original .pt.
+    """Convert between layouts: ditc checkpoint, diffusers (DiTTransformer2DModel, PixArtTransformer2DModel), original .pt.
 
     Examples:
 
@@ -214,9 +215,11 @@ def convert(source: str = Src, output: str = Out,
         ditc convert DiT-XL-2-256.pt --to ditc --dtype bf16 -o xl-bf16/
 
         ditc convert my-dit.pt --num-heads 4 -o my-dit/      # heads of an unpublished size, recorded once
+
+        ditc convert t2i-tuned/ --to diffusers --text-encoder digits-pixart --dtype fp16 -o t2i-pipe/
     """
     commands.convert(source, output=output, to=to, dtype=dtype, revision=revision, no_ema=no_ema, force=force,
-                     num_heads=num_heads, prediction=prediction, numerics=numerics)
+                     num_heads=num_heads, prediction=prediction, numerics=numerics, text_encoder=text_encoder)
     err_console.print(f"wrote {to} checkpoint {output}")
 
 
@@ -237,19 +240,27 @@ def create(arch: str = typer.Argument(..., help="DiT-S/2, DiT-B/4, DiT-XL/2 ... 
            name: Optional[str] = typer.Option(None),
            label_init_std: float = typer.Option(0.02, "--label-init-std", help="Std of the class-embedding init (reference 0.02; larger learns class conditioning faster on small budgets)."),
            seed: int = typer.Option(0),
+           family: str = typer.Option("dit", "--family", help="dit (class-conditional DiT / SiT) | pixart (text-to-image PixArt-alpha: give --caption-channels)."),
+           caption_channels: Optional[int] = typer.Option(None, "--caption-channels", help="PixArt: the text encoder's feature width (T5-XXL 4096)."),
+           caption_length: Optional[int] = typer.Option(None, "--caption-length", help="PixArt: the tokens its tokenizer pads captions to (PixArt-alpha 120)."),
+           text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="PixArt: write a whole diffusers pipeline dir with this text encoder: a pipeline or encoder dir (copied), or digits-t5 (the testbed's word-level T5, built)."),
            force: bool = Force):
-    """Create a freshly initialised DiT (reference initialisation) as a ditc checkpoint.
+    """Create a freshly initialised network (its family's reference initialisation) as a ditc checkpoint.
 
     Examples:
 
         ditc create DiT-S/2 -o s2/
 
         ditc create custom --input-size 8 --patch-size 1 --in-channels 1 --hidden-size 128 --depth 12 --num-heads 4 --num-classes 10 --pixel -o digits-new/
+
+        ditc create custom --family pixart --caption-channels 64 --caption-length 16 --input-size 8 --patch-size 1 --in-channels 1 --hidden-size 128 --depth 8 --num-heads 4 --pixel --text-encoder digits-t5 -o t2i-new/
     """
     model = commands.create(arch, output=output, input_size=input_size, in_channels=in_channels,
                             hidden_size=hidden_size, depth=depth, num_heads=num_heads, patch_size=patch_size,
                             num_classes=num_classes, learn_sigma=learn_sigma, pixel=pixel, prediction=prediction,
-                            name=name, label_init_std=label_init_std, seed=seed, force=force)
+                            name=name, label_init_std=label_init_std, seed=seed, family=family,
+                            caption_channels=caption_channels, caption_length=caption_length,
+                            text_encoder=text_encoder, force=force)
     err_console.print(f"wrote {output} ({model.num_params():,} parameters)")
 
 
@@ -539,7 +550,7 @@ def prepare_data_cmd(
                                  "(a .txt beside each, or a metadata.jsonl) with --text-encoder.", show_default=False),
     output: str = Out,
     vae: Optional[str] = typer.Option("stabilityai/sd-vae-ft-ema", "--vae", help="VAE (hub id or local dir); 'none' stores pixels."),
-    image_size: int = typer.Option(256, "--image-size"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Center-crop side of an image folder's images (default 256).", show_default=False),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="Captioned images: the pipeline's text "
                                                "encoder (a local pipeline dir with text_encoder/ and tokenizer/)."),
     max_length: int = typer.Option(120, "--max-length", help="Caption tokens (the pipeline's max_sequence_length: "

@@ -75,6 +75,25 @@ def test_adjectives_split_each_class_into_thirds():
         assert ink[["thick" in adjs[i] for i in idx]].min() > ink[["thin" in adjs[i] for i in idx]].max()
 
 
+def test_slant_words_follow_the_lean_s_magnitude_either_way():
+    # one class of anti-aliased strokes: 3 near vertical, 3 leaning left, 3 leaning right
+    def stroke(shear):
+        im = np.zeros((8, 8))
+        for r in range(1, 7):
+            c = 3.5 + shear * (3.5 - r)
+            lo = int(np.floor(c))
+            im[r, lo], im[r, lo + 1] = 10 * (lo + 1 - c), 10 * (c - lo)
+        return im
+
+    shears = (0.0, 0.05, -0.05, -0.5, -0.6, -0.7, 0.55, 0.65, 0.75)
+    images = np.stack([stroke(s) for s in shears])
+    adjs = D.adjectives(images, np.zeros(9, dtype=np.int64))
+    words = [[w for w in a if w in D.SLANT] for a in adjs]
+    assert words[:3] == [["upright"]] * 3
+    assert words[5] == words[8] == ["slanted"]  # the strongest lean either way, left included
+    assert words[3] == words[6] == []
+
+
 def test_the_text_encoder_is_a_t5_and_a_word_level_tokenizer_in_the_hugging_face_layout(tmp_path):
     from transformers import AutoTokenizer, T5EncoderModel
 

@@ -310,18 +310,19 @@ def test_eval_on_pixart_samples_the_prompts_with_fid_and_clip_score(world, tmp_p
     assert r.exit_code == 0 and "cached" not in json.loads((tmp_path / "e3" / "report.json").read_text())
 
 
-@pytest.mark.parametrize("case", ["no prompts", "empty prompt file", "missing clip", "clip with shards",
-                                  "prompts for a DiT", "missing prompts"])
+@pytest.mark.parametrize("case", ["no prompts", "empty prompt file", "missing clip", "clip dir without a model",
+                                  "clip for a DiT", "prompts for a DiT", "missing prompts"])
 def test_bad_eval_inputs_on_pixart_are_refused_in_one_line(world, tmp_path, case):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     src, extra = world / "pipe", {
         "no prompts": [], "empty prompt file": ["--prompts", empty],
         "missing clip": ["--prompts", world / "shards", "--clip", tmp_path / "no-clip"],
-        "clip with shards": ["--prompts", world / "shards", "--clip", tmp_path],
+        "clip dir without a model": ["--prompts", world / "shards", "--clip", tmp_path],
+        "clip for a DiT": ["--clip", tmp_path],
         "prompts for a DiT": ["--prompts", world / "shards"], "missing prompts": ["--prompts", tmp_path / "nope.txt"],
     }[case]
-    if case == "prompts for a DiT":
+    if case in ("prompts for a DiT", "clip for a DiT"):
         src = "digits-dit"
     r = run("eval", src, *extra, "-n", 2, "--steps", 2, "--ref", world / "imgs", "--vae", world / "vae",
             "--extractor", "digits-cnn", "--metrics", "fid", "-o", tmp_path / "o")

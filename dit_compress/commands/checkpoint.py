@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
 
 from .. import checks
-from ..config import PREDICTIONS, DiTConfig
+from ..data.digit_captions import build_text_encoder
+from ..config import FAMILIES, PREDICTIONS, DiTConfig
 from ..errors import UsageError
 from ..evaluate.describe import describe
 from ..formats import FORMATS, parse_dtype, save_model, write_checkpoint
+from ..formats.pixart_fmt import config_from_pixart
 from ..model import DiT
+from ..model.family import family_of
 from .common import load_source, seed as check_seed, source_name, writes_output
 
+DIGITS_T5 = "digits-t5"  # the text-to-image testbed's encoder (data/digit_captions.py), built from its seed
 CUSTOM_NEEDS = ("input_size", "in_channels", "hidden_size", "depth", "num_heads", "patch_size")
 
 
@@ -21,21 +26,35 @@ def create(arch: str, *, output: str | Path | None = None, input_size: int | Non
            in_channels: int | None = None, hidden_size: int | None = None, depth: int | None = None,
            num_heads: int | None = None, patch_size: int | None = None, num_classes: int | None = None,
            learn_sigma: bool = True, pixel: bool = False, prediction: str = "eps", name: str | None = None,
-           label_init_std: float = 0.02, seed: int = 0, force: bool = False) -> DiT:
-    """A freshly initialised DiT (reference initialisation): a preset (``"DiT-S/2"``) or
-    ``"custom"`` with every size given. Written as a ditc checkpoint when ``output`` is given.
-    The config is checked (types, ranges, a bound on its size) before anything is allocated."""
+           label_init_std: float = 0.02, seed: int = 0, family: str = "dit", caption_channels: int | None = None,
+           caption_length: int | None = None, text_encoder: str | Path | None = None, force: bool = False) -> DiT:
+    """A freshly initialised network (its family's reference training initialisation): a
+    preset (``"DiT-S/2"``, ``"PixArt-XL/2-512"``) or ``"custom"`` with every size given
+    (``family="pixart"``: a text-to-image PixArt-α, with ``caption_channels``, the text
+    encoder's width, and ``caption_length``, the tokens its tokenizer pads to). Written as a
+    ditc checkpoint when ``output`` is given; a PixArt with ``text_encoder`` (a pipeline or
+    encoder dir to copy, or ``"digits-t5"``: the text-to-image testbed's word-level T5, built
+    from its seed) is written as a whole diffusers PixArtAlphaPipeline dir. The config is
+    checked (types, ranges, a bound on its size) before anything is allocated."""
     checks.text("arch", arch)
+    family = checks.choice("family", family, FAMILIES)
     learn_sigma, pixel = checks.flag("learn_sigma", learn_sigma), checks.flag("pixel", pixel)
     prediction = checks.choice("prediction", prediction, PREDICTIONS)
     name = checks.text("name", name, optional=True)
     label_init_std = checks.real("label_init_std", label_init_std, lo=0.0)
     seed = check_seed(seed)
+    if text_encoder is not None:
+        checks.path("text_encoder", text_encoder)
+        if output is None:
+            raise UsageError("`text_encoder` is written with the model: give `output` (a pipeline dir)")
+        if family != "pixart":
+            raise UsageError("`text_encoder` makes a text-to-image pipeline: pass `family` pixart")
     if output is not None:
-        return _create_into(arch, output, force, input_size=input_size, in_channels=in_channels,
+        return _create_into(arch, output, force, text_encoder, input_size=input_size, in_channels=in_channels,
                             hidden_size=hidden_size, depth=depth, num_heads=num_heads, patch_size=patch_size,
                             num_classes=num_classes, learn_sigma=learn_sigma, pixel=pixel, prediction=prediction,
-                            name=name, label_init_std=label_init_std, seed=seed)
+                            name=name, label_init_std=label_init_std, seed=seed, family=family,
+                            caption_channels=caption_channels, caption_length=caption_length)
     over = {k: v for k, v in dict(input_size=input_size, in_channels=in_channels, hidden_size=hidden_size, depth=depth,
                                    num_heads=num_heads, patch_size=patch_size, num_classes=num_classes).items()
             if v is not None}
@@ -44,19 +63,48 @@ def create(arch: str, *, output: str | Path | None = None, input_size: int | Non
         over.update(latent_scale=None, vae=None)
     if name:
         over["name"] = name
+    captions = {k: v for k, v in dict(caption_channels=caption_channels, caption_length=caption_length).items()
+                if v is not None}
     if arch == "custom":
-        need = [k for k in CUSTOM_NEEDS if k not in over]
+        need = [k for k in CUSTOM_NEEDS + (("caption_channels",) if family == "pixart" else ()) if k not in over
+                and k not in captions]
         if need:
             raise UsageError(f"custom architecture needs `{need[0]}`")
-        cfg = DiTConfig(**over)
+        cfg = _custom_pixart(over, captions) if family == "pixart" else DiTConfig(**over)
     else:
-        cfg = DiTConfig.preset(arch, **over)
+        cfg = DiTConfig.preset(arch, **over, **captions)
+    if captions and cfg.family != "pixart":
+        raise UsageError(f"`caption_channels` / `caption_length` are for a text-to-image model; {arch} is "
+                         "class-conditional (pass `family` pixart)")
     cfg.lineage.append({"op": "create", "arch": arch, "seed": seed, "label_init_std": label_init_std})
     check_memory(cfg)
     torch.manual_seed(seed)
-    model = DiT(cfg)
-    torch.nn.init.normal_(model.y_embedder.embedding_table.weight, std=label_init_std)
+    model = family_of(cfg).module(cfg)
+    family_of(cfg).initialise(model, label_init_std)
     return model
+
+
+def _custom_pixart(over: dict, captions: dict) -> DiTConfig:
+    """A custom PixArt config read the way a diffusers transformer config is read (one
+    reader: the same derived facts as a model diffusers made, e.g. the position base grid)."""
+    if over.get("hidden_size", 0) % over.get("num_heads", 1):
+        raise UsageError(f"`hidden_size` {over['hidden_size']} is not a multiple of `num_heads` {over['num_heads']}")
+    if over.get("prediction", "eps") != "eps":
+        raise UsageError("a PixArt is an eps model (PixArtAlphaPipeline): `prediction` velocity is not supported on it")
+    d = {"num_attention_heads": over["num_heads"], "attention_head_dim": over["hidden_size"] // over["num_heads"],
+         "in_channels": over["in_channels"], "num_layers": over["depth"], "sample_size": over["input_size"],
+         "patch_size": over["patch_size"], "caption_channels": captions["caption_channels"],
+         "out_channels": over["in_channels"] * (2 if over.get("learn_sigma", True) else 1),
+         "use_additional_conditions": False}
+    cfg = config_from_pixart(d, "custom PixArt")
+    cfg.caption_length = captions.get("caption_length")
+    cfg.provenance = {"caption_length": "given (`caption_length`)"} if cfg.caption_length else {}
+    if "latent_scale" in over:  # pixel space
+        cfg.latent_scale, cfg.vae = None, None
+    if "name" in over:
+        cfg.name = over["name"]
+    cfg.validate()
+    return cfg
 
 
 def check_memory(cfg: DiTConfig, copies: float = 2.0) -> None:
@@ -72,20 +120,29 @@ def check_memory(cfg: DiTConfig, copies: float = 2.0) -> None:
                          "`num_classes`)")
 
 
-@writes_output()
-def _create_into(arch, output, force, **kw) -> DiT:
+@writes_output("text_encoder")
+def _create_into(arch, output, force, text_encoder, **kw) -> DiT:
     model = create(arch, **kw)
-    write_checkpoint(model, output, force=force, report={"created": arch, "params": model.num_params()},
-                     title="ditc create")
+    if text_encoder is None:
+        write_checkpoint(model, output, force=force, report={"created": arch, "params": model.num_params()},
+                         title="ditc create")
+    elif str(text_encoder) == DIGITS_T5:
+        with tempfile.TemporaryDirectory() as tmp:
+            build_text_encoder(tmp)
+            save_model(model, output, format="diffusers", force=force, text_encoder=tmp)
+    else:
+        save_model(model, output, format="diffusers", force=force, text_encoder=text_encoder)
     return model
 
 
-@writes_output("source")
+@writes_output("source", "text_encoder")
 def convert(source, *, output: str | Path, to: str = "ditc", dtype: str | None = None, revision: str | None = None,
             no_ema: bool = False, num_heads: int | None = None, prediction: str | None = None,
-            numerics: str | None = None, force: bool = False) -> DiT:
-    """Write ``source`` in another layout: ``ditc``, ``diffusers`` (DiTTransformer2DModel) or
-    ``original`` (a single .pt), optionally in fp16/bf16."""
+            numerics: str | None = None, text_encoder: str | Path | None = None, force: bool = False) -> DiT:
+    """Write ``source`` in another layout: ``ditc``, ``diffusers`` (DiTTransformer2DModel,
+    PixArtTransformer2DModel; a PixArt with ``text_encoder``, a pipeline or encoder dir, as a
+    whole PixArtAlphaPipeline dir) or ``original`` (a single .pt), optionally in fp16/bf16."""
+    text_encoder = checks.path("text_encoder", text_encoder, optional=True)
     checks.choice("to", to, FORMATS)
     parse_dtype(dtype)
     model = load_source(source, revision=revision, no_ema=no_ema, num_heads=num_heads, prediction=prediction,
@@ -95,7 +152,7 @@ def convert(source, *, output: str | Path, to: str = "ditc", dtype: str | None =
         raise UsageError(f"`to` original writes a single .pt file; give an output ending in .pt (got {output})")
     name = source_name(source)
     model.config = model.config.with_step("convert", to=to, dtype=dtype or "fp32", source=name)
-    save_model(model, output, format=to, dtype=dtype, force=force,
+    save_model(model, output, format=to, dtype=dtype, force=force, text_encoder=text_encoder,
                report={"op": "convert", "source": name, "to": to, "dtype": dtype or "fp32"})
     return model
 

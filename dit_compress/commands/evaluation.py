@@ -16,6 +16,7 @@ from ..diffusion.sampling import SAMPLERS, check_spacing, eval_sampler, resolve_
 from ..errors import UsageError
 from ..evaluate import bench as bench_mod
 from ..evaluate import fidelity
+from ..formats import own_text_encoder
 from ..outputs import atomic_dir, is_main_process
 from ..model import Routing, routing
 from ..model.build import fingerprint
@@ -70,7 +71,7 @@ def evaluate_model(source, *, output: str | Path, num_samples: int = 1000, sampl
     prompts, text_encoder = c.path("prompts", prompts, optional=True), c.path("text_encoder", text_encoder, optional=True)
     clip = c.path("clip", clip, optional=True)
     if clip is not None:
-        fidelity.check_clip(clip, [] if prompts is None or not Path(prompts).is_dir() else None)
+        fidelity.check_clip(clip, [])  # the path; the prompts' texts are checked once they are read
     seed = check_seed(seed)
     shard_size = c.integer("shard_size", shard_size, lo=1, hi=c.MAX_COUNT)
     batch_size = c.integer("batch_size", batch_size, lo=1, hi=c.MAX_BATCH)
@@ -85,11 +86,15 @@ def evaluate_model(source, *, output: str | Path, num_samples: int = 1000, sampl
     model = load_source(source, revision=revision, no_ema=no_ema, num_heads=num_heads, prediction=prediction,
                         numerics=numerics)
     require(model, "eval")
-    if prompts is not None and text_encoder is None and Path(prompts).is_file() \
-            and isinstance(source, (str, Path)) and (Path(source) / "text_encoder").is_dir():
-        text_encoder = source  # the pipeline's own text encoder
+    if prompts is not None and text_encoder is None and Path(prompts).is_file():
+        text_encoder = own_text_encoder(source)  # the pipeline's own text encoder
     prompt_set = load_prompts(prompts, model.config, text_encoder) if prompts is not None else None
-    family_of(model).eval_conditions(model.config, num_samples, prompt_set)  # checked before anything runs
+    conds = family_of(model).eval_conditions(model.config, num_samples, prompt_set)  # checked before anything runs
+    if clip is not None and prompt_set is None:
+        raise UsageError("`clip` scores each image against its prompt: it is for a text-to-image model eval with "
+                         "`prompts`")
+    if clip is not None:
+        fidelity.check_clip(clip, conds.texts)
     sampler, steps = eval_sampler(model.config, sampler, steps)
     resolve_spacing(sampler, timestep_spacing)  # checked before anything is written
     if cfg_channels is not None and cfg_channels > model.config.in_channels:
@@ -209,9 +214,12 @@ def bench(sources=None, *, shape: str | None = None, variants=None, baseline: st
     return report
 
 
+DEFAULT_VAE, DEFAULT_IMAGE_SIZE = "stabilityai/sd-vae-ft-ema", 256  # prepare-data of an image folder
+
+
 @writes_output("images", "text_encoder")
-def prepare_data(images: str | Path, *, output: str | Path, vae: str | None = "stabilityai/sd-vae-ft-ema",
-                 image_size: int = 256, batch_size: int = 32, shard_size: int = 1024, force: bool = False,
+def prepare_data(images: str | Path, *, output: str | Path, vae: str | None = DEFAULT_VAE,
+                 image_size: int | None = None, batch_size: int = 32, shard_size: int = 1024, force: bool = False,
                  text_encoder: str | Path | None = None, max_length: int = PIXART_MAX_LENGTH) -> dict:
     """Encode an image folder into latent shards for training data (center crop, scale
     0.18215); ``vae=None`` stores pixels. Class folders (ROOT/<class>/<image>): image + flip,
@@ -227,7 +235,7 @@ def prepare_data(images: str | Path, *, output: str | Path, vae: str | None = "s
     if not is_main_process():  # under accelerate launch the main process encodes; the others write nothing
         return None
     vae = checks.text("vae", vae, optional=True)
-    image_size = checks.integer("image_size", image_size, lo=8, hi=8192)
+    image_size = checks.integer("image_size", image_size, lo=8, hi=8192, optional=True)
     batch_size = checks.integer("batch_size", batch_size, lo=1, hi=checks.MAX_BATCH)
     shard_size = checks.integer("shard_size", shard_size, lo=1, hi=checks.MAX_COUNT)
     max_length = checks.integer("max_length", max_length, lo=1, hi=4096)
@@ -237,6 +245,9 @@ def prepare_data(images: str | Path, *, output: str | Path, vae: str | None = "s
             raise UsageError("the bundled digits train as they are (`data` digits); prepare-data makes caption "
                              "shards of them with `text_encoder`")
         digits_split(split, 1)  # the split name checked before the encoder loads
+        if vae not in (DEFAULT_VAE, None, "none") or image_size not in (None, 8):
+            raise UsageError(f"{images} are the bundled 8x8 digits, stored as pixels: `vae` and `image_size` do not "
+                             "apply to them (leave them out)")
         info = prepare_digit_captions(split, Path(output), TextEncoder(text_encoder, max_length), shard_size,
                                       force=force)
         return {"op": "prepare-data", **info}
@@ -247,6 +258,7 @@ def prepare_data(images: str | Path, *, output: str | Path, vae: str | None = "s
     if text_encoder is not None:
         scan_captioned(images)  # the folder's captions checked before the encoder loads
     encoder = TextEncoder(text_encoder, max_length) if text_encoder is not None else None
-    info = prepare(images, Path(output), None if vae in (None, "none") else vae, image_size, batch_size, shard_size,
+    info = prepare(images, Path(output), None if vae in (None, "none") else vae, image_size or DEFAULT_IMAGE_SIZE,
+                   batch_size, shard_size,
                    force=force, text_encoder=encoder)
     return {"op": "prepare-data", **info, **({"warning": info["note"]} if info.get("note") else {})}

@@ -5,7 +5,8 @@ each relative to the other images of its class (terciles over the whole set, so 
 does not depend on the split):
 - stroke: the ink (sum of intensities): "thin" (lowest third), "thick" (highest third);
 - slant: the intensity-weighted shear -cov(x, y) / var(y) (rows run downwards, so a positive
-  value leans right): "upright" (lowest third), "slanted" (highest third).
+  value leans right); its magnitude decides: "upright" (lowest third of |slant|), "slanted"
+  (highest third), whichever way the digit leans.
 
 Training captions (split ``train``) use TRAIN_TEMPLATES; the held-out split (``test``) uses
 HELD_OUT_TEMPLATES: other phrasings made of the same words, so that prompt following can be
@@ -56,7 +57,7 @@ def _terciles(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def adjectives(images: np.ndarray, labels: np.ndarray) -> list[list[str]]:
     """The adjectives each image's properties earn (stroke, then slant)."""
     ink, slant = properties(images)
-    s, t = _terciles(ink, labels), _terciles(slant, labels)
+    s, t = _terciles(ink, labels), _terciles(np.abs(slant), labels)
     out = []
     for a, b in zip(s, t):
         words = []

@@ -17,24 +17,11 @@ from pathlib import Path
 import torch
 
 from ..errors import DitcError, UsageError
+from ..formats.pixart_fmt import text_encoder_dirs
 from ..model.pixart import Captions
-from .datasets import load_data
+from .datasets import CaptionData, load_data
 
 PIXART_MAX_LENGTH = 120  # PixArtAlphaPipeline's max_sequence_length (PixArt-Σ: 300)
-
-
-def _dirs(path: Path) -> tuple[Path, Path]:
-    """(text encoder dir, tokenizer dir) of a pipeline dir (text_encoder/ + tokenizer/) or of a
-    dir holding both an encoder config and tokenizer files."""
-    if (path / "text_encoder").is_dir():
-        tok = path / "tokenizer"
-        if not tok.is_dir():
-            raise UsageError(f"{path} has text_encoder/ but no tokenizer/ (the pipeline's tokenizer is needed)")
-        return path / "text_encoder", tok
-    if (path / "config.json").exists():
-        return path, path
-    raise UsageError(f"{path} holds no text encoder (a pipeline dir with text_encoder/ and tokenizer/, or an encoder "
-                     "dir with its tokenizer)")
 
 
 class TextEncoder:
@@ -44,7 +31,7 @@ class TextEncoder:
         path = Path(path)
         if not path.exists():
             raise UsageError(f"text encoder {path} does not exist (give a local pipeline or text encoder dir)")
-        enc_dir, tok_dir = _dirs(path)
+        enc_dir, tok_dir = text_encoder_dirs(path)
         try:
             from transformers import AutoTokenizer, T5EncoderModel  # heavy: imported on first use
             from transformers.utils import logging as hf_logging
@@ -96,7 +83,8 @@ def encode_prompts(text_encoder, prompts: list[str], max_length: int = PIXART_MA
 @dataclass
 class PromptSet:
     """The prompts an eval samples: their captions [P], the null caption [1], the texts when
-    known (a prompt file; caption shards hold features only), and what they were read from."""
+    known (a prompt file; caption shards whose manifest lists them), what they were read from,
+    and the class each prompt asks for when the data states it (the digit captions)."""
 
     captions: Captions
     null: Captions
@@ -104,6 +92,7 @@ class PromptSet:
     source: str
     encoded_by: str | None = None  # the text encoder (path#identity) of a prompt file
     note: str | None = None
+    classes: object = None  # np.ndarray [P] of ints, or None
 
 
 def load_prompts(spec, cfg, text_encoder=None) -> PromptSet:
@@ -114,7 +103,9 @@ def load_prompts(spec, cfg, text_encoder=None) -> PromptSet:
         raise UsageError(f"prompts {spec} do not exist (a text file of prompts, or caption shards)")
     if p.is_dir():
         data = load_data(str(p), cfg=cfg)
-        return PromptSet(data.y, data.null, None, str(p))
+        if not isinstance(data, CaptionData):
+            raise UsageError(f"prompts {spec} are not caption shards (made by `ditc prepare-data --text-encoder`)")
+        return PromptSet(data.y, data.null, data.texts, str(p), classes=data.classes)
     try:
         texts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as e:

@@ -18,9 +18,12 @@ def check_clip(path, texts) -> None:
     if not Path(path).is_dir():
         raise UsageError(f"CLIP model {path} does not exist (give a local dir with a CLIPModel, its tokenizer and "
                          "image processor)")
+    if not (Path(path) / "config.json").is_file():
+        raise UsageError(f"{path} is not a CLIP model dir (it has no config.json; give a local dir with a CLIPModel, "
+                         "its tokenizer and image processor)")
     if texts is None:
-        raise UsageError("the CLIP score needs the prompts' texts: give `prompts` as a text file (caption shards hold "
-                         "features only)")
+        raise UsageError("the CLIP score needs the prompts' texts: give `prompts` as a text file, or caption shards "
+                         "whose manifest lists them (made by this version's prepare-data)")
 
 
 @torch.no_grad()

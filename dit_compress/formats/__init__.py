@@ -40,13 +40,25 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
+def own_text_encoder(source) -> Path | None:
+    """The text encoder a source carries: a pipeline dir (or embedded pipeline) with
+    text_encoder/ and tokenizer/; None for anything else."""
+    if not isinstance(source, (str, Path)):
+        return None
+    where = EMBEDDED.get(str(source), Path(source))
+    return where if (where / "text_encoder").is_dir() else None
+
+
 def detect(source: str) -> tuple[str, Path | str]:
     """(kind, location) where kind is ditc | diffusers | original | hub."""
 
     if source in EMBEDDED:
-        if not (EMBEDDED[source] / "model.safetensors").exists():
+        where = EMBEDDED[source]
+        if (where / "model_index.json").exists() and (where / "transformer").is_dir():
+            return "diffusers", where  # a pipeline dir (digits-pixart)
+        if not (where / "model.safetensors").exists():
             raise FormatError(f"the embedded {source} weights are missing from the installed package")
-        return "ditc", EMBEDDED[source]
+        return "ditc", where
     p = Path(source)
     if p.exists():
         if p.is_dir():
@@ -155,9 +167,13 @@ def load_model(source, *, revision: str | None = None, use_ema: bool = True, dty
 
 
 def save_model(model, path, format: str = "ditc", dtype=None, force: bool = False,
-               report: dict | None = None) -> Path:
+               report: dict | None = None, text_encoder=None) -> Path:
     """Write ``model`` atomically as a ditc dir (or lone ``.safetensors``), a diffusers
-    layout, or an original ``.pt``."""
+    layout, or an original ``.pt``. A PixArt in the diffusers layout with ``text_encoder`` (a
+    pipeline or encoder dir) is written as a whole pipeline (text encoder, tokenizer, DDIM
+    scheduler) that diffusers' PixArtAlphaPipeline loads."""
+    if text_encoder is not None and format != "diffusers":
+        raise UsageError("`text_encoder` goes with the diffusers format (a pipeline dir)")
 
     if format not in FORMATS:
         raise UsageError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -185,11 +201,11 @@ def save_model(model, path, format: str = "ditc", dtype=None, force: bool = Fals
             save_ditc_into(model, tmp, dt, report=report)
     else:
         with atomic_dir(path, force) as tmp:
-            save_diffusers(model, tmp, dt)
+            save_diffusers(model, tmp, dt, text_encoder=text_encoder)
     return path
 
 
-__all__ = ["load_model", "save_model", "detect", "build_model", "load_state", "read_safetensors", "atomic_dir"]
+__all__ = ["load_model", "save_model", "own_text_encoder", "detect", "build_model", "load_state", "read_safetensors", "atomic_dir"]
 
 
 def write_checkpoint(model, output, *, force: bool = False, report: dict, title: str, plots=None) -> None:

@@ -19,7 +19,8 @@ from ..config import DiTConfig
 from ..errors import FormatError, UsageError
 from .ditc import read_safetensors
 from .original import safe_torch_load
-from .pixart_fmt import config_from_pixart, is_pixart, pipeline_facts, pixart_config, pixart_index
+from .pixart_fmt import (config_from_pixart, is_pixart, pipeline_facts, pixart_config, pixart_index,
+                         write_pipeline_parts)
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
@@ -227,16 +228,20 @@ def diffusers_config(cfg: DiTConfig) -> dict:
     }
 
 
-def save_diffusers(model, out_dir: Path, dtype: torch.dtype | None = None) -> None:
+def save_diffusers(model, out_dir: Path, dtype: torch.dtype | None = None, text_encoder=None) -> None:
     """A transformer-only diffusers layout: ``model_index.json`` + ``transformer/`` for eps
     models (loadable in ``DiTPipeline``). A velocity (SiT) model is written as the
     ``transformer/`` folder alone: diffusers' DiTPipeline would sample it as an eps model with
     its DDIM/DDPM scheduler, so no pipeline index claims it; its config's ``_ditc`` entry
-    states the prediction and time input, and ditc reloads it exactly."""
+    states the prediction and time input, and ditc reloads it exactly. A PixArt with
+    ``text_encoder`` (a pipeline or encoder dir) is written as a whole PixArtAlphaPipeline dir
+    (``write_pipeline_parts``)."""
 
     cfg = model.config
     if cfg.is_dynamic:
         raise UsageError("a model with dynamic routers cannot be expressed in the diffusers layout; save it as ditc")
+    if text_encoder is not None and cfg.family != "pixart":
+        raise UsageError("`text_encoder` makes a text-to-image pipeline; this model is class-conditional")
     if cfg.family == "pixart":  # PixArtTransformer2DModel (diffusers' keys already), loadable in PixArtAlphaPipeline
         sd, config, index = dict(model.state_dict()), pixart_config(cfg), pixart_index()
     else:
@@ -254,5 +259,7 @@ def save_diffusers(model, out_dir: Path, dtype: torch.dtype | None = None) -> No
     tdir.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(tdir / "diffusion_pytorch_model.safetensors"))
     (tdir / "config.json").write_text(json.dumps(config, indent=2))
-    if index is not None:
+    if text_encoder is not None:
+        write_pipeline_parts(out_dir, text_encoder)
+    elif index is not None:
         (Path(out_dir) / "model_index.json").write_text(json.dumps(index, indent=2))

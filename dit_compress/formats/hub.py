@@ -6,6 +6,7 @@ import os
 import re
 from pathlib import Path
 
+from ..assets import EMBEDDED
 from ..errors import DitcError, UsageError
 
 ALIASES = {
@@ -60,5 +61,5 @@ def download(repo_id: str, revision: str | None = None) -> Path:
 
 
 def unknown_source(source: str) -> UsageError:
-    names = ", ".join(sorted(set(ALIASES)) + ["digits-dit", "digits-sit"])
+    names = ", ".join(sorted(set(ALIASES)) + sorted(EMBEDDED))
     return UsageError(f"unknown model {source!r}: not a path, a known alias ({names}) or a hub repo id (org/name)")

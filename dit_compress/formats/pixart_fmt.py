@@ -7,6 +7,7 @@ refused in one line."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from .. import checks
@@ -173,6 +174,56 @@ def pixart_config(cfg: DiTConfig) -> dict:
 def pixart_index() -> dict:
     return {"_class_name": "PixArtAlphaPipeline", "_diffusers_version": "0.30.0",
             "transformer": ["diffusers", "PixArtTransformer2DModel"]}
+
+
+# DDIM on DiT's linear schedule, as `ditc sample --sampler ddim --timestep-spacing leading` runs it
+DDIM_SCHEDULER = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.30.0", "num_train_timesteps": 1000,
+                  "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear", "trained_betas": None,
+                  "clip_sample": False, "set_alpha_to_one": True, "steps_offset": 0, "prediction_type": "epsilon",
+                  "thresholding": False, "timestep_spacing": "leading", "rescale_betas_zero_snr": False}
+
+
+def text_encoder_dirs(path) -> tuple[Path, Path]:
+    """(text encoder dir, tokenizer dir) of a pipeline dir (text_encoder/ + tokenizer/) or of a
+    dir holding both an encoder config and tokenizer files."""
+    path = Path(path)
+    if (path / "text_encoder").is_dir():
+        tok = path / "tokenizer"
+        if not tok.is_dir():
+            raise UsageError(f"{path} has text_encoder/ but no tokenizer/ (the pipeline's tokenizer is needed)")
+        return path / "text_encoder", tok
+    if (path / "config.json").exists():
+        return path, path
+    raise UsageError(f"{path} holds no text encoder (a pipeline dir with text_encoder/ and tokenizer/, or an encoder "
+                     "dir with its tokenizer)")
+
+
+def write_pipeline_parts(out_dir, text_encoder) -> dict:
+    """Make ``out_dir`` (holding transformer/) a whole PixArtAlphaPipeline dir: the text
+    encoder and tokenizer copied from ``text_encoder`` (a pipeline or encoder dir), a DDIM
+    scheduler on the training schedule, and no VAE (``vae: [null, null]``: a pixel-space model
+    samples with ``output_type="latent"``). Returns the pipeline index written."""
+    enc, tok = text_encoder_dirs(text_encoder)
+    out = Path(out_dir)
+    for src, name in ((enc, "text_encoder"), (tok, "tokenizer")):
+        (out / name).mkdir()
+        for f in sorted(src.iterdir()):
+            if f.is_file() and (name == "tokenizer" or f.name in ("config.json", "model.safetensors",
+                                                                   "generation_config.json")):
+                if name == "tokenizer" and (f.name == "config.json" or f.suffix == ".safetensors"):
+                    continue  # an encoder dir holding both: the weights go to text_encoder/ only
+                shutil.copyfile(f, out / name / f.name)
+    if not (out / "text_encoder" / "model.safetensors").exists():
+        raise UsageError(f"{enc} has no model.safetensors (the encoder's weights, in safetensors)")
+    (out / "scheduler").mkdir()
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(DDIM_SCHEDULER, indent=2))
+    enc_cfg = read_config(out / "text_encoder" / "config.json")
+    enc_cls = (enc_cfg.get("architectures") or ["T5EncoderModel"])[0] if isinstance(enc_cfg, dict) else "T5EncoderModel"
+    index = {**pixart_index(), "text_encoder": ["transformers", enc_cls],
+             "tokenizer": ["transformers", "PreTrainedTokenizerFast"], "scheduler": ["diffusers", "DDIMScheduler"],
+             "vae": [None, None]}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    return index
 
 
 def read_config(cfile) -> dict:

@@ -4,6 +4,8 @@ layout; everything above model/ and formats/ reaches a model only through ``fami
     module(cfg)                  the network for a config (meta-device friendly)
     complete_state(cfg, state)   what a state dict may leave out and the config determines
     after_load(model)            buffers built from the config once the weights are in
+    initialise(model, label_std) the reference training initialisation of a fresh model
+                                 (``create``): DiT's, with the class table's std; PixArt-α's
     stack_key                    the state-dict prefix of the block stack depth pruning cuts
                                  (``model.blocks`` is that stack on every family)
     condition                    "labels" (class-conditional) or "captions" (text-to-image)
@@ -61,14 +63,18 @@ class WidthLayout:
 class EvalConditions:
     """What an eval samples: ``labels`` [n] (the class, or the prompt index, of each sample),
     ``batch(lo, hi)`` the condition of samples lo..hi, the guidance ``negative`` (None: the
-    family's own null), ``groups`` (distinct labels: grid rows) and the prompt ``texts``
-    when known (CLIP score)."""
+    family's own null), ``groups`` (distinct labels: grid rows), the prompt ``texts`` when
+    known (CLIP score), and ``asks`` [n], the class each sample's condition asks for when it
+    is known (the class itself; a digit caption's digit), scored by a held-out classifier as
+    ``asks_metric`` (class accuracy, or prompt-following accuracy)."""
 
     labels: np.ndarray
     batch: object
     negative: object
     groups: int
     texts: list | None = None
+    asks: np.ndarray | None = None
+    asks_metric: str = "class_accuracy"
 
 
 def _checked_tensor(t) -> bool:
@@ -105,6 +111,10 @@ class DiTFamily:
     def after_load(model):
         model.pos_embed.requires_grad_(False)
         return model
+
+    @staticmethod
+    def initialise(model, label_std: float) -> None:  # the constructor ran DiT's reference init
+        torch.nn.init.normal_(model.y_embedder.embedding_table.weight, std=label_std)
 
     @staticmethod
     def check_condition(model, y, n: int):
@@ -174,7 +184,8 @@ class DiTFamily:
             raise UsageError("`prompts` are for text-to-image models; a class-conditional model samples class-balanced "
                              "labels")
         labels = np.arange(n) % cfg.num_classes
-        return EvalConditions(labels, lambda lo, hi: torch.from_numpy(labels[lo:hi]).long(), None, cfg.num_classes)
+        return EvalConditions(labels, lambda lo, hi: torch.from_numpy(labels[lo:hi]).long(), None, cfg.num_classes,
+                              asks=labels)
 
 
 class PixArtFamily:
@@ -196,6 +207,10 @@ class PixArtFamily:
     def after_load(model):
         model.reset_pos_table()
         return model
+
+    @staticmethod
+    def initialise(model, label_std: float) -> None:
+        model.initialize_weights()  # no class table: the caption projection has PixArt's own std
 
     @staticmethod
     def check_condition(model, c, n: int):
@@ -312,8 +327,9 @@ class PixArtFamily:
             raise UsageError(f"the prompts' caption features are {caps.emb.shape[-1]} wide; the model takes "
                              f"{cfg.caption_channels} (encode them with its own text encoder)")
         labels = np.arange(n) % len(caps)
+        asks = None if prompts.classes is None else np.asarray(prompts.classes)[labels]
         return EvalConditions(labels, lambda lo, hi: caps[torch.from_numpy(labels[lo:hi])], prompts.null, len(caps),
-                              prompts.texts)
+                              prompts.texts, asks, "prompt_accuracy")
 
 
 def _repeat(c: Captions, n: int) -> Captions:

@@ -337,6 +337,33 @@ class PixArt(RoutedModel, nn.Module):
         if not self.pos_table.is_meta:
             self.reset_pos_table()
 
+    def initialize_weights(self) -> None:
+        """PixArt-α's training initialisation (its ``initialize_weights``): xavier-uniform
+        linears with zero biases, the patch embedding as a linear, N(0, 0.02) timestep MLP,
+        adaLN-single linear and caption projection, and zero cross-attention output
+        projections and final linear (so a fresh model predicts 0). Called by ``create``, not
+        by the constructor: a loaded model gets its weights from the file."""
+
+        def basic(m):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+        self.apply(basic)
+        w = self.pos_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.pos_embed.proj.bias)
+        emb = self.adaln_single.emb.timestep_embedder
+        for lin in (emb.linear_1, emb.linear_2, self.adaln_single.linear,
+                    self.caption_projection.linear_1, self.caption_projection.linear_2):
+            nn.init.normal_(lin.weight, std=0.02)
+        for block in self.transformer_blocks:
+            nn.init.zeros_(block.attn2.to_out[0].weight)
+            nn.init.zeros_(block.attn2.to_out[0].bias)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
     def reset_pos_table(self) -> None:
         c = self.config
         grid = c.input_size // c.patch_size

@@ -1,0 +1,143 @@
+"""The text-to-image testbed: ``create --family pixart`` (PixArt-α's training initialisation,
+written as a whole diffusers pipeline with the testbed's text encoder), prompt-following
+accuracy in eval (the held-out classifier reads the digit each prompt asks for), and the
+shipped ``digits-pixart``: diffusers' own PixArtAlphaPipeline and ``dit_compress.sample``
+draw the same images from the same noise, and it follows seen and held-out prompts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import dit_compress as dc
+from dit_compress.assets import EMBEDDED
+from dit_compress.cli import app
+from dit_compress.data import digit_captions as D
+
+PIXART = ["--family", "pixart", "--caption-channels", "64", "--caption-length", "16", "--input-size", "8",
+          "--patch-size", "1", "--in-channels", "1", "--hidden-size", "32", "--depth", "2", "--num-heads", "2",
+          "--pixel"]
+SHIPPED = EMBEDDED["digits-pixart"]
+
+
+def run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_line_refusal(r, text=None):
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output and r.stderr.startswith("error:") and r.stderr.count("\n") == 1, r.stderr
+    if text is not None:
+        assert text in r.stderr, r.stderr
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    root = tmp_path_factory.mktemp("t2i")
+    r = run("create", "custom", *PIXART, "--text-encoder", "digits-t5", "--seed", "3", "-o", root / "pipe")
+    assert r.exit_code == 0, r.output
+    return root / "pipe"
+
+
+def test_create_pixart_is_pixart_alphas_initialisation_in_a_whole_pipeline(pipe, tmp_path):
+    from diffusers import PixArtAlphaPipeline
+
+    assert sorted(p.name for p in pipe.iterdir()) == ["model_index.json", "scheduler", "text_encoder", "tokenizer",
+                                                       "transformer"]
+    m = dc.load_model(pipe)
+    sd = m.state_dict()
+    # PixArt-α's initialize_weights: zero cross-attention outputs and final linear, N(0, 0.02) embedders
+    for k in ("proj_out.weight", "proj_out.bias", "transformer_blocks.0.attn2.to_out.0.weight"):
+        assert torch.count_nonzero(sd[k]) == 0, k
+    for k in ("adaln_single.linear.weight", "caption_projection.linear_1.weight",
+              "adaln_single.emb.timestep_embedder.linear_1.weight"):
+        assert abs(sd[k].std().item() - 0.02) < 0.004, (k, sd[k].std())
+    w = sd["transformer_blocks.0.attn1.to_q.weight"]  # xavier uniform: bound sqrt(6 / (fan_in + fan_out))
+    assert w.abs().max() <= (6 / 64) ** 0.5 and w.abs().max() > 0.8 * (6 / 64) ** 0.5
+    assert m.config.caption_length == 16 and m.config.vae is None and m.config.family == "pixart"
+    # the same seed is the same model; the text encoder is the testbed's, built from its seed
+    again = run("create", "custom", *PIXART, "--seed", "3", "-o", tmp_path / "ditc")
+    assert again.exit_code == 0, again.output
+    assert all(torch.equal(a, b) for a, b in zip(sd.values(), dc.load_model(tmp_path / "ditc").state_dict().values()))
+    D.build_text_encoder(tmp_path / "enc")
+    from safetensors.torch import load_file
+    ref, got = (load_file(d / "text_encoder" / "model.safetensors") for d in (tmp_path / "enc", pipe))
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    # diffusers' own pipeline loads it (no VAE: pixel space, output_type="latent")
+    p = PixArtAlphaPipeline.from_pretrained(str(pipe), vae=None)
+    assert type(p.scheduler).__name__ == "DDIMScheduler"
+    out = p("a thick seven", height=64, width=64, num_inference_steps=2, output_type="latent", max_sequence_length=16,
+            clean_caption=False, use_resolution_binning=False).images
+    assert out.shape == (1, 1, 8, 8) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("case", ["captions on a DiT", "text encoder on a DiT", "no caption width",
+                                  "heads do not divide", "text encoder without output"])
+def test_bad_create_options_are_refused_in_one_line(tmp_path, case):
+    dit = ["--input-size", "8", "--patch-size", "1", "--in-channels", "1", "--hidden-size", "32", "--depth", "2",
+           "--num-heads", "2", "--num-classes", "10", "--pixel"]
+    args = {"captions on a DiT": dit + ["--caption-channels", "64"],
+            "text encoder on a DiT": dit + ["--text-encoder", "digits-t5"],
+            "no caption width": [a for a in PIXART if a not in ("--caption-channels", "64")],
+            "heads do not divide": [("3" if a == "2" and i == PIXART.index("--num-heads") + 1 else a)
+                                    for i, a in enumerate(PIXART)],
+            }.get(case)
+    if case == "text encoder without output":
+        with pytest.raises(dc.UsageError, match="give `output`"):
+            dc.create("custom", family="pixart", caption_channels=64, input_size=8, patch_size=1, in_channels=1,
+                      hidden_size=32, depth=2, num_heads=2, pixel=True, text_encoder="digits-t5")
+        return
+    r = run("create", "custom", *args, "-o", tmp_path / "o")
+    one_line_refusal(r)
+    assert not (tmp_path / "o").exists()
+
+
+def test_prepare_data_of_the_bundled_digits_refuses_a_vae_or_size(pipe, tmp_path):
+    for extra in (["--vae", "./my-vae"], ["--image-size", "32"]):
+        r = run("prepare-data", "digits:test", "--text-encoder", pipe, "--max-length", 16, *extra, "-o", tmp_path / "o")
+        one_line_refusal(r, "do not apply")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_eval_reports_prompt_following_accuracy_from_the_held_out_classifier(pipe, tmp_path):
+    """The accuracy in the report is the share of samples the digits classifier reads as the
+    digit named in their prompt's text (re-derived here from the samples and the captions)."""
+    from dit_compress.evaluate.features import load_digits_net
+
+    r = run("prepare-data", "digits:test", "--text-encoder", pipe, "--max-length", 16, "-o", tmp_path / "caps")
+    assert r.exit_code == 0, r.output
+    r = run("eval", pipe, "--prompts", tmp_path / "caps", "-n", 30, "--sampler", "ddim", "--steps", 2,
+            "--metrics", "fid", "-o", tmp_path / "ev", "--json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "ev" / "report.json").read_text())
+    texts = json.loads((tmp_path / "caps" / "manifest.json").read_text())["texts"]
+    got = np.load(tmp_path / "ev" / "samples.npz")
+    asked = torch.tensor([D.digit_of(texts[k]) for k in got["labels"]])
+    x = torch.from_numpy(got["arr_0"]).float().mean(-1, keepdim=True).permute(0, 3, 1, 2) / 127.5 - 1
+    ref = (load_digits_net()(x).argmax(1) == asked).float().mean().item()
+    assert rep["metrics"]["prompt_accuracy"] == pytest.approx(ref)
+    assert "class_accuracy" not in rep["metrics"]
+
+
+@pytest.mark.skipif(not (SHIPPED / "model_index.json").exists(), reason="digits-pixart is not shipped in this tree")
+def test_shipped_digits_pixart_samples_the_same_through_diffusers_and_dit_compress():
+    from diffusers import PixArtAlphaPipeline
+
+    prompts = ["a thick seven", "the digit 3", "a thin slanted two", "digit nine"]
+    noise = torch.randn(len(prompts), 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    p = PixArtAlphaPipeline.from_pretrained(str(SHIPPED), vae=None, torch_dtype=torch.float32)
+    with torch.no_grad():
+        theirs = p(prompts, height=64, width=64, num_inference_steps=10, guidance_scale=3.0, latents=noise.clone(),
+                   output_type="latent", max_sequence_length=16, clean_caption=False, use_resolution_binning=False,
+                   negative_prompt="").images
+    model = dc.load_model("digits-pixart")
+    caps, null = dc.encode_prompts(SHIPPED, prompts, max_length=16)
+    ours = dc.sample(model, noise.clone(), caps, sampler="ddim", steps=10, cfg_scale=3.0, timestep_spacing="leading",
+                     negative=null)
+    assert theirs.shape == ours.shape
+    assert torch.allclose(theirs, ours, atol=1e-4), (theirs - ours).abs().max()
