@@ -130,7 +130,7 @@ def test_shipped_digits_pixart_samples_the_same_through_diffusers_and_dit_compre
 
     prompts = ["a thick seven", "the digit 3", "a thin slanted two", "digit nine"]
     noise = torch.randn(len(prompts), 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    p = PixArtAlphaPipeline.from_pretrained(str(SHIPPED), vae=None, torch_dtype=torch.float32)
+    p = PixArtAlphaPipeline.from_pretrained(str(SHIPPED), vae=None, dtype=torch.float32)
     with torch.no_grad():
         theirs = p(prompts, height=64, width=64, num_inference_steps=10, guidance_scale=3.0, latents=noise.clone(),
                    output_type="latent", max_sequence_length=16, clean_caption=False, use_resolution_binning=False,
@@ -140,4 +140,29 @@ def test_shipped_digits_pixart_samples_the_same_through_diffusers_and_dit_compre
     ours = dc.sample(model, noise.clone(), caps, sampler="ddim", steps=10, cfg_scale=3.0, timestep_spacing="leading",
                      negative=null)
     assert theirs.shape == ours.shape
+    assert ours.abs().max() > 0.5  # real images (pixels in [-1, 1]), not a zero prediction
     assert torch.allclose(theirs, ours, atol=1e-4), (theirs - ours).abs().max()
+
+
+@pytest.mark.parametrize("target", [0.5, 0.7])
+def test_static_width_on_pixart_reaches_its_target_with_cross_attention_counted_whole(target):
+    """Static width pruning keeps its promise on the block FLOPs, with PixArt's cross-attention
+    (no router scales it) counted whole: re-derived from the kept heads and channels of each
+    block (float64, from the shapes: self-attn 4ND^2 + 2N^2D per head share, MLP 2ND*4D per
+    channel share, cross-attn 2ND^2 + 2LD^2 + 2NLD fixed)."""
+    from dit_compress.compress.dynamic import add_dynamic_width
+    from dit_compress.diffusion.measure import inference_flops
+    from dit_compress.diffusion.measure import width_profile
+
+    m = dc.create("custom", family="pixart", caption_channels=64, caption_length=16, input_size=8, patch_size=1,
+                  in_channels=1, hidden_size=64, depth=8, num_heads=4, pixel=True)
+    s = add_dynamic_width(m, target_flops=target, static=True, sort_by="none")
+    N, D, L = 64.0, 64.0, 16.0
+    attn, mlp, cross = 4 * N * D * D + 2 * N * N * D, 2 * N * D * 4 * D, 2 * N * D * D + 2 * L * D * D + 2 * N * L * D
+    prof = width_profile(s, [500])
+    ratio = np.mean([(cross + attn * h[0] + mlp * c[0]) / (cross + attn + mlp)
+                     for h, c in zip(prof["heads"], prof["channels"])])
+    assert abs(ratio - target) <= 0.5 * (attn + mlp) / (cross + attn + mlp) / 32 + 1e-9  # half a head of 32
+    assert inference_flops(s, "ddim", 4)["block_flops_ratio"] == pytest.approx(ratio)
+    with pytest.raises(dc.UsageError, match="below what static width can reach"):
+        add_dynamic_width(m, target_flops=0.2, static=True, sort_by="none")

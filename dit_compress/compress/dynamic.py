@@ -19,6 +19,7 @@ from ..errors import DitcError, UsageError
 from ..model.build import build_model
 from ..model.family import family_of, require
 from ..model.routers import Routing, TokenRouter, WidthRouter, routing
+from ..model.flops import block_fixed_macs, block_macs
 
 SORTS = ("magnitude", "taylor", "none")
 
@@ -151,10 +152,25 @@ def add_dynamic_width(model, target_flops: float = 0.5, sort_by: str = "magnitud
             r = WidthRouter(cfg.hidden_size, cfg.num_heads, init_bias)
             for k, v in r.state_dict().items():
                 state[f"{family_of(model).stack_key}.{i}.{name}.{k}"] = v
+    share = routed_share(cfg, target_flops) if static else None
     new = build_model(new_cfg, state, dtype=next(model.parameters()).dtype)
     if static:
-        set_static_width(new, target_flops, target_flops)
+        set_static_width(new, share, share)
     return new
+
+
+def routed_share(cfg, target_flops: float) -> float:
+    """The share of heads and MLP channels whose block FLOPs are ``target_flops`` of the full
+    block: the part no router scales (PixArt's cross-attention; none on DiT) counts whole, so
+    share = (target - fixed) / (1 - fixed), fixed the block's unscaled fraction."""
+    attn, mlp = block_macs(cfg)
+    fixed = block_fixed_macs(cfg) / (block_fixed_macs(cfg) + attn + mlp)
+    least = fixed + (1 - fixed) / cfg.num_heads  # one head and one channel group per block
+    if target_flops < least - 1e-9:
+        raise UsageError(f"`target_flops` {target_flops} is below what static width can reach on this model "
+                         f"({least:.3f}: one head and one channel group per block, and the {fixed:.0%} of each "
+                         "block no router scales)")
+    return (target_flops - fixed) / (1 - fixed)
 
 
 def add_token_router(model, tau: float = 5.0, init_bias: float = 35.0, reduction: int = 16, seed: int = 0,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from ..assets import EVALS_DIR
 from ..data.batches import calibration_set
@@ -451,7 +451,7 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
         os.replace(work / "samples", tmp / "samples")
         np.savez(tmp / "samples.npz", arr_0=imgs, labels=labels)
         if grid:
-            sample_grid_png(tmp / "samples.png", imgs, labels, conds.groups)
+            sample_grid_png(tmp / "samples.png", imgs, labels, conds.groups, row_labels=conds.texts)
         write_report(tmp, report, f"ditc eval: {source}")
     shutil.rmtree(work, ignore_errors=True)
     if cache:
@@ -474,15 +474,26 @@ def _cached_eval(hit: tuple[Path, dict], out_dir: Path, force: bool, source, key
 
 
 def sample_grid_png(path: Path, imgs: np.ndarray, labels: np.ndarray, num_classes: int, per_class: int = 10,
-                    scale: int = 4) -> None:
-    """The first samples of each class (or prompt), one row per class (at most 10 rows)."""
+                    scale: int = 4, row_labels: list | None = None) -> None:
+    """The first samples of each class (or prompt), one row per class (at most 10 rows);
+    ``row_labels`` (the prompts' texts) are written left of their rows."""
     rows = min(num_classes, 10)
     H, W = imgs.shape[1:3]
     grid = np.zeros((rows * H, per_class * W, 3), dtype=np.uint8)
     for c in range(rows):
         for j, a in enumerate(imgs[labels == c][:per_class]):
             grid[c * H:(c + 1) * H, j * W:(j + 1) * W] = a
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+    img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    if row_labels:
+        texts = [str(t) for t in row_labels[:rows]]
+        margin = 6 * max(len(t) for t in texts) + 8  # PIL's default bitmap font: about 6 px a character
+        framed = Image.new("RGB", (img.width + margin, img.height), "white")
+        framed.paste(img, (margin, 0))
+        draw = ImageDraw.Draw(framed)
+        for c, t in enumerate(texts):
+            draw.text((4, c * H * scale + (H * scale - 11) // 2), t, fill="black")
+        img = framed
+    img.save(path)
 
 
 def heldout_loss(model, spec: str, seed: int = 0, repeats: int = 4) -> dict:

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 from .. import checks
+from ..assets import EMBEDDED
 from ..config import DiTConfig
 from ..errors import FormatError, UsageError
 
@@ -185,8 +186,9 @@ DDIM_SCHEDULER = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.30.0"
 
 def text_encoder_dirs(path) -> tuple[Path, Path]:
     """(text encoder dir, tokenizer dir) of a pipeline dir (text_encoder/ + tokenizer/) or of a
-    dir holding both an encoder config and tokenizer files."""
-    path = Path(path)
+    dir holding both an encoder config and tokenizer files; an embedded pipeline by its name
+    (``digits-pixart``)."""
+    path = EMBEDDED.get(str(path), Path(path))
     if (path / "text_encoder").is_dir():
         tok = path / "tokenizer"
         if not tok.is_dir():
