@@ -310,6 +310,12 @@ def test_eval_on_pixart_samples_the_prompts_with_fid_and_clip_score(world, tmp_p
     assert r.exit_code == 0 and "cached" not in json.loads((tmp_path / "e3" / "report.json").read_text())
 
 
+def make_fake_clip(d):
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    return d
+
+
 @pytest.mark.parametrize("case", ["no prompts", "empty prompt file", "missing clip", "clip dir without a model",
                                   "clip for a DiT", "prompts for a DiT", "missing prompts"])
 def test_bad_eval_inputs_on_pixart_are_refused_in_one_line(world, tmp_path, case):
@@ -319,7 +325,7 @@ def test_bad_eval_inputs_on_pixart_are_refused_in_one_line(world, tmp_path, case
         "no prompts": [], "empty prompt file": ["--prompts", empty],
         "missing clip": ["--prompts", world / "shards", "--clip", tmp_path / "no-clip"],
         "clip dir without a model": ["--prompts", world / "shards", "--clip", tmp_path],
-        "clip for a DiT": ["--clip", tmp_path],
+        "clip for a DiT": ["--clip", make_fake_clip(tmp_path / "fake-clip")],
         "prompts for a DiT": ["--prompts", world / "shards"], "missing prompts": ["--prompts", tmp_path / "nope.txt"],
     }[case]
     if case in ("prompts for a DiT", "clip for a DiT"):
@@ -327,4 +333,6 @@ def test_bad_eval_inputs_on_pixart_are_refused_in_one_line(world, tmp_path, case
     r = run("eval", src, *extra, "-n", 2, "--steps", 2, "--ref", world / "imgs", "--vae", world / "vae",
             "--extractor", "digits-cnn", "--metrics", "fid", "-o", tmp_path / "o")
     one_line_refusal(r)
+    if case == "clip for a DiT":
+        assert "text-to-image" in r.output, r.output
     assert not (tmp_path / "o").exists()

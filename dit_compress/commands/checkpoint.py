@@ -76,6 +76,11 @@ def create(arch: str, *, output: str | Path | None = None, input_size: int | Non
     if captions and cfg.family != "pixart":
         raise UsageError(f"`caption_channels` / `caption_length` are for a text-to-image model; {arch} is "
                          "class-conditional (pass `family` pixart)")
+    if cfg.family != family and (arch == "custom" or family != "dit"):
+        raise UsageError(f"{arch} is a {cfg.family} architecture, not {family}: leave out `family` or pick a "
+                         f"{family} preset")
+    if cfg.family == "pixart" and cfg.prediction != "eps":
+        raise UsageError("a PixArt is an eps model (PixArtAlphaPipeline): `prediction` velocity is not supported on it")
     cfg.lineage.append({"op": "create", "arch": arch, "seed": seed, "label_init_std": label_init_std})
     check_memory(cfg)
     torch.manual_seed(seed)
@@ -87,10 +92,11 @@ def create(arch: str, *, output: str | Path | None = None, input_size: int | Non
 def _custom_pixart(over: dict, captions: dict) -> DiTConfig:
     """A custom PixArt config read the way a diffusers transformer config is read (one
     reader: the same derived facts as a model diffusers made, e.g. the position base grid)."""
-    if over.get("hidden_size", 0) % over.get("num_heads", 1):
+    for k in CUSTOM_NEEDS:
+        checks.integer(k, over[k], lo=1, hi=1 << 20)
+    checks.integer("caption_channels", captions["caption_channels"], lo=1, hi=1 << 20)
+    if over["hidden_size"] % over["num_heads"]:
         raise UsageError(f"`hidden_size` {over['hidden_size']} is not a multiple of `num_heads` {over['num_heads']}")
-    if over.get("prediction", "eps") != "eps":
-        raise UsageError("a PixArt is an eps model (PixArtAlphaPipeline): `prediction` velocity is not supported on it")
     d = {"num_attention_heads": over["num_heads"], "attention_head_dim": over["hidden_size"] // over["num_heads"],
          "in_channels": over["in_channels"], "num_layers": over["depth"], "sample_size": over["input_size"],
          "patch_size": over["patch_size"], "caption_channels": captions["caption_channels"],

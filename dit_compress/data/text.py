@@ -16,19 +16,35 @@ from pathlib import Path
 
 import torch
 
+from ..assets import EMBEDDED
 from ..errors import DitcError, UsageError
-from ..formats.pixart_fmt import text_encoder_dirs
 from ..model.pixart import Captions
 from .datasets import CaptionData, load_data
 
 PIXART_MAX_LENGTH = 120  # PixArtAlphaPipeline's max_sequence_length (PixArt-Σ: 300)
 
 
+def text_encoder_dirs(path) -> tuple[Path, Path]:
+    """(text encoder dir, tokenizer dir) of a pipeline dir (text_encoder/ + tokenizer/) or of a
+    dir holding both an encoder config and tokenizer files; an embedded pipeline by its name
+    (``digits-pixart``)."""
+    path = EMBEDDED.get(str(path), Path(path))
+    if (path / "text_encoder").is_dir():
+        tok = path / "tokenizer"
+        if not tok.is_dir():
+            raise UsageError(f"{path} has text_encoder/ but no tokenizer/ (the pipeline's tokenizer is needed)")
+        return path / "text_encoder", tok
+    if (path / "config.json").exists():
+        return path, path
+    raise UsageError(f"{path} holds no text encoder (a pipeline dir with text_encoder/ and tokenizer/, or an encoder "
+                     "dir with its tokenizer)")
+
+
 class TextEncoder:
     """A frozen tokenizer + encoder pair; ``encode(prompts)`` -> (Captions, truncated count)."""
 
     def __init__(self, path, max_length: int = PIXART_MAX_LENGTH, device="cpu"):
-        path = Path(path)
+        path = EMBEDDED.get(str(path), Path(path))  # an embedded pipeline by name (digits-pixart)
         if not path.exists():
             raise UsageError(f"text encoder {path} does not exist (give a local pipeline or text encoder dir)")
         enc_dir, tok_dir = text_encoder_dirs(path)

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from .. import checks
-from ..assets import EMBEDDED
+from ..data.text import text_encoder_dirs
 from ..config import DiTConfig
 from ..errors import FormatError, UsageError
 
@@ -184,23 +184,7 @@ DDIM_SCHEDULER = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.30.0"
                   "thresholding": False, "timestep_spacing": "leading", "rescale_betas_zero_snr": False}
 
 
-def text_encoder_dirs(path) -> tuple[Path, Path]:
-    """(text encoder dir, tokenizer dir) of a pipeline dir (text_encoder/ + tokenizer/) or of a
-    dir holding both an encoder config and tokenizer files; an embedded pipeline by its name
-    (``digits-pixart``)."""
-    path = EMBEDDED.get(str(path), Path(path))
-    if (path / "text_encoder").is_dir():
-        tok = path / "tokenizer"
-        if not tok.is_dir():
-            raise UsageError(f"{path} has text_encoder/ but no tokenizer/ (the pipeline's tokenizer is needed)")
-        return path / "text_encoder", tok
-    if (path / "config.json").exists():
-        return path, path
-    raise UsageError(f"{path} holds no text encoder (a pipeline dir with text_encoder/ and tokenizer/, or an encoder "
-                     "dir with its tokenizer)")
-
-
-def write_pipeline_parts(out_dir, text_encoder) -> dict:
+def write_pipeline_parts(out_dir, text_encoder, caption_channels: int | None = None) -> dict:
     """Make ``out_dir`` (holding transformer/) a whole PixArtAlphaPipeline dir: the text
     encoder and tokenizer copied from ``text_encoder`` (a pipeline or encoder dir), a DDIM
     scheduler on the training schedule, and no VAE (``vae: [null, null]``: a pixel-space model
@@ -219,7 +203,13 @@ def write_pipeline_parts(out_dir, text_encoder) -> dict:
         raise UsageError(f"{enc} has no model.safetensors (the encoder's weights, in safetensors)")
     (out / "scheduler").mkdir()
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(DDIM_SCHEDULER, indent=2))
+    if not (out / "text_encoder" / "config.json").exists():
+        raise UsageError(f"{enc} has no config.json (the encoder's transformers config)")
     enc_cfg = read_config(out / "text_encoder" / "config.json")
+    width = enc_cfg.get("d_model", enc_cfg.get("hidden_size")) if isinstance(enc_cfg, dict) else None
+    if caption_channels is not None and width != caption_channels:
+        raise UsageError(f"the text encoder {enc} gives features {width} wide; the model takes {caption_channels} "
+                         "(its caption_channels)")
     enc_cls = (enc_cfg.get("architectures") or ["T5EncoderModel"])[0] if isinstance(enc_cfg, dict) else "T5EncoderModel"
     index = {**pixart_index(), "text_encoder": ["transformers", enc_cls],
              "tokenizer": ["transformers", "PreTrainedTokenizerFast"], "scheduler": ["diffusers", "DDIMScheduler"],

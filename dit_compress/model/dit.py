@@ -20,6 +20,7 @@ from .layers import (
     TimestepEmbedder,
     sincos_2d,
     timestep_sinusoid,
+    xavier_linear,
 )
 from .compile import compiled, is_compiled
 from .routers import Routing
@@ -56,13 +57,7 @@ class DiT(RoutedModel, nn.Module):
     def initialize_weights(self):
         """The reference initialisation: xavier linears, adaLN-Zero, fixed sin-cos positions."""
 
-        def _basic(m):
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
-        self.apply(_basic)
+        self.apply(xavier_linear)
         if not self.pos_embed.is_meta:  # a model built on the meta device gets its table with its weights
             grid = int(self.config.num_patches ** 0.5)
             self.pos_embed.data.copy_(torch.from_numpy(sincos_2d(self.config.hidden_size, grid)).float().unsqueeze(0))

@@ -41,6 +41,15 @@ def timestep_sinusoid(t: torch.Tensor, dim: int = FREQ_DIM, max_period: float = 
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def xavier_linear(m: nn.Module) -> None:
+    """DiT's and PixArt-α's basic initialisation of one module (for ``module.apply``):
+    xavier-uniform linear weights, zero biases."""
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
 class PatchEmbed(nn.Module):
     def __init__(self, patch: int, in_ch: int, dim: int):
         super().__init__()

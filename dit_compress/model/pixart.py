@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .dynamic import BlockStats, RoutedModel, WidthRouted, block_flops_ratio
-from .layers import PatchEmbed, timestep_sinusoid
+from .layers import PatchEmbed, timestep_sinusoid, xavier_linear
 from .routers import Routing
 from .run import ForwardAux, RunContext, forward_with_cfg
 
@@ -344,13 +344,7 @@ class PixArt(RoutedModel, nn.Module):
         projections and final linear (so a fresh model predicts 0). Called by ``create``, not
         by the constructor: a loaded model gets its weights from the file."""
 
-        def basic(m):
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
-        self.apply(basic)
+        self.apply(xavier_linear)
         w = self.pos_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.pos_embed.proj.bias)
