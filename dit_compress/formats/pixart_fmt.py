@@ -188,29 +188,30 @@ def write_pipeline_parts(out_dir, text_encoder, caption_channels: int | None = N
     """Make ``out_dir`` (holding transformer/) a whole PixArtAlphaPipeline dir: the text
     encoder and tokenizer copied from ``text_encoder`` (a pipeline or encoder dir), a DDIM
     scheduler on the training schedule, and no VAE (``vae: [null, null]``: a pixel-space model
-    samples with ``output_type="latent"``). Returns the pipeline index written."""
+    samples with ``output_type="latent"``). The encoder is checked (its config, safetensors
+    weights, feature width) before anything is copied. Returns the pipeline index written."""
     enc, tok = text_encoder_dirs(text_encoder)
-    out = Path(out_dir)
-    for src, name in ((enc, "text_encoder"), (tok, "tokenizer")):
-        (out / name).mkdir()
-        for f in sorted(src.iterdir()):
-            if f.is_file() and (name == "tokenizer" or f.name in ("config.json", "model.safetensors",
-                                                                   "generation_config.json")):
-                if name == "tokenizer" and (f.name == "config.json" or f.suffix == ".safetensors"):
-                    continue  # an encoder dir holding both: the weights go to text_encoder/ only
-                shutil.copyfile(f, out / name / f.name)
-    if not (out / "text_encoder" / "model.safetensors").exists():
-        raise UsageError(f"{enc} has no model.safetensors (the encoder's weights, in safetensors)")
-    (out / "scheduler").mkdir()
-    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(DDIM_SCHEDULER, indent=2))
-    if not (out / "text_encoder" / "config.json").exists():
+    if not (enc / "config.json").is_file():
         raise UsageError(f"{enc} has no config.json (the encoder's transformers config)")
-    enc_cfg = read_config(out / "text_encoder" / "config.json")
-    width = enc_cfg.get("d_model", enc_cfg.get("hidden_size")) if isinstance(enc_cfg, dict) else None
+    if not (enc / "model.safetensors").is_file():
+        raise UsageError(f"{enc} has no model.safetensors (the encoder's weights, in safetensors)")
+    enc_cfg = read_config(enc / "config.json")
+    enc_cfg = enc_cfg if isinstance(enc_cfg, dict) else {}
+    width = enc_cfg.get("d_model", enc_cfg.get("hidden_size"))
     if caption_channels is not None and width != caption_channels:
         raise UsageError(f"the text encoder {enc} gives features {width} wide; the model takes {caption_channels} "
                          "(its caption_channels)")
-    enc_cls = (enc_cfg.get("architectures") or ["T5EncoderModel"])[0] if isinstance(enc_cfg, dict) else "T5EncoderModel"
+    out = Path(out_dir)
+    encoder_files = ("config.json", "model.safetensors", "generation_config.json")
+    for name, files in (("text_encoder", [enc / f for f in encoder_files if (enc / f).is_file()]),
+                        ("tokenizer", [f for f in sorted(tok.iterdir()) if f.is_file() and f.name not in encoder_files
+                                       and f.suffix != ".safetensors"])):  # an encoder dir may hold both
+        (out / name).mkdir()
+        for f in files:
+            shutil.copyfile(f, out / name / f.name)
+    (out / "scheduler").mkdir()
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(DDIM_SCHEDULER, indent=2))
+    enc_cls = (enc_cfg.get("architectures") or ["T5EncoderModel"])[0]
     index = {**pixart_index(), "text_encoder": ["transformers", enc_cls],
              "tokenizer": ["transformers", "PreTrainedTokenizerFast"], "scheduler": ["diffusers", "DDIMScheduler"],
              "vae": [None, None]}

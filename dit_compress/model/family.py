@@ -64,8 +64,8 @@ class EvalConditions:
     """What an eval samples: ``labels`` [n] (the class, or the prompt index, of each sample),
     ``batch(lo, hi)`` the condition of samples lo..hi, the guidance ``negative`` (None: the
     family's own null), ``groups`` (distinct labels: grid rows), the prompt ``texts`` when
-    known (CLIP score), and ``asks`` [n], the class each sample's condition asks for when it
-    is known (the class itself; a digit caption's digit), scored by a held-out classifier as
+    known (CLIP score), and ``asks`` [groups], the class each label's condition asks for when
+    it is known (the class itself; a digit caption's digit), scored by a held-out classifier as
     ``asks_metric`` (class accuracy, or prompt-following accuracy)."""
 
     labels: np.ndarray
@@ -185,7 +185,7 @@ class DiTFamily:
                              "labels")
         labels = np.arange(n) % cfg.num_classes
         return EvalConditions(labels, lambda lo, hi: torch.from_numpy(labels[lo:hi]).long(), None, cfg.num_classes,
-                              asks=labels)
+                              asks=np.arange(cfg.num_classes))
 
 
 class PixArtFamily:
@@ -327,9 +327,8 @@ class PixArtFamily:
             raise UsageError(f"the prompts' caption features are {caps.emb.shape[-1]} wide; the model takes "
                              f"{cfg.caption_channels} (encode them with its own text encoder)")
         labels = np.arange(n) % len(caps)
-        asks = None if prompts.classes is None else np.asarray(prompts.classes)[labels]
         return EvalConditions(labels, lambda lo, hi: caps[torch.from_numpy(labels[lo:hi])], prompts.null, len(caps),
-                              prompts.texts, asks, "prompt_accuracy")
+                              prompts.texts, prompts.classes, "prompt_accuracy")
 
 
 def _repeat(c: Captions, n: int) -> Captions:
