@@ -75,6 +75,44 @@ def test_create_pixart_is_pixart_alphas_initialisation_in_a_whole_pipeline(pipe,
     assert out.shape == (1, 1, 8, 8) and torch.isfinite(out).all()
 
 
+def test_a_pipeline_with_a_sharded_encoder_is_copied_whole_with_its_tokenizer_class(pipe, tmp_path):
+    """PixArt-alpha's own pipeline keeps its T5-XXL in weight shards with an index and names a
+    SentencePiece tokenizer class: both survive `create --text-encoder` (the shards and index
+    copied, the class as the source pipeline names it); a tokenizer dir with only spiece.model
+    is a T5Tokenizer; one with neither tokenizer file is refused in one line."""
+    import shutil
+
+    from transformers import T5EncoderModel
+
+    src = tmp_path / "src"
+    shutil.copytree(pipe, src)
+    enc = T5EncoderModel.from_pretrained(src / "text_encoder")
+    shutil.rmtree(src / "text_encoder")
+    enc.save_pretrained(src / "text_encoder", max_shard_size="100KB")
+    assert (src / "text_encoder" / "model.safetensors.index.json").exists()
+    index = json.loads((src / "model_index.json").read_text())
+    (src / "model_index.json").write_text(json.dumps({**index, "tokenizer": ["transformers", "T5TokenizerFast"]}))
+    r = run("create", "custom", *PIXART, "--text-encoder", src, "-o", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    got = sorted(p.name for p in (tmp_path / "o" / "text_encoder").iterdir())
+    assert got == sorted(p.name for p in (src / "text_encoder").iterdir()) and len(got) > 3, got
+    assert json.loads((tmp_path / "o" / "model_index.json").read_text())["tokenizer"] == ["transformers",
+                                                                                          "T5TokenizerFast"]
+    again = T5EncoderModel.from_pretrained(tmp_path / "o" / "text_encoder").state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in enc.state_dict().items())
+    # an encoder dir with a SentencePiece tokenizer only
+    sp = tmp_path / "sp"
+    shutil.copytree(pipe / "text_encoder", sp)
+    (sp / "spiece.model").write_bytes(b"sentencepiece model bytes")
+    r = run("create", "custom", *PIXART, "--text-encoder", sp, "-o", tmp_path / "o2")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "o2" / "model_index.json").read_text())["tokenizer"][1] == "T5Tokenizer"
+    assert (tmp_path / "o2" / "tokenizer" / "spiece.model").exists()
+    (sp / "spiece.model").unlink()
+    one_line_refusal(run("create", "custom", *PIXART, "--text-encoder", sp, "-o", tmp_path / "o3"), "holds no tokenizer")
+    assert not (tmp_path / "o3").exists()
+
+
 @pytest.mark.parametrize("case", ["captions on a DiT", "text encoder on a DiT", "no caption width",
                                   "heads do not divide", "text encoder without output"])
 def test_bad_create_options_are_refused_in_one_line(tmp_path, case):
@@ -101,6 +139,33 @@ def test_prepare_data_of_the_bundled_digits_refuses_a_vae_or_size(pipe, tmp_path
         r = run("prepare-data", "digits:test", "--text-encoder", pipe, "--max-length", 16, *extra, "-o", tmp_path / "o")
         one_line_refusal(r, "do not apply")
     assert not (tmp_path / "o").exists()
+
+
+def test_the_same_captions_prepared_elsewhere_are_the_same_eval_input(pipe, tmp_path, monkeypatch):
+    """Caption shards are identified by what made them, not by their folder: the eval of the
+    same prompts prepared in another folder is served from the cache (so the quickstart's
+    shipped base evals serve any user's run); a shard changed after its manifest is not."""
+    import os
+
+    monkeypatch.setenv("DITC_CACHE_DIR", str(tmp_path / "cache"))
+    for d in ("a", "b"):
+        assert run("prepare-data", "digits:test", "--text-encoder", pipe, "--max-length", 16,
+                   "-o", tmp_path / d).exit_code == 0
+    args = ["-n", 10, "--sampler", "ddim", "--steps", 2, "--metrics", "fid", "--json"]
+    reps = []
+    for d in ("a", "b"):
+        r = run("eval", pipe, "--prompts", tmp_path / d, *args, "-o", tmp_path / f"ev-{d}")
+        assert r.exit_code == 0, r.output
+        reps.append(json.loads((tmp_path / f"ev-{d}" / "report.json").read_text()))
+    assert "cached" not in reps[0] and "cached" in reps[1]
+    assert reps[1]["metrics"] == reps[0]["metrics"] and 0 <= reps[0]["metrics"]["prompt_accuracy"] <= 1
+    assert reps[1]["prompts"] == str(tmp_path / "b")  # the served report names this run's prompts
+    shard = tmp_path / "b" / "shard-00000.safetensors"
+    later = (tmp_path / "b" / "manifest.json").stat().st_mtime_ns + 10**9
+    os.utime(shard, ns=(later, later))  # rewritten after the manifest: its contents are not vouched for
+    r = run("eval", pipe, "--prompts", tmp_path / "b", *args, "-o", tmp_path / "ev-c")
+    assert r.exit_code == 0, r.output
+    assert "cached" not in json.loads((tmp_path / "ev-c" / "report.json").read_text())
 
 
 @pytest.mark.slow
@@ -166,3 +231,7 @@ def test_static_width_on_pixart_reaches_its_target_with_cross_attention_counted_
     assert inference_flops(s, "ddim", 4)["block_flops_ratio"] == pytest.approx(ratio)
     with pytest.raises(dc.UsageError, match="below what static width can reach"):
         add_dynamic_width(m, target_flops=0.2, static=True, sort_by="none")
+    fixed = cross / (cross + attn + mlp)  # no router scales it: a dynamic target at or below it cannot be met
+    with pytest.raises(dc.UsageError, match="width routing cannot reach it"):
+        add_dynamic_width(m, target_flops=fixed - 0.01, sort_by="none")
+    assert add_dynamic_width(m, target_flops=fixed + 0.01, sort_by="none").config.width.target_flops == fixed + 0.01

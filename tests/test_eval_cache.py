@@ -32,6 +32,29 @@ def test_the_quickstart_base_evals_are_served_from_the_shipped_ones(tmp_path, se
     assert np.load(tmp_path / "e" / "samples.npz")["arr_0"].shape == (500, 8, 8, 3)
 
 
+@pytest.fixture(scope="module")
+def held_out_captions(tmp_path_factory):
+    out = tmp_path_factory.mktemp("t2i") / "caps"
+    dc.prepare_data("digits:test", output=out, text_encoder="digits-pixart", max_length=16)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_text_to_image_quickstart_base_evals_are_served_from_the_shipped_ones(tmp_path, seed, monkeypatch,
+                                                                                  held_out_captions):
+    """The quickstart-t2i's base evals of digits-pixart (held-out captions prepared here, in
+    another folder than the shipped evals were made from) are the shipped ones."""
+    def no_sampling(*a, **k):
+        raise AssertionError("the shipped eval was not used")
+
+    monkeypatch.setattr(F, "sample_shards", no_sampling)
+    extra = {"loss_data": str(held_out_captions)} if seed == 0 else {}
+    rep = dc.evaluate_model("digits-pixart", output=tmp_path / "e", seed=seed, prompts=str(held_out_captions),
+                            **{**QUICKSTART, "cfg_scale": 3.0}, **extra)
+    assert str(EVALS_DIR) in rep["cached"] and rep["seed"] == seed and rep["prompts"] == str(held_out_captions)
+    assert rep["metrics"]["prompt_accuracy"] >= 0.95 and ("heldout_loss" in rep["metrics"]) == (seed == 0)
+
+
 def test_another_setting_or_model_is_not_served_from_the_shipped_ones(tmp_path):
     rep = dc.evaluate_model("digits-dit", output=tmp_path / "e", **{**QUICKSTART, "num_samples": 10, "steps": 2})
     assert "cached" not in rep and rep["shards_written_now"] == 1

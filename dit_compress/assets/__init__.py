@@ -3,6 +3,8 @@ digits-pixart, text-to-image, a diffusers PixArtAlphaPipeline dir) and their fea
 
 from pathlib import Path
 
+from ..errors import UsageError
+
 ASSETS = Path(__file__).parent
 TESTBED_NAME = "digits-dit"
 TESTBED_DIR = ASSETS / "digits-dit"
@@ -11,3 +13,15 @@ EMBEDDED = {TESTBED_NAME: TESTBED_DIR, "digits-sit": ASSETS / "digits-sit", "dig
 FEATURES_FILE = ASSETS / "digits-features.safetensors"
 # Evals computed once and shipped (the quickstart's base-model evals), by their cache key
 EVALS_DIR = ASSETS / "evals"
+
+
+def embedded(name, names=EMBEDDED) -> Path | None:
+    """What an embedded name (``digits-dit``, ``digits-pixart``; ``names`` maps them) stands
+    for, or None when ``name`` is not one. A file or folder of the same name where the command
+    runs is refused rather than silently passed over: ``./NAME`` says it is the local one."""
+    if not isinstance(name, str) or name not in names:
+        return None
+    if Path(name).exists():
+        raise UsageError(f"{name} names an embedded testbed and also the local {'folder' if Path(name).is_dir() else 'file'} "
+                         f"{name}: pass ./{name} for the local one, or rename it")
+    return names[name]

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .. import checks
+from ..assets import embedded
 from ..data.digit_captions import build_text_encoder
 from ..config import FAMILIES, PREDICTIONS, DiTConfig
 from ..errors import UsageError
@@ -47,8 +48,9 @@ def create(arch: str, *, output: str | Path | None = None, input_size: int | Non
         checks.path("text_encoder", text_encoder)
         if output is None:
             raise UsageError("`text_encoder` is written with the model: give `output` (a pipeline dir)")
-        if family != "pixart":
-            raise UsageError("`text_encoder` makes a text-to-image pipeline: pass `family` pixart")
+        if (family if arch == "custom" else DiTConfig.preset(arch).family) != "pixart":
+            raise UsageError("`text_encoder` makes a text-to-image pipeline: pick a PixArt preset, or `family` "
+                             "pixart for a custom one")
     if output is not None:
         return _create_into(arch, output, force, text_encoder, input_size=input_size, in_channels=in_channels,
                             hidden_size=hidden_size, depth=depth, num_heads=num_heads, patch_size=patch_size,
@@ -132,7 +134,7 @@ def _create_into(arch, output, force, text_encoder, **kw) -> DiT:
     if text_encoder is None:
         write_checkpoint(model, output, force=force, report={"created": arch, "params": model.num_params()},
                          title="ditc create")
-    elif str(text_encoder) == DIGITS_T5:
+    elif embedded(str(text_encoder), {DIGITS_T5: DIGITS_T5}):  # the name, unless a local digits-t5 is there too
         with tempfile.TemporaryDirectory() as tmp:
             build_text_encoder(tmp)
             save_model(model, output, format="diffusers", force=force, text_encoder=tmp)

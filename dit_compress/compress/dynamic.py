@@ -153,18 +153,26 @@ def add_dynamic_width(model, target_flops: float = 0.5, sort_by: str = "magnitud
             for k, v in r.state_dict().items():
                 state[f"{family_of(model).stack_key}.{i}.{name}.{k}"] = v
     share = routed_share(cfg, target_flops) if static else None
+    if not static and target_flops <= fixed_share(cfg) + 1e-9:
+        raise UsageError(f"`target_flops` {target_flops} is not above the {fixed_share(cfg):.3f} of each block no "
+                         "width router scales (the cross-attention to the caption): width routing cannot reach it")
     new = build_model(new_cfg, state, dtype=next(model.parameters()).dtype)
     if static:
         set_static_width(new, share, share)
     return new
 
 
+def fixed_share(cfg) -> float:
+    """The fraction of a block's FLOPs no width router scales (0 on DiT)."""
+    attn, mlp = block_macs(cfg)
+    return block_fixed_macs(cfg) / (block_fixed_macs(cfg) + attn + mlp)
+
+
 def routed_share(cfg, target_flops: float) -> float:
     """The share of heads and MLP channels whose block FLOPs are ``target_flops`` of the full
     block: the part no router scales (PixArt's cross-attention; none on DiT) counts whole, so
     share = (target - fixed) / (1 - fixed), fixed the block's unscaled fraction."""
-    attn, mlp = block_macs(cfg)
-    fixed = block_fixed_macs(cfg) / (block_fixed_macs(cfg) + attn + mlp)
+    fixed = fixed_share(cfg)
     least = fixed + (1 - fixed) / cfg.num_heads  # one head and one channel group per block
     if target_flops < least - 1e-9:
         raise UsageError(f"`target_flops` {target_flops} is below what static width can reach on this model "

@@ -5,6 +5,7 @@ image folders encoded on the fly."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import importlib.util
 from pathlib import Path
@@ -202,6 +203,29 @@ def load_shards(root: Path) -> TensorData:
         return CaptionData(x, captions, null, name=str(root), flip_pairs=x.ndim == 5,
                            classes=classes if (classes >= 0).all() else None, texts=_manifest_texts(root, len(x)))
     return TensorData(x, np.concatenate(ys), name=str(root), flip_pairs=x.ndim == 5)
+
+
+def shards_identity(root) -> str | None:
+    """Shards made by ``prepare-data`` as what made them, wherever they lie: the manifest's
+    producer (the images, the caption generator and its seed, the text encoder, the VAE) and
+    texts, and each shard's name and size. None when ``root`` is not such a folder, or when a
+    shard was changed after its manifest was written (then only its path and times say what
+    it holds)."""
+    p = Path(root) if isinstance(root, (str, Path)) else None
+    manifest = p / "manifest.json" if p is not None else None
+    if manifest is None or not manifest.is_file():
+        return None
+    try:
+        m = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return None
+    files = sorted(p.glob("shard-*.safetensors"))
+    written = manifest.stat().st_mtime_ns
+    if not isinstance(m, dict) or not isinstance(m.get("producer"), dict) or not files \
+            or any(f.stat().st_mtime_ns > written for f in files):
+        return None
+    body = {"producer": m["producer"], "texts": m.get("texts"), "shards": [[f.name, f.stat().st_size] for f in files]}
+    return "shards#" + hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def _manifest_texts(root: Path, n: int) -> list[str] | None:

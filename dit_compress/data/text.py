@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..assets import EMBEDDED
+from ..assets import embedded
 from ..errors import DitcError, UsageError
 from ..model.pixart import Captions
 from .datasets import CaptionData, load_data
@@ -28,7 +28,7 @@ def text_encoder_dirs(path) -> tuple[Path, Path]:
     """(text encoder dir, tokenizer dir) of a pipeline dir (text_encoder/ + tokenizer/) or of a
     dir holding both an encoder config and tokenizer files; an embedded pipeline by its name
     (``digits-pixart``)."""
-    path = EMBEDDED.get(str(path), Path(path))
+    path = embedded(str(path)) or Path(path)
     if (path / "text_encoder").is_dir():
         tok = path / "tokenizer"
         if not tok.is_dir():
@@ -44,7 +44,7 @@ class TextEncoder:
     """A frozen tokenizer + encoder pair; ``encode(prompts)`` -> (Captions, truncated count)."""
 
     def __init__(self, path, max_length: int = PIXART_MAX_LENGTH, device="cpu"):
-        path = EMBEDDED.get(str(path), Path(path))  # an embedded pipeline by name (digits-pixart)
+        path = embedded(str(path)) or Path(path)  # an embedded pipeline by name (digits-pixart)
         if not path.exists():
             raise UsageError(f"text encoder {path} does not exist (give a local pipeline or text encoder dir)")
         enc_dir, tok_dir = text_encoder_dirs(path)

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from ..assets import EVALS_DIR
 from ..data.batches import calibration_set
-from ..data.datasets import bundled_digits, check_fits, digits_arrays, load_data
+from ..data.datasets import bundled_digits, check_fits, digits_arrays, load_data, shards_identity
 from ..data.vae import decode, load_vae
 from ..diffusion.calibration import calibration_losses
 from ..diffusion.measure import FlopsMeter
@@ -298,13 +298,20 @@ def path_identity(value) -> str | None:
     return f"{value}#{hashlib.sha256(listing.encode()).hexdigest()[:16]}"
 
 
+def data_identity(value) -> str | None:
+    """Data an eval reads (prompts, held-out data): shards made by ``prepare-data`` as what
+    made them, so the same captions prepared in another folder are the same input; anything
+    else as ``path_identity``."""
+    return shards_identity(value) or path_identity(value)
+
+
 def cache_key(recipe: dict, metrics: list[str], ref, extractor: dict, kid_subset_size, loss_data) -> str:
     """What an eval's result depends on: the model's identity and every sampling setting
     (``recipe``), the metrics, their reference (its contents, when it is a path) and feature
     network, and the held-out data."""
     extractor = {k: path_identity(v) if k.endswith("_path") else v for k, v in extractor.items()}
     body = {"recipe": recipe, "metrics": sorted(metrics), "ref": path_identity(ref), "extractor": extractor,
-            "kid_subset_size": kid_subset_size, "loss_data": path_identity(loss_data), "version": EVAL_CACHE_VERSION}
+            "kid_subset_size": kid_subset_size, "loss_data": data_identity(loss_data), "version": EVAL_CACHE_VERSION}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -387,13 +394,13 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
               **(producer or {})}
     recipe["model"] = fingerprint(model)  # whatever the caller passed: the weights sampled are the key
     if prompts is not None:
-        recipe["prompts"] = [path_identity(prompts.source), prompts.encoded_by]
+        recipe["prompts"] = {"data": data_identity(prompts.source), "encoded_by": prompts.encoded_by}
     if clip is not None:
         recipe["clip"] = path_identity(clip)
     key = cache_key(recipe, metrics, ref, ex_kw, kid_subset_size, loss_data)
     hit = _from_cache(key) if cache and world == 1 and not compile else None
     if hit is not None:
-        return _cached_eval(hit, Path(out_dir), force, source, key)
+        return _cached_eval(hit, Path(out_dir), force, {"source": source, **_prompts_said(prompts)}, key)
     work = work_dir_for(out_dir)
     if rank == 0:
         work, _ = resumable_work(out_dir, recipe, force, what="eval")
@@ -437,7 +444,7 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
         report["metrics"]["clip_score"] = clip_score(imgs, [conds.texts[k] for k in labels], clip)
         report["clip_model"] = clip
     if prompts is not None:
-        report["prompts"] = prompts.source + (f" (encoded by {prompts.encoded_by})" if prompts.encoded_by else "")
+        report.update(_prompts_said(prompts))
         if prompts.note:
             report["warning"] = "; ".join(w for w in (report.get("warning"), prompts.note) if w)
     if ex_kw["feature_extractor"] == "digits-cnn" and conds.asks is not None:  # the testbeds' held-out classifier
@@ -458,17 +465,25 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
     return report
 
 
-def _cached_eval(hit: tuple[Path, dict], out_dir: Path, force: bool, source, key: str) -> dict:
+def _prompts_said(prompts) -> dict:
+    """What a report says of the prompts an eval read (none: nothing)."""
+    if prompts is None:
+        return {}
+    return {"prompts": prompts.source + (f" (encoded by {prompts.encoded_by})" if prompts.encoded_by else "")}
+
+
+def _cached_eval(hit: tuple[Path, dict], out_dir: Path, force: bool, here: dict, key: str) -> dict:
     """A finished eval with the same inputs, written as this one's output: its report (with
-    where it came from), samples and grid; the per-image PNG shards are not kept in the cache."""
+    where it came from, and ``here``: the names this run gave its inputs), samples and grid; the
+    per-image PNG shards are not kept in the cache."""
     entry, report = hit
-    report = {**report, "source": source, "cached": f"{entry} (an eval with every input the same; key {key})",
+    report = {**report, **here, "cached": f"{entry} (an eval with every input the same; key {key})",
               "shards_written_now": 0}
     with atomic_dir(out_dir, force) as tmp:
         for f in CACHED[1:]:
             if (entry / f).exists():
                 shutil.copy2(entry / f, tmp / f)
-        write_report(tmp, report, f"ditc eval: {source}")
+        write_report(tmp, report, f"ditc eval: {here['source']}")
     return report
 
 

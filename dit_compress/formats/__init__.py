@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .. import checks
-from ..assets import EMBEDDED
+from ..assets import embedded
 from ..config import NUMERICS, PREDICTIONS, DiTConfig
 from ..errors import FormatError, UsageError
 from ..model.build import build_model, expected_shapes
@@ -45,15 +45,15 @@ def own_text_encoder(source) -> Path | None:
     text_encoder/ and tokenizer/; None for anything else."""
     if not isinstance(source, (str, Path)):
         return None
-    where = EMBEDDED.get(str(source), Path(source))
+    where = embedded(str(source)) or Path(source)
     return where if (where / "text_encoder").is_dir() else None
 
 
 def detect(source: str) -> tuple[str, Path | str]:
     """(kind, location) where kind is ditc | diffusers | original | hub."""
 
-    if source in EMBEDDED:
-        where = EMBEDDED[source]
+    where = embedded(source)
+    if where is not None:
         if (where / "model_index.json").exists() and (where / "transformer").is_dir():
             return "diffusers", where  # a pipeline dir (digits-pixart)
         if not (where / "model.safetensors").exists():

@@ -193,8 +193,8 @@ def write_pipeline_parts(out_dir, text_encoder, caption_channels: int | None = N
     enc, tok = text_encoder_dirs(text_encoder)
     if not (enc / "config.json").is_file():
         raise UsageError(f"{enc} has no config.json (the encoder's transformers config)")
-    if not (enc / "model.safetensors").is_file():
-        raise UsageError(f"{enc} has no model.safetensors (the encoder's weights, in safetensors)")
+    weights = encoder_weights(enc)
+    tok_cls = tokenizer_class(enc, tok)
     enc_cfg = read_config(enc / "config.json")
     enc_cfg = enc_cfg if isinstance(enc_cfg, dict) else {}
     width = enc_cfg.get("d_model", enc_cfg.get("hidden_size"))
@@ -202,7 +202,7 @@ def write_pipeline_parts(out_dir, text_encoder, caption_channels: int | None = N
         raise UsageError(f"the text encoder {enc} gives features {width} wide; the model takes {caption_channels} "
                          "(its caption_channels)")
     out = Path(out_dir)
-    encoder_files = ("config.json", "model.safetensors", "generation_config.json")
+    encoder_files = ("config.json", "generation_config.json", *weights)
     for name, files in (("text_encoder", [enc / f for f in encoder_files if (enc / f).is_file()]),
                         ("tokenizer", [f for f in sorted(tok.iterdir()) if f.is_file() and f.name not in encoder_files
                                        and f.suffix != ".safetensors"])):  # an encoder dir may hold both
@@ -213,10 +213,45 @@ def write_pipeline_parts(out_dir, text_encoder, caption_channels: int | None = N
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(DDIM_SCHEDULER, indent=2))
     enc_cls = (enc_cfg.get("architectures") or ["T5EncoderModel"])[0]
     index = {**pixart_index(), "text_encoder": ["transformers", enc_cls],
-             "tokenizer": ["transformers", "PreTrainedTokenizerFast"], "scheduler": ["diffusers", "DDIMScheduler"],
+             "tokenizer": ["transformers", tok_cls], "scheduler": ["diffusers", "DDIMScheduler"],
              "vae": [None, None]}
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
     return index
+
+
+def encoder_weights(enc: Path) -> list[str]:
+    """The encoder's safetensors weight files: model.safetensors, or the shards its
+    model.safetensors.index.json lists (a large encoder such as PixArt-alpha's T5-XXL) with the index."""
+    if (enc / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    index = enc / "model.safetensors.index.json"
+    if not index.is_file():
+        raise UsageError(f"{enc} has no model.safetensors or model.safetensors.index.json (the encoder's weights, in "
+                         "safetensors)")
+    listed = read_config(index)
+    shards = listed.get("weight_map") if isinstance(listed, dict) else None
+    names = sorted(set(shards.values())) if isinstance(shards, dict) and shards else []
+    if not names or not all(isinstance(n, str) and "/" not in n for n in names):
+        raise UsageError(f"{index} lists no weight files (its weight_map)")
+    missing = [n for n in names if not (enc / n).is_file()]
+    if missing:
+        raise UsageError(f"{enc} lacks {missing[0]}, a weight shard its model.safetensors.index.json lists")
+    return [index.name, *names]
+
+
+def tokenizer_class(enc: Path, tok: Path) -> str:
+    """The transformers class that reads ``tok``: what the source pipeline's index names, else
+    a fast tokenizer (tokenizer.json), else a SentencePiece T5 tokenizer (spiece.model)."""
+    index = enc.parent / "model_index.json" if enc.name == "text_encoder" else None
+    pipeline = read_config(index) if index is not None and index.is_file() else None
+    named = pipeline.get("tokenizer") if isinstance(pipeline, dict) else None
+    if isinstance(named, list) and len(named) == 2 and isinstance(named[1], str) and named[1]:
+        return named[1]
+    if (tok / "tokenizer.json").is_file():
+        return "PreTrainedTokenizerFast"
+    if (tok / "spiece.model").is_file():
+        return "T5Tokenizer"
+    raise UsageError(f"{tok} holds no tokenizer (tokenizer.json, or spiece.model for a SentencePiece T5 tokenizer)")
 
 
 def read_config(cfile) -> dict:
