@@ -126,43 +126,120 @@ def dynamic_table(root: Path) -> str:
     return "\n".join(out)
 
 
-def dynamic_seed_table(root: Path) -> str:
-    """Table 3's per-seed values (seed: FID / held-out loss), so the spread can be read row by row."""
-    runs = seeded_runs(root, "dynamic")
-    out = ["| model | " + " | ".join(f"{r.name.rsplit('-s', 1)[1]}: FID, held-out loss" for r in runs) + " |",
+def seed_table(runs: list[Path], rows, extra: str | None = None) -> str:
+    """Per-seed values of each row (seed: FID / held-out loss [/ ``extra`` metric]), so the
+    spread can be read row by row."""
+    what = "FID, held-out loss" + (f", {extra.replace('_', ' ')}" if extra else "")
+    out = ["| model | " + " | ".join(f"{r.name.rsplit('-s', 1)[1]}: {what}" for r in runs) + " |",
            "|---" * (len(runs) + 1) + "|"]
-    for label, step in DYN_ROWS:
+    for label, step in rows:
         cells = []
         for r in runs:
             e = eval_report(r, step)
-            cells.append(f"{fmt(fid_of(e), 2)}, {fmt(e.get('metrics', {}).get('heldout_loss'), 4)}")
+            m = e.get("metrics", {})
+            cells.append(f"{fmt(fid_of(e), 2)}, {fmt(m.get('heldout_loss'), 4)}"
+                         + (f", {fmt(m.get(extra), 3)}" if extra else ""))
         out.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
+def paired_table(runs: list[Path], pairs, extra: str | None = None) -> str:
+    """Comparisons paired by seed: within one seed every model's held-out loss uses the same
+    timesteps and noises and its samples the same sampling seed, so the per-seed differences
+    cancel that shared draw. Mean ± sd over the seeds, and how many seeds the first model is
+    lower (better) in (``extra``, a higher-is-better metric: higher in)."""
+    out = [f"| comparison (A - B) | held-out loss diff ({len(runs)} seeds) | A lower in | FID diff | A lower in |"
+           + (f" {extra.replace('_', ' ')} diff | A higher in |" if extra else ""),
+           "|---" * (7 if extra else 5) + "|"]
+    for label, sa, sb in pairs:
+        diffs = {"loss": [], "fid": [], "extra": []}
+        for r in runs:
+            ea, eb = eval_report(r, sa), eval_report(r, sb)
+            ma, mb = ea.get("metrics", {}), eb.get("metrics", {})
+            for key, a, b in (("loss", ma.get("heldout_loss"), mb.get("heldout_loss")),
+                              ("fid", fid_of(ea), fid_of(eb)), ("extra", ma.get(extra), mb.get(extra))):
+                if a is not None and b is not None:
+                    diffs[key].append(a - b)
+        dl, df, dx = diffs["loss"], diffs["fid"], diffs["extra"]
+        row = (f"| {label} | {mean_sd(dl)} | {sum(d < 0 for d in dl)}/{len(dl)} | "
+               f"{mean_sd(df, 2) if df else '-'} | {f'{sum(d < 0 for d in df)}/{len(df)}' if df else '-'} |")
+        if extra:
+            row += f" {mean_sd(dx, 3) if dx else '-'} | {f'{sum(d > 0 for d in dx)}/{len(dx)}' if dx else '-'} |"
+        out.append(row)
+    return "\n".join(out)
+
+
+def dynamic_seed_table(root: Path) -> str:
+    """Table 3's per-seed values."""
+    return seed_table(seeded_runs(root, "dynamic"), DYN_ROWS)
+
+
 def dynamic_paired_table(root: Path) -> str:
-    """Table 3's comparisons paired by seed: within one seed every model's held-out loss uses the
-    same timesteps and noises and its samples the same sampling seed, so the
-    per-seed differences cancel that shared draw. Mean ± sd over the seeds, and how many seeds
-    the first model is lower (better) in."""
-    runs = seeded_runs(root, "dynamic")
-    out = [f"| comparison (A - B) | held-out loss diff ({len(runs)} seeds) | A lower in | FID diff | A lower in |", "|---" * 5 + "|"]
+    """Table 3's comparisons, paired by seed."""
     pairs = [(f"{a} - {b}, lambda {lam[0]}.{lam[1]}", f"{sa}{lam}", f"{sb}{lam}") for lam in ("07", "05")
              for a, sa, b, sb in (("dynamic width", "dynw", "static width", "static"),
                                   ("dynamic width + tokens", "dynwt", "static width", "static"),
                                   ("dynamic width + tokens", "dynwt", "dynamic width", "dynw"))]
-    for label, sa, sb in pairs:
-        dl, df = [], []
-        for r in runs:
-            ea, eb = eval_report(r, sa), eval_report(r, sb)
-            la, lb = ea.get("metrics", {}).get("heldout_loss"), eb.get("metrics", {}).get("heldout_loss")
-            if la is not None and lb is not None:
-                dl.append(la - lb)
-            if fid_of(ea) is not None and fid_of(eb) is not None:
-                df.append(fid_of(ea) - fid_of(eb))
-        out.append(f"| {label} | {mean_sd(dl)} | {sum(d < 0 for d in dl)}/{len(dl)} | "
-                   f"{mean_sd(df, 2) if df else '-'} | {f'{sum(d < 0 for d in df)}/{len(df)}' if df else '-'} |")
+    return paired_table(seeded_runs(root, "dynamic"), pairs)
+
+
+PIX_WIDTH_ROWS = (("base", None), ("dynamic width, lambda 0.7", "dynw07"), ("static width 0.7", "static07"),
+                  ("dynamic width, lambda 0.5", "dynw05"), ("static width 0.5", "static05"))
+PIX_DEPTH_ROWS = (("base (8 blocks)", None), ("learned (TinyFusion)", "learned"), ("uniform", "uniform"),
+                  ("block influence", "block-influence"))
+
+
+def pixart_width_table(root: Path) -> str:
+    """Table 7 from results-pixart runs named pixart-s0, pixart-s1, ...: each row's target, the
+    block FLOPs the written (EMA) model runs at inference (DDIM-50, from the fine-tune's report)
+    and over the eval's own sampling, prompt-following accuracy, FID, held-out loss and MSE."""
+    runs = seeded_runs(root, "pixart")
+    out = [("| model | target | inference block FLOPs (EMA, DDIM-50) | block FLOPs over the eval's sampling | "
+            f"prompt accuracy | FID | held-out loss ({len(runs)} seeds) | held-out MSE |"), "|---" * 8 + "|"]
+    for label, step in PIX_WIDTH_ROWS:
+        ft = [rj(r / step / "report.json") for r in runs] if step else []
+        evs = [eval_report(r, step) for r in runs]
+        ev = [e.get("metrics", {}) for e in evs]
+        target = float(step[-2:]) / 10 if step else 1.0
+        inf = [f.get("inference_block_flops_ratio") for f in ft]
+        sampled = [e.get("inference_block_flops_ratio") for e in evs]
+        out.append(f"| {label} | {target:.2f} | {mean_sd(inf) if any(v is not None for v in inf) else '1.00'} | "
+                   f"{mean_sd(sampled) if any(v is not None for v in sampled) else '1.00'} | "
+                   f"{mean_sd([e.get('prompt_accuracy') for e in ev], 3)} | {fid_cell(evs)} | "
+                   f"{mean_sd([e.get('heldout_loss') for e in ev])} | {mean_sd([e.get('heldout_mse') for e in ev])} |")
     return "\n".join(out)
+
+
+def pixart_depth_table(root: Path) -> str:
+    """Table 8: depth 1:2 on digits-pixart, the kept blocks per seed, the mask's calibration
+    loss before fine-tuning, then the fine-tuned model's prompt accuracy, FID and held-out loss."""
+    runs = seeded_runs(root, "pixart")
+    out = [("| method | kept blocks (per seed) | calib loss before FT | prompt accuracy | FID | "
+            f"held-out loss ({len(runs)} seeds) | held-out MSE |"), "|---" * 7 + "|"]
+    for label, step in PIX_DEPTH_ROWS:
+        evs = [eval_report(r, step) for r in runs]
+        ev = [e.get("metrics", {}) for e in evs]
+        pr = [rj(r / step / "report.json") for r in runs] if step else []
+        kept = [p.get("kept_layers") for p in pr]
+        kept = ("all" if not step else str(kept[0]) if all(k == kept[0] for k in kept)
+                else "; ".join(str(k) for k in kept))
+        calib = mean_sd([p.get("calib_loss_chosen") for p in pr]) if step else "-"
+        out.append(f"| {label} | {kept} | {calib} | {mean_sd([e.get('prompt_accuracy') for e in ev], 3)} | "
+                   f"{fid_cell(evs)} | {mean_sd([e.get('heldout_loss') for e in ev])} | "
+                   f"{mean_sd([e.get('heldout_mse') for e in ev])} |")
+    return "\n".join(out)
+
+
+def pixart_tables(root: Path) -> str:
+    runs = seeded_runs(root, "pixart")
+    width_pairs = [(f"dynamic width - static width, lambda 0.{lam[1]}", f"dynw{lam}", f"static{lam}") for lam in ("07", "05")]
+    depth_pairs = [("learned - uniform", "learned", "uniform"), ("learned - block influence", "learned", "block-influence"),
+                   ("block influence - uniform", "block-influence", "uniform")]
+    return ("## 7. DyDiT on digits-pixart\n\n" + pixart_width_table(root) + "\n\nPer seed:\n\n"
+            + seed_table(runs, PIX_WIDTH_ROWS, "prompt_accuracy") + "\n\nPaired by seed:\n\n"
+            + paired_table(runs, width_pairs, "prompt_accuracy") + "\n\n## 8. Depth 1:2 on digits-pixart\n\n"
+            + pixart_depth_table(root) + "\n\nPer seed:\n\n" + seed_table(runs, PIX_DEPTH_ROWS, "prompt_accuracy")
+            + "\n\nPaired by seed:\n\n" + paired_table(runs, depth_pairs, "prompt_accuracy") + "\n")
 
 
 def sit_depth_table(root: Path) -> str:
@@ -224,6 +301,7 @@ def main():
     print("## 5. Flow matching: depth pruning on digits-sit\n\n" + sit_depth_table(root) + "\n")
     print("## 4. Speed at DiT-XL/2 shape\n\n" + speed_table(root / "results-speed") + "\n")
     print("## 6. Speed over the whole sampling loop\n\n" + loop_speed_table(sorted(root.glob("results-loop-speed*"))) + "\n")
+    print(pixart_tables(root))
 
 
 if __name__ == "__main__":

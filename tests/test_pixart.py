@@ -55,6 +55,31 @@ def diffusers_out(d, x, t, c: Captions):
                  added_cond_kwargs=added, return_dict=False)[0]
 
 
+def test_running_only_some_blocks_is_diffusers_model_without_the_others(tmp_path):
+    """What a depth mask's calibration loss (and min-loss's search) runs: the model with only
+    the kept blocks equals diffusers' own model with the others deleted, and the model is whole
+    again afterwards (no second stack left registered)."""
+    from dit_compress.compress.depth import calibration_loss
+    from dit_compress.data.batches import CalibSet
+    from dit_compress.model.dit import only_blocks
+
+    d = diffusers_pixart(layers=4)
+    d.save_pretrained(tmp_path / "t")
+    m = dc.load_model(str(tmp_path / "t"))
+    keys = list(m.state_dict())
+    x, t, c = inputs()
+    d.transformer_blocks = torch.nn.ModuleList([d.transformer_blocks[i] for i in (0, 3)])
+    with only_blocks(m, [0, 3]), torch.no_grad():
+        ours = m(x, t, c)
+    assert torch.allclose(ours, diffusers_out(d, x, t, c), atol=1e-5)
+    assert list(m.state_dict()) == keys and len(m.blocks) == 4
+    g = torch.Generator().manual_seed(0)
+    calib = CalibSet(torch.randn(8, 4, 8, 8, generator=g), Captions(torch.randn(8, 5, 32, generator=g), torch.ones(8, 5)),
+                     torch.randint(0, 1000, (8,), generator=g), torch.randn(8, 4, 8, 8, generator=g))
+    losses = [calibration_loss(m, calib, k) for k in ([0, 1], [2, 3], None)]
+    assert len(set(losses)) == 3, losses  # each mask is scored by its own blocks
+
+
 @pytest.mark.parametrize("additional", [False, True])
 def test_forward_parity_with_diffusers_including_masked_captions(tmp_path, additional):
     d = diffusers_pixart(additional=additional)

@@ -369,9 +369,10 @@ class PixArt(RoutedModel, nn.Module):
         """The stack depth pruning cuts (the family's only one)."""
         return self.transformer_blocks
 
-    @blocks.setter
-    def blocks(self, value: nn.ModuleList) -> None:
-        self.transformer_blocks = value
+    def __setattr__(self, name, value):
+        # ``model.blocks = ...`` replaces the stack, as on every family (nn.Module's own
+        # __setattr__ would register a second stack named "blocks" and leave the real one)
+        super().__setattr__("transformer_blocks" if name == "blocks" else name, value)
 
     def unpatchify(self, x):
         c, p = self.config.out_channels, self.config.patch_size
