@@ -113,6 +113,34 @@ def test_a_pipeline_with_a_sharded_encoder_is_copied_whole_with_its_tokenizer_cl
     assert not (tmp_path / "o3").exists()
 
 
+def test_a_latent_pixart_pipeline_gets_the_source_pipelines_vae(pipe, tmp_path):
+    """A latent-space PixArt written as a pipeline needs a VAE to decode: the source
+    pipeline's vae/ is copied and named in the index (diffusers' pipeline loads and decodes
+    with it); an encoder dir, which has none, is refused in one line and nothing is written."""
+    import shutil
+
+    from diffusers import AutoencoderKL, PixArtAlphaPipeline
+
+    latent = [a for a in PIXART if a != "--pixel"]
+    latent[latent.index("--in-channels") + 1] = "4"
+    one_line_refusal(run("create", "custom", *latent, "--text-encoder", pipe / "text_encoder", "-o", tmp_path / "o"),
+                     "has no vae/")
+    assert not (tmp_path / "o").exists()
+    src = tmp_path / "src"
+    shutil.copytree(pipe, src)
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8, latent_channels=4,
+                  layers_per_block=1).save_pretrained(src / "vae")
+    r = run("create", "custom", *latent, "--text-encoder", src, "-o", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "o" / "model_index.json").read_text())["vae"] == ["diffusers", "AutoencoderKL"]
+    p = PixArtAlphaPipeline.from_pretrained(str(tmp_path / "o"))
+    img = p("a thick seven", height=64, width=64, num_inference_steps=1, output_type="pt", max_sequence_length=16,
+            clean_caption=False, use_resolution_binning=False).images
+    assert img.shape == (1, 3, 64, 64) and torch.isfinite(img).all()
+
+
 @pytest.mark.parametrize("case", ["captions on a DiT", "text encoder on a DiT", "no caption width",
                                   "heads do not divide", "text encoder without output"])
 def test_bad_create_options_are_refused_in_one_line(tmp_path, case):

@@ -50,20 +50,20 @@ def test_pixart_flops_equal_torch_flop_counter_on_diffusers_model(tmp_path):
 def test_sorting_keeps_the_function_and_all_on_routers_reproduce_the_source(tmp_path, world, sort_by):  # noqa: F811
     m = dc.load_model(str(world / "pipe"))
     data = load_data(str(world / "shards"), cfg=m.config) if sort_by == "taylor" else None
-    w = Y.add_dynamic_width(m, 0.5, sort_by, data)
+    w = Y.add_dynamic_width(m, 0.8, sort_by, data)
     key = "transformer_blocks.0.ff.net.0.proj.weight"
     assert not torch.equal(w.state_dict()[key], m.state_dict()[key])  # really permuted
     x, t, c = inputs(batch=3)
     for mode in ("fast", "dense"):
         assert torch.allclose(out(w, x, t, c, mode), out(m, x, t, c, "fast"), atol=1e-5)
-    for hs, cs in Y.importance(Y.add_dynamic_width(m, 0.5, "magnitude"), "magnitude"):
+    for hs, cs in Y.importance(Y.add_dynamic_width(m, 0.8, "magnitude"), "magnitude"):
         assert torch.all(hs[:-1] >= hs[1:] - 1e-6) and torch.all(cs[:-1] >= cs[1:] - 1e-6)
 
 
 def _routed(tmp_path, width=True, tokens=False):
     w = pixart(tmp_path)
     if width:
-        w = Y.add_dynamic_width(w, 0.5)
+        w = Y.add_dynamic_width(w, 0.8)
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():  # routers that depend on t: different widths at different timesteps
             for b in w.blocks:
@@ -114,7 +114,7 @@ def test_inference_flops_equal_the_training_expectation(tmp_path, world, tokens)
 
     # a low initial bias and a high rate: this test model's timestep embeddings are small, so its
     # routers move slowly at the rates the digits DiT test uses
-    m = Y.add_dynamic_width(dc.load_model(str(world / "pipe")), target_flops=0.5, init_bias=1.0)
+    m = Y.add_dynamic_width(dc.load_model(str(world / "pipe")), target_flops=0.8, init_bias=1.0)
     if tokens:
         m = Y.add_token_router(m, init_bias=1.0)
     data = load_data(str(world / "shards"), cfg=m.config)
@@ -126,12 +126,12 @@ def test_inference_flops_equal_the_training_expectation(tmp_path, world, tokens)
 
 
 def test_the_cli_path_and_what_dynamic_pixarts_refuse(tmp_path, world):  # noqa: F811
-    r = run("add-dynamic-width", world / "pipe", "--target-flops", "0.6", "-o", tmp_path / "w")
+    r = run("add-dynamic-width", world / "pipe", "--target-flops", "0.8", "-o", tmp_path / "w")
     assert r.exit_code == 0, r.output
     r = run("finetune", tmp_path / "w", "--data", world / "shards", "--steps", 4, "--batch-size", 4, "-o", tmp_path / "f")
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "f" / "report.json").read_text())
-    assert rep["target_block_flops"] == 0.6 and "inference_block_flops_ratio" in rep
+    assert rep["target_block_flops"] == 0.8 and "inference_block_flops_ratio" in rep
     assert np.isfinite(rep["history"][-1]["flops_ratio"])
     # the diffusers layout has no routers: refused
     one_line_refusal(run("convert", tmp_path / "f", "--to", "diffusers", "-o", tmp_path / "d"))

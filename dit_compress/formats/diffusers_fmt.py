@@ -260,6 +260,6 @@ def save_diffusers(model, out_dir: Path, dtype: torch.dtype | None = None, text_
     save_file(sd, str(tdir / "diffusion_pytorch_model.safetensors"))
     (tdir / "config.json").write_text(json.dumps(config, indent=2))
     if text_encoder is not None:
-        write_pipeline_parts(out_dir, text_encoder, cfg.caption_channels)
+        write_pipeline_parts(out_dir, text_encoder, cfg.caption_channels, latent=cfg.latent_scale is not None)
     elif index is not None:
         (Path(out_dir) / "model_index.json").write_text(json.dumps(index, indent=2))

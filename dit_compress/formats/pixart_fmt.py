@@ -184,13 +184,21 @@ DDIM_SCHEDULER = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.30.0"
                   "thresholding": False, "timestep_spacing": "leading", "rescale_betas_zero_snr": False}
 
 
-def write_pipeline_parts(out_dir, text_encoder, caption_channels: int | None = None) -> dict:
+def write_pipeline_parts(out_dir, text_encoder, caption_channels: int | None = None, latent: bool = False) -> dict:
     """Make ``out_dir`` (holding transformer/) a whole PixArtAlphaPipeline dir: the text
     encoder and tokenizer copied from ``text_encoder`` (a pipeline or encoder dir), a DDIM
-    scheduler on the training schedule, and no VAE (``vae: [null, null]``: a pixel-space model
-    samples with ``output_type="latent"``). The encoder is checked (its config, safetensors
-    weights, feature width) before anything is copied. Returns the pipeline index written."""
+    scheduler on the training schedule, and the VAE: for a ``latent`` model the source
+    pipeline's vae/ (copied; an encoder dir has none and is refused), for a pixel-space one
+    none (``vae: [null, null]``: it samples with ``output_type="latent"``). The encoder (its
+    config, safetensors weights, feature width) and the VAE are checked before anything is
+    copied. Returns the pipeline index written."""
     enc, tok = text_encoder_dirs(text_encoder)
+    vae = enc.parent / "vae" if enc.name == "text_encoder" else None
+    if latent and (vae is None or not (vae / "config.json").is_file()):
+        raise UsageError(f"this PixArt samples latents and {text_encoder} has no vae/ (with its config.json) to "
+                         "decode them: give a whole pipeline dir (text_encoder/, tokenizer/, vae/)")
+    vae_cfg = read_config(vae / "config.json") if latent else None
+    vae_cls = (vae_cfg.get("_class_name") if isinstance(vae_cfg, dict) else None) or "AutoencoderKL"
     if not (enc / "config.json").is_file():
         raise UsageError(f"{enc} has no config.json (the encoder's transformers config)")
     weights = encoder_weights(enc)
@@ -209,12 +217,14 @@ def write_pipeline_parts(out_dir, text_encoder, caption_channels: int | None = N
         (out / name).mkdir()
         for f in files:
             shutil.copyfile(f, out / name / f.name)
+    if latent:
+        shutil.copytree(vae, out / "vae")
     (out / "scheduler").mkdir()
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(DDIM_SCHEDULER, indent=2))
     enc_cls = (enc_cfg.get("architectures") or ["T5EncoderModel"])[0]
     index = {**pixart_index(), "text_encoder": ["transformers", enc_cls],
              "tokenizer": ["transformers", tok_cls], "scheduler": ["diffusers", "DDIMScheduler"],
-             "vae": [None, None]}
+             "vae": ["diffusers", vae_cls] if latent else [None, None]}
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
     return index
 
