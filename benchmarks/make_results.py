@@ -93,6 +93,14 @@ def fid_cell(evals: list[dict]) -> str:
     return f"{mean_sd([fid_of(e) for e in with_fid], 2)}, N={'/'.join(str(n) for n in ns)}"
 
 
+def row_reports(runs: list[Path], step: str | None) -> tuple[list[dict], list[dict], list[dict]]:
+    """One table row over the seeds: the step's own reports (none for the base row), its
+    eval reports and their metrics."""
+    ft = [rj(r / step / "report.json") for r in runs] if step else []
+    evs = [eval_report(r, step) for r in runs]
+    return ft, evs, [e.get("metrics", {}) for e in evs]
+
+
 def seeded_runs(root: Path, name: str) -> list[Path]:
     return sorted(p for p in root.glob(f"{name}-s*") if p.is_dir())
 
@@ -110,9 +118,7 @@ def dynamic_table(root: Path) -> str:
     out = [("| model | target | inference block FLOPs (EMA, DDIM-50) | FLOPs over the eval's sampling | token keep | "
            f"FID | class acc | held-out loss ({len(runs)} seeds) | held-out MSE |"), "|---" * 9 + "|"]
     for label, step in DYN_ROWS:
-        ft = [rj(r / step / "report.json") for r in runs] if step else []
-        evs = [eval_report(r, step) for r in runs]
-        ev = [e.get("metrics", {}) for e in evs]
+        ft, evs, ev = row_reports(runs, step)
         target = next((f.get("target_block_flops") for f in ft if f.get("target_block_flops")), None)
         if step and step.startswith("static"):
             target = float(step[-2:]) / 10
@@ -197,9 +203,7 @@ def pixart_width_table(root: Path) -> str:
     out = [("| model | target | inference block FLOPs (EMA, DDIM-50) | block FLOPs over the eval's sampling | "
             f"prompt accuracy | FID | held-out loss ({len(runs)} seeds) | held-out MSE |"), "|---" * 8 + "|"]
     for label, step in PIX_WIDTH_ROWS:
-        ft = [rj(r / step / "report.json") for r in runs] if step else []
-        evs = [eval_report(r, step) for r in runs]
-        ev = [e.get("metrics", {}) for e in evs]
+        ft, evs, ev = row_reports(runs, step)
         target = float(step[-2:]) / 10 if step else 1.0
         inf = [f.get("inference_block_flops_ratio") for f in ft]
         sampled = [e.get("inference_block_flops_ratio") for e in evs]
