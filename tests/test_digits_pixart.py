@@ -141,6 +141,21 @@ def test_a_latent_pixart_pipeline_gets_the_source_pipelines_vae(pipe, tmp_path):
     assert img.shape == (1, 3, 64, 64) and torch.isfinite(img).all()
 
 
+def test_a_local_folder_named_like_a_built_in_model_is_refused_and_dot_slash_reads_it(pipe, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(pipe, tmp_path / "digits-pixart")  # the user's own model, named like the built-in one
+    one_line_refusal(run("info", "digits-pixart"), "pass ./digits-pixart for the local one")
+    one_line_refusal(run("prepare-data", "digits:test", "--text-encoder", "digits-pixart", "-o", "c"), "./digits-pixart")
+    assert not (tmp_path / "c").exists()
+    r = run("prepare-data", "digits:test", "--text-encoder", "./digits-pixart", "--max-length", 16, "-o", "c")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text())["text_encoder"] == "digits-pixart"  # the local one
+    r = run("info", "./digits-pixart", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["params"] == dc.load_model(pipe).num_params(), r.output
+
+
 @pytest.mark.parametrize("case", ["captions on a DiT", "text encoder on a DiT", "no caption width",
                                   "heads do not divide", "text encoder without output"])
 def test_bad_create_options_are_refused_in_one_line(tmp_path, case):
@@ -170,30 +185,49 @@ def test_prepare_data_of_the_bundled_digits_refuses_a_vae_or_size(pipe, tmp_path
 
 
 def test_the_same_captions_prepared_elsewhere_are_the_same_eval_input(pipe, tmp_path, monkeypatch):
-    """Caption shards are identified by what made them, not by their folder: the eval of the
-    same prompts prepared in another folder is served from the cache (so the quickstart's
-    shipped base evals serve any user's run); a shard changed after its manifest is not."""
+    """Caption shards are identified by what they hold, not by their folder or file times: the
+    eval of the same prompts prepared in another folder (or copied, or touched) is served from
+    the cache, so the quickstart's shipped base evals serve any user's run; a shard whose images
+    changed, or captions encoded by another encoder, are another input."""
     import os
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
 
     monkeypatch.setenv("DITC_CACHE_DIR", str(tmp_path / "cache"))
     for d in ("a", "b"):
         assert run("prepare-data", "digits:test", "--text-encoder", pipe, "--max-length", 16,
                    "-o", tmp_path / d).exit_code == 0
     args = ["-n", 10, "--sampler", "ddim", "--steps", 2, "--metrics", "fid", "--json"]
-    reps = []
-    for d in ("a", "b"):
-        r = run("eval", pipe, "--prompts", tmp_path / d, *args, "-o", tmp_path / f"ev-{d}")
+
+    def ev(d, name):
+        r = run("eval", pipe, "--prompts", tmp_path / d, *args, "-o", tmp_path / name)
         assert r.exit_code == 0, r.output
-        reps.append(json.loads((tmp_path / f"ev-{d}" / "report.json").read_text()))
-    assert "cached" not in reps[0] and "cached" in reps[1]
-    assert reps[1]["metrics"] == reps[0]["metrics"] and 0 <= reps[0]["metrics"]["prompt_accuracy"] <= 1
-    assert reps[1]["prompts"] == str(tmp_path / "b")  # the served report names this run's prompts
-    shard = tmp_path / "b" / "shard-00000.safetensors"
-    later = (tmp_path / "b" / "manifest.json").stat().st_mtime_ns + 10**9
-    os.utime(shard, ns=(later, later))  # rewritten after the manifest: its contents are not vouched for
-    r = run("eval", pipe, "--prompts", tmp_path / "b", *args, "-o", tmp_path / "ev-c")
-    assert r.exit_code == 0, r.output
-    assert "cached" not in json.loads((tmp_path / "ev-c" / "report.json").read_text())
+        return json.loads((tmp_path / name / "report.json").read_text())
+
+    first, second = ev("a", "ev-a"), ev("b", "ev-b")
+    assert "cached" not in first and "cached" in second
+    assert second["metrics"] == first["metrics"] and 0 <= first["metrics"]["prompt_accuracy"] <= 1
+    assert second["prompts"] == str(tmp_path / "b")  # the served report names this run's prompts
+    shutil.copytree(tmp_path / "b", tmp_path / "c")  # a copy, its files touched later
+    later = (tmp_path / "c" / "manifest.json").stat().st_mtime_ns + 10**9
+    os.utime(tmp_path / "c" / "shard-00000.safetensors", ns=(later, later))
+    assert "cached" in ev("c", "ev-c")
+    shard = tmp_path / "c" / "shard-00000.safetensors"
+    arrays = load_file(str(shard))
+    arrays["latents"][0] = -arrays["latents"][0]  # one image changed
+    save_file(arrays, str(shard))
+    assert "cached" not in ev("c", "ev-c2")
+    # another text encoder (the same shapes, other weights): another input
+    other = tmp_path / "other"
+    shutil.copytree(pipe, other)
+    w = load_file(str(other / "text_encoder" / "model.safetensors"))
+    k = next(iter(w))
+    w[k] = w[k] * 1.5
+    save_file(w, str(other / "text_encoder" / "model.safetensors"))
+    assert run("prepare-data", "digits:test", "--text-encoder", other, "--max-length", 16,
+               "-o", tmp_path / "d").exit_code == 0
+    assert "cached" not in ev("d", "ev-d")
 
 
 @pytest.mark.slow

@@ -16,12 +16,13 @@ EVALS_DIR = ASSETS / "evals"
 
 
 def embedded(name, names=EMBEDDED) -> Path | None:
-    """What an embedded name (``digits-dit``, ``digits-pixart``; ``names`` maps them) stands
-    for, or None when ``name`` is not one. A file or folder of the same name where the command
-    runs is refused rather than silently passed over: ``./NAME`` says it is the local one."""
+    """What a built-in name (``digits-dit``, ``digits-pixart``; ``names`` maps them) stands
+    for, or None when ``name`` is not one (a path, or any text not a name: ``./digits-dit`` is
+    the local folder). A file or folder of the same name where the command runs is refused
+    rather than silently passed over."""
     if not isinstance(name, str) or name not in names:
         return None
     if Path(name).exists():
-        raise UsageError(f"{name} names an embedded testbed and also the local {'folder' if Path(name).is_dir() else 'file'} "
-                         f"{name}: pass ./{name} for the local one, or rename it")
+        raise UsageError(f"{name} is the name of one of ditc's built-in models and also of the local "
+                         f"{'folder' if Path(name).is_dir() else 'file'} {name}: pass ./{name} for the local one")
     return names[name]

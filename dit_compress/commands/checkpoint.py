@@ -134,7 +134,7 @@ def _create_into(arch, output, force, text_encoder, **kw) -> DiT:
     if text_encoder is None:
         write_checkpoint(model, output, force=force, report={"created": arch, "params": model.num_params()},
                          title="ditc create")
-    elif embedded(str(text_encoder), {DIGITS_T5: DIGITS_T5}):  # the name, unless a local digits-t5 is there too
+    elif embedded(text_encoder, {DIGITS_T5: DIGITS_T5}):  # the name (refused when a local digits-t5 is there too)
         with tempfile.TemporaryDirectory() as tmp:
             build_text_encoder(tmp)
             save_model(model, output, format="diffusers", force=force, text_encoder=tmp)

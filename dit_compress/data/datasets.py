@@ -205,12 +205,18 @@ def load_shards(root: Path) -> TensorData:
     return TensorData(x, np.concatenate(ys), name=str(root), flip_pairs=x.ndim == 5)
 
 
+# the text encoder's float features in caption shards: fixed by the encoder (identified by its
+# contents, in the manifest's producer) and the texts, so they are identified through those and
+# float rounding on another machine does not make the same captions another input
+CAPTION_FEATURES = ("caption_emb", "null_caption_emb")
+IDENTIFY_AT_MOST = 1 << 30  # bytes of shards read to identify them; larger sets go by path
+
+
 def shards_identity(root) -> str | None:
-    """Shards made by ``prepare-data`` as what made them, wherever they lie: the manifest's
-    producer (the images, the caption generator and its seed, the text encoder, the VAE) and
-    texts, and each shard's name and size. None when ``root`` is not such a folder, or when a
-    shard was changed after its manifest was written (then only its path and times say what
-    it holds)."""
+    """Shards made by ``prepare-data`` by what they hold, wherever they lie: every array of
+    every shard (images or latents, labels, caption masks; the caption features through the text
+    encoder's identity and the texts, from the manifest). None when ``root`` is not such a
+    folder, holds more than ``IDENTIFY_AT_MOST`` bytes of shards, or a shard cannot be read."""
     p = Path(root) if isinstance(root, (str, Path)) else None
     manifest = p / "manifest.json" if p is not None else None
     if manifest is None or not manifest.is_file():
@@ -220,12 +226,22 @@ def shards_identity(root) -> str | None:
     except (OSError, ValueError):
         return None
     files = sorted(p.glob("shard-*.safetensors"))
-    written = manifest.stat().st_mtime_ns
     if not isinstance(m, dict) or not isinstance(m.get("producer"), dict) or not files \
-            or any(f.stat().st_mtime_ns > written for f in files):
+            or sum(f.stat().st_size for f in files) > IDENTIFY_AT_MOST:
         return None
-    body = {"producer": m["producer"], "texts": m.get("texts"), "shards": [[f.name, f.stat().st_size] for f in files]}
-    return "shards#" + hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    h = hashlib.sha256(json.dumps({"texts": m.get("texts"), "text_encoder": m["producer"].get("text_encoder")},
+                                  sort_keys=True).encode())
+    for f in files:
+        try:
+            arrays = load_file(str(f))
+        except Exception:  # noqa: BLE001 - an unreadable shard is identified by path; loading it reports it
+            return None
+        for k in sorted(arrays):
+            a = arrays[k]
+            h.update(f"{f.name}:{k}:{a.dtype}:{a.shape}".encode())
+            if k not in CAPTION_FEATURES:
+                h.update(np.ascontiguousarray(a).tobytes())
+    return "shards#" + h.hexdigest()[:20]
 
 
 def _manifest_texts(root: Path, n: int) -> list[str] | None:

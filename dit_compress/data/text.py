@@ -21,6 +21,7 @@ from ..errors import DitcError, UsageError
 from ..model.pixart import Captions
 from .datasets import CaptionData, load_data
 
+HASH_AT_MOST = 256 << 20  # bytes of one encoder file read to identify it
 PIXART_MAX_LENGTH = 120  # PixArtAlphaPipeline's max_sequence_length (PixArt-Σ: 300)
 
 
@@ -28,7 +29,7 @@ def text_encoder_dirs(path) -> tuple[Path, Path]:
     """(text encoder dir, tokenizer dir) of a pipeline dir (text_encoder/ + tokenizer/) or of a
     dir holding both an encoder config and tokenizer files; an embedded pipeline by its name
     (``digits-pixart``)."""
-    path = embedded(str(path)) or Path(path)
+    path = embedded(path) or Path(path)
     if (path / "text_encoder").is_dir():
         tok = path / "tokenizer"
         if not tok.is_dir():
@@ -44,7 +45,7 @@ class TextEncoder:
     """A frozen tokenizer + encoder pair; ``encode(prompts)`` -> (Captions, truncated count)."""
 
     def __init__(self, path, max_length: int = PIXART_MAX_LENGTH, device="cpu"):
-        path = embedded(str(path)) or Path(path)  # an embedded pipeline by name (digits-pixart)
+        path = embedded(path) or Path(path)  # an embedded pipeline by name (digits-pixart)
         if not path.exists():
             raise UsageError(f"text encoder {path} does not exist (give a local pipeline or text encoder dir)")
         enc_dir, tok_dir = text_encoder_dirs(path)
@@ -64,11 +65,20 @@ class TextEncoder:
         self.width = int(self.model.config.d_model)
 
     def identity(self) -> str:
-        """What the features depend on: the encoder's config and weights, the tokenizer, the length."""
+        """What the features depend on: the encoder's config and weights and the tokenizer (each
+        file by its contents; one over ``HASH_AT_MOST`` bytes, a T5-XXL shard, by size and
+        modification time), and the length."""
         h = hashlib.sha256()
         for d in self._dirs:
             for f in sorted(p for p in d.rglob("*") if p.is_file()):
-                h.update(f"{f.relative_to(self.path)}:{f.stat().st_size}".encode())
+                st = f.stat()
+                h.update(f"{f.relative_to(self.path)}:{st.st_size}".encode())
+                if st.st_size > HASH_AT_MOST:
+                    h.update(str(st.st_mtime_ns).encode())
+                else:
+                    with f.open("rb") as fh:
+                        for chunk in iter(lambda: fh.read(1 << 20), b""):
+                            h.update(chunk)
         h.update(str(self.max_length).encode())
         return h.hexdigest()[:20]
 

@@ -45,7 +45,7 @@ def own_text_encoder(source) -> Path | None:
     text_encoder/ and tokenizer/; None for anything else."""
     if not isinstance(source, (str, Path)):
         return None
-    where = embedded(str(source)) or Path(source)
+    where = embedded(source) or Path(source)
     return where if (where / "text_encoder").is_dir() else None
 
 
