@@ -207,8 +207,9 @@ def pixart_width_table(root: Path) -> str:
         target = float(step[-2:]) / 10 if step else 1.0
         inf = [f.get("inference_block_flops_ratio") for f in ft]
         sampled = [e.get("inference_block_flops_ratio") for e in evs]
-        out.append(f"| {label} | {target:.2f} | {mean_sd(inf) if any(v is not None for v in inf) else '1.00'} | "
-                   f"{mean_sd(sampled) if any(v is not None for v in sampled) else '1.00'} | "
+        base = "-" if step else "1.00"  # a compressed row without its reports says nothing
+        out.append(f"| {label} | {target:.2f} | {mean_sd(inf) if any(v is not None for v in inf) else base} | "
+                   f"{mean_sd(sampled) if any(v is not None for v in sampled) else base} | "
                    f"{mean_sd([e.get('prompt_accuracy') for e in ev], 3)} | {fid_cell(evs)} | "
                    f"{mean_sd([e.get('heldout_loss') for e in ev])} | {mean_sd([e.get('heldout_mse') for e in ev])} |")
     return "\n".join(out)
@@ -224,7 +225,7 @@ def pixart_depth_table(root: Path) -> str:
         evs = [eval_report(r, step) for r in runs]
         ev = [e.get("metrics", {}) for e in evs]
         pr = [rj(r / step / "report.json") for r in runs] if step else []
-        kept = [p.get("kept_layers") for p in pr]
+        kept = [p.get("kept_layers", "-") for p in pr]
         kept = ("all" if not step else str(kept[0]) if all(k == kept[0] for k in kept)
                 else "; ".join(str(k) for k in kept))
         calib = mean_sd([p.get("calib_loss_chosen") for p in pr]) if step else "-"

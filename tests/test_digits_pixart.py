@@ -100,6 +100,10 @@ def test_a_pipeline_with_a_sharded_encoder_is_copied_whole_with_its_tokenizer_cl
                                                                                           "T5TokenizerFast"]
     again = T5EncoderModel.from_pretrained(tmp_path / "o" / "text_encoder").state_dict()
     assert all(torch.equal(v, again[k]) for k, v in enc.state_dict().items())
+    from transformers import AutoTokenizer
+
+    theirs, ours = (AutoTokenizer.from_pretrained(d / "tokenizer") for d in (pipe, tmp_path / "o"))
+    assert ours("a thick seven").input_ids == theirs("a thick seven").input_ids  # the tokenizer came whole
     # an encoder dir with a SentencePiece tokenizer only
     sp = tmp_path / "sp"
     shutil.copytree(pipe / "text_encoder", sp)
@@ -132,6 +136,17 @@ def test_a_latent_pixart_pipeline_gets_the_source_pipelines_vae(pipe, tmp_path):
     AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
                   up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8, latent_channels=4,
                   layers_per_block=1).save_pretrained(src / "vae")
+    # the encoder dir of that pipeline is still an encoder dir (its sibling vae/ is not taken)
+    one_line_refusal(run("create", "custom", *latent, "--text-encoder", src / "text_encoder", "-o", tmp_path / "o"),
+                     "has no vae/")
+    one_line_refusal(run("create", "custom", *latent, "--text-encoder", "digits-t5", "-o", tmp_path / "o"),
+                     "needs a VAE too")
+    wide = tmp_path / "wide"  # a VAE making 8-channel latents for a 4-channel model
+    shutil.copytree(src, wide)
+    vcfg = json.loads((wide / "vae" / "config.json").read_text())
+    (wide / "vae" / "config.json").write_text(json.dumps({**vcfg, "latent_channels": 8}))
+    one_line_refusal(run("create", "custom", *latent, "--text-encoder", wide, "-o", tmp_path / "o"), "8-channel latents")
+    assert not (tmp_path / "o").exists()
     r = run("create", "custom", *latent, "--text-encoder", src, "-o", tmp_path / "o")
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "o" / "model_index.json").read_text())["vae"] == ["diffusers", "AutoencoderKL"]

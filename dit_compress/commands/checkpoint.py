@@ -135,6 +135,9 @@ def _create_into(arch, output, force, text_encoder, **kw) -> DiT:
         write_checkpoint(model, output, force=force, report={"created": arch, "params": model.num_params()},
                          title="ditc create")
     elif embedded(text_encoder, {DIGITS_T5: DIGITS_T5}):  # the name (refused when a local digits-t5 is there too)
+        if model.config.latent_scale is not None:
+            raise UsageError(f"{DIGITS_T5} is a text encoder alone and this PixArt samples latents: its pipeline needs a "
+                             "VAE too; give a whole pipeline dir (text_encoder/, tokenizer/, vae/), or `pixel`")
         with tempfile.TemporaryDirectory() as tmp:
             build_text_encoder(tmp)
             save_model(model, output, format="diffusers", force=force, text_encoder=tmp)

@@ -140,6 +140,10 @@ def add_dynamic_width(model, target_flops: float = 0.5, sort_by: str = "magnitud
         raise DitcError("this model already has dynamic-width routers (add-dynamic-width was applied before)")
     if cfg.mlp_hidden % cfg.num_heads:
         raise UsageError(f"MLP hidden size {cfg.mlp_hidden} cannot be split into {cfg.num_heads} channel groups (one per head)")
+    share = routed_share(cfg, target_flops) if static else None  # checked before the sorting pass
+    if not static and target_flops <= fixed_share(cfg) + 1e-9:
+        raise UsageError(f"`target_flops` {target_flops} is not above the {fixed_share(cfg):.3f} of each block no "
+                         "width router scales (the cross-attention to the caption): width routing cannot reach it")
     if sort_by == "none":
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     else:
@@ -152,10 +156,6 @@ def add_dynamic_width(model, target_flops: float = 0.5, sort_by: str = "magnitud
             r = WidthRouter(cfg.hidden_size, cfg.num_heads, init_bias)
             for k, v in r.state_dict().items():
                 state[f"{family_of(model).stack_key}.{i}.{name}.{k}"] = v
-    share = routed_share(cfg, target_flops) if static else None
-    if not static and target_flops <= fixed_share(cfg) + 1e-9:
-        raise UsageError(f"`target_flops` {target_flops} is not above the {fixed_share(cfg):.3f} of each block no "
-                         "width router scales (the cross-attention to the caption): width routing cannot reach it")
     new = build_model(new_cfg, state, dtype=next(model.parameters()).dtype)
     if static:
         set_static_width(new, share, share)

@@ -41,6 +41,13 @@ def text_encoder_dirs(path) -> tuple[Path, Path]:
                      "dir with its tokenizer)")
 
 
+def pipeline_dir(path) -> Path | None:
+    """The pipeline dir ``path`` names (it holds text_encoder/; an embedded one by name), or
+    None for an encoder dir."""
+    path = embedded(path) or Path(path)
+    return path if (path / "text_encoder").is_dir() else None
+
+
 class TextEncoder:
     """A frozen tokenizer + encoder pair; ``encode(prompts)`` -> (Captions, truncated count)."""
 

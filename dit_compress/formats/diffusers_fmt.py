@@ -19,7 +19,7 @@ from ..config import DiTConfig
 from ..errors import FormatError, UsageError
 from .ditc import read_safetensors
 from .original import safe_torch_load
-from .pixart_fmt import (config_from_pixart, is_pixart, pipeline_facts, pixart_config, pixart_index,
+from .pixart_fmt import (config_from_pixart, is_pixart, pipeline_facts, pipeline_parts, pixart_config, pixart_index,
                          write_pipeline_parts)
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -242,6 +242,7 @@ def save_diffusers(model, out_dir: Path, dtype: torch.dtype | None = None, text_
         raise UsageError("a model with dynamic routers cannot be expressed in the diffusers layout; save it as ditc")
     if text_encoder is not None and cfg.family != "pixart":
         raise UsageError("`text_encoder` makes a text-to-image pipeline; this model is class-conditional")
+    parts = pipeline_parts(text_encoder, cfg) if text_encoder is not None else None  # checked before writing
     if cfg.family == "pixart":  # PixArtTransformer2DModel (diffusers' keys already), loadable in PixArtAlphaPipeline
         sd, config, index = dict(model.state_dict()), pixart_config(cfg), pixart_index()
     else:
@@ -259,7 +260,7 @@ def save_diffusers(model, out_dir: Path, dtype: torch.dtype | None = None, text_
     tdir.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(tdir / "diffusion_pytorch_model.safetensors"))
     (tdir / "config.json").write_text(json.dumps(config, indent=2))
-    if text_encoder is not None:
-        write_pipeline_parts(out_dir, text_encoder, cfg.caption_channels, latent=cfg.latent_scale is not None)
+    if parts is not None:
+        write_pipeline_parts(out_dir, parts)
     elif index is not None:
         (Path(out_dir) / "model_index.json").write_text(json.dumps(index, indent=2))

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import checks
-from ..data.text import text_encoder_dirs
+from ..data.text import pipeline_dir, text_encoder_dirs
 from ..config import DiTConfig
 from ..errors import FormatError, UsageError
 
@@ -184,49 +185,82 @@ DDIM_SCHEDULER = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.30.0"
                   "thresholding": False, "timestep_spacing": "leading", "rescale_betas_zero_snr": False}
 
 
-def write_pipeline_parts(out_dir, text_encoder, caption_channels: int | None = None, latent: bool = False) -> dict:
-    """Make ``out_dir`` (holding transformer/) a whole PixArtAlphaPipeline dir: the text
-    encoder and tokenizer copied from ``text_encoder`` (a pipeline or encoder dir), a DDIM
-    scheduler on the training schedule, and the VAE: for a ``latent`` model the source
-    pipeline's vae/ (copied; an encoder dir has none and is refused), for a pixel-space one
-    none (``vae: [null, null]``: it samples with ``output_type="latent"``). The encoder (its
-    config, safetensors weights, feature width) and the VAE are checked before anything is
-    copied. Returns the pipeline index written."""
+@dataclass
+class PipelineParts:
+    """What makes a transformer dir a whole PixArtAlphaPipeline dir, checked: the files to
+    copy (source, path in the pipeline) and the pipeline index."""
+
+    copies: list
+    index: dict
+
+
+def pipeline_parts(text_encoder, cfg) -> PipelineParts:
+    """The parts of a PixArtAlphaPipeline dir for a model of config ``cfg``: the text encoder
+    and tokenizer from ``text_encoder`` (a pipeline or encoder dir), a DDIM scheduler on the
+    training schedule, and the VAE: for a latent model the source pipeline's vae/ (an encoder
+    dir has none and is refused), for a pixel-space one none (``vae: [null, null]``: it samples
+    with ``output_type="latent"``). Everything is checked here, before anything is written: the
+    encoder's config, safetensors weights and feature width (= ``caption_channels``), a
+    tokenizer, the VAE's config, weights, latent channels and scale."""
     enc, tok = text_encoder_dirs(text_encoder)
-    vae = enc.parent / "vae" if enc.name == "text_encoder" else None
-    if latent and (vae is None or not (vae / "config.json").is_file()):
-        raise UsageError(f"this PixArt samples latents and {text_encoder} has no vae/ (with its config.json) to "
-                         "decode them: give a whole pipeline dir (text_encoder/, tokenizer/, vae/)")
-    vae_cfg = read_config(vae / "config.json") if latent else None
-    vae_cls = (vae_cfg.get("_class_name") if isinstance(vae_cfg, dict) else None) or "AutoencoderKL"
+    root = pipeline_dir(text_encoder)
+    latent = cfg.latent_scale is not None
+    vae_cls = check_vae(root, text_encoder, cfg) if latent else None
     if not (enc / "config.json").is_file():
         raise UsageError(f"{enc} has no config.json (the encoder's transformers config)")
     weights = encoder_weights(enc)
-    tok_cls = tokenizer_class(enc, tok)
+    tok_cls = tokenizer_class(root, tok)
     enc_cfg = read_config(enc / "config.json")
     enc_cfg = enc_cfg if isinstance(enc_cfg, dict) else {}
     width = enc_cfg.get("d_model", enc_cfg.get("hidden_size"))
-    if caption_channels is not None and width != caption_channels:
-        raise UsageError(f"the text encoder {enc} gives features {width} wide; the model takes {caption_channels} "
+    if cfg.caption_channels is not None and width != cfg.caption_channels:
+        raise UsageError(f"the text encoder {enc} gives features {width} wide; the model takes {cfg.caption_channels} "
                          "(its caption_channels)")
-    out = Path(out_dir)
     encoder_files = ("config.json", "generation_config.json", *weights)
-    for name, files in (("text_encoder", [enc / f for f in encoder_files if (enc / f).is_file()]),
-                        ("tokenizer", [f for f in sorted(tok.iterdir()) if f.is_file() and f.name not in encoder_files
-                                       and f.suffix != ".safetensors"])):  # an encoder dir may hold both
-        (out / name).mkdir()
-        for f in files:
-            shutil.copyfile(f, out / name / f.name)
+    copies = [(enc / f, f"text_encoder/{f}") for f in encoder_files if (enc / f).is_file()]
+    copies += [(f, f"tokenizer/{f.name}") for f in sorted(tok.iterdir())  # an encoder dir may hold both
+               if f.is_file() and f.name not in encoder_files and f.suffix != ".safetensors"]
     if latent:
-        shutil.copytree(vae, out / "vae")
-    (out / "scheduler").mkdir()
-    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(DDIM_SCHEDULER, indent=2))
+        copies += [(f, f"vae/{f.relative_to(root / 'vae')}") for f in sorted((root / "vae").rglob("*")) if f.is_file()]
     enc_cls = (enc_cfg.get("architectures") or ["T5EncoderModel"])[0]
     index = {**pixart_index(), "text_encoder": ["transformers", enc_cls],
              "tokenizer": ["transformers", tok_cls], "scheduler": ["diffusers", "DDIMScheduler"],
              "vae": ["diffusers", vae_cls] if latent else [None, None]}
-    (out / "model_index.json").write_text(json.dumps(index, indent=2))
-    return index
+    return PipelineParts(copies, index)
+
+
+def write_pipeline_parts(out_dir, parts: PipelineParts) -> None:
+    """Copy the checked ``parts`` into ``out_dir`` (holding transformer/) and write the
+    scheduler and the pipeline index."""
+    out = Path(out_dir)
+    for src, rel in parts.copies:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, out / rel)
+    (out / "scheduler").mkdir()
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(DDIM_SCHEDULER, indent=2))
+    (out / "model_index.json").write_text(json.dumps(parts.index, indent=2))
+
+
+def check_vae(root: Path | None, text_encoder, cfg) -> str:
+    """The class of the source pipeline's VAE for a latent model, after checking it decodes
+    this model's latents: a config, weights, ``latent_channels`` = the model's channels and
+    the scale the model was trained with."""
+    vae = root / "vae" if root is not None else None
+    if vae is None or not (vae / "config.json").is_file():
+        raise UsageError(f"this PixArt samples latents and {text_encoder} has no vae/ (with its config.json) to "
+                         "decode them: give a whole pipeline dir (text_encoder/, tokenizer/, vae/)")
+    vcfg = read_config(vae / "config.json")
+    vcfg = vcfg if isinstance(vcfg, dict) else {}
+    if not any((vae / w).is_file() for w in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")):
+        raise UsageError(f"{vae} has no weights (diffusion_pytorch_model.safetensors)")
+    if vcfg.get("latent_channels", cfg.in_channels) != cfg.in_channels:
+        raise UsageError(f"the VAE in {vae} makes {vcfg.get('latent_channels')}-channel latents; this model takes "
+                         f"{cfg.in_channels}")
+    scale = vcfg.get("scaling_factor")
+    if isinstance(scale, (int, float)) and abs(scale - cfg.latent_scale) > 1e-6:
+        raise UsageError(f"the VAE in {vae} scales latents by {scale}; this model was trained on latents scaled by "
+                         f"{cfg.latent_scale}")
+    return vcfg.get("_class_name") or "AutoencoderKL"
 
 
 def encoder_weights(enc: Path) -> list[str]:
@@ -249,10 +283,11 @@ def encoder_weights(enc: Path) -> list[str]:
     return [index.name, *names]
 
 
-def tokenizer_class(enc: Path, tok: Path) -> str:
-    """The transformers class that reads ``tok``: what the source pipeline's index names, else
-    a fast tokenizer (tokenizer.json), else a SentencePiece T5 tokenizer (spiece.model)."""
-    index = enc.parent / "model_index.json" if enc.name == "text_encoder" else None
+def tokenizer_class(root: Path | None, tok: Path) -> str:
+    """The transformers class that reads ``tok``: what the source pipeline (``root``) names in
+    its index, else a fast tokenizer (tokenizer.json), else a SentencePiece T5 tokenizer
+    (spiece.model)."""
+    index = root / "model_index.json" if root is not None else None
     pipeline = read_config(index) if index is not None and index.is_file() else None
     named = pipeline.get("tokenizer") if isinstance(pipeline, dict) else None
     if isinstance(named, list) and len(named) == 2 and isinstance(named[1], str) and named[1]:
@@ -266,6 +301,8 @@ def tokenizer_class(enc: Path, tok: Path) -> str:
 
 def read_config(cfile) -> dict:
     try:
-        return json.loads(cfile.read_text())
+        return json.loads(cfile.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise FormatError(f"cannot read {cfile}: {str(e)[:160]}") from None
     except json.JSONDecodeError as e:
         raise FormatError(f"{cfile} is not valid JSON: {e}") from None
