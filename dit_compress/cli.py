@@ -202,7 +202,7 @@ def convert(source: str = Src, output: str = Out,
             dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 | bf16 | fp16 (default: keep float32)"),
             revision: Optional[str] = Revision, no_ema: bool = NoEma,
             num_heads: Optional[int] = NumHeads, prediction: Optional[str] = Prediction, numerics: Optional[str] = Numerics,
-            text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="PixArt with --to diffusers: a pipeline (or encoder) dir whose text encoder and tokenizer the written pipeline carries (with a DDIM scheduler), so diffusers' PixArtAlphaPipeline loads it whole."),
+            text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="PixArt with --to diffusers: a pipeline (or encoder) dir whose text encoder and tokenizer the written pipeline carries (with a DDIM scheduler; a latent model also its vae/, so a whole pipeline dir), so diffusers' PixArtAlphaPipeline loads it whole."),
             force: bool = Force):
     """Convert between layouts: ditc checkpoint, diffusers (DiTTransformer2DModel, PixArtTransformer2DModel), original .pt.
 
@@ -243,7 +243,7 @@ def create(arch: str = typer.Argument(..., help="DiT-S/2, DiT-B/4, DiT-XL/2 ... 
            family: str = typer.Option("dit", "--family", help="dit (class-conditional DiT / SiT) | pixart (text-to-image PixArt-alpha: give --caption-channels)."),
            caption_channels: Optional[int] = typer.Option(None, "--caption-channels", help="PixArt: the text encoder's feature width (T5-XXL 4096)."),
            caption_length: Optional[int] = typer.Option(None, "--caption-length", help="PixArt: the tokens its tokenizer pads captions to (PixArt-alpha 120)."),
-           text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="PixArt: write a whole diffusers pipeline dir with this text encoder: a pipeline or encoder dir (copied), or digits-t5 (the testbed's word-level T5, built)."),
+           text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="PixArt: write a whole diffusers pipeline dir with this text encoder: a pipeline or encoder dir (copied; a latent model also takes the pipeline's vae/), or digits-t5 (the testbed's word-level T5, built; pixel models)."),
            force: bool = Force):
     """Create a freshly initialised network (its family's reference initialisation) as a ditc checkpoint.
 
