@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from fid_at_n import fid_at  # benchmarks/: the FID of an eval's first N samples
+
 
 def rj(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
@@ -72,13 +74,27 @@ def mean_sd(values: list, nd: int = 4) -> str:
 MIN_FID_SAMPLES = 100  # evals that drew fewer samples carry only the held-out loss
 
 
+COMMON_N: dict = {}  # eval dir -> (N, FID of its first N samples): evals compared at one N
+
+
 def eval_report(run: Path, step: str | None) -> dict:
-    """The report of step ``eval-<step>`` (``eval-base`` for the base row)."""
-    return rj(run / f"eval-{step or 'base'}" / "report.json")
+    """The report of step ``eval-<step>`` (``eval-base`` for the base row), with its folder."""
+    d = run / f"eval-{step or 'base'}"
+    return {**rj(d / "report.json"), "_dir": str(d)}
+
+
+def fid_n(report: dict):
+    """The N an eval report's FID is quoted at (its own, or the common N it was cut to)."""
+    common = COMMON_N.get(report.get("_dir"))
+    return common[0] if common else report.get("num_samples")
 
 
 def fid_of(report: dict):
-    """An eval report's FID, or None when it drew too few samples to have one."""
+    """An eval report's FID (at the common N when one is set for it), or None when it drew
+    too few samples to have one."""
+    common = COMMON_N.get(report.get("_dir"))
+    if common:
+        return common[1]
     if (report.get("num_samples") or 0) < MIN_FID_SAMPLES:
         return None
     return report.get("metrics", {}).get("frechet_inception_distance")
@@ -89,7 +105,7 @@ def fid_cell(evals: list[dict]) -> str:
     with_fid = [e for e in evals if fid_of(e) is not None]
     if not with_fid:
         return "- (held-out loss only)"
-    ns = sorted({e["num_samples"] for e in with_fid})
+    ns = sorted({fid_n(e) for e in with_fid})
     return f"{mean_sd([fid_of(e) for e in with_fid], 2)}, N={'/'.join(str(n) for n in ns)}"
 
 
@@ -235,8 +251,22 @@ def pixart_depth_table(root: Path) -> str:
     return "\n".join(out)
 
 
+PIX_COMMON_N = 500  # the seeds whose evals drew more are cut to their first 500 samples
+
+
 def pixart_tables(root: Path) -> str:
     runs = seeded_runs(root, "pixart")
+    larger = []
+    for r in runs:
+        for label, step in PIX_WIDTH_ROWS + PIX_DEPTH_ROWS[1:]:
+            e = eval_report(r, step)
+            if (e.get("num_samples") or 0) > PIX_COMMON_N:
+                larger.append((r, label, e))
+                COMMON_N[e["_dir"]] = (PIX_COMMON_N, fid_at(PIX_COMMON_N, Path(e["_dir"])))
+    full = ["| model | seed | N | FID | prompt accuracy |", "|---" * 5 + "|"]
+    full += [f"| {label} | {r.name.rsplit('-s', 1)[1]} | {e['num_samples']} | "
+             f"{fmt(e.get('metrics', {}).get('frechet_inception_distance'), 2)} | "
+             f"{fmt(e.get('metrics', {}).get('prompt_accuracy'), 3)} |" for r, label, e in larger]
     width_pairs = [(f"dynamic width - static width, lambda 0.{lam[1]}", f"dynw{lam}", f"static{lam}") for lam in ("07", "05")]
     depth_pairs = [("learned - uniform", "learned", "uniform"), ("learned - block influence", "learned", "block-influence"),
                    ("block influence - uniform", "block-influence", "uniform")]
@@ -244,7 +274,9 @@ def pixart_tables(root: Path) -> str:
             + seed_table(runs, PIX_WIDTH_ROWS, "prompt_accuracy") + "\n\nPaired by seed:\n\n"
             + paired_table(runs, width_pairs, "prompt_accuracy") + "\n\n## 8. Depth 1:2 on digits-pixart\n\n"
             + pixart_depth_table(root) + "\n\nPer seed:\n\n" + seed_table(runs, PIX_DEPTH_ROWS, "prompt_accuracy")
-            + "\n\nPaired by seed:\n\n" + paired_table(runs, depth_pairs, "prompt_accuracy") + "\n")
+            + "\n\nPaired by seed:\n\n" + paired_table(runs, depth_pairs, "prompt_accuracy")
+            + (f"\n\nThe evals that drew more than {PIX_COMMON_N} samples, at their own N (the tables above use "
+               f"their first {PIX_COMMON_N}):\n\n" + "\n".join(full) if larger else "") + "\n")
 
 
 def sit_depth_table(root: Path) -> str:
