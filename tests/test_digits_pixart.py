@@ -114,7 +114,24 @@ def test_a_pipeline_with_a_sharded_encoder_is_copied_whole_with_its_tokenizer_cl
     assert (tmp_path / "o2" / "tokenizer" / "spiece.model").exists()
     (sp / "spiece.model").unlink()
     one_line_refusal(run("create", "custom", *PIXART, "--text-encoder", sp, "-o", tmp_path / "o3"), "holds no tokenizer")
+    # weights outside the folder, or a truncated weights file: refused before anything is written
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    index_file = bad / "text_encoder" / "model.safetensors.index.json"
+    idx = json.loads(index_file.read_text())
+    first = next(iter(idx["weight_map"]))
+    index_file.write_text(json.dumps({**idx, "weight_map": {**idx["weight_map"], first: "../outside.safetensors"}}))
+    one_line_refusal(run("create", "custom", *PIXART, "--text-encoder", bad, "-o", tmp_path / "o3"), "outside its folder")
+    index_file.write_text(json.dumps(idx))
+    shard = bad / "text_encoder" / idx["weight_map"][first]
+    shard.write_bytes(shard.read_bytes()[:100])
+    one_line_refusal(run("create", "custom", *PIXART, "--text-encoder", bad, "-o", tmp_path / "o3"),
+                     "not a readable safetensors file")
     assert not (tmp_path / "o3").exists()
+    # convert takes the testbed's encoder by name, as create does
+    r = run("convert", pipe, "--to", "diffusers", "--text-encoder", "digits-t5", "-o", tmp_path / "o4")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "o4" / "text_encoder" / "model.safetensors").exists()
 
 
 def test_a_latent_pixart_pipeline_gets_the_source_pipelines_vae(pipe, tmp_path):
@@ -230,9 +247,17 @@ def test_the_same_captions_prepared_elsewhere_are_the_same_eval_input(pipe, tmp_
     assert "cached" in ev("c", "ev-c")
     shard = tmp_path / "c" / "shard-00000.safetensors"
     arrays = load_file(str(shard))
-    arrays["latents"][0] = -arrays["latents"][0]  # one image changed
+    for key, edit in (("latents", lambda a: a[:1].__imul__(-1)), ("caption_emb", lambda a: a.__imul__(-1))):
+        changed = {k: v.copy() for k, v in arrays.items()}
+        edit(changed[key])  # one image, or every caption's features, changed
+        save_file(changed, str(shard))
+        assert "cached" not in ev("c", f"ev-c-{key}"), key
+    # a manifest from before encoders were identified by contents: its shards go by path
     save_file(arrays, str(shard))
-    assert "cached" not in ev("c", "ev-c2")
+    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    m["producer"]["text_encoder"] = "8d8e2a6303ac2ea86196"
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(m))
+    assert "cached" not in ev("c", "ev-c-old")
     # another text encoder (the same shapes, other weights): another input
     other = tmp_path / "other"
     shutil.copytree(pipe, other)

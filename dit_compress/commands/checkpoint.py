@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -134,16 +135,26 @@ def _create_into(arch, output, force, text_encoder, **kw) -> DiT:
     if text_encoder is None:
         write_checkpoint(model, output, force=force, report={"created": arch, "params": model.num_params()},
                          title="ditc create")
-    elif embedded(text_encoder, {DIGITS_T5: DIGITS_T5}):  # the name (refused when a local digits-t5 is there too)
-        if model.config.latent_scale is not None:
-            raise UsageError(f"{DIGITS_T5} is a text encoder alone and this PixArt samples latents: its pipeline needs a "
-                             "VAE too; give a whole pipeline dir (text_encoder/, tokenizer/, vae/), or `pixel`")
-        with tempfile.TemporaryDirectory() as tmp:
-            build_text_encoder(tmp)
-            save_model(model, output, format="diffusers", force=force, text_encoder=tmp)
     else:
-        save_model(model, output, format="diffusers", force=force, text_encoder=text_encoder)
+        with encoder_source(text_encoder, model) as enc:
+            save_model(model, output, format="diffusers", force=force, text_encoder=enc)
     return model
+
+
+@contextlib.contextmanager
+def encoder_source(text_encoder, model):
+    """The dir a pipeline's text encoder and tokenizer are copied from: ``text_encoder`` as
+    given, or for ``digits-t5`` (refused when a local digits-t5 is there too) the testbed's
+    encoder built from its seed into a temporary dir (a text encoder alone: pixel models only)."""
+    if not embedded(text_encoder, {DIGITS_T5: DIGITS_T5}):
+        yield text_encoder
+        return
+    if model.config.latent_scale is not None:
+        raise UsageError(f"{DIGITS_T5} is a text encoder alone and this PixArt samples latents: its pipeline needs a "
+                         "VAE too; give a whole pipeline dir (text_encoder/, tokenizer/, vae/), or `pixel`")
+    with tempfile.TemporaryDirectory() as tmp:
+        build_text_encoder(tmp)
+        yield tmp
 
 
 @writes_output("source", "text_encoder")
@@ -163,8 +174,9 @@ def convert(source, *, output: str | Path, to: str = "ditc", dtype: str | None =
         raise UsageError(f"`to` original writes a single .pt file; give an output ending in .pt (got {output})")
     name = source_name(source)
     model.config = model.config.with_step("convert", to=to, dtype=dtype or "fp32", source=name)
-    save_model(model, output, format=to, dtype=dtype, force=force, text_encoder=text_encoder,
-               report={"op": "convert", "source": name, "to": to, "dtype": dtype or "fp32"})
+    with encoder_source(text_encoder, model) if text_encoder is not None else contextlib.nullcontext() as enc:
+        save_model(model, output, format=to, dtype=dtype, force=force, text_encoder=enc,
+                   report={"op": "convert", "source": name, "to": to, "dtype": dtype or "fp32"})
     return model
 
 

@@ -166,31 +166,31 @@ def load_shards(root: Path) -> TensorData:
         try:
             d = load_file(str(s))
         except Exception as e:  # noqa: BLE001 - any decode failure is a bad shard
-            raise DitcError(f"cannot read latent shard {s}: {str(e)[:160]}") from None
+            raise DitcError(f"cannot read shard {s}: {str(e)[:160]}") from None
         captioned = "caption_emb" in d
         if (captioned and xs and not caps) or (caps and not captioned):
-            raise DitcError(f"latent shard {s}: some shards hold captions and others class labels")
+            raise DitcError(f"shard {s}: some shards hold captions and others class labels")
         if captioned:
             lat = d.get("latents")
             if lat is None:
-                raise DitcError(f"latent shard {s} lacks 'latents'")
+                raise DitcError(f"shard {s} lacks 'latents'")
             cap, null = _shard_captions(s, d, len(lat), null)
             caps.append(cap)
             lab = d.get("labels", np.full(len(lat), -1, dtype=np.int64))  # the class a caption asks for, if stated
         elif "latents" not in d or "labels" not in d:
-            raise DitcError(f"latent shard {s} lacks 'latents' or 'labels'")
+            raise DitcError(f"shard {s} lacks 'latents' or 'labels'")
         else:
             lat, lab = d["latents"], d["labels"]
         if lab.ndim != 1 or not np.issubdtype(lab.dtype, np.integer):
-            raise DitcError(f"latent shard {s}: labels must be a 1-D array of integer classes, found shape "
+            raise DitcError(f"shard {s}: labels must be a 1-D array of integer classes, found shape "
                             f"{tuple(lab.shape)} of {lab.dtype}")
         if not np.issubdtype(lat.dtype, np.floating) or lat.ndim not in (4, 5):
-            raise DitcError(f"latent shard {s}: latents must be float [N, C, H, W] or [N, 2, C, H, W] (image + flip), "
+            raise DitcError(f"shard {s}: latents must be float [N, C, H, W] or [N, 2, C, H, W] (image + flip), "
                             f"found shape {tuple(lat.shape)} of {lat.dtype}")
         if len(lat) != len(lab):
-            raise DitcError(f"latent shard {s} holds {len(lat)} latents but {len(lab)} labels")
+            raise DitcError(f"shard {s} holds {len(lat)} latents but {len(lab)} labels")
         if xs and lat.shape[1:] != xs[0].shape[1:]:
-            raise DitcError(f"latent shard {s} holds latents of shape {tuple(lat.shape[1:])}, {shards[0].name} "
+            raise DitcError(f"shard {s} holds latents of shape {tuple(lat.shape[1:])}, {shards[0].name} "
                             f"{tuple(xs[0].shape[1:])}: every shard must have one shape")
         xs.append(lat)
         ys.append(lab)
@@ -206,17 +206,30 @@ def load_shards(root: Path) -> TensorData:
 
 
 # the text encoder's float features in caption shards: fixed by the encoder (identified by its
-# contents, in the manifest's producer) and the texts, so they are identified through those and
-# float rounding on another machine does not make the same captions another input
+# contents, in the manifest's producer) and the texts, and identified by those plus a coarse
+# fingerprint of their values, so float rounding on another machine does not make the same
+# captions another input while features edited by hand do
 CAPTION_FEATURES = ("caption_emb", "null_caption_emb")
 IDENTIFY_AT_MOST = 1 << 30  # bytes of shards read to identify them; larger sets go by path
+CONTENT_ID = "sha256:"  # a text encoder identity of its files' contents (earlier ones held only their sizes)
+
+
+def features_fingerprint(a: np.ndarray) -> list[float]:
+    """Scale, mean and a position-weighted mean of ``a`` (float64, the means relative to the
+    scale, 4 decimals): unmoved by last-bit rounding, moved by a sign flip, a shuffle or a
+    rescale of the features."""
+    x = a.astype(np.float64).reshape(len(a), -1) if a.ndim else a.astype(np.float64).reshape(1, 1)
+    scale = float(np.sqrt((x ** 2).mean())) or 1.0
+    w = np.cos(np.arange(x.size, dtype=np.float64) * 0.7).reshape(x.shape)
+    return [round(scale, 4), round(float(x.mean()) / scale, 4), round(float((x * w).mean()) / scale, 4)]
 
 
 def shards_identity(root) -> str | None:
     """Shards made by ``prepare-data`` by what they hold, wherever they lie: every array of
     every shard (images or latents, labels, caption masks; the caption features through the text
-    encoder's identity and the texts, from the manifest). None when ``root`` is not such a
-    folder, holds more than ``IDENTIFY_AT_MOST`` bytes of shards, or a shard cannot be read."""
+    encoder's content identity, the texts and ``features_fingerprint``). None when ``root`` is
+    not such a folder, its manifest predates content identities, it holds more than
+    ``IDENTIFY_AT_MOST`` bytes of shards, or a shard cannot be read."""
     p = Path(root) if isinstance(root, (str, Path)) else None
     manifest = p / "manifest.json" if p is not None else None
     if manifest is None or not manifest.is_file():
@@ -226,11 +239,12 @@ def shards_identity(root) -> str | None:
     except (OSError, ValueError):
         return None
     files = sorted(p.glob("shard-*.safetensors"))
-    if not isinstance(m, dict) or not isinstance(m.get("producer"), dict) or not files \
-            or sum(f.stat().st_size for f in files) > IDENTIFY_AT_MOST:
+    producer = m.get("producer") if isinstance(m, dict) else None
+    encoder = producer.get("text_encoder") if isinstance(producer, dict) else None
+    old_encoder_id = encoder is not None and not str(encoder).startswith(CONTENT_ID)
+    if not files or not isinstance(producer, dict) or old_encoder_id or sum(f.stat().st_size for f in files) > IDENTIFY_AT_MOST:
         return None
-    h = hashlib.sha256(json.dumps({"texts": m.get("texts"), "text_encoder": m["producer"].get("text_encoder")},
-                                  sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps({"texts": m.get("texts"), "text_encoder": encoder}, sort_keys=True).encode())
     for f in files:
         try:
             arrays = load_file(str(f))
@@ -239,8 +253,8 @@ def shards_identity(root) -> str | None:
         for k in sorted(arrays):
             a = arrays[k]
             h.update(f"{f.name}:{k}:{a.dtype}:{a.shape}".encode())
-            if k not in CAPTION_FEATURES:
-                h.update(np.ascontiguousarray(a).tobytes())
+            h.update(json.dumps(features_fingerprint(a)).encode() if k in CAPTION_FEATURES
+                     else np.ascontiguousarray(a).tobytes())
     return "shards#" + h.hexdigest()[:20]
 
 

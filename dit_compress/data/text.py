@@ -19,7 +19,7 @@ import torch
 from ..assets import embedded
 from ..errors import DitcError, UsageError
 from ..model.pixart import Captions
-from .datasets import CaptionData, load_data
+from .datasets import CONTENT_ID, CaptionData, load_data
 
 HASH_AT_MOST = 256 << 20  # bytes of one encoder file read to identify it
 PIXART_MAX_LENGTH = 120  # PixArtAlphaPipeline's max_sequence_length (PixArt-Σ: 300)
@@ -65,8 +65,9 @@ class TextEncoder:
             self.model = T5EncoderModel.from_pretrained(str(enc_dir)).eval().requires_grad_(False).to(device)
         except ImportError:
             raise DitcError("caption encoding needs transformers (pip install transformers sentencepiece)") from None
-        except (OSError, ValueError, KeyError) as e:
-            raise DitcError(f"cannot load the text encoder from {path}: {str(e).splitlines()[0][:200]}") from None
+        except Exception as e:  # noqa: BLE001 - any failure to read it (a truncated safetensors file too) is a bad dir
+            first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise DitcError(f"cannot load the text encoder from {path}: {first}") from None
         self.path, self.max_length, self.device = path, max_length, torch.device(device)
         self._dirs = sorted({enc_dir, tok_dir})
         self.width = int(self.model.config.d_model)
@@ -87,7 +88,7 @@ class TextEncoder:
                         for chunk in iter(lambda: fh.read(1 << 20), b""):
                             h.update(chunk)
         h.update(str(self.max_length).encode())
-        return h.hexdigest()[:20]
+        return CONTENT_ID + h.hexdigest()[:20]
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[Captions, int]:

@@ -11,6 +11,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import SafetensorError, safe_open
+
 from .. import checks
 from ..data.text import pipeline_dir, text_encoder_dirs
 from ..config import DiTConfig
@@ -213,6 +215,8 @@ def pipeline_parts(text_encoder, cfg) -> PipelineParts:
     enc_cfg = read_config(enc / "config.json")
     enc_cfg = enc_cfg if isinstance(enc_cfg, dict) else {}
     width = enc_cfg.get("d_model", enc_cfg.get("hidden_size"))
+    if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+        raise UsageError(f"{enc / 'config.json'} does not state the encoder's width (d_model): not a T5 encoder config")
     if cfg.caption_channels is not None and width != cfg.caption_channels:
         raise UsageError(f"the text encoder {enc} gives features {width} wide; the model takes {cfg.caption_channels} "
                          "(its caption_channels)")
@@ -267,7 +271,7 @@ def encoder_weights(enc: Path) -> list[str]:
     """The encoder's safetensors weight files: model.safetensors, or the shards its
     model.safetensors.index.json lists (a large encoder such as PixArt-alpha's T5-XXL) with the index."""
     if (enc / "model.safetensors").is_file():
-        return ["model.safetensors"]
+        return check_weights(enc, ["model.safetensors"])
     index = enc / "model.safetensors.index.json"
     if not index.is_file():
         raise UsageError(f"{enc} has no model.safetensors or model.safetensors.index.json (the encoder's weights, in "
@@ -275,12 +279,27 @@ def encoder_weights(enc: Path) -> list[str]:
     listed = read_config(index)
     shards = listed.get("weight_map") if isinstance(listed, dict) else None
     names = sorted(set(shards.values())) if isinstance(shards, dict) and shards else []
-    if not names or not all(isinstance(n, str) and "/" not in n for n in names):
+    if not names or not all(isinstance(n, str) and n for n in names):
         raise UsageError(f"{index} lists no weight files (its weight_map)")
+    outside = [n for n in names if Path(n).name != n]
+    if outside:
+        raise UsageError(f"{index} lists a weight file outside its folder: {outside[0]}")
     missing = [n for n in names if not (enc / n).is_file()]
     if missing:
         raise UsageError(f"{enc} lacks {missing[0]}, a weight shard its model.safetensors.index.json lists")
-    return [index.name, *names]
+    return [index.name, *check_weights(enc, names)]
+
+
+def check_weights(folder: Path, names: list[str]) -> list[str]:
+    """``names``, after reading each file's safetensors header (a truncated or foreign file is
+    refused here, not when the written pipeline is first loaded)."""
+    for n in names:
+        try:
+            with safe_open(str(folder / n), "pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as e:
+            raise UsageError(f"{folder / n} is not a readable safetensors file: {str(e)[:120]}") from None
+    return names
 
 
 def tokenizer_class(root: Path | None, tok: Path) -> str:
