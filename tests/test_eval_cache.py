@@ -55,6 +55,26 @@ def test_the_text_to_image_quickstart_base_evals_are_served_from_the_shipped_one
     assert rep["metrics"]["prompt_accuracy"] >= 0.95 and ("heldout_loss" in rep["metrics"]) == (seed == 0)
 
 
+@pytest.mark.slow
+def test_a_recomputation_reproduces_the_shipped_text_to_image_samples(held_out_captions):
+    """The first 25 samples of the shipped digits-pixart seed-0 eval, sampled again here with
+    diffusers-equivalent DDIM from the same shard noise and the prompts the eval took in turn."""
+    from dit_compress.data.text import load_prompts
+
+    entry = next(p for p in EVALS_DIR.iterdir() if p.is_dir() and
+                 (r := json.loads((p / "report.json").read_text()))["seed"] == 0 and "digits-pixart" in str(r["source"]))
+    shipped = np.load(entry / "samples.npz")
+    m = dc.load_model("digits-pixart")
+    prompts = load_prompts(str(held_out_captions), m.config)
+    labels = torch.from_numpy(shipped["labels"][:25]).long()
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(125, 1, 8, 8, generator=g)[:25]  # shard 0's first batch, as eval draws it
+    x = dc.sample(m, noise, prompts.captions[labels], sampler="ddim", steps=10, timestep_spacing="leading",
+                  cfg_scale=3.0, negative=prompts.null)
+    diff = np.abs(F.to_uint8(x).astype(int) - shipped["arr_0"][:25].astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.001, (diff.max(), (diff > 0).mean())
+
+
 def test_another_setting_or_model_is_not_served_from_the_shipped_ones(tmp_path):
     rep = dc.evaluate_model("digits-dit", output=tmp_path / "e", **{**QUICKSTART, "num_samples": 10, "steps": 2})
     assert "cached" not in rep and rep["shards_written_now"] == 1
