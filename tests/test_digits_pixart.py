@@ -270,6 +270,20 @@ def test_the_same_captions_prepared_elsewhere_are_the_same_eval_input(pipe, tmp_
     assert "cached" not in ev("d", "ev-d")
 
 
+def test_classes_the_digits_classifier_does_not_have_are_not_scored(pipe, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    assert run("prepare-data", "digits:test", "--text-encoder", pipe, "--max-length", 16, "-o", tmp_path / "c").exit_code == 0
+    shard = tmp_path / "c" / "shard-00000.safetensors"
+    arrays = load_file(str(shard))
+    save_file({**arrays, "labels": arrays["labels"] + 100}, str(shard))
+    r = run("eval", pipe, "--prompts", tmp_path / "c", "-n", 4, "--sampler", "ddim", "--steps", 1, "--metrics", "fid",
+            "--no-cache", "-o", tmp_path / "ev")
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert "prompt_accuracy" not in rep["metrics"] and "not scored" in rep["warning"] and "class 10" in rep["warning"]
+
+
 @pytest.mark.slow
 def test_eval_reports_prompt_following_accuracy_from_the_held_out_classifier(pipe, tmp_path):
     """The accuracy in the report is the share of samples the digits classifier reads as the

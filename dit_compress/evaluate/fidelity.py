@@ -382,6 +382,12 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
     check_metrics(metrics, num_samples, kid_subset_size)
     ref_kind, ref_val = resolve_reference(ref, model.config)
     ex_kw = choose_extractor(model.config, inception_weights, extractor)
+    asks = np.asarray(conds.asks) if ex_kw["feature_extractor"] == "digits-cnn" and conds.asks is not None else None
+    unscored = None  # the digits classifier reads digits 0-9 only: other classes are not scored
+    if asks is not None and not ((asks >= 0) & (asks < 10)).all():
+        unscored = (f"{conds.asks_metric} not scored: the conditions ask for class "
+                    f"{asks[(asks < 0) | (asks >= 10)][0]}, which the digits classifier does not have (0-9)")
+        asks = None
     vae = load_vae(vae_name or (model.config.vae if model.config.latent_scale is not None else None))
     if vae is not None:
         vae = vae.to(next(model.parameters()).device)
@@ -447,9 +453,11 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
         report.update(_prompts_said(prompts))
         if prompts.note:
             report["warning"] = "; ".join(w for w in (report.get("warning"), prompts.note) if w)
-    if ex_kw["feature_extractor"] == "digits-cnn" and conds.asks is not None:  # the testbeds' held-out classifier
+    if unscored:
+        report["warning"] = "; ".join(w for w in (report.get("warning"), unscored) if w)
+    if asks is not None:  # the testbeds' held-out classifier
         x = torch.from_numpy(imgs).float().mean(-1, keepdim=True).permute(0, 3, 1, 2) / 127.5 - 1
-        asked = np.asarray(conds.asks)[np.asarray(labels)]  # the class each sample's condition asks for
+        asked = asks[np.asarray(labels)]  # the class each sample's condition asks for
         report["metrics"][conds.asks_metric] = class_accuracy(x, torch.from_numpy(asked).long())
     report["source"] = source
     report["producer"] = recipe
