@@ -251,7 +251,7 @@ def pixart_depth_table(root: Path) -> str:
     return "\n".join(out)
 
 
-PIX_COMMON_N = 500  # the seeds whose evals drew more are cut to their first 500 samples
+PIX_COMMON_N = 500  # FID at 500: evals that drew more are cut to their first 500, fewer give none
 
 
 def pixart_tables(root: Path) -> str:
@@ -260,9 +260,12 @@ def pixart_tables(root: Path) -> str:
     for r in runs:
         for label, step in PIX_WIDTH_ROWS + PIX_DEPTH_ROWS[1:]:
             e = eval_report(r, step)
-            if (e.get("num_samples") or 0) > PIX_COMMON_N:
+            n = e.get("num_samples") or 0
+            if n > PIX_COMMON_N:
                 larger.append((r, label, e))
                 COMMON_N[e["_dir"]] = (PIX_COMMON_N, fid_at(PIX_COMMON_N, Path(e["_dir"])))
+            elif 0 < n < PIX_COMMON_N:  # held-out loss and prompt accuracy only: no FID at another N
+                COMMON_N[e["_dir"]] = (n, None)
     full = ["| model | seed | N | FID | prompt accuracy |", "|---" * 5 + "|"]
     full += [f"| {label} | {r.name.rsplit('-s', 1)[1]} | {e['num_samples']} | "
              f"{fmt(e.get('metrics', {}).get('frechet_inception_distance'), 2)} | "
