@@ -247,7 +247,8 @@ def pixart_depth_table(root: Path) -> str:
         # a calibration loss equal to the full model's is the signature of the PixArt only_blocks bug
         # (fixed after seed 0's prune steps ran): those seeds did not measure it
         measured = [p.get("calib_loss_chosen") for p in pr if p.get("calib_loss_chosen") != p.get("calib_loss_full")]
-        calib = (f"{mean_sd(measured)} ({len(measured)} seeds)" if measured else "not measured") if step else "-"
+        calib = (f"{mean_sd(measured)}; measured in {len(measured)} of {len(pr)} seeds" if measured
+                 else "not measured") if step else "-"
         out.append(f"| {label} | {kept} | {calib} | {mean_sd([e.get('prompt_accuracy') for e in ev], 3)} | "
                    f"{fid_cell(evs)} | {mean_sd([e.get('heldout_loss') for e in ev])} | "
                    f"{mean_sd([e.get('heldout_mse') for e in ev])} |")
