@@ -19,7 +19,7 @@ from ..errors import DitcError, UsageError
 from ..model.build import build_model
 from ..model.family import family_of, require
 from ..model.routers import Routing, TokenRouter, WidthRouter, routing
-from ..model.flops import block_fixed_macs, block_macs
+from ..model.flops import block_share
 
 SORTS = ("magnitude", "taylor", "none")
 
@@ -141,8 +141,9 @@ def add_dynamic_width(model, target_flops: float = 0.5, sort_by: str = "magnitud
     if cfg.mlp_hidden % cfg.num_heads:
         raise UsageError(f"MLP hidden size {cfg.mlp_hidden} cannot be split into {cfg.num_heads} channel groups (one per head)")
     share = routed_share(cfg, target_flops) if static else None  # checked before the sorting pass
-    if not static and target_flops <= fixed_share(cfg) + 1e-9:
-        raise UsageError(f"`target_flops` {target_flops} is not above the {fixed_share(cfg):.3f} of each block no "
+    fixed = fixed_share(cfg)
+    if not static and target_flops <= fixed + 1e-9:
+        raise UsageError(f"`target_flops` {target_flops} is not above the {fixed:.3f} of each block no "
                          "width router scales (the cross-attention to the caption): width routing cannot reach it")
     if sort_by == "none":
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -163,9 +164,9 @@ def add_dynamic_width(model, target_flops: float = 0.5, sort_by: str = "magnitud
 
 
 def fixed_share(cfg) -> float:
-    """The fraction of a block's FLOPs no width router scales (0 on DiT)."""
-    attn, mlp = block_macs(cfg)
-    return block_fixed_macs(cfg) / (block_fixed_macs(cfg) + attn + mlp)
+    """The fraction of a block's FLOPs no width router scales (0 on DiT): the block at no heads,
+    channels or tokens."""
+    return block_share(cfg, 0.0, 0.0, 0.0)
 
 
 def routed_share(cfg, target_flops: float) -> float:

@@ -4,6 +4,7 @@ image folders encoded on the fly."""
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -218,9 +219,9 @@ def features_fingerprint(a: np.ndarray) -> list[float]:
     """Scale, mean and a position-weighted mean of ``a`` (float64, the means relative to the
     scale, 4 decimals): unmoved by last-bit rounding, moved by a sign flip, a shuffle or a
     rescale of the features."""
-    x = a.astype(np.float64).reshape(len(a), -1) if a.ndim else a.astype(np.float64).reshape(1, 1)
+    x = a.astype(np.float64).ravel()
     scale = float(np.sqrt((x ** 2).mean())) or 1.0
-    w = np.cos(np.arange(x.size, dtype=np.float64) * 0.7).reshape(x.shape)
+    w = np.cos(np.arange(x.size, dtype=np.float64) * 0.7)
     return [round(scale, 4), round(float(x.mean()) / scale, 4), round(float((x * w).mean()) / scale, 4)]
 
 
@@ -242,17 +243,25 @@ def shards_identity(root) -> str | None:
     producer = m.get("producer") if isinstance(m, dict) else None
     encoder = producer.get("text_encoder") if isinstance(producer, dict) else None
     old_encoder_id = encoder is not None and not str(encoder).startswith(CONTENT_ID)
-    if not files or not isinstance(producer, dict) or old_encoder_id or sum(f.stat().st_size for f in files) > IDENTIFY_AT_MOST:
+    stats = [f.stat() for f in files]
+    if not files or not isinstance(producer, dict) or old_encoder_id or sum(st.st_size for st in stats) > IDENTIFY_AT_MOST:
         return None
-    h = hashlib.sha256(json.dumps({"texts": m.get("texts"), "text_encoder": encoder}, sort_keys=True).encode())
-    for f in files:
+    head = json.dumps({"texts": m.get("texts"), "text_encoder": encoder}, sort_keys=True)
+    # one read per folder and state: an eval asks for its prompts' and its held-out data's identity
+    return _shards_digest(head, tuple((str(f.resolve()), st.st_size, st.st_mtime_ns) for f, st in zip(files, stats)))
+
+
+@functools.lru_cache(maxsize=32)
+def _shards_digest(head: str, files: tuple) -> str | None:
+    h = hashlib.sha256(head.encode())
+    for path, _, _ in files:
         try:
-            arrays = load_file(str(f))
+            arrays = load_file(path)
         except Exception:  # noqa: BLE001 - an unreadable shard is identified by path; loading it reports it
             return None
         for k in sorted(arrays):
             a = arrays[k]
-            h.update(f"{f.name}:{k}:{a.dtype}:{a.shape}".encode())
+            h.update(f"{Path(path).name}:{k}:{a.dtype}:{a.shape}".encode())
             h.update(json.dumps(features_fingerprint(a)).encode() if k in CAPTION_FEATURES
                      else np.ascontiguousarray(a).tobytes())
     return "shards#" + h.hexdigest()[:20]

@@ -29,12 +29,13 @@ def text_encoder_dirs(path) -> tuple[Path, Path]:
     """(text encoder dir, tokenizer dir) of a pipeline dir (text_encoder/ + tokenizer/) or of a
     dir holding both an encoder config and tokenizer files; an embedded pipeline by its name
     (``digits-pixart``)."""
-    path = embedded(path) or Path(path)
-    if (path / "text_encoder").is_dir():
-        tok = path / "tokenizer"
+    root = pipeline_dir(path)
+    if root is not None:
+        tok = root / "tokenizer"
         if not tok.is_dir():
-            raise UsageError(f"{path} has text_encoder/ but no tokenizer/ (the pipeline's tokenizer is needed)")
-        return path / "text_encoder", tok
+            raise UsageError(f"{root} has text_encoder/ but no tokenizer/ (the pipeline's tokenizer is needed)")
+        return root / "text_encoder", tok
+    path = embedded(path) or Path(path)
     if (path / "config.json").exists():
         return path, path
     raise UsageError(f"{path} holds no text encoder (a pipeline dir with text_encoder/ and tokenizer/, or an encoder "

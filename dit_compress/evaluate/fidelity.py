@@ -299,9 +299,9 @@ def path_identity(value) -> str | None:
 
 
 def data_identity(value) -> str | None:
-    """Data an eval reads (prompts, held-out data): shards made by ``prepare-data`` as what
-    made them, so the same captions prepared in another folder are the same input; anything
-    else as ``path_identity``."""
+    """Data an eval reads (prompts, held-out data): shards made by ``prepare-data`` by what
+    they hold (``shards_identity``), so the same captions prepared in another folder are the
+    same input; anything else as ``path_identity``."""
     return shards_identity(value) or path_identity(value)
 
 
