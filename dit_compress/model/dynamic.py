@@ -17,7 +17,7 @@ import torch
 from ..config import DiTConfig
 from .compile import compiled, is_compiled
 from .flops import block_share
-from .layers import DiTBlock, modulate
+from .layers import DiTBlock, gated, modulate
 from .routers import (
     Routing,
     TokenRouter,
@@ -149,7 +149,7 @@ class RoutedBlock(WidthRouted, DiTBlock):
         hm, cm = self.width_masks(t_emb, mode, tau, full_rows)
         if mode == Routing.FAST and hm is not None:
             return self._forward_fast_width(x, hm, cm, (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), stats)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), hm)
+        x = gated(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa), hm))
         tm = self.token_mask(x, mode, tau, full_rows)
         if stats is not None:
             n = x.shape[0] - full_rows
@@ -161,7 +161,7 @@ class RoutedBlock(WidthRouted, DiTBlock):
         h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp), cm)
         if tm is not None:
             h = h * tm.unsqueeze(-1)
-        return x + gate_mlp.unsqueeze(1) * h
+        return gated(x, gate_mlp, h)
 
     def _mlp_on_tokens(self, x, tm, shift, scale, gate, channels: int | None):
         """Run the MLP on routed tokens only (flattened over the batch) and scatter back."""
@@ -200,13 +200,12 @@ class RoutedBlock(WidthRouted, DiTBlock):
 
     def _sliced(self, x, k: int, ch: int, mods, stats):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
-        x = x + gate_msa.unsqueeze(1) * self.attn.forward_sliced(modulate(self.norm1(x), shift_msa, scale_msa), k)
+        x = gated(x, gate_msa, self.attn.forward_sliced(modulate(self.norm1(x), shift_msa, scale_msa), k))
         tm = self.token_mask(x, Routing.FAST, 0.0)
         self.sliced_stats(stats, x, k / self.attn.heads, ch, tm)
         if tm is not None:
             return self._mlp_on_tokens(x, tm, shift_mlp, scale_mlp, gate_mlp, ch)
-        h = self.mlp.forward_sliced(modulate(self.norm2(x), shift_mlp, scale_mlp), ch)
-        return x + gate_mlp.unsqueeze(1) * h
+        return gated(x, gate_mlp, self.mlp.forward_sliced(modulate(self.norm2(x), shift_mlp, scale_mlp), ch))
 
 
 def _full_tail(mask, full_rows: int):

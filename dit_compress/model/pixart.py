@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .dynamic import BlockStats, RoutedModel, WidthRouted, block_flops_ratio
-from .layers import PatchEmbed, timestep_sinusoid, xavier_linear
+from .layers import PatchEmbed, gated, timestep_sinusoid, xavier_linear
 from .routers import Routing
 from .run import ForwardAux, RunContext, forward_with_cfg
 
@@ -240,9 +240,9 @@ class PixArtBlock(nn.Module):
 
     def forward(self, x, t6, caption, bias):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulations(t6)
-        x = x + gate_msa * self.attn1(self.norm1(x) * (1 + scale_msa) + shift_msa)
+        x = gated(x, gate_msa, self.attn1(torch.addcmul(shift_msa, self.norm1(x), 1 + scale_msa)))
         x = x + self.attn2(x, caption, bias)
-        return x + gate_mlp * self.ff(self.norm2(x) * (1 + scale_mlp) + shift_mlp)
+        return gated(x, gate_mlp, self.ff(torch.addcmul(shift_mlp, self.norm2(x), 1 + scale_mlp)))
 
 
 class RoutedPixArtBlock(WidthRouted, PixArtBlock):
@@ -275,7 +275,7 @@ class RoutedPixArtBlock(WidthRouted, PixArtBlock):
             self.width_stats(stats, hm, cm, len(x))
             return out
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
-        x = x + gate_msa * self.attn1(self.norm1(x) * (1 + scale_msa) + shift_msa, head_mask=hm)
+        x = gated(x, gate_msa, self.attn1(torch.addcmul(shift_msa, self.norm1(x), 1 + scale_msa), head_mask=hm))
         x = x + self.attn2(x, caption, bias)
         tm = self.token_mask(x, mode, tau, full_rows)
         self.width_stats(stats, hm, cm, x.shape[0] - full_rows)
@@ -283,10 +283,10 @@ class RoutedPixArtBlock(WidthRouted, PixArtBlock):
             stats.token_frac = tm[:x.shape[0] - full_rows].mean(1) if tm is not None else None
         if mode == Routing.FAST and tm is not None:
             return self._ff_on_tokens(x, tm, shift_mlp, scale_mlp, gate_mlp, None)
-        h = self.ff(self.norm2(x) * (1 + scale_mlp) + shift_mlp, channel_mask=cm)
+        h = self.ff(torch.addcmul(shift_mlp, self.norm2(x), 1 + scale_mlp), channel_mask=cm)
         if tm is not None:
             h = h * tm.unsqueeze(-1)
-        return x + gate_mlp * h
+        return gated(x, gate_mlp, h)
 
     def _ff_on_tokens(self, x, tm, shift, scale, gate, channels: int | None):
         """The feed-forward on the routed tokens only (flattened over the batch), scattered back."""
@@ -299,13 +299,13 @@ class RoutedPixArtBlock(WidthRouted, PixArtBlock):
 
     def _sliced(self, x, mods, caption, bias, heads: int, channels: int, stats):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
-        x = x + gate_msa * self.attn1.forward_sliced(self.norm1(x) * (1 + scale_msa) + shift_msa, heads)
+        x = gated(x, gate_msa, self.attn1.forward_sliced(torch.addcmul(shift_msa, self.norm1(x), 1 + scale_msa), heads))
         x = x + self.attn2(x, caption, bias)
         tm = self.token_mask(x, Routing.FAST, 0.0)
         self.sliced_stats(stats, x, heads / self.attn1.heads, channels, tm)
         if tm is not None:
             return self._ff_on_tokens(x, tm, shift_mlp, scale_mlp, gate_mlp, channels)
-        return x + gate_mlp * self.ff.forward_sliced(self.norm2(x) * (1 + scale_mlp) + shift_mlp, channels)
+        return gated(x, gate_mlp, self.ff.forward_sliced(torch.addcmul(shift_mlp, self.norm2(x), 1 + scale_mlp), channels))
 
 
 class PixArt(RoutedModel, nn.Module):
