@@ -516,9 +516,13 @@ def bench(
     timestep_spacing: Optional[str] = Spacing,
     force: bool = Force, json_out: bool = JsonOut,
     num_heads: Optional[int] = NumHeads, prediction: Optional[str] = Prediction, numerics: Optional[str] = Numerics,
+    cuda_graphs: str = typer.Option("auto", "--cuda-graphs", help="auto (on a CUDA device, each model that can be captured runs as CUDA graphs, one per shape and width profile) | on (refused where not) | off."),
+    token_capacity: Optional[float] = typer.Option(None, "--token-capacity", help="Token-routed models: the share of tokens each block's MLP takes (top-k by router score; static shapes, no host sync), in (0, 1]."),
 ):
     """Measure speed side by side: analytic FLOPs, forward latency (median, IQR), images/s,
-    peak memory, and speedup next to the FLOPs ratio (flagged where they diverge).
+    peak memory (CUDA: the allocator's peak of the timed runs), and speedup next to the FLOPs
+    ratio (flagged where they diverge). Each model is built in its own process on the measuring
+    device (shapes: random weights drawn there).
 
     Examples:
 
@@ -529,13 +533,15 @@ def bench(
         ditc bench digits-dit tiny/ tiny-kd/ --batch-sizes 1,64 --json
 
         ditc bench --loop --sampler ddim --steps 50 --cfg-scale 1.5 digits-dit tiny/ dyn/ --batch-sizes 1,8
+
+        ditc bench --shape DiT-XL/2 --variants d14,width0.5,dynwidth0.5,tokens0.5 --device cuda --dtype bf16 --batch-sizes 1,64
     """
     opts = _options(locals())
     report = commands.bench(sources, echo=lambda m: err_console.print(m), **opts)
     if json_out:
         emit_json(report)
         return
-    cols = ("model", "batch", "gflops", "flops_ratio", "latency_ms", "iqr_ms", "speedup", "peak_rss_mb", "diverges")
+    cols = ("model", "batch", "gflops", "flops_ratio", "latency_ms", "iqr_ms", "speedup", "peak_mb", "diverges")
     if loop:
         cols = ("model", "batch", "gflops", "flops_ratio", "seconds_per_image", "images_per_s", "speedup", "warmup_s", "diverges")
     if compile_:

@@ -77,6 +77,10 @@ class TokenSpec:
     init_bias: float = 35.0  # DyDiT: bias 35 on the router's last layer
     reduction: int = 16
     target_flops: float | None = None  # token routers alone: the FLOPs target (with width routers: the width's)
+    # inference capacity per block: the share of tokens each block's MLP takes (top-k by router
+    # score, k = round(share * tokens)), static shapes and no host sync; None: the exact per-sample
+    # counts (the routers' expected count, a data-dependent shape read back to the host)
+    capacity: list[float] | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -86,6 +90,10 @@ class TokenSpec:
         checks.real("init_bias", self.init_bias)
         checks.integer("reduction", self.reduction, lo=1, hi=MAX_HIDDEN)
         checks.real("target_flops", self.target_flops, lo=0.0, hi=1.0, lo_open=True, optional=True)
+        if self.capacity is not None:
+            if not isinstance(self.capacity, (list, tuple)) or not self.capacity:
+                raise UsageError(f"token `capacity` must be a list of shares in (0, 1], one per block, got {self.capacity!r}"[:200])
+            self.capacity = [checks.real("capacity", c, lo=0.0, hi=1.0, lo_open=True) for c in self.capacity]
 
 
 def _spec(kind, value, what: str):
@@ -235,6 +243,8 @@ class DiTConfig:
             self.width.validate()
         if self.tokens is not None:
             self.tokens.validate()
+            if self.tokens.capacity is not None and len(self.tokens.capacity) != self.depth:
+                raise UsageError(f"token `capacity` lists {len(self.tokens.capacity)} shares for {self.depth} blocks")
         if self.width is not None and self.mlp_hidden % self.num_heads:
             raise UsageError(
                 f"MLP hidden size {self.mlp_hidden} cannot be split into {self.num_heads} groups"

@@ -116,7 +116,7 @@ def test_eval_sampling_and_bench_loop_on_a_fake_cuda_device():
         assert rows[0]["batch"] == 2
         rows = B._static_forward_rows(m, m.config, [2], 1, 1, [0, 500], torch.float32)
         assert rows[0]["latency_ms"] > 0
-        macs, calls = B._loop_macs(m, m.config, "ddim", 3, None, 2.0, torch.float32)
+        macs, calls, _ = B._loop_macs(m, m.config, "ddim", 3, None, 2.0, torch.float32)
         assert calls == 3
 
 

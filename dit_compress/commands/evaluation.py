@@ -20,6 +20,7 @@ from ..formats import own_text_encoder
 from ..outputs import atomic_dir, is_main_process
 from ..model import Routing, routing
 from ..model.build import fingerprint
+from ..model.graphs import check_mode as check_graphs
 from ..model.family import family_of, require
 from ..report import write_report
 from .common import (
@@ -170,13 +171,20 @@ def bench(sources=None, *, shape: str | None = None, variants=None, baseline: st
           cfg_scale: float = 1.0, dense_masks: bool = False, threads: int | None = None,
           output: str | Path | None = None, timestep_spacing: str | None = None, force: bool = False,
           num_heads: int | None = None, prediction: str | None = None, numerics: str | None = None,
-          echo=None) -> dict:
+          cuda_graphs: str = "auto", token_capacity: float | None = None, echo=None) -> dict:
     """Speed side by side, each model in its own process: single forwards (latency, images/s,
     peak memory) or with ``loop`` the whole sampling loop (seconds_per_image, CFG included,
     routers as in eval), with the FLOPs ratio next to every speedup. Returns the report (and
-    writes it with the speed-vs-FLOPs plot to ``output`` when given)."""
+    writes it with the speed-vs-FLOPs plot to ``output`` when given). ``cuda_graphs``: auto (on a
+    CUDA device, each model that can be captured runs as CUDA graphs), on (refused where not)
+    or off. ``token_capacity``: the inference capacity of token-routed models, a share in (0, 1]
+    (the ``tokensF`` variants set their own)."""
     c = checks
     dev = resolve_device(device)
+    graphs = check_graphs(cuda_graphs)
+    if graphs == "on" and dev.type != "cuda":
+        raise UsageError(f"`cuda_graphs` on needs a CUDA device; this bench runs on {dev}")
+    token_capacity = c.real("token_capacity", token_capacity, lo=0.0, hi=1.0, lo_open=True, optional=True)
     specs = bench_specs(sources, shape, variants, baseline)
     bs = parse_ints(batch_sizes, "batch_sizes", lo=1, hi=c.MAX_BATCH)
     if not bs:
@@ -201,9 +209,11 @@ def bench(sources=None, *, shape: str | None = None, variants=None, baseline: st
             echo(f"measuring {s} ...")
         results.append(bench_mod.measure(s, bs, repeats, warmup, (sampler, steps, timestep_spacing), threads, dtype,
                                          compile, dense_masks, load=facts,
-                                         loop={"cfg_scale": cfg_scale} if loop else None, device=str(dev)))
+                                         loop={"cfg_scale": cfg_scale} if loop else None, device=str(dev),
+                                         graphs=graphs, token_capacity=token_capacity))
     rows = bench_mod.compare(results)
     report = {"mode": "sampling loop" if loop else "single forward", "cfg_scale": cfg_scale if loop else None,
+              "cuda_graphs": graphs,
               "sampler": {r["spec"]: r.get("sampler") for r in results}, "device": str(dev), "dtype": dtype,
               "threads": threads or torch.get_num_threads(), "repeats": repeats, "warmup": warmup,
               "timesteps": {r["spec"]: r.get("timesteps") for r in results}, "baseline": specs[0], "rows": rows}

@@ -7,6 +7,7 @@ blocks with bit-identical weights, and ``config.kept_layers`` naming their sourc
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 import random
@@ -100,7 +101,10 @@ def prune_layers(model, keep: list[int], op_params: dict | None = None):
     """A new model with blocks ``keep`` (indices into ``model.blocks``), weights copied exactly."""
 
     keep = check_keep(list(keep), model.config.depth)
-    cfg = model.config.copy(depth=len(keep), kept_layers=[model.config.kept_layers[i] for i in keep])
+    tokens = model.config.tokens
+    if tokens is not None and tokens.capacity is not None:  # per-block data follows its blocks
+        tokens = dataclasses.replace(tokens, capacity=[tokens.capacity[i] for i in keep])
+    cfg = model.config.copy(depth=len(keep), kept_layers=[model.config.kept_layers[i] for i in keep], tokens=tokens)
     if op_params is not None:
         cfg = cfg.with_step("prune-depth", **op_params)
     stack = family_of(model).stack_key + "."

@@ -9,9 +9,11 @@ prefix slices of the weights.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 
+from .. import checks
 from ..config import TokenSpec, WidthSpec
 from ..data.batches import draw_examples
 from ..diffusion import objective_for
@@ -152,11 +154,12 @@ def add_dynamic_width(model, target_flops: float = 0.5, sort_by: str = "magnitud
     spec = WidthSpec(target_flops=target_flops, sort_by=sort_by, tau=tau, init_bias=init_bias, static=static)
     new_cfg = cfg.copy(width=spec).with_step("add-dynamic-width", target_flops=target_flops, sort_by=sort_by, static=static)
     torch.manual_seed(seed)
+    dev = next(model.parameters()).device  # new routers join the weights where they are
     for i in range(cfg.depth):
         for name in ("head_router", "channel_router"):
             r = WidthRouter(cfg.hidden_size, cfg.num_heads, init_bias)
             for k, v in r.state_dict().items():
-                state[f"{family_of(model).stack_key}.{i}.{name}.{k}"] = v
+                state[f"{family_of(model).stack_key}.{i}.{name}.{k}"] = v.to(dev)
     new = build_model(new_cfg, state, dtype=next(model.parameters()).dtype)
     if static:
         set_static_width(new, share, share)
@@ -198,10 +201,11 @@ def add_token_router(model, tau: float = 5.0, init_bias: float = 35.0, reduction
     new_cfg = cfg.copy(tokens=spec).with_step("add-token-router", reduction=reduction, target_flops=target_flops)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     torch.manual_seed(seed)
+    dev = next(model.parameters()).device
     for i in range(cfg.depth):
         r = TokenRouter(cfg.hidden_size, reduction, init_bias)
         for k, v in r.state_dict().items():
-            state[f"{family_of(model).stack_key}.{i}.token_router.{k}"] = v
+            state[f"{family_of(model).stack_key}.{i}.token_router.{k}"] = v.to(dev)
     return build_model(new_cfg, state, dtype=next(model.parameters()).dtype)
 
 
@@ -253,11 +257,12 @@ def set_banded_width(model, share: float, times: list) -> list[float]:
     for i, sh in zip(noisy_first, band_shares(share, len(times))):
         shares[i] = sh
     per_layer = {sh: spread_widths(H, sh, L) for sh in set(shares)}
-    t = torch.tensor(times)
+    dev = next(model.parameters()).device
+    t = torch.tensor(times, device=dev)
     for layer, (b, te) in enumerate(zip(model.blocks, model.width_router_inputs(t))):
-        ks = torch.tensor([per_layer[sh][layer] for sh in shares])
-        target = torch.where(torch.arange(H)[None] < ks[:, None], 30.0, -30.0).double()
-        feats = torch.cat([te.double(), torch.ones(len(times), 1, dtype=torch.float64)], 1)
+        ks = torch.tensor([per_layer[sh][layer] for sh in shares], device=dev)
+        target = torch.where(torch.arange(H, device=dev)[None] < ks[:, None], 30.0, -30.0).double()
+        feats = torch.cat([te.double(), torch.ones(len(times), 1, dtype=torch.float64, device=dev)], 1)
         sol = torch.linalg.pinv(feats) @ target  # [D + 1, H]: the minimum-norm exact fit
         for r in (b.head_router, b.channel_router):
             r.linear.weight.copy_(sol[:-1].T.float())
@@ -276,6 +281,7 @@ def set_token_keep(model, share: float, batch: int = 2, seed: int = 0, passes: i
     cfg = model.config
     g = torch.Generator().manual_seed(seed)
     D = cfg.hidden_size
+    dev = next(model.parameters()).device
     for b in model.blocks:
         net = b.token_router.net
         net[0].weight.copy_(torch.randn(net[0].weight.shape, generator=g) / D ** 0.5)
@@ -283,9 +289,10 @@ def set_token_keep(model, share: float, batch: int = 2, seed: int = 0, passes: i
         # large logits: sigmoid saturates, so the expected keep count equals the count of positive logits
         net[2].weight.copy_(torch.randn(net[2].weight.shape, generator=g) * 1e3)
         net[2].bias.zero_()
-    x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
-    t = torch.full((batch,), 500)
-    y = family_of(cfg).example_condition(cfg, batch, g)[0]
+    dtype = next(model.parameters()).dtype
+    x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(dev, dtype)
+    t = torch.full((batch,), 500, device=dev)
+    y = family_of(cfg).example_condition(cfg, batch, g)[0].to(dev)
     logits = {}
     hooks = [b.token_router.register_forward_hook(lambda m, i, o, k=k: logits.__setitem__(k, o.detach().flatten()))
              for k, b in enumerate(model.blocks)]
@@ -298,4 +305,23 @@ def set_token_keep(model, share: float, batch: int = 2, seed: int = 0, passes: i
     finally:
         for h in hooks:
             h.remove()
+    return model
+
+
+def set_token_capacity(model, capacity):
+    """Set the inference capacity of a token-routed model in place (and in its config, so a
+    saved model keeps it): each block's MLP then takes the top-k tokens of each sample by
+    router score, k = round(share * tokens), a static shape with no host sync (capturable in a
+    CUDA graph). ``capacity``: one share in (0, 1] for every block, a list of one per block, or
+    None for the exact per-sample counts (a data-dependent shape, read back to the host)."""
+    cfg = model.config
+    if cfg.tokens is None:
+        raise UsageError("a token capacity is for models with token routers (add-token-router)")
+    if capacity is not None:
+        caps = list(capacity) if isinstance(capacity, (list, tuple)) else [capacity] * cfg.depth
+        if len(caps) != cfg.depth:
+            raise UsageError(f"token `capacity` lists {len(caps)} shares for {cfg.depth} blocks")
+        capacity = [checks.real("capacity", c, lo=0.0, hi=1.0, lo_open=True) for c in caps]
+    model.config = cfg.copy(tokens=dataclasses.replace(cfg.tokens, capacity=capacity))
+    model.apply_token_capacity()
     return model

@@ -10,6 +10,7 @@ import torch
 
 from ..model.family import family_of
 from ..model.flops import block_share, dynamic_macs, static_macs
+from ..model.dynamic import capacity_tokens
 from ..model.routers import Routing, expected_prefix_mask, expected_topk_mask
 from .sampling import (
     eval_sampler,
@@ -86,7 +87,18 @@ class FlopsMeter:
         with torch.no_grad():  # kept counts stay on the device until result() reads them
             mask = expected_topk_mask(logits.detach()) if name == "token_router" else expected_prefix_mask(logits.detach())
             kept, total = mask.sum(), float(mask.numel())
-        acc = self.calls[-1]["layers"].setdefault(i, {}).setdefault(name, [0.0, 0.0])
+        layer = self.calls[-1]["layers"].setdefault(i, {})
+        cap = getattr(self.model.blocks[i], "capacity", None) if name == "token_router" else None
+        if cap is not None and self.model.routing == Routing.FAST:  # the capacity ran, not the routers' own count
+            wanted = kept
+            B, N = logits.shape
+            kept = float(capacity_tokens(cap, N) * B)
+            over = layer.setdefault("capacity", [0.0, 0.0, 0.0])  # tokens wanted, dropped, taken beyond
+            per = mask.sum(1)
+            over[0] = over[0] + wanted
+            over[1] = over[1] + (per - kept / B).clamp(min=0).sum()
+            over[2] = over[2] + (kept / B - per).clamp(min=0).sum()
+        acc = layer.setdefault(name, [0.0, 0.0])
         acc[0] = acc[0] + kept
         acc[1] += total
 
@@ -112,9 +124,15 @@ class FlopsMeter:
             return {"calls": 0}
         static = static_macs(cfg)["total"]
         mean = sum(total) / len(total)
-        return {"calls": len(total), "macs": mean, "gflops": mean / 1e9, "flops_ratio": mean / static,
-                "block_flops_ratio": sum(blocks) / len(blocks), "token_keep_ratio": sum(toks) / len(toks),
-                "block_ratio_per_t": {t: sum(v) / len(v) for t, v in sorted(per_t.items(), key=lambda kv: -1 if kv[0] is None else kv[0])}}
+        out = {"calls": len(total), "macs": mean, "gflops": mean / 1e9, "flops_ratio": mean / static,
+               "block_flops_ratio": sum(blocks) / len(blocks), "token_keep_ratio": sum(toks) / len(toks),
+               "block_ratio_per_t": {t: sum(v) / len(v) for t, v in sorted(per_t.items(), key=lambda kv: -1 if kv[0] is None else kv[0])}}
+        caps = [layer["capacity"] for c in self.calls for layer in c["layers"].values() if "capacity" in layer]
+        if caps:  # what the token capacity did to the routers' own choice, over every routed token
+            wanted = sum(float(w) for w, _, _ in caps)
+            out["token_capacity"] = {"wanted": wanted, "dropped_share": sum(float(d) for _, d, _ in caps) / max(wanted, 1.0),
+                                     "extra_share": sum(float(e) for _, _, e in caps) / max(wanted, 1.0)}
+        return out
 
 
 @torch.no_grad()

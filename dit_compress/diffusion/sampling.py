@@ -14,6 +14,8 @@ import torch
 from .. import checks
 from ..errors import DitcError, UsageError
 from ..model.compile import compile_model
+from ..model.graphs import check_mode as check_graphs
+from ..model.graphs import cuda_graphs as graphed
 from ..model.dit import width_cache
 from ..model.family import family_of
 from ..model.run import RunContext, accepts_run
@@ -171,7 +173,7 @@ def sample(model, noise: torch.Tensor, y: torch.Tensor, sampler: str | None = No
            cfg_scale: float = 1.0, cfg_channels: int | None = None, progress: bool = False,
            generator: torch.Generator | None = None, clip: bool = False,
            timestep_spacing: str | None = None, guidance_interval: tuple[float, float] | None = None,
-           compile: bool = False, negative=None) -> torch.Tensor:
+           compile: bool = False, negative=None, cuda_graphs="auto") -> torch.Tensor:
     """Draw samples from ``noise`` for labels ``y``.
 
     ``sampler=None`` uses the model's natural sampler: DDPM-250 for eps (DiT), SiT's SDE-250
@@ -184,6 +186,9 @@ def sample(model, noise: torch.Tensor, y: torch.Tensor, sampler: str | None = No
     ``create_diffusion(str(steps))``), ``leading`` or ``trailing``. ``compile=True`` compiles
     the model in place first (once; see model/compile.py for how graphs are bounded).
     Dynamic models resolve their per-timestep widths once per run (``width_cache``).
+    ``cuda_graphs`` (``auto``, ``on``, ``off``): on a CUDA device each distinct call (shape,
+    width profile) is captured once as a CUDA graph and replayed (model/graphs.py); ``auto``
+    does so where the model can be captured, ``on`` refuses where it cannot.
     ``y`` is the model family's condition: class labels, or ``Captions`` for a text-to-image
     model, whose guidance null is ``negative`` (the encoder's empty-prompt captions).
     The model runs in eval mode (restored afterwards); samples that are not finite stop the
@@ -207,14 +212,16 @@ def sample(model, noise: torch.Tensor, y: torch.Tensor, sampler: str | None = No
         if not (0.0 <= lo <= hi <= 1.0):
             raise UsageError(f"guidance interval must satisfy 0 <= low <= high <= 1, got {guidance_interval}")
         guidance_interval = (lo, hi)
+    graphs = check_graphs(cuda_graphs)
     if compile:
         compile_model(model)
     was_training = bool(getattr(model, "training", False))
     if hasattr(model, "eval"):
         model.eval()
     try:
-        x = _run_sampler(model, noise, y, sampler, steps, spacing, cfg_scale, cfg_channels, progress, generator, clip,
-                         guidance_interval, negative)
+        with graphed(model, graphs):
+            x = _run_sampler(model, noise, y, sampler, steps, spacing, cfg_scale, cfg_channels, progress, generator,
+                             clip, guidance_interval, negative)
     finally:
         if was_training:
             model.train()

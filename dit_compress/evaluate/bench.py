@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import multiprocessing as mp
 import queue
 import re
-import shutil
 import statistics
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import torch
 
@@ -30,9 +28,10 @@ from ..compress.dynamic import (
     add_token_router,
     set_banded_width,
     set_static_width,
+    set_token_capacity,
     set_token_keep,
 )
-from ..config import DiTConfig
+from ..config import DiTConfig, TokenSpec, WidthSpec
 from ..diffusion.measure import FlopsMeter
 from ..diffusion.sampling import (
     eval_sampler,
@@ -41,11 +40,12 @@ from ..diffusion.sampling import (
     sampler_timesteps,
 )
 from ..errors import DitcError, UsageError
-from ..formats import load_model, save_model
+from ..formats import load_model
 from ..model.build import build_model, expected_shapes
 from ..model.family import family_of
 from ..model.compile import compile_model, compiled_graphs
 from ..model.dit import width_cache
+from ..model.graphs import cuda_graphs
 from ..model.flops import static_macs
 from ..model.routers import Routing, routing
 from ..model.run import RunContext
@@ -63,20 +63,62 @@ def parse_spec(spec: str) -> tuple[str, list[str]]:
     return base, variants
 
 
-def build(spec: str, seed: int = 0, load: dict | None = None, schedule=(None, None, None)):
-    """A model for a source or shape spec (random weights for shapes); ``load`` holds
-    ``load_model`` keywords (num_heads, prediction, numerics) for checkpoint sources;
-    ``schedule`` (sampler, steps, spacing) places the bands of ``dynwidth`` variants."""
+def _random_state(shapes: dict, device: torch.device, dtype: torch.dtype, seed: int) -> dict:
+    """Random weights (N(0, 0.02)) for every key, made on ``device`` in ``dtype``. On a CUDA
+    device each tensor is drawn; on the CPU, where drawing 675M values takes seconds, each
+    tensor is a window of one drawn pool of 2^20 values at a random offset (no two tensors
+    alike, nothing constant, same arithmetic cost for the kernels)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    if device.type == "cuda":
+        return {k: torch.randn(s, generator=g, device=device, dtype=dtype).mul_(0.02) for k, s in shapes.items()}
+    pool = torch.randn(1 << 20, generator=g, dtype=dtype).mul_(0.02)
+    out = {}
+    for k, s in shapes.items():
+        n = math.prod(s)
+        start = int(torch.randint(0, pool.numel(), (1,), generator=g))
+        flat = pool.roll(-start).repeat(-(-n // pool.numel()))[:n] if n > pool.numel() - start else pool[start:start + n]
+        out[k] = flat.clone().view(s)
+    return out
+
+
+def _structure(cfg: DiTConfig, variants: list[str]) -> DiTConfig:
+    """The config a shape's variants make (fewer blocks, width routers, token routers), so its
+    random weights are drawn once for the final structure."""
+    for v in variants:
+        if v.startswith(("dynwidth", "width")) and cfg.width is None:
+            share = float(v[8:] if v.startswith("dyn") else v[5:])
+            cfg = cfg.copy(width=WidthSpec(target_flops=share, sort_by="none"))
+        elif v.startswith("tokens") and cfg.tokens is None:
+            cfg = cfg.copy(tokens=TokenSpec())
+        elif v.startswith("d") and not v.startswith("dyn"):
+            keep = _depth_keep(v, cfg.depth)
+            cfg = cfg.copy(depth=len(keep), kept_layers=[cfg.kept_layers[i] for i in keep])
+    return cfg
+
+
+def _depth_keep(v: str, depth: int) -> list[int]:
+    n = int(v[1:])
+    if not (0 < n <= depth):
+        raise UsageError(f"variant {v}: depth {n} is not in 1..{depth}")
+    return uniform_keep([(n, depth)])  # evenly spaced, ending at the last
+
+
+def build(spec: str, seed: int = 0, load: dict | None = None, schedule=(None, None, None), device="cpu",
+          dtype: torch.dtype = torch.float32, token_capacity: float | None = None):
+    """A model for a source or shape spec (random weights for shapes, made on ``device`` in
+    ``dtype`` for the variants' final structure: nothing is copied, written or read back);
+    ``load`` holds ``load_model`` keywords (num_heads, prediction, numerics) for checkpoint
+    sources, whose variants are applied as transforms; ``schedule`` (sampler, steps, spacing)
+    places the bands of ``dynwidth`` variants; ``token_capacity`` sets the inference capacity
+    of a token-routed model."""
 
     base, variants = parse_spec(spec)
+    device = torch.device(device)
     if base.startswith("shape:"):
-        cfg = DiTConfig.preset(base[len("shape:"):])
-        shapes = expected_shapes(cfg)
-        g = torch.Generator().manual_seed(seed)
-        state = {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
-        model = build_model(cfg, state)
+        cfg = _structure(DiTConfig.preset(base[len("shape:"):]), variants)
+        model = build_model(cfg, _random_state(expected_shapes(cfg), device, dtype, seed), dtype=dtype)
     else:
-        model = load_model(base, **(load or {}))
+        model = load_model(base, **(load or {})).to(device, dtype)
     for v in variants:
         if v.startswith("dynwidth"):
             share = float(v[8:])
@@ -85,11 +127,8 @@ def build(spec: str, seed: int = 0, load: dict | None = None, schedule=(None, No
             sampler, steps = eval_sampler(model.config, schedule[0], schedule[1])
             set_banded_width(model, share, sampler_timesteps(sampler, steps, schedule[2], model.config))
         elif v.startswith("d"):
-            n = int(v[1:])
-            depth = model.config.depth
-            if not (0 < n <= depth):
-                raise UsageError(f"variant {v}: depth {n} is not in 1..{depth}")
-            model = prune_layers(model, uniform_keep([(n, depth)]))  # evenly spaced, ending at the last
+            if not base.startswith("shape:"):
+                model = prune_layers(model, _depth_keep(v, model.config.depth))
         elif v.startswith("width"):
             share = float(v[5:])
             if model.config.width is None:
@@ -99,7 +138,9 @@ def build(spec: str, seed: int = 0, load: dict | None = None, schedule=(None, No
             share = float(v[6:])
             if model.config.tokens is None:
                 model = add_token_router(model)
-            set_token_keep(model, share)
+            set_token_capacity(set_token_keep(model, share), share)  # the capacity the routers were set to
+    if token_capacity is not None:
+        set_token_capacity(model, token_capacity)
     return model.eval()
 
 
@@ -113,7 +154,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _static_forward_rows(model, cfg, batch_sizes, repeats, warmup, timesteps, dtype):
+def _static_forward_rows(model, cfg, batch_sizes, repeats, warmup, timesteps, dtype, graphs="off"):
     rows = []
     dev = _device(model)
     for bs in batch_sizes:
@@ -121,7 +162,7 @@ def _static_forward_rows(model, cfg, batch_sizes, repeats, warmup, timesteps, dt
         x = torch.randn(bs, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(dev, dtype)
         y = family_of(cfg).example_condition(cfg, bs, g)[0].to(dev)
         times = []
-        with torch.inference_mode(), width_cache(model):
+        with torch.inference_mode(), width_cache(model, timesteps), cuda_graphs(model, graphs):
             for i in range(warmup + repeats):
                 t_in = timesteps[i % len(timesteps)]
                 t = torch.full((bs,), t_in, device=dev)
@@ -141,14 +182,14 @@ def _stats(times: list[float]) -> dict:
     return {"latency_ms": med * 1e3, "iqr_ms": (q_hi - q_lo) * 1e3}
 
 
-def _warm_up(model, x, y, cfg_scale, times: list, dtype=torch.float32, negative=None) -> None:
+def _warm_up(model, x, y, cfg_scale, times: list, dtype=torch.float32, negative=None, graphs="off") -> None:
     """One forward per distinct width profile of the loop (static models: one forward), at
     the loop's batch shape (CFG doubles it): everything the loop will run is compiled (and
     allocated) before timing starts, without paying for a whole untimed loop."""
     if cfg_scale != 1.0:
         family = family_of(model)
         x, y = torch.cat([x, x]), family.cat(y, family.null_condition(model, y, negative))
-    with width_cache(model, times):
+    with width_cache(model, times), cuda_graphs(model, graphs):
         cache = getattr(model, "_width_cache", None)
         seen = set()
         for t in times:
@@ -159,7 +200,7 @@ def _warm_up(model, x, y, cfg_scale, times: list, dtype=torch.float32, negative=
                 model(x, tt, y, run=RunContext(t=t))
 
 
-def _loop_rows(model, cfg, batch_sizes, repeats, warmup, sampler, steps, spacing, cfg_scale, dtype):
+def _loop_rows(model, cfg, batch_sizes, repeats, warmup, sampler, steps, spacing, cfg_scale, dtype, graphs="off"):
     """The whole sampling loop, CFG included, routers acting as in eval. ``warmup`` warm-up
     passes (``_warm_up``) come first; ``warmup_s`` is their time (with --compile: the compile);
     ``graphs_in_timed_runs`` counts graphs compiled after them (0 means the timing holds no compile)."""
@@ -176,19 +217,19 @@ def _loop_rows(model, cfg, batch_sizes, repeats, warmup, sampler, steps, spacing
         with torch.inference_mode():
             t0 = time.perf_counter()
             for _ in range(warmup):
-                _warm_up(model, x, y, cfg_scale, times_in, dtype, negative)
+                _warm_up(model, x, y, cfg_scale, times_in, dtype, negative, graphs)
             _sync(dev)
             warm = time.perf_counter() - t0
-            graphs = compiled_graphs()
+            compiled0 = compiled_graphs()
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 sample(model, x, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale, timestep_spacing=spacing,
-                       generator=torch.Generator().manual_seed(1), negative=negative)
+                       generator=torch.Generator().manual_seed(1), negative=negative, cuda_graphs=graphs)
                 _sync(dev)
                 times.append(time.perf_counter() - t0)
         med = statistics.median(times)
         rows.append({"batch": bs, **_stats(times), "seconds_per_image": med / bs, "images_per_s": bs / med,
-                     "warmup_s": warm, "graphs_in_timed_runs": compiled_graphs() - graphs})
+                     "warmup_s": warm, "graphs_in_timed_runs": compiled_graphs() - compiled0})
     return rows
 
 
@@ -200,20 +241,25 @@ def _loop_macs(model, cfg, sampler, steps, spacing, cfg_scale, dtype) -> tuple[f
     y, negative = family_of(cfg).example_condition(cfg, 2, g)
     with torch.inference_mode(), FlopsMeter(model) as meter:
         sample(model, x, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale, timestep_spacing=spacing,
-               generator=torch.Generator().manual_seed(1), negative=negative)
+               generator=torch.Generator().manual_seed(1), negative=negative, cuda_graphs="off")
     r = meter.result()
     per_row = 2 if cfg_scale != 1.0 else 1  # CFG runs the conditional and the null row for every image
-    return r["macs"] * r["calls"] * per_row, r["calls"]
+    return r["macs"] * r["calls"] * per_row, r["calls"], r.get("token_capacity")
 
 
 def _measure_child(spec, batch_sizes, repeats, warmup, schedule, threads, dtype_name, compile_, dense, load, loop,
-                   device, q):
+                   device, graphs, token_capacity, q):
     try:
         torch.set_num_threads(threads)
 
         import psutil
 
-        model = build(spec, load=load)
+        dev = torch.device(device)
+        dtype = DTYPES[dtype_name]
+        t0 = time.perf_counter()
+        model = build(spec, load=load, schedule=schedule, device=dev, dtype=dtype, token_capacity=token_capacity)
+        _sync(dev)
+        build_s = time.perf_counter() - t0
         sampler, steps, spacing = schedule
         sampler, steps = eval_sampler(model.config, sampler, steps)
         timesteps = sampler_timesteps(sampler, steps, spacing, model.config)
@@ -221,14 +267,15 @@ def _measure_child(spec, batch_sizes, repeats, warmup, schedule, threads, dtype_
         modes = contextlib.ExitStack()  # held until the child ends
         if dense:
             modes.enter_context(routing(model, Routing.DENSE))
-        dtype = DTYPES[dtype_name]
-        model = model.to(device, dtype)
-        dev = torch.device(device)
         cfg = model.config
-        out = {"spec": spec, "sampler": f"{sampler} {steps}", "params": model.num_params(), "depth": cfg.depth}
+        out = {"spec": spec, "sampler": f"{sampler} {steps}", "params": model.num_params(), "depth": cfg.depth,
+               "build_s": build_s}
+        t0 = time.perf_counter()
         if loop is not None:
-            macs, calls = _loop_macs(model, cfg, sampler, steps, spacing, loop["cfg_scale"], dtype)
+            macs, calls, capacity = _loop_macs(model, cfg, sampler, steps, spacing, loop["cfg_scale"], dtype)
             out.update(loop_gflops_per_image=macs / 1e9, calls_per_loop=calls, cfg_scale=loop["cfg_scale"])
+            if capacity is not None:
+                out["token_capacity"] = capacity
         else:
             macs = static_macs(cfg)["total"]
             out["timesteps"] = timesteps
@@ -240,17 +287,25 @@ def _measure_child(spec, batch_sizes, repeats, warmup, schedule, threads, dtype_
                 with torch.inference_mode(), FlopsMeter(model) as meter:
                     for tt in timesteps:
                         model(x, torch.full((bs0,), tt, device=dev), y)
-                macs = meter.result()["macs"]
+                res = meter.result()
+                macs = res["macs"]
+                if "token_capacity" in res:
+                    out["token_capacity"] = res["token_capacity"]
+        out["count_s"] = time.perf_counter() - t0
         if compile_:  # in place, so CFG (forward_with_cfg -> forward) runs compiled too
             compile_model(model)
         graphs0 = compiled_graphs()
         gc.collect()
+        if dev.type == "cuda":  # peak device memory of the timed runs alone, from the allocator
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            out["weights_cuda_mb"] = torch.cuda.memory_allocated(dev) / 2**20
         proc = psutil.Process()
         rss_after_load = proc.memory_info().rss
         peak = [rss_after_load]
         stop = threading.Event()
 
-        def sample_rss():  # resident memory while the forwards run (ru_maxrss would include loading)
+        def sample_rss():  # resident memory while the forwards run (ru_maxrss would include building)
             while not stop.is_set():
                 peak[0] = max(peak[0], proc.memory_info().rss)
                 stop.wait(0.002)
@@ -258,27 +313,22 @@ def _measure_child(spec, batch_sizes, repeats, warmup, schedule, threads, dtype_
         rss_thread = threading.Thread(target=sample_rss, daemon=True)
         rss_thread.start()
         if loop is not None:
-            rows = _loop_rows(model, cfg, batch_sizes, repeats, warmup, sampler, steps, spacing, loop["cfg_scale"], dtype)
+            rows = _loop_rows(model, cfg, batch_sizes, repeats, warmup, sampler, steps, spacing, loop["cfg_scale"], dtype,
+                              graphs)
         else:
-            rows = _static_forward_rows(model, cfg, batch_sizes, repeats, warmup, timesteps, dtype)
+            rows = _static_forward_rows(model, cfg, batch_sizes, repeats, warmup, timesteps, dtype, graphs)
         stop.set()
         rss_thread.join()
+        cache = model.__dict__.get("_graph_cache")
+        out["cuda_graphs"] = cache.captures if cache is not None else 0
         if dev.type == "cuda":
             out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
         if compile_:
             out["graphs"] = compiled_graphs() - graphs0
         q.put({**out, "gflops": macs / 1e9, "rows": rows, "peak_rss_mb": peak[0] / 2**20,
-               "rss_after_load_mb": rss_after_load / 2**20})
+               "peak_mb": out.get("peak_cuda_mb", peak[0] / 2**20), "rss_after_load_mb": rss_after_load / 2**20})
     except Exception as e:  # noqa: BLE001 - reported to the parent as one line
         q.put({"spec": spec, "error": f"{type(e).__name__}: {e}"})
-
-
-def _materialize_child(spec: str, out: str, load, schedule, q):
-    try:
-        save_model(build(spec, load=load, schedule=schedule), out, force=True)
-        q.put({"ok": True})
-    except Exception as e:  # noqa: BLE001
-        q.put({"error": f"{type(e).__name__}: {e}"})
 
 
 def _run_child(target, args, timeout: float, poll: float = 1.0) -> dict:
@@ -311,27 +361,16 @@ def _run_child(target, args, timeout: float, poll: float = 1.0) -> dict:
 def measure(spec: str, batch_sizes=(1, 8), repeats: int = 5, warmup: int = 2, schedule=(None, None, None),
             threads: int | None = None,
             dtype: str = "fp32", compile_: bool = False, dense: bool = False, timeout: float = 3600,
-            load: dict | None = None, loop: dict | None = None, device: str = "cpu") -> dict:
-    """Shapes and transformed variants are first built and saved by one child; a second child
-    loads that checkpoint and measures, so peak memory is inference memory, not the transient
-    copies of building random weights or applying transforms."""
+            load: dict | None = None, loop: dict | None = None, device: str = "cpu", graphs: str = "off",
+            token_capacity: float | None = None) -> dict:
+    """One spawned process per model builds it on the measuring device (random weights for
+    shapes, drawn there in the measured dtype) and times it. Peak memory covers the timed runs
+    alone: on CUDA the allocator's peak after a reset, on the CPU the resident set sampled while
+    the forwards run. ``graphs``: CUDA graphs (auto | on | off, model/graphs.py)."""
 
-    base, variants = parse_spec(spec)
-    source, tmp = spec, None
-    if base.startswith("shape:") or variants:
-        tmp = tempfile.mkdtemp(prefix="ditc-bench-")
-        res = _run_child(_materialize_child, (spec, str(Path(tmp) / "m"), load, tuple(schedule)), timeout)
-        if "error" in res:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise DitcError(f"benchmark of {spec} failed: {res['error']}")
-        source = str(Path(tmp) / "m")
-    try:
-        res = _run_child(_measure_child, (source, list(batch_sizes), repeats, warmup, tuple(schedule),
-                                          threads or torch.get_num_threads(), dtype, compile_, dense,
-                                          load if tmp is None else None, loop, str(device)), timeout)
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+    res = _run_child(_measure_child, (spec, list(batch_sizes), repeats, warmup, tuple(schedule),
+                                      threads or torch.get_num_threads(), dtype, compile_, dense, load, loop,
+                                      str(device), graphs, token_capacity), timeout)
     if "error" in res:
         raise DitcError(f"benchmark of {spec} failed: {res['error']}")
     res["spec"] = spec
@@ -351,10 +390,11 @@ def compare(results: list[dict], baseline: int = 0, tolerance: float = 0.25) -> 
                 "model": r["spec"], "batch": row["batch"], "gflops": r["gflops"], "flops_ratio": fr,
                 "latency_ms": row["latency_ms"], "iqr_ms": row["iqr_ms"], "images_per_s": row["images_per_s"],
                 "speedup": speedup, "speedup_per_flops": speedup / fr, "peak_rss_mb": r["peak_rss_mb"],
-                "peak_mem_ratio": r["peak_rss_mb"] / base["peak_rss_mb"],
+                "peak_mb": r["peak_mb"], "peak_mem_ratio": r["peak_mb"] / base["peak_mb"],
                 "diverges": abs(speedup / fr - 1) > tolerance,
                 **{k: row[k] for k in ("seconds_per_image", "warmup_s", "graphs_in_timed_runs") if k in row},
                 **({"graphs": r["graphs"]} if "graphs" in r else {}),
+                **{k: r[k] for k in ("build_s", "cuda_graphs", "token_capacity") if k in r},
             })
     return out
 

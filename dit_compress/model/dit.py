@@ -23,6 +23,7 @@ from .layers import (
     xavier_linear,
 )
 from .compile import compiled, is_compiled
+from .graphs import active_graphs
 from .routers import Routing
 from .run import ForwardAux, RunContext, forward_with_cfg
 
@@ -52,6 +53,7 @@ class DiT(RoutedModel, nn.Module):
         self._width_cache: dict | None = None  # set with width_cache(model): widths per t, one sampling run
         self.initialize_weights()
         self._apply_numerics(config.numerics)
+        self.apply_token_capacity()
 
     # ------------------------------------------------------------------ construction
     def initialize_weights(self):
@@ -111,7 +113,14 @@ class DiT(RoutedModel, nn.Module):
 
     def forward(self, x, t, y, return_aux: bool = False, run: RunContext | None = None):
         """The DiT forward; ``return_aux`` also returns each block's output (and, for
-        dynamic models, the per-sample FLOPs ratio the routers chose, over the routed rows)."""
+        dynamic models, the per-sample FLOPs ratio the routers chose, over the routed rows).
+        Inside ``cuda_graphs(model)`` a plain call replays the graph of its signature."""
+        graphs = None if return_aux else active_graphs(self)
+        if graphs is not None:
+            return graphs(self, lambda x, t, y: self._dispatch(x, t, y, False, run), x, t, y, run)
+        return self._dispatch(x, t, y, return_aux, run)
+
+    def _dispatch(self, x, t, y, return_aux: bool, run: RunContext | None):
         if not self.config.is_dynamic and is_compiled(self):  # a static model reads nothing of ``run``
             return compiled(DiT._forward)(self, x, t, y, return_aux)
         return self._forward(x, t, y, return_aux, run)

@@ -10,6 +10,7 @@ enter the MLP) and ``FULL`` (everything on: DyDiT's stage-1 full-model loss).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -53,8 +54,26 @@ class WidthRouted:
             self.channel_router = WidthRouter(dim, heads, config.width.init_bias)
             self.static_width = config.width.static
         self.token_router: TokenRouter | None = None
+        self.capacity: float | None = None  # the model sets it from config.tokens.capacity
         if config.tokens is not None:
             self.token_router = TokenRouter(dim, config.tokens.reduction, config.tokens.init_bias)
+
+    def fast_token_mlp(self, x, stats, shift, scale, gate, norm, mlp):
+        """FAST mode with a token router: the MLP (``mlp``, after ``norm`` and the modulation
+        ``shift``/``scale``, gated by ``gate``; all three [B, 1, D]) on the routed tokens only.
+        With a capacity, the top-k tokens of each sample by router score (a static k: no host
+        sync, capturable); else the exact per-sample counts of the routers (a data-dependent
+        shape read back to the host)."""
+        logits = self.token_router(x)
+        if self.capacity is not None:
+            k = capacity_tokens(self.capacity, x.shape[1])
+            if stats is not None:
+                stats.token_frac = torch.full((x.shape[0],), k / x.shape[1], device=x.device)
+            return mlp_on_capacity(x, logits, k, norm, shift, scale, gate, mlp)
+        tm = expected_topk_mask(logits).to(x.dtype)
+        if stats is not None:
+            stats.token_frac = tm.mean(1)
+        return mlp_on_mask(x, tm, norm, shift, scale, gate, mlp)
 
     def token_mask(self, x, mode: str, tau: float, full_rows: int = 0):
         """[B, N] tokens routed through the MLP (None: every token): Gumbel gates in training,
@@ -86,12 +105,12 @@ class WidthRouted:
         gs = self.channels // cm.shape[1]
         return list(zip(hm.sum(1).long().tolist(), (cm.sum(1).long() * gs).tolist()))
 
-    def sliced_stats(self, stats, x, head_share: float, channels: int, tm) -> None:
-        """The statistics of a call run at one width (``channels`` MLP channels) for every row."""
+    def sliced_stats(self, stats, x, head_share: float, channels: int) -> None:
+        """The width statistics of a call run at one width (``channels`` MLP channels) for every
+        row (the token share is set where the tokens are routed)."""
         if stats is not None:
             one = torch.ones(x.shape[0], device=x.device)
             stats.head_frac, stats.channel_frac = one * head_share, one * (channels / self.channels)
-            stats.token_frac = tm.mean(1) if tm is not None else None
 
     def width_stats(self, stats, hm, cm, n: int) -> None:
         if stats is not None:
@@ -150,28 +169,20 @@ class RoutedBlock(WidthRouted, DiTBlock):
         if mode == Routing.FAST and hm is not None:
             return self._forward_fast_width(x, hm, cm, (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), stats)
         x = gated(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa), hm))
+        if mode == Routing.FAST and self.token_router is not None:
+            self.width_stats(stats, hm, cm, x.shape[0])
+            return self.fast_token_mlp(x, stats, shift_mlp.unsqueeze(1), scale_mlp.unsqueeze(1), gate_mlp.unsqueeze(1),
+                                       self.norm2, self.mlp)
         tm = self.token_mask(x, mode, tau, full_rows)
         if stats is not None:
             n = x.shape[0] - full_rows
             stats.head_frac = hm[:n].mean(1) if hm is not None else None
             stats.channel_frac = cm[:n].mean(1) if cm is not None else None
             stats.token_frac = tm[:n].mean(1) if tm is not None else None
-        if mode == Routing.FAST and tm is not None:
-            return self._mlp_on_tokens(x, tm, shift_mlp, scale_mlp, gate_mlp, None)
         h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp), cm)
         if tm is not None:
             h = h * tm.unsqueeze(-1)
         return gated(x, gate_mlp, h)
-
-    def _mlp_on_tokens(self, x, tm, shift, scale, gate, channels: int | None):
-        """Run the MLP on routed tokens only (flattened over the batch) and scatter back."""
-        b_idx, n_idx = tm.nonzero(as_tuple=True)
-        sel = self.norm2(x[b_idx, n_idx])
-        sel = sel * (1 + scale[b_idx]) + shift[b_idx]
-        h = self.mlp.forward_sliced(sel, channels) if channels is not None else self.mlp(sel)
-        out = x.clone()
-        out[b_idx, n_idx] += gate[b_idx] * h
-        return out
 
     def _forward_fast_width(self, x, hm, cm, mods, stats):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
@@ -201,11 +212,38 @@ class RoutedBlock(WidthRouted, DiTBlock):
     def _sliced(self, x, k: int, ch: int, mods, stats):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
         x = gated(x, gate_msa, self.attn.forward_sliced(modulate(self.norm1(x), shift_msa, scale_msa), k))
-        tm = self.token_mask(x, Routing.FAST, 0.0)
-        self.sliced_stats(stats, x, k / self.attn.heads, ch, tm)
-        if tm is not None:
-            return self._mlp_on_tokens(x, tm, shift_mlp, scale_mlp, gate_mlp, ch)
+        self.sliced_stats(stats, x, k / self.attn.heads, ch)
+        if self.token_router is not None:
+            return self.fast_token_mlp(x, stats, shift_mlp.unsqueeze(1), scale_mlp.unsqueeze(1), gate_mlp.unsqueeze(1),
+                                       self.norm2, lambda h: self.mlp.forward_sliced(h, ch))
         return gated(x, gate_mlp, self.mlp.forward_sliced(modulate(self.norm2(x), shift_mlp, scale_mlp), ch))
+
+
+def capacity_tokens(capacity: float, n: int) -> int:
+    """Tokens a block's MLP takes per sample at a capacity share of ``n`` tokens (at least one)."""
+    return max(1, min(n, math.floor(capacity * n + 0.5)))
+
+
+def mlp_on_capacity(x, logits, k: int, norm, shift, scale, gate, mlp):
+    """The gated MLP on the ``k`` tokens of highest router logit in each sample, added back to
+    their residual (gather, MLP, scatter-add): static shapes, no host sync. ``shift``/``scale``/
+    ``gate`` are [B, 1, D]."""
+    B, N, D = x.shape
+    ix = logits.topk(k, dim=1, sorted=False).indices.unsqueeze(-1).expand(B, k, D)
+    h = gate * mlp(torch.addcmul(shift, norm(torch.gather(x, 1, ix)), 1 + scale))
+    if torch.is_inference_mode_enabled():  # x is this block's own intermediate: added in place
+        return x.scatter_add_(1, ix, h)
+    return x.scatter_add(1, ix, h)
+
+
+def mlp_on_mask(x, tm, norm, shift, scale, gate, mlp):
+    """The gated MLP on the tokens of the 0/1 mask ``tm`` [B, N] only (flattened over the batch:
+    per-sample counts, so the shape is read back to the host), added back to their residual."""
+    b_idx, n_idx = tm.nonzero(as_tuple=True)
+    sel = torch.addcmul(shift[b_idx, 0], norm(x[b_idx, n_idx]), 1 + scale[b_idx, 0])
+    out = x.clone()
+    out[b_idx, n_idx] += gate[b_idx, 0] * mlp(sel)
+    return out
 
 
 def _full_tail(mask, full_rows: int):
@@ -257,6 +295,22 @@ class RoutedModel:
         t = t.to(next(self.parameters()).device)
         per_block = [b.widths(inp) for b, inp in zip(self.blocks, self.width_router_inputs(t))]
         return [[pb[j] for pb in per_block] for j in range(len(t))]
+
+    def graph_profile(self, t, run=None):
+        """What a CUDA graph of this call depends on beyond its input shapes: the per-block
+        widths (None for a model without width routers); False when the call's widths are not
+        resolved on the host (no width cache, or t differs inside the batch): not capturable."""
+        if self.config.width is None or self._mode() != Routing.FAST:
+            return None
+        widths = self._cached_widths(t, run)
+        return False if widths is None else tuple(widths)
+
+    def apply_token_capacity(self) -> None:
+        """Give each block its inference capacity from ``config.tokens.capacity`` (None: exact)."""
+        caps = self.config.tokens.capacity if self.config.tokens is not None else None
+        for i, b in enumerate(self.blocks):
+            if hasattr(b, "capacity"):
+                b.capacity = caps[i] if caps is not None else None
 
     def _mode(self) -> Routing:
         if self.routing == Routing.FULL:

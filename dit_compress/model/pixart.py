@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from .dynamic import BlockStats, RoutedModel, WidthRouted, block_flops_ratio
 from .layers import PatchEmbed, gated, timestep_sinusoid, xavier_linear
 from .routers import Routing
+from .graphs import active_graphs
 from .run import ForwardAux, RunContext, forward_with_cfg
 
 
@@ -277,34 +278,25 @@ class RoutedPixArtBlock(WidthRouted, PixArtBlock):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
         x = gated(x, gate_msa, self.attn1(torch.addcmul(shift_msa, self.norm1(x), 1 + scale_msa), head_mask=hm))
         x = x + self.attn2(x, caption, bias)
-        tm = self.token_mask(x, mode, tau, full_rows)
         self.width_stats(stats, hm, cm, x.shape[0] - full_rows)
+        if mode == Routing.FAST and self.token_router is not None:
+            return self.fast_token_mlp(x, stats, shift_mlp, scale_mlp, gate_mlp, self.norm2, self.ff)
+        tm = self.token_mask(x, mode, tau, full_rows)
         if stats is not None:
             stats.token_frac = tm[:x.shape[0] - full_rows].mean(1) if tm is not None else None
-        if mode == Routing.FAST and tm is not None:
-            return self._ff_on_tokens(x, tm, shift_mlp, scale_mlp, gate_mlp, None)
         h = self.ff(torch.addcmul(shift_mlp, self.norm2(x), 1 + scale_mlp), channel_mask=cm)
         if tm is not None:
             h = h * tm.unsqueeze(-1)
         return gated(x, gate_mlp, h)
 
-    def _ff_on_tokens(self, x, tm, shift, scale, gate, channels: int | None):
-        """The feed-forward on the routed tokens only (flattened over the batch), scattered back."""
-        b_idx, n_idx = tm.nonzero(as_tuple=True)
-        sel = self.norm2(x[b_idx, n_idx]) * (1 + scale[b_idx, 0]) + shift[b_idx, 0]
-        h = self.ff.forward_sliced(sel, channels) if channels is not None else self.ff(sel)
-        out = x.clone()
-        out[b_idx, n_idx] += gate[b_idx, 0] * h
-        return out
-
     def _sliced(self, x, mods, caption, bias, heads: int, channels: int, stats):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
         x = gated(x, gate_msa, self.attn1.forward_sliced(torch.addcmul(shift_msa, self.norm1(x), 1 + scale_msa), heads))
         x = x + self.attn2(x, caption, bias)
-        tm = self.token_mask(x, Routing.FAST, 0.0)
-        self.sliced_stats(stats, x, heads / self.attn1.heads, channels, tm)
-        if tm is not None:
-            return self._ff_on_tokens(x, tm, shift_mlp, scale_mlp, gate_mlp, channels)
+        self.sliced_stats(stats, x, heads / self.attn1.heads, channels)
+        if self.token_router is not None:
+            return self.fast_token_mlp(x, stats, shift_mlp, scale_mlp, gate_mlp, self.norm2,
+                                       lambda h: self.ff.forward_sliced(h, channels))
         return gated(x, gate_mlp, self.ff.forward_sliced(torch.addcmul(shift_mlp, self.norm2(x), 1 + scale_mlp), channels))
 
 
@@ -336,6 +328,7 @@ class PixArt(RoutedModel, nn.Module):
         self.register_buffer("pos_table", torch.zeros(1, config.num_patches, D), persistent=False)
         if not self.pos_table.is_meta:
             self.reset_pos_table()
+        self.apply_token_capacity()
 
     def initialize_weights(self) -> None:
         """PixArt-α's training initialisation (its ``initialize_weights``): xavier-uniform
@@ -381,6 +374,13 @@ class PixArt(RoutedModel, nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
     def forward(self, x, t, captions: Captions, return_aux: bool = False, run: RunContext | None = None):
+        """Inside ``cuda_graphs(model)`` a plain call replays the graph of its signature."""
+        graphs = None if return_aux else active_graphs(self)
+        if graphs is not None:
+            return graphs(self, lambda x, t, c: self._forward(x, t, c, False, run), x, t, captions, run)
+        return self._forward(x, t, captions, return_aux, run)
+
+    def _forward(self, x, t, captions: Captions, return_aux: bool = False, run: RunContext | None = None):
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         h = self.pos_embed(x) + self.pos_table.to(x.dtype)
