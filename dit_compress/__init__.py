@@ -25,6 +25,7 @@ from .commands import (
     prepare_data,
     prune_depth,
 )
+from .compress.dynamic import set_token_capacity
 from .config import DiTConfig
 from .data.text import encode_prompts
 from .diffusion import sample, training_losses
@@ -37,4 +38,4 @@ from .model.compile import compile_model
 __version__ = "0.1.0"
 __all__ = ["Captions", "DiT", "DiTConfig", "DitcError", "FormatError", "MissingFactError", "TrainingError", "UsageError", "add_dynamic_width", "add_token_router", "bench", "compile_model", "convert", "create",
            "distill", "encode_prompts", "evaluate_model", "finetune", "info", "load_model", "prepare_data", "prune_depth", "sample",
-           "save_model", "training_losses", "__version__"]
+           "save_model", "set_token_capacity", "training_losses", "__version__"]

@@ -540,7 +540,14 @@ def bench(
     report = commands.bench(sources, echo=lambda m: err_console.print(m), **opts)
     if json_out:
         emit_json(report)
-        return
+    else:
+        _bench_table(report, loop, compile_)
+    if report["failed"]:  # the others were measured and reported; the run still failed
+        raise DitcError(f"{len(report['failed'])} of the models could not be measured: "
+                        + "; ".join(f"{k}: {v}" for k, v in report["failed"].items()))
+
+
+def _bench_table(report: dict, loop: bool, compile_: bool) -> None:
     cols = ("model", "batch", "gflops", "flops_ratio", "latency_ms", "iqr_ms", "speedup", "peak_mb", "diverges")
     if loop:
         cols = ("model", "batch", "gflops", "flops_ratio", "seconds_per_image", "images_per_s", "speedup", "warmup_s", "diverges")

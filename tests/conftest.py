@@ -19,6 +19,10 @@ def pytest_addoption(parser):
 def pytest_collection_modifyitems(config, items):
     import pytest
 
+    no_gpu = pytest.mark.skip(reason="needs a CUDA device (tests marked gpu run in benchmarks/gpu_check.sh)")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
     if config.getoption("--expensive"):
         return
     skip = pytest.mark.skip(reason="expensive: run with --expensive")

@@ -13,7 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import dit_compress as dc
 from dit_compress.compress.depth import LearnedConfig, search_setup
-from dit_compress.compress.dynamic import add_dynamic_width, add_token_router, set_banded_width
+from dit_compress.compress.dynamic import add_dynamic_width, add_token_router, set_banded_width, set_token_capacity
 from dit_compress.data.batches import condition_dropout_batch_fn
 from dit_compress.data.datasets import load_data
 from dit_compress.diffusion import objective_for
@@ -145,14 +145,19 @@ def count_host_syncs():
 
 
 @pytest.mark.parametrize("sampler", EPS + FLOW)
-@pytest.mark.parametrize("kind", ["static", "dynamic-width"])
+@pytest.mark.parametrize("kind", ["static", "dynamic-width", "tokens-capacity", "width+tokens-capacity"])
 def test_the_sampling_loop_has_no_host_sync_per_step(sampler, kind):
     """Schedule coefficients are host numbers computed once per run; dynamic widths come from
-    the run's width cache keyed by the step's host time: a step reads nothing back. Counted
-    over runs of 4 and 8 steps with CFG (the per-run checks, e.g. the final NaN check, cancel)."""
+    the run's width cache keyed by the step's host time; token routers with a capacity take a
+    static top-k: a step reads nothing back. Counted over runs of 4 and 8 steps with CFG (the
+    per-run checks, e.g. the final NaN check, cancel)."""
     m = digits_model("velocity" if sampler in FLOW else "eps")
-    if kind == "dynamic-width":
-        m = dynamic(m)
+    if kind.startswith("tokens"):
+        m = set_token_capacity(add_token_router(m, init_bias=1.0), 0.5)
+    elif kind != "static":
+        m = dynamic(m, tokens=kind.endswith("capacity"))
+        if kind.endswith("capacity"):
+            set_token_capacity(m, 0.5)
         set_banded_width(m, 0.5, sampler_timesteps(sampler, 8, None, m.config))
     noise, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 4])
     counts = []
@@ -161,3 +166,64 @@ def test_the_sampling_loop_has_no_host_sync_per_step(sampler, kind):
             dc.sample(m, noise, y, sampler=sampler, steps=steps, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
         counts.append(c["n"])
     assert counts[1] == counts[0], f"{(counts[1] - counts[0]) / 4} host syncs per step ({counts})"
+
+
+def test_exact_token_counts_read_back_each_step_which_the_capacity_avoids():
+    """The counter above is able to fail: the exact per-sample token counts (no capacity) read
+    their data-dependent shape back at every routed block of every step."""
+    m = add_token_router(digits_model(), init_bias=1.0)
+    noise, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 4])
+    counts = []
+    for steps in (4, 8):
+        with count_host_syncs() as c:
+            dc.sample(m, noise, y, sampler="ddim", steps=steps, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
+        counts.append(c["n"])
+    assert counts[1] - counts[0] >= 4 * m.config.depth
+
+
+def _aten_ops(model, x, t, y, run=None, views=True) -> list[str]:
+    """The aten ops one forward dispatches (``views=False``: without the zero-copy views)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if views or not func._schema.returns or func._schema.returns[0].alias_info is None:
+                ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    with torch.inference_mode(), Count():
+        model(x, t, y, run=run)
+    return ops
+
+
+def test_routing_adds_no_ops_per_forward_beyond_the_router_and_its_gather():
+    """What a routed forward runs beyond the dense model's ops, counted op by op: per block the
+    token router (two linears, a ReLU, a squeeze), the top-k, the index view, one gather, the
+    gate product and a scatter-add in place of the gated residual add. A width-routed forward at
+    a cached width runs exactly the dense model's ops (no router), at every width."""
+    from collections import Counter
+
+    from dit_compress.model.dit import width_cache
+    from dit_compress.model.run import RunContext
+
+    depth = 3
+    dense = digits_model(depth=depth)
+    x, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 4])
+    base = Counter(_aten_ops(dense, x, torch.full((2,), 500), y))
+    tok = set_token_capacity(add_token_router(dense, init_bias=1.0), 0.5)
+    routed = Counter(_aten_ops(tok, x, torch.full((2,), 500), y))
+    per_block = {"aten.linear": 2, "aten.relu": 1, "aten.squeeze": 1, "aten.topk": 1, "aten.unsqueeze": 1,
+                 "aten.expand": 1, "aten.gather": 1, "aten.mul": 1, "aten.scatter_add_": 1}
+    assert dict(routed - base) == {k: v * depth for k, v in per_block.items()}
+    assert dict(base - routed) == {"aten.addcmul": depth}
+    wid = dynamic(dense)
+    times = [100, 500, 900]
+    set_banded_width(wid, 0.5, times)
+    with width_cache(wid, times):
+        assert len({tuple(wid._width_cache[t]) for t in times}) >= 2  # two widths at least
+        plain = Counter(_aten_ops(dense, x, torch.full((2,), 500), y, views=False))
+        for t in times:
+            ops = Counter(_aten_ops(wid, x, torch.full((2,), t), y, run=RunContext(t=t), views=False))
+            assert ops == plain

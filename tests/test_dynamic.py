@@ -261,3 +261,79 @@ def test_compiled_sampling_of_a_dynamic_model_equals_eager_with_bounded_graphs()
     assert torch.allclose(compiled, eager, atol=1e-3), (compiled - eager).abs().max()
     dit_compress.sample(m, noise[:2], y[:2], sampler="ddim", steps=10, cfg_scale=2.0, compile=True)
     assert 1 <= compiled_graphs() - g0 <= 2
+
+
+def test_token_capacity_at_the_routers_own_count_equals_the_exact_path_and_masked_dense():
+    """A capacity is a static k per block: at the very count the routers choose for a sample
+    (one sample per call, per-block capacities measured on the exact path), the top-k gather
+    path equals the exact path and the masked-dense reference; saved and reloaded, the model
+    keeps its capacity."""
+    from dit_compress.diffusion.measure import FlopsMeter
+    from dit_compress.model.routers import expected_topk_mask
+
+    m = _routed(width=True, tokens=True)
+    x, t, y = xs(batch=3)
+    for i in range(3):
+        xi, ti, yi = x[i:i + 1], t[i:i + 1], y[i:i + 1]
+        Y.set_token_capacity(m, None)
+        counts = []
+        hooks = [b.token_router.register_forward_hook(
+            lambda mod, a, out: counts.append(float(expected_topk_mask(out).sum()))) for b in m.blocks]
+        exact = outputs(m, xi, ti, yi, "fast")
+        for h in hooks:
+            h.remove()
+        N = m.config.num_patches
+        Y.set_token_capacity(m, [c / N for c in counts])
+        capped, dense = outputs(m, xi, ti, yi, "fast"), outputs(m, xi, ti, yi, "dense")
+        assert torch.allclose(capped, exact, atol=1e-6) and torch.allclose(capped, dense, atol=1e-5)
+        with FlopsMeter(m) as meter:
+            outputs(m, xi, ti, yi, "fast")
+        assert meter.result()["token_capacity"]["dropped_share"] == 0.0
+    Y.set_token_capacity(m, 0.25)
+    with FlopsMeter(m) as meter:  # a quarter of the tokens where the routers want about half
+        outputs(m, x, t, y, "fast")
+    r = meter.result()
+    assert abs(r["token_keep_ratio"] - 0.25) < 1e-9 and 0.2 < r["token_capacity"]["dropped_share"] < 0.8
+
+
+def test_token_capacity_is_saved_and_follows_depth_pruning(tmp_path):
+    m = Y.set_token_capacity(_routed(width=False, tokens=True), [0.25, 0.5, 0.75, 1.0])
+    save_model(m, tmp_path / "m")
+    back = load_model(str(tmp_path / "m"))
+    assert back.config.tokens.capacity == [0.25, 0.5, 0.75, 1.0] and [b.capacity for b in back.blocks] == [0.25, 0.5, 0.75, 1.0]
+    x, t, y = xs()
+    assert torch.equal(outputs(back, x, t, y, "fast"), outputs(m, x, t, y, "fast"))
+    pruned = D.prune_layers(back, [1, 3])
+    assert pruned.config.tokens.capacity == [0.5, 1.0] and [b.capacity for b in pruned.blocks] == [0.5, 1.0]
+
+
+@pytest.mark.parametrize("capacity", [0, -0.5, 1.5, float("nan"), "half", [0.5]])
+def test_a_token_capacity_outside_0_1_is_refused(capacity):
+    m = _routed(width=False, tokens=True)
+    with pytest.raises(UsageError, match="capacity"):
+        Y.set_token_capacity(m, capacity)
+    with pytest.raises(UsageError, match="token routers"):
+        Y.set_token_capacity(wide_model(), 0.5)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--token-capacity", "0"], "token-capacity"),
+    (["--token-capacity", "1.01"], "token-capacity"),
+    (["--cuda-graphs", "on"], "CUDA device"),
+    (["--cuda-graphs", "sometimes"], "cuda-graphs"),
+    (["--device", "cuda"], "no CUDA device"),
+])
+def test_bench_bad_speed_options_are_one_line_exit_2(args, msg):
+    r = runner.invoke(app, ["bench", "--shape", "DiT-S/2", "--device", "cpu", *args])
+    assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_cuda_graphs_on_the_cpu_are_refused_in_sample():
+    import dit_compress as dc
+
+    m = wide_model()
+    with pytest.raises(UsageError, match="CUDA graphs need the model on a CUDA device"):
+        dc.sample(m, torch.randn(1, 4, 8, 8), torch.tensor([1]), sampler="ddim", steps=2, cuda_graphs="on")
+    with pytest.raises(UsageError, match="cuda_graphs"):
+        dc.sample(m, torch.randn(1, 4, 8, 8), torch.tensor([1]), sampler="ddim", steps=2, cuda_graphs="maybe")

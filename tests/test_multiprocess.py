@@ -18,7 +18,9 @@ from helpers import randomize
 import dit_compress as dc
 from dit_compress.formats import load_model
 
-ENV = dict(os.environ, DITC_NO_PROGRESS="1", OMP_NUM_THREADS="1")
+# two CPU processes over gloo, whatever the machine has: on a one-GPU machine two processes cannot
+# each find a GPU of their own
+ENV = dict(os.environ, DITC_NO_PROGRESS="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
           "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dit_compress.cli"]
 

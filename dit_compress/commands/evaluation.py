@@ -13,7 +13,7 @@ from ..data.digit_shards import prepare_digit_captions
 from ..data.images import prepare, scan_captioned
 from ..data.text import PIXART_MAX_LENGTH, TextEncoder, load_prompts
 from ..diffusion.sampling import SAMPLERS, check_spacing, eval_sampler, resolve_spacing
-from ..errors import UsageError
+from ..errors import DitcError, UsageError
 from ..evaluate import bench as bench_mod
 from ..evaluate import fidelity
 from ..formats import own_text_encoder
@@ -203,20 +203,28 @@ def bench(sources=None, *, shape: str | None = None, variants=None, baseline: st
         resolve_spacing(sampler, timestep_spacing)  # checked before anything runs
     facts = load_facts(num_heads=num_heads, prediction=prediction, numerics=numerics)
     facts = {k: facts[k] for k in ("num_heads", "prediction", "numerics")}  # load_model keywords
-    results = []
+    results, failed = [], {}
     for s in specs:
         if echo is not None:
             echo(f"measuring {s} ...")
-        results.append(bench_mod.measure(s, bs, repeats, warmup, (sampler, steps, timestep_spacing), threads, dtype,
-                                         compile, dense_masks, load=facts,
-                                         loop={"cfg_scale": cfg_scale} if loop else None, device=str(dev),
-                                         graphs=graphs, token_capacity=token_capacity))
+        try:
+            results.append(bench_mod.measure(s, bs, repeats, warmup, (sampler, steps, timestep_spacing), threads, dtype,
+                                             compile, dense_masks, load=facts,
+                                             loop={"cfg_scale": cfg_scale} if loop else None, device=str(dev),
+                                             graphs=graphs, token_capacity=token_capacity))
+        except DitcError as e:  # the baseline is needed by every row; any other model's failure is reported
+            if not results:
+                raise
+            failed[s] = str(e)
+            if echo is not None:
+                echo(f"error: {e}")
     rows = bench_mod.compare(results)
     report = {"mode": "sampling loop" if loop else "single forward", "cfg_scale": cfg_scale if loop else None,
               "cuda_graphs": graphs,
               "sampler": {r["spec"]: r.get("sampler") for r in results}, "device": str(dev), "dtype": dtype,
               "threads": threads or torch.get_num_threads(), "repeats": repeats, "warmup": warmup,
-              "timesteps": {r["spec"]: r.get("timesteps") for r in results}, "baseline": specs[0], "rows": rows}
+              "timesteps": {r["spec"]: r.get("timesteps") for r in results}, "baseline": specs[0], "rows": rows,
+              "failed": failed}
     if output is not None:
         with atomic_dir(Path(output), force) as tmp:
             write_report(tmp, report, "ditc bench")

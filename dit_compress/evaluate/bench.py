@@ -162,7 +162,9 @@ def _static_forward_rows(model, cfg, batch_sizes, repeats, warmup, timesteps, dt
         x = torch.randn(bs, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(dev, dtype)
         y = family_of(cfg).example_condition(cfg, bs, g)[0].to(dev)
         times = []
-        with torch.inference_mode(), width_cache(model, timesteps), cuda_graphs(model, graphs):
+        with torch.inference_mode(), width_cache(model, timesteps), cuda_graphs(model, graphs) as cache:
+            if cache is not None:  # every timestep's graph captured before timing starts
+                warmup = max(warmup, len(timesteps))
             for i in range(warmup + repeats):
                 t_in = timesteps[i % len(timesteps)]
                 t = torch.full((bs,), t_in, device=dev)
