@@ -24,16 +24,16 @@ V=${CHECK_VARIANTS:-d14,width0.5,dynwidth0.5,tokens0.5}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/gpu.txt" 2>&1
 $PY -c "import torch; print('torch', torch.__version__)" >> "$OUT/gpu.txt"
 s=$SECONDS
-timeout 600 $PY -m dit_compress.cli bench --shape $SHAPE --variants $V --device $DEV --dtype $DT \
+timeout 150 $PY -m dit_compress.cli bench --shape $SHAPE --variants $V --device $DEV --dtype $DT \
   --batch-sizes 1,64 --repeats 10 --warmup 3 --json > "$OUT/bench_forward.json" 2> "$OUT/bench_forward.log"
 echo "bench forward: rc $? in $((SECONDS - s)) s"; s=$SECONDS
-timeout 600 $PY -m dit_compress.cli bench --loop --shape $SHAPE --variants $V --device $DEV --dtype $DT \
+timeout 160 $PY -m dit_compress.cli bench --loop --shape $SHAPE --variants $V --device $DEV --dtype $DT \
   --sampler ddim --steps $STEPS --cfg-scale 1.5 --batch-sizes 16 --repeats 3 --warmup 1 --json > "$OUT/bench_loop.json" 2> "$OUT/bench_loop.log"
 echo "bench loop: rc $? in $((SECONDS - s)) s"; s=$SECONDS
-timeout 600 $PY -m pytest -q -rf -m gpu tests/test_gpu.py -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
+timeout 110 $PY -m pytest -q -rf -m gpu tests/test_gpu.py -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
 echo "gpu tests: rc $? in $((SECONDS - s)) s: $(tail -n 1 "$OUT/gpu_tests.log")"; s=$SECONDS
 if [ "$DEV" != cpu ]; then
-  timeout 600 $PY benchmarks/gpu_peer.py "$OUT/peer.json" > "$OUT/peer.log" 2>&1
+  timeout 200 $PY benchmarks/gpu_peer.py "$OUT/peer.json" > "$OUT/peer.log" 2>&1
   echo "peer: rc $? in $((SECONDS - s)) s"
 fi
 $PY benchmarks/gpu_report.py "$OUT" | tee "$OUT/gpu_check.md"
