@@ -337,3 +337,27 @@ def test_cuda_graphs_on_the_cpu_are_refused_in_sample():
         dc.sample(m, torch.randn(1, 4, 8, 8), torch.tensor([1]), sampler="ddim", steps=2, cuda_graphs="on")
     with pytest.raises(UsageError, match="cuda_graphs"):
         dc.sample(m, torch.randn(1, 4, 8, 8), torch.tensor([1]), sampler="ddim", steps=2, cuda_graphs="maybe")
+
+
+@pytest.mark.parametrize("width,tokens", [(True, False), (True, True)])
+def test_the_gpu_attention_layout_one_qkv_gemm_per_width_equals_masked_dense(width, tokens, monkeypatch):
+    """The projection layout CUDA runs (one qkv GEMM; at a reduced width over the kept rows of
+    q, k and v gathered once per width and weight version), forced on the CPU: equal to the
+    three-GEMM layout bit for bit, and to masked-dense; a weight update regathers."""
+    from dit_compress.model import layers
+
+    m = _routed(width=width, tokens=tokens)
+    x, t, y = xs(batch=6)
+    t = torch.full_like(t, 400)
+    three = outputs(m, x, t, y, "fast")
+    monkeypatch.setattr(layers, "FUSE_PROJECTIONS", True)
+    one = outputs(m, x, t, y, "fast")
+    assert torch.equal(one, three) and torch.allclose(one, outputs(m, x, t, y, "dense"), atol=1e-5)
+    assert any(b.attn.__dict__.get("_prefix_rows") for b in m.blocks)
+    with torch.no_grad():
+        for b in m.blocks:
+            b.attn.qkv.weight.mul_(1.5)
+    monkeypatch.setattr(layers, "FUSE_PROJECTIONS", False)
+    three = outputs(m, x, t, y, "fast")
+    monkeypatch.setattr(layers, "FUSE_PROJECTIONS", True)
+    assert torch.equal(outputs(m, x, t, y, "fast"), three)

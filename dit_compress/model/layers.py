@@ -57,6 +57,30 @@ def xavier_linear(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+FUSE_PROJECTIONS: bool | None = None  # None: on CUDA devices (one GEMM); True/False forces it (tests)
+
+
+def fuse_projections(x: torch.Tensor) -> bool:
+    """Whether attention runs q, k and v as one GEMM: on a GPU one larger GEMM (and fewer
+    launches) wins; the CPU attention kernel is faster on three contiguous outputs."""
+    return x.is_cuda if FUSE_PROJECTIONS is None else FUSE_PROJECTIONS
+
+
+def prefix_rows(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor, spans) -> tuple | None:
+    """(weight, bias) of the rows ``spans`` ((start, stop), ...) of a projection, concatenated
+    contiguously, made once per span set and kept on ``module`` while the weight is the same
+    tensor at the same version (inference only: with gradients enabled None, the caller takes
+    views)."""
+    if torch.is_grad_enabled():
+        return None
+    key = (tuple(spans), weight.data_ptr(), weight._version, bias.data_ptr(), bias._version)
+    cache = module.__dict__.setdefault("_prefix_rows", {})
+    if key not in cache:
+        cache.clear() if any(k[1:] != key[1:] for k in cache) else None  # the weights changed: drop every width
+        cache[key] = (torch.cat([weight[a:z] for a, z in spans]), torch.cat([bias[a:z] for a, z in spans]))
+    return cache[key]
+
+
 class PatchEmbed(nn.Module):
     def __init__(self, patch: int, in_ch: int, dim: int):
         super().__init__()
@@ -104,7 +128,7 @@ class Attention(nn.Module):
         B, N, D = x.shape
         H, hd = self.heads, D // self.heads
         W, b = self.qkv.weight, self.qkv.bias
-        if x.is_cuda:  # one GEMM; the fused attention kernels take the strided q, k, v as they are
+        if fuse_projections(x):  # one GEMM; the fused attention kernels take the strided q, k, v as they are
             q, k, v = F.linear(x, W, b).view(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
         else:
             # three projections on views of the fused weight: each output is contiguous per head
@@ -125,9 +149,13 @@ class Attention(nn.Module):
         hd = D // self.heads
         n = k * hd
         W, b = self.qkv.weight, self.qkv.bias
-        q = F.linear(x, W[:n], b[:n]).view(B, N, k, hd).transpose(1, 2)
-        kk = F.linear(x, W[D:D + n], b[D:D + n]).view(B, N, k, hd).transpose(1, 2)
-        v = F.linear(x, W[2 * D:2 * D + n], b[2 * D:2 * D + n]).view(B, N, k, hd).transpose(1, 2)
+        fused = prefix_rows(self, W, b, ((0, n), (D, D + n), (2 * D, 2 * D + n))) if fuse_projections(x) else None
+        if fused is not None:  # one GEMM over the kept rows of q, k and v, gathered once per width
+            q, kk, v = F.linear(x, *fused).view(B, N, 3, k, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q = F.linear(x, W[:n], b[:n]).view(B, N, k, hd).transpose(1, 2)
+            kk = F.linear(x, W[D:D + n], b[D:D + n]).view(B, N, k, hd).transpose(1, 2)
+            v = F.linear(x, W[2 * D:2 * D + n], b[2 * D:2 * D + n]).view(B, N, k, hd).transpose(1, 2)
         o = F.scaled_dot_product_attention(q, kk, v).transpose(1, 2).reshape(B, N, n)
         return F.linear(o, self.proj.weight[:, :n], self.proj.bias)
 
