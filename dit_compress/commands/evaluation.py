@@ -160,7 +160,7 @@ def bench_specs(sources=None, shape: str | None = None, variants=None, baseline:
     if not specs:
         raise UsageError("nothing to benchmark: give sources or `shape`")
     for s in specs:
-        bench_mod.parse_spec(s)
+        bench_mod.check_spec(s)
     return specs
 
 
@@ -204,20 +204,22 @@ def bench(sources=None, *, shape: str | None = None, variants=None, baseline: st
     facts = load_facts(num_heads=num_heads, prediction=prediction, numerics=numerics)
     facts = {k: facts[k] for k in ("num_heads", "prediction", "numerics")}  # load_model keywords
     results, failed = [], {}
-    for s in specs:
-        if echo is not None:
-            echo(f"measuring {s} ...")
-        try:
-            results.append(bench_mod.measure(s, bs, repeats, warmup, (sampler, steps, timestep_spacing), threads, dtype,
-                                             compile, dense_masks, load=facts,
-                                             loop={"cfg_scale": cfg_scale} if loop else None, device=str(dev),
-                                             graphs=graphs, token_capacity=token_capacity))
-        except DitcError as e:  # the baseline is needed by every row; any other model's failure is reported
+    if echo is not None:
+        echo(f"measuring {', '.join(specs)} on {dev} ...")
+    for res in bench_mod.measure_all(specs, bs, repeats, warmup, (sampler, steps, timestep_spacing), threads, dtype,
+                                     compile, dense_masks, load=facts, loop={"cfg_scale": cfg_scale} if loop else None,
+                                     device=str(dev), graphs=graphs, token_capacity=token_capacity):
+        if "error" in res:  # the baseline is needed by every row; any other model's failure is reported
+            msg = f"benchmark of {res['spec']} failed: {res['error']}"
             if not results:
-                raise
-            failed[s] = str(e)
+                raise DitcError(msg)
+            failed[res["spec"]] = res["error"]
             if echo is not None:
-                echo(f"error: {e}")
+                echo(f"error: {msg}")
+        else:
+            results.append(res)
+            if echo is not None:
+                echo(f"measured {res['spec']}")
     rows = bench_mod.compare(results)
     report = {"mode": "sampling loop" if loop else "single forward", "cfg_scale": cfg_scale if loop else None,
               "cuda_graphs": graphs,

@@ -63,6 +63,14 @@ def parse_spec(spec: str) -> tuple[str, list[str]]:
     return base, variants
 
 
+def check_spec(spec: str) -> None:
+    """A shape spec's variants checked against its architecture (e.g. a depth it has), before
+    any process starts."""
+    base, variants = parse_spec(spec)
+    if base.startswith("shape:"):
+        _structure(DiTConfig.preset(base[len("shape:"):]), variants)
+
+
 def _random_state(shapes: dict, device: torch.device, dtype: torch.dtype, seed: int) -> dict:
     """Random weights (N(0, 0.02)) for every key, made on ``device`` in ``dtype``. On a CUDA
     device each tensor is drawn; on the CPU, where drawing 675M values takes seconds, each
@@ -249,133 +257,158 @@ def _loop_macs(model, cfg, sampler, steps, spacing, cfg_scale, dtype) -> tuple[f
     return r["macs"] * r["calls"] * per_row, r["calls"], r.get("token_capacity")
 
 
-def _measure_child(spec, batch_sizes, repeats, warmup, schedule, threads, dtype_name, compile_, dense, load, loop,
+def _measure_child(specs, batch_sizes, repeats, warmup, schedule, threads, dtype_name, compile_, dense, load, loop,
                    device, graphs, token_capacity, q):
-    try:
-        torch.set_num_threads(threads)
-
-        import psutil
-
-        dev = torch.device(device)
-        dtype = DTYPES[dtype_name]
-        t0 = time.perf_counter()
-        model = build(spec, load=load, schedule=schedule, device=dev, dtype=dtype, token_capacity=token_capacity)
-        _sync(dev)
-        build_s = time.perf_counter() - t0
-        sampler, steps, spacing = schedule
-        sampler, steps = eval_sampler(model.config, sampler, steps)
-        timesteps = sampler_timesteps(sampler, steps, spacing, model.config)
-        timesteps = timesteps[:: max(1, len(timesteps) // 5)]
-        modes = contextlib.ExitStack()  # held until the child ends
-        if dense:
-            modes.enter_context(routing(model, Routing.DENSE))
-        cfg = model.config
-        out = {"spec": spec, "sampler": f"{sampler} {steps}", "params": model.num_params(), "depth": cfg.depth,
-               "build_s": build_s}
-        t0 = time.perf_counter()
-        if loop is not None:
-            macs, calls, capacity = _loop_macs(model, cfg, sampler, steps, spacing, loop["cfg_scale"], dtype)
-            out.update(loop_gflops_per_image=macs / 1e9, calls_per_loop=calls, cfg_scale=loop["cfg_scale"])
-            if capacity is not None:
-                out["token_capacity"] = capacity
-        else:
-            macs = static_macs(cfg)["total"]
-            out["timesteps"] = timesteps
-            if cfg.is_dynamic:  # FLOPs of the very forwards that are timed below (same inputs, same t)
-                g = torch.Generator().manual_seed(0)
-                bs0 = batch_sizes[0]
-                x = torch.randn(bs0, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(dev, dtype)
-                y = family_of(cfg).example_condition(cfg, bs0, g)[0].to(dev)
-                with torch.inference_mode(), FlopsMeter(model) as meter:
-                    for tt in timesteps:
-                        model(x, torch.full((bs0,), tt, device=dev), y)
-                res = meter.result()
-                macs = res["macs"]
-                if "token_capacity" in res:
-                    out["token_capacity"] = res["token_capacity"]
-        out["count_s"] = time.perf_counter() - t0
-        if compile_:  # in place, so CFG (forward_with_cfg -> forward) runs compiled too
-            compile_model(model)
-        graphs0 = compiled_graphs()
+    """Measure ``specs`` one after the other in this process, each result (or its error) put on
+    ``q`` as soon as it is known; each model is dropped before the next is built."""
+    torch.set_num_threads(threads)
+    for spec in specs:
+        try:
+            q.put(_measure_one(spec, batch_sizes, repeats, warmup, schedule, dtype_name, compile_, dense, load, loop,
+                               device, graphs, token_capacity))
+        except Exception as e:  # noqa: BLE001 - reported to the parent as one line
+            q.put({"spec": spec, "error": f"{type(e).__name__}: {e}"})
         gc.collect()
-        if dev.type == "cuda":  # peak device memory of the timed runs alone, from the allocator
-            torch.cuda.synchronize(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
-            out["weights_cuda_mb"] = torch.cuda.memory_allocated(dev) / 2**20
-        proc = psutil.Process()
-        rss_after_load = proc.memory_info().rss
-        peak = [rss_after_load]
-        stop = threading.Event()
-
-        def sample_rss():  # resident memory while the forwards run (ru_maxrss would include building)
-            while not stop.is_set():
-                peak[0] = max(peak[0], proc.memory_info().rss)
-                stop.wait(0.002)
-
-        rss_thread = threading.Thread(target=sample_rss, daemon=True)
-        rss_thread.start()
-        if loop is not None:
-            rows = _loop_rows(model, cfg, batch_sizes, repeats, warmup, sampler, steps, spacing, loop["cfg_scale"], dtype,
-                              graphs)
-        else:
-            rows = _static_forward_rows(model, cfg, batch_sizes, repeats, warmup, timesteps, dtype, graphs)
-        stop.set()
-        rss_thread.join()
-        cache = model.__dict__.get("_graph_cache")
-        out["cuda_graphs"] = cache.captures if cache is not None else 0
-        if dev.type == "cuda":
-            out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
-        if compile_:
-            out["graphs"] = compiled_graphs() - graphs0
-        q.put({**out, "gflops": macs / 1e9, "rows": rows, "peak_rss_mb": peak[0] / 2**20,
-               "peak_mb": out.get("peak_cuda_mb", peak[0] / 2**20), "rss_after_load_mb": rss_after_load / 2**20})
-    except Exception as e:  # noqa: BLE001 - reported to the parent as one line
-        q.put({"spec": spec, "error": f"{type(e).__name__}: {e}"})
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
 
 
-def _run_child(target, args, timeout: float, poll: float = 1.0) -> dict:
-    """Run ``target`` in a spawned child and return what it puts on the queue. A child that
-    dies without answering (killed, out of memory, a crash in native code) is an error
-    within ``poll`` seconds, not a wait until ``timeout``."""
+def _measure_one(spec, batch_sizes, repeats, warmup, schedule, dtype_name, compile_, dense, load, loop, device, graphs,
+                 token_capacity) -> dict:
+    import psutil
+
+    dev = torch.device(device)
+    dtype = DTYPES[dtype_name]
+    t0 = time.perf_counter()
+    model = build(spec, load=load, schedule=schedule, device=dev, dtype=dtype, token_capacity=token_capacity)
+    _sync(dev)
+    build_s = time.perf_counter() - t0
+    sampler, steps, spacing = schedule
+    sampler, steps = eval_sampler(model.config, sampler, steps)
+    timesteps = sampler_timesteps(sampler, steps, spacing, model.config)
+    timesteps = timesteps[:: max(1, len(timesteps) // 5)]
+    modes = contextlib.ExitStack()  # held until the child ends
+    if dense:
+        modes.enter_context(routing(model, Routing.DENSE))
+    cfg = model.config
+    out = {"spec": spec, "sampler": f"{sampler} {steps}", "params": model.num_params(), "depth": cfg.depth,
+           "build_s": build_s}
+    t0 = time.perf_counter()
+    if loop is not None:
+        macs, calls, capacity = _loop_macs(model, cfg, sampler, steps, spacing, loop["cfg_scale"], dtype)
+        out.update(loop_gflops_per_image=macs / 1e9, calls_per_loop=calls, cfg_scale=loop["cfg_scale"])
+        if capacity is not None:
+            out["token_capacity"] = capacity
+    else:
+        macs = static_macs(cfg)["total"]
+        out["timesteps"] = timesteps
+        if cfg.is_dynamic:  # FLOPs of the very forwards that are timed below (same inputs, same t)
+            g = torch.Generator().manual_seed(0)
+            bs0 = batch_sizes[0]
+            x = torch.randn(bs0, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(dev, dtype)
+            y = family_of(cfg).example_condition(cfg, bs0, g)[0].to(dev)
+            with torch.inference_mode(), FlopsMeter(model) as meter:
+                for tt in timesteps:
+                    model(x, torch.full((bs0,), tt, device=dev), y)
+            res = meter.result()
+            macs = res["macs"]
+            if "token_capacity" in res:
+                out["token_capacity"] = res["token_capacity"]
+    out["count_s"] = time.perf_counter() - t0
+    if compile_:  # in place, so CFG (forward_with_cfg -> forward) runs compiled too
+        compile_model(model)
+    graphs0 = compiled_graphs()
+    gc.collect()
+    if dev.type == "cuda":  # peak device memory of the timed runs alone, from the allocator
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        out["weights_cuda_mb"] = torch.cuda.memory_allocated(dev) / 2**20
+    proc = psutil.Process()
+    rss_after_load = proc.memory_info().rss
+    peak = [rss_after_load]
+    stop = threading.Event()
+
+    def sample_rss():  # resident memory while the forwards run (ru_maxrss would include building)
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            stop.wait(0.002)
+
+    rss_thread = threading.Thread(target=sample_rss, daemon=True)
+    rss_thread.start()
+    if loop is not None:
+        rows = _loop_rows(model, cfg, batch_sizes, repeats, warmup, sampler, steps, spacing, loop["cfg_scale"], dtype,
+                          graphs)
+    else:
+        rows = _static_forward_rows(model, cfg, batch_sizes, repeats, warmup, timesteps, dtype, graphs)
+    stop.set()
+    rss_thread.join()
+    cache = model.__dict__.get("_graph_cache")
+    out["cuda_graphs"] = cache.captures if cache is not None else 0
+    if dev.type == "cuda":
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    if compile_:
+        out["graphs"] = compiled_graphs() - graphs0
+    return {**out, "gflops": macs / 1e9, "rows": rows, "peak_rss_mb": peak[0] / 2**20,
+            "peak_mb": out.get("peak_cuda_mb", peak[0] / 2**20), "rss_after_load_mb": rss_after_load / 2**20}
+
+
+def _run_child(target, args, timeout: float, n: int = 1, poll: float = 1.0):
+    """Run ``target`` in a spawned child and yield the ``n`` results it puts on the queue, each as
+    it arrives. A child that dies before answering them all (killed, out of memory, a crash in
+    native code) yields an error for each one missing within ``poll`` seconds, not a wait until
+    ``timeout``."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=target, args=(*args, q))
     p.start()
     deadline = time.monotonic() + timeout
+    got = 0
     try:
-        while True:
+        while got < n:
             try:
-                return q.get(timeout=poll)
+                item = q.get(timeout=poll)
             except queue.Empty:
                 if not p.is_alive():
                     try:  # it may have answered just before exiting
-                        return q.get(timeout=poll)
+                        item = q.get(timeout=poll)
                     except queue.Empty:
-                        return {"error": f"the measuring process died without a result (exit code {p.exitcode})"}
-                if time.monotonic() > deadline:
-                    return {"error": f"no result within {timeout:.0f} s"}
+                        item = {"error": f"the measuring process died without a result (exit code {p.exitcode})"}
+                elif time.monotonic() > deadline:
+                    item = {"error": f"no result within {timeout:.0f} s"}
+                else:
+                    continue
+            got += 1
+            yield item
     finally:
         p.join(timeout=30)
         if p.is_alive():
             p.kill()
 
 
-def measure(spec: str, batch_sizes=(1, 8), repeats: int = 5, warmup: int = 2, schedule=(None, None, None),
-            threads: int | None = None,
-            dtype: str = "fp32", compile_: bool = False, dense: bool = False, timeout: float = 3600,
-            load: dict | None = None, loop: dict | None = None, device: str = "cpu", graphs: str = "off",
-            token_capacity: float | None = None) -> dict:
-    """One spawned process per model builds it on the measuring device (random weights for
-    shapes, drawn there in the measured dtype) and times it. Peak memory covers the timed runs
-    alone: on CUDA the allocator's peak after a reset, on the CPU the resident set sampled while
-    the forwards run. ``graphs``: CUDA graphs (auto | on | off, model/graphs.py)."""
+def measure_all(specs: list[str], batch_sizes=(1, 8), repeats: int = 5, warmup: int = 2, schedule=(None, None, None),
+                threads: int | None = None, dtype: str = "fp32", compile_: bool = False, dense: bool = False,
+                timeout: float = 3600, load: dict | None = None, loop: dict | None = None, device: str = "cpu",
+                graphs: str = "off", token_capacity: float | None = None):
+    """Yield each spec's result (a dict with ``error`` where it failed), in order. Each model is
+    built on the measuring device (random weights for shapes, drawn there in the measured dtype)
+    and timed in a spawned process: on the CPU one process per model, so the peak resident memory
+    sampled while the forwards run is that model's alone; on CUDA one process for all (the CUDA
+    context is made once), each model's peak taken from the allocator after a reset and the
+    model dropped before the next. ``graphs``: CUDA graphs (auto | on | off, model/graphs.py)."""
+    groups = [list(specs)] if torch.device(device).type == "cuda" else [[s] for s in specs]
+    for group in groups:
+        args = (group, list(batch_sizes), repeats, warmup, tuple(schedule), threads or torch.get_num_threads(), dtype,
+                compile_, dense, load, loop, str(device), graphs, token_capacity)
+        for spec, res in zip(group, _run_child(_measure_child, args, timeout * len(group), n=len(group))):
+            res["spec"] = spec
+            yield res
 
-    res = _run_child(_measure_child, (spec, list(batch_sizes), repeats, warmup, tuple(schedule),
-                                      threads or torch.get_num_threads(), dtype, compile_, dense, load, loop,
-                                      str(device), graphs, token_capacity), timeout)
+
+def measure(spec: str, **kw) -> dict:
+    """One spec's measurement (``measure_all``'s keywords); a failure is a DitcError."""
+    res = next(measure_all([spec], **kw))
     if "error" in res:
         raise DitcError(f"benchmark of {spec} failed: {res['error']}")
-    res["spec"] = spec
     return res
 
 
