@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The repository's device check: one call on a GPU machine with no network (torch, accelerate,
-# peft, transformers there; diffusers and torch-fidelity carried as wheels in .whl/, see
-# benchmarks/README.md). Runs the `gpu` tests, then DiT-XL/2-shape speed (bf16, random weights)
+# peft, transformers there; diffusers and torch-fidelity carried as wheels in .whl/: the README's
+# "Speed on a GPU"). Runs the `gpu` tests, then DiT-XL/2-shape speed (bf16, random weights)
 # through `ditc bench` itself: forward b1/b64 and the DDIM-50 CFG-1.5 loop at b16 for base, d14,
 # width0.5, dynwidth0.5, tokens0.5 (CUDA graphs auto); then the base forward against diffusers'
 # modules, eager and compiled. Everything lands in $OUT (default gpu-check/): JSON per part, the
