@@ -172,3 +172,34 @@ def has_values(t) -> bool:
     """False for tensors whose values do not exist on the host (fake or meta tensors, as the
     device tests use): checks of tensor values (finite, labels in range) skip those."""
     return not (t.is_meta or type(t).__name__ == "FakeTensor")
+
+
+# The bounds of options several commands share, by name: what `ditc run` checks in every step
+# of a recipe before the first one runs (each command checks its own again when it runs).
+OPTION_BOUNDS = {
+    "num_samples": (int, 1, MAX_COUNT), "batch_size": (int, 1, MAX_BATCH), "shard_size": (int, 1, MAX_COUNT),
+    "steps": (int, 1, MAX_STEPS), "seed": (int, 0, None), "calib_samples": (int, 1, MAX_COUNT),
+    "num_candidates": (int, 1, MAX_COUNT), "repeats": (int, 1, 10**6), "warmup": (int, 0, None),
+    "ckpt_every": (int, 0, None), "flops_hold": (int, 0, None), "flops_decay": (int, 1, None),
+    "full_model_steps": (int, 0, None), "grad_accum": (int, 1, 10**6), "kid_subset_size": (int, 1, MAX_COUNT),
+    "lora_rank": (int, 1, 2**15), "lora_alpha": (int, 1, 2**20), "t_strata": (int, 0, 1000),
+    "threads": (int, 1, 4096), "max_length": (int, 1, 4096), "image_size": (int, 8, 8192),
+    "num_heads": (int, 1, 2**15), "reduction": (int, 1, 2**15), "cfg_channels": (int, 1, 4096),
+    "cfg_scale": (float, 0.0, None), "ema": (float, 0.0, 1.0), "logit_ema": (float, 0.0, 1.0),
+    "lr": (float, 0.0, None, "open"), "logit_lr": (float, 0.0, None, "open"), "weight_decay": (float, 0.0, None),
+    "grad_clip": (float, 0.0, None), "tau": (float, 0.0, None, "open"), "tau_start": (float, 0.0, None, "open"),
+    "tau_end": (float, 0.0, None, "open"), "k_sigma": (float, 0.0, None, "open"), "kd_out": (float, 0.0, None),
+    "kd_plain": (float, 0.0, None), "kd_rep": (float, 0.0, None), "full_model_loss": (float, 0.0, None),
+    "target_flops": (float, 0.0, 1.0, "open"), "token_capacity": (float, 0.0, 1.0, "open"),
+}
+
+
+def option(name: str, value):
+    """``value`` checked against ``OPTION_BOUNDS[name]`` (None, and options not listed, pass)."""
+    rule = OPTION_BOUNDS.get(name)
+    if rule is None or value is None:
+        return value
+    kind, lo, hi, *open_ = rule
+    if kind is int:
+        return integer(name, value, lo=lo, hi=hi)
+    return real(name, value, lo=lo, hi=hi, lo_open=bool(open_))

@@ -147,6 +147,32 @@ def claim_output(path, force: bool = False, sources=()):
         os.close(fd)
 
 
+@contextlib.contextmanager
+def exclusive(path, what: str):
+    """An exclusive lock on ``path`` (a run directory, say) for this process, taken at once or
+    refused in one line naming ``what``; nothing is written to ``path`` itself."""
+    res = _resolved(Path(path))
+    key = "lock:" + str(res)
+    if key in _HELD:
+        yield res
+        return
+    fd = os.open(_lock_file(Path(key)), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise UsageError(f"{what} {path} is in use by another ditc process; wait for it or choose another") from None
+        raise
+    _HELD[key] = fd
+    try:
+        yield res
+    finally:
+        _HELD.pop(key, None)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
 def work_dir_for(output: Path) -> Path:
     """Where resumable state of a command writing ``output`` lives while it runs (removed on success)."""
     output = _resolved(Path(output))
@@ -279,13 +305,16 @@ def resumable_work(output, producer: dict, force: bool = False, what: str = "run
     new = json.loads(json.dumps(producer, sort_keys=True, default=str))
     if work.exists():
         try:
-            old = json.loads(record.read_text()) if record.exists() else {}
+            old = json.loads(record.read_bytes()[: 16 << 20])
+            why = _first_difference(old, new) if isinstance(old, dict) else f"its record {record.name} holds no settings"
+        except FileNotFoundError:
+            old, why = None, f"it has no record of what made it ({record.name})"
         except (OSError, ValueError):
-            old = {}
+            old, why = None, f"its record of what made it, {record.name}, cannot be read"
         if old == new:
             return work, True
         if not force:
-            raise UsageError(f"{work} holds an unfinished {what} made with other settings ({_first_difference(old, new)}); "
+            raise UsageError(f"{work} holds an unfinished {what} made with other settings ({why}); "
                              f"rerun with the same settings to resume, or pass `force` to start over")
         shutil.rmtree(work)
     _make_parents(work.parent)

@@ -37,9 +37,11 @@ from pathlib import Path
 
 import yaml
 
+from . import checks
 from .commands import COMMANDS
+from .hashing import tree_digest
 from .errors import DitcError, UsageError
-from .outputs import work_dir_for
+from .outputs import exclusive, work_dir_for
 from .report import plot_with_noise, table_md
 
 VAR_RE = re.compile(r"\$\{([A-Za-z_][\w]*)\}")
@@ -68,7 +70,7 @@ def builtin_recipes() -> dict[str, Path]:
 
 def recipe_table() -> dict[str, dict]:
     """The built-in recipes, parsed, by name."""
-    return {name: yaml.safe_load(path.read_text()) or {} for name, path in builtin_recipes().items()}
+    return {name: parse_yaml(path) or {} for name, path in builtin_recipes().items()}
 
 
 def load_recipe(path_or_name: str) -> tuple[dict, Path]:
@@ -79,12 +81,7 @@ def load_recipe(path_or_name: str) -> tuple[dict, Path]:
             p = known[path_or_name]
         else:
             raise UsageError(f"no recipe {path_or_name!r} (not a file; built-in: {', '.join(known) or 'none'})")
-    try:
-        recipe = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise UsageError(f"recipe {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-    except (UnicodeDecodeError, OSError) as e:
-        raise UsageError(f"recipe {p} cannot be read as text: {str(e)[:120]}") from None
+    recipe = parse_yaml(p)
     _check_plain(recipe, p)
     if not isinstance(recipe, dict) or not isinstance(recipe.get("steps"), list) or not recipe["steps"]:
         raise UsageError(f"recipe {p} needs a non-empty 'steps' list")
@@ -97,6 +94,51 @@ def load_recipe(path_or_name: str) -> tuple[dict, Path]:
             raise UsageError(f"recipe {p}: its name {name!r} must be a plain name (letters, digits, '_', '-', '.'; "
                              "no '/', no '..'): it names the run directory runs/NAME"[:240])
     return recipe, p
+
+
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of text
+MAX_DEPTH = 32
+
+
+class _PlainLoader(yaml.SafeLoader):
+    """YAML as plain data, judged while it is parsed: aliases refused (an alias bomb expands a
+    few hundred bytes into billions of nodes), nesting deeper than ``MAX_DEPTH`` refused at the
+    level where it happens (before Python's recursion limit)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise UsageError(f"recipe {self.name} uses a YAML alias (*{event.anchor}, line {event.start_mark.line + 1}); "
+                             "write the value out")
+        self.depth = getattr(self, "depth", 0) + 1
+        if self.depth > MAX_DEPTH:
+            raise UsageError(f"recipe {self.name} nests deeper than {MAX_DEPTH} levels")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def parse_yaml(p: Path):
+    """A recipe file's YAML: at most ``MAX_RECIPE_BYTES`` read, aliases and deep nesting refused."""
+    try:
+        with open(p, "rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+        if len(raw) > MAX_RECIPE_BYTES:
+            raise UsageError(f"recipe {p} is larger than {MAX_RECIPE_BYTES >> 10} KB; a recipe is a page of text")
+        text = raw.decode("utf-8")
+        loader = _PlainLoader(text)
+        loader.name = str(p)
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as e:
+        raise UsageError(f"recipe {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise UsageError(f"recipe {p} cannot be read as text: {str(e)[:120]}") from None
+    except RecursionError:
+        raise UsageError(f"recipe {p} nests too deeply to parse") from None
 
 
 def _check_plain(value, where, depth: int = 0) -> None:
@@ -244,7 +286,13 @@ def bind(step: dict, outputs: dict, run_dir: Path) -> dict:
     for key in args:
         if key not in params:
             raise UsageError(f"step {name!r}: {command} takes no option {key!r} (it takes: {', '.join(sorted(params))})")
-    return {k: _coerce(_ref(v, outputs, name), hints.get(k), k, name) for k, v in args.items()}
+    bound = {k: _coerce(_ref(v, outputs, name), hints.get(k), k, name) for k, v in args.items()}
+    for k, v in bound.items():  # the shared bounds, so a bad value stops the run before its first step
+        try:
+            checks.option(k, v)
+        except UsageError as e:
+            raise UsageError(f"step {name!r}: {e}") from None
+    return bound
 
 
 def confined_output(run_dir: Path, name: str, given) -> Path:
@@ -294,7 +342,8 @@ def plan(recipe: dict, run_dir: Path) -> list[tuple[dict, dict]]:
 def fingerprints(steps: list[tuple[dict, dict]]) -> dict[str, str]:
     """Per step: a hash of its command and resolved options, where an option that names an
     earlier step's output stands for that step's own fingerprint (so a change upstream
-    changes every step that reads it)."""
+    changes every step that reads it) and one that names another local file or folder stands
+    for every byte of it (a model replaced at the same path is another input)."""
     out, by_output = {}, {}
     for step, kwargs in steps:
         def norm(v):
@@ -302,6 +351,8 @@ def fingerprints(steps: list[tuple[dict, dict]]) -> dict[str, str]:
                 return [norm(x) for x in v]
             if isinstance(v, str) and v in by_output:
                 return {"step": by_output[v]}
+            if isinstance(v, str) and v.strip() and Path(v).exists():  # a file or folder read: by its contents
+                return {"path": v, "content": tree_digest(v)}
             return v
 
         body = {"command": step["command"], "args": {k: norm(v) for k, v in sorted(kwargs.items()) if k != "output"}}
@@ -316,18 +367,24 @@ def _record_path(run_dir: Path, name: str) -> Path:
     return run_dir / RECORDS / f"{name}.json"
 
 
-def _recorded(run_dir: Path, name: str) -> str | None:
+def _read_record(run_dir: Path, name: str) -> dict:
     try:
-        return json.loads(_record_path(run_dir, name).read_text()).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
-        return None
+        rec = json.loads(_record_path(run_dir, name).read_bytes()[: 1 << 20])
+    except (OSError, ValueError):
+        return {}
+    return rec if isinstance(rec, dict) else {}
 
 
-def _record(run_dir: Path, step: dict, kwargs: dict, fp: str) -> None:
+def _recorded(run_dir: Path, name: str) -> str | None:
+    return _read_record(run_dir, name).get("fingerprint")
+
+
+def _record(run_dir: Path, step: dict, kwargs: dict, fp: str, seconds: float) -> None:
     path = _record_path(run_dir, step["name"])
     path.parent.mkdir(exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"fingerprint": fp, "command": step["command"], "args": kwargs}, indent=2, default=str))
+    tmp.write_text(json.dumps({"fingerprint": fp, "command": step["command"], "args": kwargs, "seconds": seconds},
+                              indent=2, default=str))
     os.replace(tmp, path)
 
 
@@ -359,6 +416,11 @@ def run_recipe(path_or_name: str, run_dir: Path | None, overrides: list[str], ec
     resolved = resolve(recipe, overrides)
     run_dir = check_run_dir(run_dir if run_dir is not None else Path("runs") / resolved["name"])
     steps = plan(resolved, run_dir)  # everything is checked before anything runs
+    with exclusive(run_dir, "run directory"):  # a second run of the same dir is refused before it writes anything
+        return _run(steps, resolved, path, run_dir, echo, resume, force)
+
+
+def _run(steps, resolved: dict, path: Path, run_dir: Path, echo, resume: bool, force: bool) -> dict:
     prints = fingerprints(steps)
     todo = []
     for step, kwargs in steps:
@@ -377,7 +439,8 @@ def run_recipe(path_or_name: str, run_dir: Path | None, overrides: list[str], ec
     for step, kwargs, done in todo:
         if done:
             echo(f"[{step['name']}] finished earlier, skipped")
-            timings.append({"step": step["name"], "command": step["command"], "seconds": None, "skipped": True})
+            timings.append({"step": step["name"], "command": step["command"],
+                            "seconds": _read_record(run_dir, step["name"]).get("seconds"), "skipped": True})
             continue
         kwargs = dict(kwargs)
         if kwargs.get("output") is not None:
@@ -392,9 +455,10 @@ def run_recipe(path_or_name: str, run_dir: Path | None, overrides: list[str], ec
         echo(f"[{step['name']}] {_describe_call(step['command'], kwargs)}")
         t0 = time.time()
         run_step(step, kwargs)
+        seconds = time.time() - t0
         if kwargs.get("output") is not None:
-            _record(run_dir, step, kwargs, prints[step["name"]])
-        timings.append({"step": step["name"], "command": step["command"], "seconds": time.time() - t0, "skipped": False})
+            _record(run_dir, step, kwargs, prints[step["name"]], seconds)
+        timings.append({"step": step["name"], "command": step["command"], "seconds": seconds, "skipped": False})
     return summarize(run_dir, resolved, timings)
 
 

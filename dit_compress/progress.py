@@ -45,3 +45,9 @@ def make_progress(desc: str, total: int, completed: int = 0, status: str = ""):
     with progress:
         task = progress.add_task(desc, total=total, completed=completed, status=status)
         yield _Bar(progress, task)
+
+
+def note(message: str) -> None:
+    """One line on stderr about something skipped or recomputed (a damaged cache entry, a work
+    shard made again), whatever the progress setting."""
+    console.print(f"note: {message}", markup=False, highlight=False, soft_wrap=True)

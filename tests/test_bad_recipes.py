@@ -139,7 +139,13 @@ def test_an_existing_output_this_run_did_not_make_is_never_replaced(tmp_path, mo
 
 
 @pytest.mark.parametrize("text,msg", [("args: &x {source: [*x]}\nname: t\nsteps: [{name: a, command: info, args: *x}]",
-                                       "nests deeper"),
+                                       "uses a YAML alias"),
+                                      ("name: t\nsteps: " + "[" * 5000 + "]" * 5000, "nests deeper than 32 levels"),
+                                      ("a: &a [1, 2, 3, 4, 5, 6, 7, 8, 9]\n" + "".join(
+                                          f"{c}: &{c} [" + ", ".join([f"*{p}"] * 9) + "]\n"
+                                          for p, c in zip("abcdefgh", "bcdefghi")) + "name: t\nsteps: [*i]",
+                                       "uses a YAML alias (*a, line 2)"),
+                                      ("# " + "x" * (1 << 20) + "\nname: t\nsteps: []", "larger than 1024 KB"),
                                       ("name: t\nsteps: [{name: a, command: info, args: {1: 2}}]", "must be text"),
                                       ("name: t\nsteps: [1, 2]", "must be a mapping"),
                                       (b"\xff\xfe\x00garbage\x80", "cannot be read as text")])

@@ -206,55 +206,40 @@ def load_shards(root: Path) -> TensorData:
     return TensorData(x, np.concatenate(ys), name=str(root), flip_pairs=x.ndim == 5)
 
 
-# the text encoder's float features in caption shards: fixed by the encoder (identified by its
-# contents, in the manifest's producer) and the texts, and identified by those plus a coarse
-# fingerprint of their values, so float rounding on another machine does not make the same
-# captions another input while features edited by hand do
-CAPTION_FEATURES = ("caption_emb", "null_caption_emb")
-IDENTIFY_AT_MOST = 1 << 30  # bytes of shards read to identify them; larger sets go by path
 CONTENT_ID = "sha256:"  # a text encoder identity of its files' contents (earlier ones held only their sizes)
 
 
-def features_fingerprint(a: np.ndarray) -> list[float]:
-    """Scale, mean and a position-weighted mean of ``a`` (float64, the means relative to the
-    scale, 4 decimals): unmoved by last-bit rounding, moved by a sign flip, a shuffle or a
-    rescale of the features."""
-    x = a.astype(np.float64).ravel()
-    scale = float(np.sqrt((x ** 2).mean())) or 1.0
-    w = np.cos(np.arange(x.size, dtype=np.float64) * 0.7)
-    return [round(scale, 4), round(float(x.mean()) / scale, 4), round(float((x * w).mean()) / scale, 4)]
-
-
 def shards_identity(root) -> str | None:
-    """Shards made by ``prepare-data`` by what they hold, wherever they lie: every array of
-    every shard (images or latents, labels, caption masks; the caption features through the text
-    encoder's content identity, the texts and ``features_fingerprint``). None when ``root`` is
-    not such a folder, its manifest predates content identities, it holds more than
-    ``IDENTIFY_AT_MOST`` bytes of shards, or a shard cannot be read."""
+    """Shards made by ``prepare-data`` by what they hold, wherever they lie: every byte of every
+    array of every shard (images or latents, labels, caption features and masks), the texts and
+    the text encoder's content identity, so two caption rows swapped are another input. None when
+    ``root`` is not such a folder, its manifest predates content identities, or a shard cannot be
+    read (such folders are identified by their files' contents, ``hashing.tree_digest``)."""
     p = Path(root) if isinstance(root, (str, Path)) else None
     manifest = p / "manifest.json" if p is not None else None
     if manifest is None or not manifest.is_file():
         return None
     try:
-        m = json.loads(manifest.read_text())
+        m = json.loads(manifest.read_bytes()[: 64 << 20])
     except (OSError, ValueError):
         return None
     files = sorted(p.glob("shard-*.safetensors"))
     producer = m.get("producer") if isinstance(m, dict) else None
     encoder = producer.get("text_encoder") if isinstance(producer, dict) else None
     old_encoder_id = encoder is not None and not str(encoder).startswith(CONTENT_ID)
-    stats = [f.stat() for f in files]
-    if not files or not isinstance(producer, dict) or old_encoder_id or sum(st.st_size for st in stats) > IDENTIFY_AT_MOST:
+    if not files or not isinstance(producer, dict) or old_encoder_id:
         return None
     head = json.dumps({"texts": m.get("texts"), "text_encoder": encoder}, sort_keys=True)
-    # one read per folder and state: an eval asks for its prompts' and its held-out data's identity
-    return _shards_digest(head, tuple((str(f.resolve()), st.st_size, st.st_mtime_ns) for f, st in zip(files, stats)))
+    stats = [f.stat() for f in files]
+    # one read per folder and state (the status-change time moves with any write)
+    return _shards_digest(head, tuple((str(f.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+                                      for f, st in zip(files, stats)))
 
 
 @functools.lru_cache(maxsize=32)
 def _shards_digest(head: str, files: tuple) -> str | None:
     h = hashlib.sha256(head.encode())
-    for path, _, _ in files:
+    for path, *_ in files:
         try:
             arrays = load_file(path)
         except Exception:  # noqa: BLE001 - an unreadable shard is identified by path; loading it reports it
@@ -262,9 +247,8 @@ def _shards_digest(head: str, files: tuple) -> str | None:
         for k in sorted(arrays):
             a = arrays[k]
             h.update(f"{Path(path).name}:{k}:{a.dtype}:{a.shape}".encode())
-            h.update(json.dumps(features_fingerprint(a)).encode() if k in CAPTION_FEATURES
-                     else np.ascontiguousarray(a).tobytes())
-    return "shards#" + h.hexdigest()[:20]
+            h.update(np.ascontiguousarray(a).tobytes())
+    return "shards#" + h.hexdigest()[:32]
 
 
 def _manifest_texts(root: Path, n: int) -> list[str] | None:

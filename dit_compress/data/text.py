@@ -18,10 +18,11 @@ import torch
 
 from ..assets import embedded
 from ..errors import DitcError, UsageError
+from ..hashing import file_digest
 from ..model.pixart import Captions
 from .datasets import CONTENT_ID, CaptionData, load_data
 
-HASH_AT_MOST = 256 << 20  # bytes of one encoder file read to identify it
+MAX_PROMPT_BYTES = 16 << 20  # a prompt file larger than this is refused (prompts are lines of text)
 PIXART_MAX_LENGTH = 120  # PixArtAlphaPipeline's max_sequence_length (PixArt-Σ: 300)
 
 
@@ -71,25 +72,19 @@ class TextEncoder:
             raise DitcError(f"cannot load the text encoder from {path}: {first}") from None
         self.path, self.max_length, self.device = path, max_length, torch.device(device)
         self._dirs = sorted({enc_dir, tok_dir})
+        self.unknown = 0  # prompts of the last encode() made of unknown words only
         self.width = int(self.model.config.d_model)
 
     def identity(self) -> str:
-        """What the features depend on: the encoder's config and weights and the tokenizer (each
-        file by its contents; one over ``HASH_AT_MOST`` bytes, a T5-XXL shard, by size and
-        modification time), and the length."""
+        """What the features depend on: the encoder's config and weights and the tokenizer, each
+        file by every byte of it (hashing.file_digest: read once per change of the file), and
+        the length."""
         h = hashlib.sha256()
         for d in self._dirs:
             for f in sorted(p for p in d.rglob("*") if p.is_file()):
-                st = f.stat()
-                h.update(f"{f.relative_to(self.path)}:{st.st_size}".encode())
-                if st.st_size > HASH_AT_MOST:
-                    h.update(str(st.st_mtime_ns).encode())
-                else:
-                    with f.open("rb") as fh:
-                        for chunk in iter(lambda: fh.read(1 << 20), b""):
-                            h.update(chunk)
+                h.update(f"{f.relative_to(self.path)}:{file_digest(f)}\n".encode())
         h.update(str(self.max_length).encode())
-        return CONTENT_ID + h.hexdigest()[:20]
+        return CONTENT_ID + h.hexdigest()[:32]
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[Captions, int]:
@@ -99,9 +94,23 @@ class TextEncoder:
                              add_special_tokens=True, return_tensors="pt")
         full = self.tokenizer(list(prompts), padding=False, truncation=False, add_special_tokens=True)["input_ids"]
         truncated = sum(len(ids) > self.max_length for ids in full)
+        self.unknown = self.unknown_only(prompts, full)
         mask = tok["attention_mask"].to(self.device)
         emb = self.model(tok["input_ids"].to(self.device), attention_mask=mask)[0]
         return Captions(emb.float().cpu(), mask.float().cpu()), truncated
+
+    def unknown_only(self, prompts, ids) -> int:
+        """How many non-empty prompts the tokenizer reads as unknown words only (each becomes
+        the unknown token: the model sees no word of it)."""
+        unk = getattr(self.tokenizer, "unk_token_id", None)
+        special = set(getattr(self.tokenizer, "all_special_ids", []) or []) - {unk}
+        if unk is None:
+            return 0
+        count = 0
+        for text, seq in zip(prompts, ids):
+            words = [i for i in seq if i not in special]
+            count += bool(text.strip()) and bool(words) and all(i == unk for i in words)
+        return count
 
     def null(self) -> Captions:
         """The negative caption the pipeline guides with: the encoding of ""."""
@@ -142,7 +151,11 @@ def load_prompts(spec, cfg, text_encoder=None) -> PromptSet:
             raise UsageError(f"prompts {spec} are not caption shards (made by `ditc prepare-data --text-encoder`)")
         return PromptSet(data.y, data.null, data.texts, str(p), classes=data.classes)
     try:
-        texts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        with p.open("rb") as f:
+            raw = f.read(MAX_PROMPT_BYTES + 1)
+        if len(raw) > MAX_PROMPT_BYTES:
+            raise UsageError(f"the prompt file {p} is larger than {MAX_PROMPT_BYTES >> 20} MB; prompts are lines of text")
+        texts = [line.strip() for line in raw.decode("utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read the prompt file {p}: {str(e)[:120]}") from None
     if not texts:
@@ -152,6 +165,9 @@ def load_prompts(spec, cfg, text_encoder=None) -> PromptSet:
                          "and tokenizer/) to be encoded")
     enc = TextEncoder(text_encoder, cfg.caption_length or PIXART_MAX_LENGTH)
     caps, cut = enc.encode(texts)
-    note = (f"{cut} prompt(s) were longer than {enc.max_length} tokens and were truncated, as the pipeline truncates"
-            if cut else None)
+    notes = [f"{cut} prompt(s) were longer than {enc.max_length} tokens and were truncated, as the pipeline truncates"
+             if cut else None,
+             f"{enc.unknown} prompt(s) hold only words the tokenizer does not know (each read as its unknown token)"
+             if enc.unknown else None]
+    note = "; ".join(n for n in notes if n) or None
     return PromptSet(caps, enc.null(), texts, str(p), f"{enc.path}#{enc.identity()}", note)

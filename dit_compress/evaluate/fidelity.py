@@ -35,7 +35,8 @@ from ..errors import DitcError, UsageError
 from ..model.build import fingerprint
 from ..model.family import family_of, require
 from ..outputs import atomic_dir, resumable_work, work_dir_for
-from ..progress import make_progress
+from ..hashing import file_digest, seal, seal_problem, tree_digest
+from ..progress import make_progress, note
 from ..report import write_report
 from .clip import check_clip, clip_score  # noqa: F401 - check_clip is the commands' too
 from .features import class_accuracy, register
@@ -118,7 +119,15 @@ def sample_shards(model, out_dir: Path, num_samples: int, sampler: str = "ddim",
     sdir = Path(out_dir) / "samples"
     sdir.mkdir(parents=True, exist_ok=True)
     mine = [i for i in range(n_shards) if i % world == rank]
-    todo = [i for i in mine if not (sdir / f"shard-{i:05d}.npz").exists()]
+    todo = []
+    for i in mine:
+        problem = shard_problem(sdir, i, min(num_samples, (i + 1) * shard_size) - i * shard_size)
+        if problem is not None:
+            if (sdir / f"shard-{i:05d}.npz").exists() or (sdir / f"shard-{i:05d}.sha256").exists():
+                note(f"work shard {sdir / f'shard-{i:05d}.npz'} {problem}: it is sampled again")
+            for f in (sdir / f"shard-{i:05d}.npz", sdir / f"shard-{i:05d}.sha256"):
+                f.unlink(missing_ok=True)
+            todo.append(i)
     written = []
     with make_progress(f"sampling ({sampler} {steps})", len(mine) * shard_size, completed=(len(mine) - len(todo)) * shard_size) as bar:
         for i in todo:
@@ -144,9 +153,29 @@ def sample_shards(model, out_dir: Path, num_samples: int, sampler: str = "ddim",
             tmp = sdir / f".shard-{i:05d}.npz.tmp"
             with open(tmp, "wb") as f:
                 np.savez(f, images=arr, labels=labels[lo:hi])
-            os.replace(tmp, sdir / f"shard-{i:05d}.npz")  # the shard counts as done only now
+            os.replace(tmp, sdir / f"shard-{i:05d}.npz")
+            digest = sdir / f".shard-{i:05d}.sha256.tmp"
+            digest.write_text(json.dumps({"sha256": file_digest(sdir / f"shard-{i:05d}.npz"), "images": hi - lo}))
+            os.replace(digest, sdir / f"shard-{i:05d}.sha256")  # the shard counts as done only now
             written.append(i)
     return written
+
+
+def shard_problem(sdir: Path, i: int, n: int) -> str | None:
+    """Why work shard ``i`` (``n`` images) is not done (None when it is): missing, its digest
+    record missing or not matching the file, or the file not holding its ``n`` images."""
+    f, rec = sdir / f"shard-{i:05d}.npz", sdir / f"shard-{i:05d}.sha256"
+    if not f.exists():
+        return "is missing"
+    try:
+        r = json.loads(rec.read_bytes()[:4096])
+        if not isinstance(r, dict) or r.get("images") != n or r.get("sha256") != file_digest(f):
+            return "does not match its digest record"
+    except FileNotFoundError:
+        return "has no digest record (unfinished, or from an older version)"
+    except (OSError, ValueError):
+        return "has an unreadable digest record"
+    return None
 
 
 def gather_samples(out_dir: Path, num_samples: int, shard_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -155,11 +184,19 @@ def gather_samples(out_dir: Path, num_samples: int, shard_size: int) -> tuple[np
     imgs, labels = [], []
     for i in range(n_shards):
         f = sdir / f"shard-{i:05d}.npz"
-        if not f.exists():
-            raise DitcError(f"shard {i} is missing from {sdir}; rerun to finish it")
-        d = np.load(f)
-        imgs.append(d["images"])
-        labels.append(d["labels"])
+        n = min(num_samples, (i + 1) * shard_size) - i * shard_size
+        problem = shard_problem(sdir, i, n)
+        if problem is not None:
+            raise DitcError(f"work shard {f} {problem}; rerun to sample it again")
+        try:
+            with np.load(f) as d:
+                a, lab = d["images"], d["labels"]
+        except Exception as e:  # noqa: BLE001 - a sealed shard that still cannot be read
+            raise DitcError(f"work shard {f} cannot be read ({type(e).__name__}); delete it and rerun") from None
+        if len(a) != n or len(lab) != n:
+            raise DitcError(f"work shard {f} holds {len(a)} images where {n} belong; delete it and rerun")
+        imgs.append(a)
+        labels.append(lab)
     return np.concatenate(imgs), np.concatenate(labels)
 
 
@@ -180,11 +217,14 @@ def resolve_reference(ref: str | None, model_cfg) -> tuple[str, object]:
     if p.is_dir():
         return "array", load_image_folder(p)
     if p.suffix == ".npz":
-        d = np.load(p)
-        if "mu" in d and "sigma" in d:
-            return "stats", {"mu": d["mu"], "sigma": d["sigma"]}
-        if "arr_0" in d:
-            return "array", d["arr_0"]
+        try:
+            with np.load(p, allow_pickle=False) as d:
+                if "mu" in d and "sigma" in d:
+                    return "stats", {"mu": d["mu"], "sigma": d["sigma"]}
+                if "arr_0" in d:
+                    return "array", d["arr_0"]
+        except Exception as e:  # noqa: BLE001 - not an npz archive (a text file so named), truncated, pickled
+            raise DitcError(f"reference {ref} is not a readable .npz archive ({type(e).__name__})") from None
         raise DitcError(f"reference {ref} holds neither mu/sigma statistics nor an arr_0 image batch")
     raise DitcError(f"reference {ref}: expected an image folder, a .npz or 'digits'")
 
@@ -287,15 +327,12 @@ CACHED = ("report.json", "samples.npz", "samples.png")
 
 
 def path_identity(value) -> str | None:
-    """A named file or folder as what it holds (names, sizes, modification times), so a
-    reference folder that changed under the same path is another input."""
+    """A named file or folder as what it holds (every byte of every file, with the files'
+    relative names: hashing.tree_digest), so a reference that changed under the same path,
+    whatever its sizes and times, is another input."""
     if value is None or not isinstance(value, str) or not Path(value).exists():
         return value
-    p = Path(value)
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    listing = "\n".join(f"{f.relative_to(p) if p.is_dir() else f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
-                         for f in files)
-    return f"{value}#{hashlib.sha256(listing.encode()).hexdigest()[:16]}"
+    return f"{value}#{tree_digest(value)[:32]}"
 
 
 def data_identity(value) -> str | None:
@@ -323,34 +360,66 @@ def cache_dirs() -> list[Path]:
     return [EVALS_DIR] + ([Path(user) / "evals"] if user else [])
 
 
+def entry_problem(entry: Path) -> tuple[str | None, dict | None]:
+    """(why the cache entry cannot be served, None when it can; its report): sealed files only
+    (the seal, written last, holds each file's digest), a report that is an eval report, samples
+    that load."""
+    problem = seal_problem(entry, CACHED[:2])
+    if problem is not None:
+        return problem, None
+    try:
+        report = json.loads((entry / "report.json").read_bytes()[: 16 << 20])
+    except (OSError, ValueError):
+        return "its report cannot be read", None
+    if not isinstance(report, dict) or not isinstance(report.get("metrics"), dict) or not report["metrics"]:
+        return "its report holds no metrics", None
+    try:
+        with np.load(entry / "samples.npz") as d:
+            if len(d["arr_0"]) != len(d["labels"]) or len(d["arr_0"]) != report.get("num_samples"):
+                return "its samples do not match its report", None
+    except Exception:  # noqa: BLE001 - any unreadable samples file
+        return "its samples cannot be read", None
+    return None, report
+
+
 def _from_cache(key: str) -> tuple[Path, dict] | None:
+    """The first sound entry for ``key``; an entry that is not sound is skipped with a note
+    (and replaced when this eval stores its own result)."""
     for d in cache_dirs():
         entry = d / key
-        if all((entry / f).exists() for f in CACHED[:2]):
-            try:
-                return entry, json.loads((entry / "report.json").read_text())
-            except (OSError, ValueError):
-                continue
+        if not entry.exists():
+            continue
+        problem, report = entry_problem(entry)
+        if problem is None:
+            return entry, report
+        note(f"eval cache entry {entry} skipped: {problem}; the eval is computed")
     return None
 
 
 def _to_cache(key: str, out_dir: Path) -> None:
-    """Store a finished eval (its report, samples and grid) in the user cache (when
-    ``DITC_CACHE_DIR`` names one); a cache that cannot be written is skipped, never an error."""
+    """Store a finished eval (its report, samples and grid, then the seal of their digests) in
+    the user cache (when ``DITC_CACHE_DIR`` names one), replacing an entry that is not sound; a
+    cache that cannot be written is skipped, never an error."""
     if not os.environ.get("DITC_CACHE_DIR"):
         return
     target = cache_dirs()[-1] / key
-    if target.exists():
+    if target.exists() and entry_problem(target)[0] is None:
         return
+    tmp = target.parent / f".{key}.{os.getpid()}.tmp"
+    old = target.parent / f".{key}.{os.getpid()}.old"
     try:
-        tmp = target.parent / f".{key}.{os.getpid()}.tmp"
         tmp.mkdir(parents=True, exist_ok=True)
         for f in CACHED:
             if (out_dir / f).exists():
                 shutil.copy2(out_dir / f, tmp / f)
+        seal(tmp, CACHED)
+        if target.exists():
+            os.replace(target, old)
         os.replace(tmp, target)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None = None, steps: int | None = None,

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-
 import torch
 
 from ..config import DiTConfig
 from ..errors import FormatError
 from .family import family_of
+from .identity import fingerprint, weights_state  # noqa: F401 - re-exported: the identity of a built model
 
 
 def expected_shapes(cfg: DiTConfig) -> dict[str, tuple]:
@@ -45,22 +42,3 @@ def build_model(cfg: DiTConfig, state: dict, dtype: torch.dtype | None = None, s
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise FormatError(f"key {k}{where} holds NaN or inf values")
     return model.eval()
-
-
-def fingerprint(model) -> str:
-    """A short identity of a model's weights and config, for records of what produced an
-    artefact (eval shards, training state, recipe steps): the config's architecture and
-    compression fields, and per tensor its shape, sum, absolute sum and a strided sample of
-    its values. Any change of a weight changes the sums; the sample guards the rest."""
-    defaults = {f.name: f.default for f in dataclasses.fields(type(model.config))}
-    cfg = {k: v for k, v in model.config.to_dict().items()  # fields at their default are left out, so a field
-           if k not in ("lineage", "provenance", "name") and v != defaults.get(k, object())}  # added later keeps ids
-    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        for k, v in sorted(model.state_dict().items()):
-            flat = v.detach().reshape(-1)
-            stats = torch.stack([flat.double().sum(), flat.double().abs().sum()]) if flat.numel() else torch.zeros(2)
-            sample = flat[:: max(1, flat.numel() // 256)][:256].double()
-            h.update(f"{k}:{tuple(v.shape)}:{v.dtype}".encode())
-            h.update(torch.cat([stats.cpu(), sample.cpu()]).numpy().tobytes())
-    return h.hexdigest()[:20]

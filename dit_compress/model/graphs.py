@@ -24,6 +24,7 @@ import dataclasses
 import torch
 
 from ..errors import UsageError
+from .identity import weights_state
 
 MODES = ("auto", "on", "off")
 
@@ -54,10 +55,6 @@ def _clone(obj):
     return type(obj)(**{f.name: _clone(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
 
 
-def _weights_key(model) -> tuple:
-    return tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters())
-
-
 def why_not_graphable(model) -> str | None:
     """Why ``model``'s forward cannot be captured (None when it can)."""
     p = next(model.parameters(), None)
@@ -84,7 +81,7 @@ class GraphCache:
     """The captured forwards of one model (see the module docstring)."""
 
     def __init__(self, model):
-        self.weights = _weights_key(model)
+        self.weights = weights_state(model)
         self.graphs: dict = {}
         self.pool = torch.cuda.graph_pool_handle()
         self.captures = 0
@@ -145,7 +142,7 @@ def cuda_graphs(model, mode="auto"):
         yield None
         return
     cache = inner.__dict__.get("_graph_cache")
-    if cache is None or cache.weights != _weights_key(inner):
+    if cache is None or cache.weights != weights_state(inner):
         cache = inner.__dict__["_graph_cache"] = GraphCache(inner)
     previous = inner.__dict__.get("_graphs")
     inner.__dict__["_graphs"] = cache
