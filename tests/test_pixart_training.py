@@ -263,15 +263,25 @@ def make_clip(root):
     CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(root)
     torch.manual_seed(0)
     small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
-    CLIPModel(CLIPConfig(text_config=dict(vocab_size=len(WORDS), max_position_embeddings=32, **small),
-                         vision_config=dict(image_size=16, patch_size=8, **small), projection_dim=16)).save_pretrained(root)
+    clip = CLIPModel(CLIPConfig(text_config=dict(vocab_size=len(WORDS), max_position_embeddings=32, eos_token_id=2, **small),  # 2: pooled at the highest id
+                                vision_config=dict(image_size=16, patch_size=8, **small), projection_dim=16))
+    with torch.no_grad():  # a direction both towers share, so image-text similarities are positive and differ
+        shared = (torch.randn(32) * 0.2) + 0.6  # by pairing (random towers give negative ones, which the score clamps to 0)
+        clip.text_model.final_layer_norm.bias.copy_(shared)
+        clip.vision_model.post_layernorm.bias.copy_(shared)
+        clip.visual_projection.weight.copy_(clip.text_projection.weight)
+        for lin in (clip.vision_model.embeddings.patch_embedding, *[layer.mlp.fc1 for layer in clip.vision_model.encoder.layers]):
+            lin.weight.mul_(50.0)  # image features that depend on the image (small random towers barely do)
+    clip.save_pretrained(root)
     return root
 
 
-def test_eval_on_pixart_samples_the_prompts_with_fid_and_clip_score(world, tmp_path):
+def test_eval_on_pixart_samples_the_prompts_with_fid_and_clip_score(world, tmp_path, monkeypatch):
     """`ditc eval` of a PixArt: caption shards or a prompt file (encoded by the pipeline's own
     text encoder) sampled in turn with guidance by the null caption, FID against images, and
-    the CLIP score equal to CLIP's own features of the written images and their prompts."""
+    the CLIP score equal to CLIP's own features of the written images and their prompts (and
+    not to those of the images paired with other prompts)."""
+    monkeypatch.setenv("DITC_CACHE_DIR", str(tmp_path / "cache"))  # evals are stored: a served one would show
     from PIL import Image as PILImage
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
@@ -301,13 +311,20 @@ def test_eval_on_pixart_samples_the_prompts_with_fid_and_clip_score(world, tmp_p
         txt = model.get_text_features(input_ids=t["input_ids"], attention_mask=t["attention_mask"])
         img = img if torch.is_tensor(img) else img.pooler_output
         txt = txt if torch.is_tensor(txt) else txt.pooler_output
-        ref = float((100 * torch.nn.functional.cosine_similarity(img, txt, dim=-1).clamp(min=0)).mean())
+        cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
+        ref = float((100 * cos.clamp(min=0)).mean())
+        wrong = float((100 * torch.nn.functional.cosine_similarity(img, txt.roll(1, 0), dim=-1).clamp(min=0)).mean())
+    assert (cos > 0).all() and abs(ref - wrong) > 1e-2  # the check can tell the right pairing from another
     assert abs(rep["metrics"]["clip_score"] - ref) < 1e-4
-    # another prompt file is another eval: never the cached one
-    prompts.write_text("a blue dot\n")
-    r = run("eval", world / "pipe", "--prompts", prompts, "-n", 2, "--steps", 3, "--ref", world / "imgs", "--vae",
-            world / "vae", "--extractor", "digits-cnn", "--metrics", "fid", "-o", tmp_path / "e3", "--json")
-    assert r.exit_code == 0 and "cached" not in json.loads((tmp_path / "e3" / "report.json").read_text())
+    # the same prompt file again: served from the cache; the file changed at the same path: computed
+    same = ["eval", world / "pipe", "--prompts", prompts, "-n", 5, "--steps", 3, "--cfg-scale", 4.5, "--ref",
+            world / "imgs", "--vae", world / "vae", "--extractor", "digits-cnn", "--metrics", "fid", "--clip", clip,
+            "--json"]
+    r = run(*same, "-o", tmp_path / "e3")
+    assert r.exit_code == 0 and "cached" in json.loads(r.stdout), r.output
+    prompts.write_text("a blue dot\na red square on the left\na big green square\n")
+    r = run(*same, "-o", tmp_path / "e4")
+    assert r.exit_code == 0 and "cached" not in json.loads(r.stdout) and json.loads(r.stdout)["shards_written_now"] == 1
 
 
 def make_fake_clip(d):

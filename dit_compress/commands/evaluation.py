@@ -87,6 +87,8 @@ def evaluate_model(source, *, output: str | Path, num_samples: int = 1000, sampl
     model = load_source(source, revision=revision, no_ema=no_ema, num_heads=num_heads, prediction=prediction,
                         numerics=numerics)
     require(model, "eval")
+    if prompts is not None and family_of(model).condition != "captions":
+        family_of(model).eval_conditions(model.config, num_samples, prompts)  # the family's own one-line refusal
     if prompts is not None and text_encoder is None and Path(prompts).is_file():
         text_encoder = own_text_encoder(source)  # the pipeline's own text encoder
     prompt_set = load_prompts(prompts, model.config, text_encoder) if prompts is not None else None
