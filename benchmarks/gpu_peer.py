@@ -13,6 +13,9 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cuda_timing import timeit  # noqa: E402
+
 from dit_compress.evaluate.bench import build
 from dit_compress.model.compile import compile_model
 from dit_compress.model.dit import width_cache
@@ -29,21 +32,6 @@ OUT = sys.argv[1]
 def save():
     with open(OUT, "w") as f:
         json.dump(res, f, indent=1)
-
-
-def timeit(fn, reps=20, warm=3):
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return sorted(ts)[len(ts) // 2]
 
 
 def dit_inputs(b):

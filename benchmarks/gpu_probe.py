@@ -10,6 +10,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cuda_timing import timeit  # noqa: E402
+
 dev, dt = "cuda", torch.bfloat16
 D, H, L, N = 1152, 16, 28, 256
 hd = D // H
@@ -19,22 +22,6 @@ OUT = sys.argv[1]
 
 def save():
     json.dump(res, open(OUT, "w"), indent=1)
-
-
-def timeit(fn, reps=20, warm=3):
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    ts.sort()
-    return round(ts[len(ts) // 2], 3)
 
 
 def wall(fn, reps=20, warm=3):  # host wall clock: launch-bound cases

@@ -69,6 +69,21 @@ def test_two_swapped_weights_in_any_tensor_are_another_model():
     assert tried >= 20
 
 
+def interrupted_eval(monkeypatch, source, out, args) -> None:
+    """``ditc eval SOURCE -o OUT ARGS`` stopped (Ctrl-C) after its first sampled batch."""
+    real, calls = F.sample, []
+
+    def stop_after_one(*a, **k):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(F, "sample", stop_after_one)
+    assert run("eval", source, "-o", out, *args).exit_code == 130
+    monkeypatch.setattr(F, "sample", real)
+
+
 def key_of(source, **kw) -> str:
     """The eval cache key of ``dc.evaluate_model(source, ...)``, nothing sampled."""
     seen = {}
@@ -101,17 +116,7 @@ def test_a_permuted_copy_of_digits_dit_is_served_neither_its_cached_eval_nor_its
     assert key_of(str(tmp_path / "m_perm"), seed=0, **QUICKSTART) != shipped
     # an interrupted eval of digits-dit is not resumed with the permuted copy
     args = ["-n", 20, "--shard-size", 10, "--batch-size", 10, "--steps", 2, "--metrics", "fid", "--no-cache", "--json"]
-    real, calls = F.sample, []
-
-    def stop_after_one(*a, **k):
-        calls.append(1)
-        if len(calls) > 1:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(F, "sample", stop_after_one)
-    assert run("eval", "digits-dit", "-o", tmp_path / "w3", *args).exit_code == 130
-    monkeypatch.setattr(F, "sample", real)
+    interrupted_eval(monkeypatch, "digits-dit", tmp_path / "w3", args)
     r = run("eval", tmp_path / "m_perm", "-o", tmp_path / "w3", *args)
     assert r.exit_code == 2 and "unfinished eval made with other settings (model:" in r.stderr, r.output
 
@@ -254,17 +259,7 @@ def test_a_damaged_cache_entry_is_skipped_recomputed_and_replaced(tmp_path, monk
 def test_a_damaged_work_shard_is_sampled_again(tmp_path, monkeypatch, how):
     src = pixel_model(tmp_path / "m", 0)
     args = ["-n", 40, "--shard-size", 20, "--batch-size", 20, "--steps", 2, "--metrics", "fid", "--no-cache", "--json"]
-    real, calls = F.sample, []
-
-    def stop_after_one(*a, **k):
-        calls.append(1)
-        if len(calls) > 1:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(F, "sample", stop_after_one)
-    assert run("eval", src, "-o", tmp_path / "e", *args).exit_code == 130
-    monkeypatch.setattr(F, "sample", real)
+    interrupted_eval(monkeypatch, src, tmp_path / "e", args)
     from dit_compress.outputs import work_dir_for
 
     sdir = work_dir_for(tmp_path / "e") / "samples"
