@@ -518,6 +518,7 @@ def bench(
     num_heads: Optional[int] = NumHeads, prediction: Optional[str] = Prediction, numerics: Optional[str] = Numerics,
     cuda_graphs: str = typer.Option("auto", "--cuda-graphs", help="auto (on a CUDA device, each model that can be captured runs as CUDA graphs, one per shape and width profile) | on (refused where not) | off."),
     token_capacity: Optional[float] = typer.Option(None, "--token-capacity", help="Token-routed models: the share of tokens each block's MLP takes (top-k by router score; static shapes, no host sync), in (0, 1]."),
+    feature_cache: Optional[str] = typer.Option(None, "--feature-cache", help="--loop: a feature caching policy over the sampling run: fora:N, fbcache:T, taylorseer:N,O (skip rate and FLOPs of what ran reported)."),
 ):
     """Measure speed side by side: analytic FLOPs, forward latency (median, IQR), images/s,
     peak memory (CUDA: the allocator's peak of the timed runs), and speedup next to the FLOPs
@@ -535,6 +536,8 @@ def bench(
         ditc bench --loop --sampler ddim --steps 50 --cfg-scale 1.5 digits-dit tiny/ dyn/ --batch-sizes 1,8
 
         ditc bench --shape DiT-XL/2 --variants d14,width0.5,dynwidth0.5,tokens0.5 --device cuda --dtype bf16 --batch-sizes 1,64
+
+        ditc bench --loop --shape DiT-XL/2 --variants d14 --feature-cache fora:2 --sampler ddim --steps 50 --cfg-scale 1.5 --batch-sizes 8
     """
     opts = _options(locals())
     report = commands.bench(sources, echo=lambda m: err_console.print(m), **opts)

@@ -12,6 +12,7 @@ from ..data.datasets import bundled_digits, digits_split
 from ..data.digit_shards import prepare_digit_captions
 from ..data.images import prepare, scan_captioned
 from ..data.text import PIXART_MAX_LENGTH, TextEncoder, load_prompts
+from ..diffusion.caching import parse_policy
 from ..diffusion.sampling import SAMPLERS, check_spacing, eval_sampler, resolve_spacing
 from ..errors import DitcError, UsageError
 from ..evaluate import bench as bench_mod
@@ -154,7 +155,8 @@ def bench_specs(sources=None, shape: str | None = None, variants=None, baseline:
     checks.text("baseline", baseline, optional=True)
     if shape:
         DiTConfig.preset(shape)  # an unknown architecture is refused here, not in a child process
-        specs = [f"shape:{shape}"] + [f"shape:{shape}+{v}" for v in parse_names(variants, "variants")] + specs
+        specs = [f"shape:{shape}"] + [f"shape:{shape}{'' if v.startswith('@') else '+'}{v}"  # @POLICY: the base, cached
+                                      for v in parse_names(variants, "variants")] + specs
     elif variants:
         raise UsageError("`variants` goes with `shape`")
     if baseline:
@@ -173,7 +175,8 @@ def bench(sources=None, *, shape: str | None = None, variants=None, baseline: st
           cfg_scale: float = 1.0, dense_masks: bool = False, threads: int | None = None,
           output: str | Path | None = None, timestep_spacing: str | None = None, force: bool = False,
           num_heads: int | None = None, prediction: str | None = None, numerics: str | None = None,
-          cuda_graphs: str = "auto", token_capacity: float | None = None, echo=None) -> dict:
+          cuda_graphs: str = "auto", token_capacity: float | None = None, feature_cache: str | None = None,
+          echo=None) -> dict:
     """Speed side by side, each model in its own process: single forwards (latency, images/s,
     peak memory) or with ``loop`` the whole sampling loop (seconds_per_image, CFG included,
     routers as in eval), with the FLOPs ratio next to every speedup. Returns the report (and
@@ -188,6 +191,8 @@ def bench(sources=None, *, shape: str | None = None, variants=None, baseline: st
         raise UsageError(f"`cuda_graphs` on needs a CUDA device; this bench runs on {dev}")
     token_capacity = c.real("token_capacity", token_capacity, lo=0.0, hi=1.0, lo_open=True, optional=True)
     specs = bench_specs(sources, shape, variants, baseline)
+    if (parse_policy(feature_cache) is not None or any(bench_mod.split_policy(s)[1] for s in specs)) and not loop:
+        raise UsageError("`feature_cache` acts across the steps of a sampling run: it needs `loop`")
     bs = parse_ints(batch_sizes, "batch_sizes", lo=1, hi=c.MAX_BATCH)
     if not bs:
         raise UsageError("`batch_sizes` lists nothing: give e.g. 1,8")
@@ -209,7 +214,8 @@ def bench(sources=None, *, shape: str | None = None, variants=None, baseline: st
     if echo is not None:
         echo(f"measuring {', '.join(specs)} on {dev} ...")
     for res in bench_mod.measure_all(specs, bs, repeats, warmup, (sampler, steps, timestep_spacing), threads, dtype,
-                                     compile, dense_masks, load=facts, loop={"cfg_scale": cfg_scale} if loop else None,
+                                     compile, dense_masks, load=facts,
+                                     loop={"cfg_scale": cfg_scale, "feature_cache": feature_cache} if loop else None,
                                      device=str(dev), graphs=graphs, token_capacity=token_capacity):
         if "error" in res:  # the baseline is needed by every row; any other model's failure is reported
             msg = f"benchmark of {res['spec']} failed: {res['error']}"
@@ -224,7 +230,7 @@ def bench(sources=None, *, shape: str | None = None, variants=None, baseline: st
                 echo(f"measured {res['spec']}")
     rows = bench_mod.compare(results)
     report = {"mode": "sampling loop" if loop else "single forward", "cfg_scale": cfg_scale if loop else None,
-              "cuda_graphs": graphs,
+              "cuda_graphs": graphs, "feature_cache": feature_cache,
               "sampler": {r["spec"]: r.get("sampler") for r in results}, "device": str(dev), "dtype": dtype,
               "threads": threads or torch.get_num_threads(), "repeats": repeats, "warmup": warmup,
               "timesteps": {r["spec"]: r.get("timesteps") for r in results}, "baseline": specs[0], "rows": rows,

@@ -70,9 +70,13 @@ class FlopsMeter:
         return {"t": t.flatten()[0].item() if torch.is_tensor(t) and t.numel() else None, "layers": {}}
 
     def _from_width_cache(self):
-        """Widths of a call that ran from the model's per-run width cache (routers not run)."""
+        """Widths of a call that ran from the model's per-run width cache (routers not run), and
+        the blocks a feature cache let run (the others cost nothing)."""
         cache = getattr(self.model, "_width_cache", None)
         call = self.calls[-1] if self.calls else None
+        hook = self.model.__dict__.get("_block_hook")
+        if hook is not None and call is not None:
+            call["ran"] = set(hook.ran_last)
         if not cache or call is None or call["t"] not in cache or self.model.routing == Routing.FULL:
             return
         H = self.model.config.num_heads
@@ -116,9 +120,11 @@ class FlopsMeter:
         total, blocks, per_t, toks = [], [], {}, []
         for c in self.calls:
             h, ch, tk = (self._shares(c, n) for n in ("head_router", "channel_router", "token_router"))
+            skipped = [i not in c["ran"] for i in range(cfg.depth)] if "ran" in c else [False] * cfg.depth
             toks.append(sum(tk) / len(tk))
-            total.append(dynamic_macs(cfg, h, ch, tk))
-            blocks.append(sum(block_share(cfg, a, b, k) for a, b, k in zip(h, ch, tk)) / cfg.depth)
+            total.append(dynamic_macs(cfg, h, ch, tk, skipped))
+            blocks.append(sum(0.0 if s else block_share(cfg, a, b, k)
+                              for a, b, k, s in zip(h, ch, tk, skipped)) / cfg.depth)
             per_t.setdefault(c["t"], []).append(blocks[-1])
         if not total:
             return {"calls": 0}

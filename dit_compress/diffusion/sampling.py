@@ -20,6 +20,8 @@ from ..model.dit import width_cache
 from ..model.family import family_of
 from ..model.run import RunContext, accepts_run
 from ..progress import make_progress
+from .caching import feature_cache as caching
+from .caching import parse_policy
 from .flow import FlowMatching
 from .gaussian import SPACINGS, GaussianDiffusion, spaced_timesteps
 
@@ -173,7 +175,7 @@ def sample(model, noise: torch.Tensor, y: torch.Tensor, sampler: str | None = No
            cfg_scale: float = 1.0, cfg_channels: int | None = None, progress: bool = False,
            generator: torch.Generator | None = None, clip: bool = False,
            timestep_spacing: str | None = None, guidance_interval: tuple[float, float] | None = None,
-           compile: bool = False, negative=None, cuda_graphs="auto") -> torch.Tensor:
+           compile: bool = False, negative=None, cuda_graphs="auto", feature_cache=None) -> torch.Tensor:
     """Draw samples from ``noise`` for labels ``y``.
 
     ``sampler=None`` uses the model's natural sampler: DDPM-250 for eps (DiT), SiT's SDE-250
@@ -188,7 +190,9 @@ def sample(model, noise: torch.Tensor, y: torch.Tensor, sampler: str | None = No
     Dynamic models resolve their per-timestep widths once per run (``width_cache``).
     ``cuda_graphs`` (``auto``, ``on``, ``off``): on a CUDA device each distinct call (shape,
     width profile) is captured once as a CUDA graph and replayed (model/graphs.py); ``auto``
-    does so where the model can be captured, ``on`` refuses where it cannot.
+    does so where the model can be captured, ``on`` refuses where it cannot. ``feature_cache``:
+    a caching policy for this run (``fora:N``, ``fbcache:T``, ``taylorseer:N,O``, or a policy
+    object from ``diffusion.caching.parse_policy``, whose ``stats()`` count what it skipped).
     ``y`` is the model family's condition: class labels, or ``Captions`` for a text-to-image
     model, whose guidance null is ``negative`` (the encoder's empty-prompt captions).
     The model runs in eval mode (restored afterwards); samples that are not finite stop the
@@ -213,13 +217,14 @@ def sample(model, noise: torch.Tensor, y: torch.Tensor, sampler: str | None = No
             raise UsageError(f"guidance interval must satisfy 0 <= low <= high <= 1, got {guidance_interval}")
         guidance_interval = (lo, hi)
     graphs = check_graphs(cuda_graphs)
+    policy = parse_policy(feature_cache)
     if compile:
         compile_model(model)
     was_training = bool(getattr(model, "training", False))
     if hasattr(model, "eval"):
         model.eval()
     try:
-        with graphed(model, graphs):
+        with caching(model, policy), graphed(model, graphs):
             x = _run_sampler(model, noise, y, sampler, steps, spacing, cfg_scale, cfg_channels, progress, generator,
                              clip, guidance_interval, negative)
     finally:

@@ -32,6 +32,7 @@ from ..compress.dynamic import (
     set_token_keep,
 )
 from ..config import DiTConfig, TokenSpec, WidthSpec
+from ..diffusion.caching import POLICIES, parse_policy
 from ..diffusion.measure import FlopsMeter
 from ..diffusion.sampling import (
     eval_sampler,
@@ -63,10 +64,21 @@ def parse_spec(spec: str) -> tuple[str, list[str]]:
     return base, variants
 
 
+def split_policy(spec: str) -> tuple[str, str | None]:
+    """``SOURCE@POLICY`` (e.g. ``shape:DiT-XL/2+d14@fora:2``): the model, and the feature cache
+    policy its sampling loop runs with (None without one)."""
+    if "@" in spec:
+        head, tail = spec.rsplit("@", 1)
+        if tail.split(":", 1)[0].lower() in POLICIES:
+            parse_policy(tail)  # checked: an unknown or malformed policy is one line
+            return head, tail
+    return spec, None
+
+
 def check_spec(spec: str) -> None:
-    """A shape spec's variants checked against its architecture (e.g. a depth it has), before
-    any process starts."""
-    base, variants = parse_spec(spec)
+    """A shape spec's variants checked against its architecture (e.g. a depth it has), and its
+    policy, before any process starts."""
+    base, variants = parse_spec(split_policy(spec)[0])
     if base.startswith("shape:"):
         _structure(DiTConfig.preset(base[len("shape:"):]), variants)
 
@@ -210,7 +222,8 @@ def _warm_up(model, x, y, cfg_scale, times: list, dtype=torch.float32, negative=
                 model(x, tt, y, run=RunContext(t=t))
 
 
-def _loop_rows(model, cfg, batch_sizes, repeats, warmup, sampler, steps, spacing, cfg_scale, dtype, graphs="off"):
+def _loop_rows(model, cfg, batch_sizes, repeats, warmup, sampler, steps, spacing, cfg_scale, dtype, graphs="off",
+               feature_cache=None):
     """The whole sampling loop, CFG included, routers acting as in eval. ``warmup`` warm-up
     passes (``_warm_up``) come first; ``warmup_s`` is their time (with --compile: the compile);
     ``graphs_in_timed_runs`` counts graphs compiled after them (0 means the timing holds no compile)."""
@@ -233,25 +246,30 @@ def _loop_rows(model, cfg, batch_sizes, repeats, warmup, sampler, steps, spacing
             compiled0 = compiled_graphs()
             for _ in range(repeats):
                 t0 = time.perf_counter()
+                policy = parse_policy(feature_cache)
                 sample(model, x, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale, timestep_spacing=spacing,
-                       generator=torch.Generator().manual_seed(1), negative=negative, cuda_graphs=graphs)
+                       generator=torch.Generator().manual_seed(1), negative=negative, cuda_graphs=graphs,
+                       feature_cache=policy)
                 _sync(dev)
                 times.append(time.perf_counter() - t0)
         med = statistics.median(times)
         rows.append({"batch": bs, **_stats(times), "seconds_per_image": med / bs, "images_per_s": bs / med,
-                     "warmup_s": warm, "graphs_in_timed_runs": compiled_graphs() - compiled0})
+                     "warmup_s": warm, "graphs_in_timed_runs": compiled_graphs() - compiled0,
+                     **({"feature_cache": policy.stats()} if feature_cache is not None else {})})
     return rows
 
 
-def _loop_macs(model, cfg, sampler, steps, spacing, cfg_scale, dtype) -> tuple[float, int]:
-    """(MACs per image over one sampling loop, model calls per loop), measured on a batch of 2."""
+def _loop_macs(model, cfg, sampler, steps, spacing, cfg_scale, dtype, feature_cache=None) -> tuple[float, int]:
+    """(MACs per image over one sampling loop, model calls per loop, what the token capacity
+    did), measured on a batch of 2; blocks a feature cache skips cost nothing."""
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(_device(model), dtype)
     y, negative = family_of(cfg).example_condition(cfg, 2, g)
     with torch.inference_mode(), FlopsMeter(model) as meter:
         sample(model, x, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale, timestep_spacing=spacing,
-               generator=torch.Generator().manual_seed(1), negative=negative, cuda_graphs="off")
+               generator=torch.Generator().manual_seed(1), negative=negative, cuda_graphs="off",
+               feature_cache=feature_cache)
     r = meter.result()
     per_row = 2 if cfg_scale != 1.0 else 1  # CFG runs the conditional and the null row for every image
     return r["macs"] * r["calls"] * per_row, r["calls"], r.get("token_capacity")
@@ -280,7 +298,10 @@ def _measure_one(spec, batch_sizes, repeats, warmup, schedule, dtype_name, compi
     dev = torch.device(device)
     dtype = DTYPES[dtype_name]
     t0 = time.perf_counter()
-    model = build(spec, load=load, schedule=schedule, device=dev, dtype=dtype, token_capacity=token_capacity)
+    source, own_policy = split_policy(spec)
+    if own_policy is not None:
+        loop = {**loop, "feature_cache": own_policy}
+    model = build(source, load=load, schedule=schedule, device=dev, dtype=dtype, token_capacity=token_capacity)
     _sync(dev)
     build_s = time.perf_counter() - t0
     sampler, steps, spacing = schedule
@@ -295,7 +316,8 @@ def _measure_one(spec, batch_sizes, repeats, warmup, schedule, dtype_name, compi
            "build_s": build_s}
     t0 = time.perf_counter()
     if loop is not None:
-        macs, calls, capacity = _loop_macs(model, cfg, sampler, steps, spacing, loop["cfg_scale"], dtype)
+        macs, calls, capacity = _loop_macs(model, cfg, sampler, steps, spacing, loop["cfg_scale"], dtype,
+                                           loop.get("feature_cache"))
         out.update(loop_gflops_per_image=macs / 1e9, calls_per_loop=calls, cfg_scale=loop["cfg_scale"])
         if capacity is not None:
             out["token_capacity"] = capacity
@@ -337,7 +359,7 @@ def _measure_one(spec, batch_sizes, repeats, warmup, schedule, dtype_name, compi
     rss_thread.start()
     if loop is not None:
         rows = _loop_rows(model, cfg, batch_sizes, repeats, warmup, sampler, steps, spacing, loop["cfg_scale"], dtype,
-                          graphs)
+                          graphs, loop.get("feature_cache"))
     else:
         rows = _static_forward_rows(model, cfg, batch_sizes, repeats, warmup, timesteps, dtype, graphs)
     stop.set()
@@ -427,7 +449,7 @@ def compare(results: list[dict], baseline: int = 0, tolerance: float = 0.25) -> 
                 "speedup": speedup, "speedup_per_flops": speedup / fr, "peak_rss_mb": r["peak_rss_mb"],
                 "peak_mb": r["peak_mb"], "peak_mem_ratio": r["peak_mb"] / base["peak_mb"],
                 "diverges": abs(speedup / fr - 1) > tolerance,
-                **{k: row[k] for k in ("seconds_per_image", "warmup_s", "graphs_in_timed_runs") if k in row},
+                **{k: row[k] for k in ("seconds_per_image", "warmup_s", "graphs_in_timed_runs", "feature_cache") if k in row},
                 **({"graphs": r["graphs"]} if "graphs" in r else {}),
                 **{k: r[k] for k in ("build_s", "cuda_graphs", "token_capacity") if k in r},
             })

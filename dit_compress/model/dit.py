@@ -25,7 +25,7 @@ from .layers import (
 from .compile import compiled, is_compiled
 from .graphs import active_graphs
 from .routers import Routing
-from .run import ForwardAux, RunContext, forward_with_cfg
+from .run import ForwardAux, RunContext, block_hook, forward_with_cfg
 
 
 class DiT(RoutedModel, nn.Module):
@@ -121,7 +121,7 @@ class DiT(RoutedModel, nn.Module):
         return self._dispatch(x, t, y, return_aux, run)
 
     def _dispatch(self, x, t, y, return_aux: bool, run: RunContext | None):
-        if not self.config.is_dynamic and is_compiled(self):  # a static model reads nothing of ``run``
+        if not self.config.is_dynamic and is_compiled(self) and block_hook(self) is None:  # reads nothing of ``run``
             return compiled(DiT._forward)(self, x, t, y, return_aux)
         return self._forward(x, t, y, return_aux, run)
 
@@ -136,14 +136,20 @@ class DiT(RoutedModel, nn.Module):
         want_stats = return_aux and self.config.is_dynamic
         full_rows = run.full_rows if run is not None else 0
         widths = self._cached_widths(t, run) if mode == Routing.FAST else None
+        hook = block_hook(self, aux)
         for i, block in enumerate(self.blocks):
             st = BlockStats() if want_stats else None
             if widths is not None:
-                h = block(h, conds[i][1], conds[i][0], mode, tau, st, widths=widths[i])
+                kw = {"widths": widths[i]}
             elif full_rows:
-                h = block(h, conds[i][1], conds[i][0], mode, tau, st, full_rows=full_rows)
+                kw = {"full_rows": full_rows}
             else:
-                h = block(h, conds[i][1], conds[i][0], mode, tau, st)
+                kw = {}
+
+            def compute(h, block=block, i=i, st=st, kw=kw):
+                return block(h, conds[i][1], conds[i][0], mode, tau, st, **kw)
+
+            h = compute(h) if hook is None else hook(i, h, compute, run, len(self.blocks))
             if aux is not None:
                 aux.features.append(h)
                 if st is not None:

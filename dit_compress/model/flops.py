@@ -73,14 +73,17 @@ def static_macs(cfg: DiTConfig) -> dict:
     }
 
 
-def dynamic_macs(cfg: DiTConfig, head_frac, channel_frac, token_frac) -> float:
-    """MACs for given per-layer active shares (lists of floats, one per block)."""
+def dynamic_macs(cfg: DiTConfig, head_frac, channel_frac, token_frac, skipped=None) -> float:
+    """MACs for given per-layer active shares (lists of floats, one per block); ``skipped``
+    (one flag per block) marks blocks a feature cache did not run: they cost nothing."""
     attn, mlp = block_macs(cfg)
     fixed = block_fixed_macs(cfg)
     s = static_macs(cfg)
-    total = s["adaln"] + s["routers"] + s["embed_final"]
-    for h, c, t in zip(head_frac, channel_frac, token_frac):
-        total += fixed + attn * h + mlp * c * t
+    per_block = (s["adaln"] + s["routers"]) / cfg.depth
+    total = s["embed_final"]
+    for i, (h, c, t) in enumerate(zip(head_frac, channel_frac, token_frac)):
+        if skipped is None or not skipped[i]:
+            total += per_block + fixed + attn * h + mlp * c * t
     return total
 
 

@@ -57,6 +57,8 @@ def _clone(obj):
 
 def why_not_graphable(model) -> str | None:
     """Why ``model``'s forward cannot be captured (None when it can)."""
+    if model.__dict__.get("_block_hook") is not None:
+        return "a feature cache policy changes what each step computes (its state lives between the steps)"
     p = next(model.parameters(), None)
     if p is None or p.device.type != "cuda" or not torch.cuda.is_available() or type(p).__name__ == "FakeTensor":
         return "CUDA graphs need the model on a CUDA device"

@@ -28,7 +28,7 @@ from .dynamic import BlockStats, RoutedModel, WidthRouted, block_flops_ratio
 from .layers import PatchEmbed, gated, timestep_sinusoid, xavier_linear
 from .routers import Routing
 from .graphs import active_graphs
-from .run import ForwardAux, RunContext, forward_with_cfg
+from .run import ForwardAux, RunContext, block_hook, forward_with_cfg
 
 
 @dataclass
@@ -389,8 +389,12 @@ class PixArt(RoutedModel, nn.Module):
         bias = ((1 - captions.mask.to(h.dtype)) * -10000.0).unsqueeze(1)  # [B, 1, L], diffusers' convention
         aux = ForwardAux(block_input=h) if return_aux else None
         if not self.config.is_dynamic:
-            for block in self.transformer_blocks:
-                h = block(h, t6, caption, bias)
+            hook, depth = block_hook(self, aux), len(self.transformer_blocks)
+            for i, block in enumerate(self.transformer_blocks):
+                def compute(h, block=block):
+                    return block(h, t6, caption, bias)
+
+                h = compute(h) if hook is None else hook(i, h, compute, run, depth)
                 if aux is not None:
                     aux.features.append(h)
         else:
@@ -409,10 +413,15 @@ class PixArt(RoutedModel, nn.Module):
         full_rows = run.full_rows if run is not None else 0
         widths = self._cached_widths(t, run) if mode == Routing.FAST else None
         t_emb = self.adaln_single.emb.timestep(t) if widths is None and self.config.width is not None else None
+        hook, depth = block_hook(self, aux), len(self.transformer_blocks)
         for i, block in enumerate(self.transformer_blocks):
             st = BlockStats() if aux is not None else None
-            h = block(h, t6, caption, bias, t_emb, mode, tau, st, widths=None if widths is None else widths[i],
-                      full_rows=full_rows)
+
+            def compute(h, block=block, i=i, st=st):
+                return block(h, t6, caption, bias, t_emb, mode, tau, st, widths=None if widths is None else widths[i],
+                             full_rows=full_rows)
+
+            h = compute(h) if hook is None else hook(i, h, compute, run, depth)
             if aux is not None:
                 aux.features.append(h)
                 aux.stats.append(st)

@@ -46,6 +46,14 @@ class ForwardAux:
     stats: list = field(default_factory=list)
 
 
+def block_hook(model, aux=None):
+    """The hook a forward routes its blocks through (a feature cache, diffusion/caching.py):
+    ``hook(i, h, compute, run, depth) -> h``, where ``compute(h)`` runs block ``i``. None when
+    none is set, or when the call returns its block outputs (``return_aux``: training and
+    measurements see every block)."""
+    return None if aux is not None else model.__dict__.get("_block_hook")
+
+
 def forward_with_cfg(model, x, t, cond, cfg_scale: float, guide_channels: int | None = None,
                      run: RunContext | None = None):
     """Classifier-free guidance for any family: ``cond`` holds the conditions of the first half

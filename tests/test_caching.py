@@ -1,0 +1,134 @@
+"""Feature caching policies over a sampling run (diffusion/caching.py): a policy that never
+skips gives the uncached sampler exactly, on dense, depth-pruned, dynamic and PixArt models;
+FORA runs the blocks on exactly the steps it says; the FLOPs meter counts what ran; bad
+policies are one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import randomize
+from typer.testing import CliRunner
+
+import dit_compress as dc
+from dit_compress.cli import app
+from dit_compress.compress.depth import prune_layers
+from dit_compress.compress.dynamic import add_dynamic_width, add_token_router, set_banded_width, set_token_capacity
+from dit_compress.diffusion.caching import parse_policy
+from dit_compress.diffusion.measure import FlopsMeter
+from dit_compress.diffusion.sampling import loop_time_inputs
+
+runner = CliRunner()
+STEPS = 8
+
+
+def digits(prediction="eps"):
+    return randomize(dc.create("custom", input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=4,
+                               num_heads=2, num_classes=10, pixel=True, prediction=prediction, seed=0))
+
+
+def kinds():
+    dense = digits()
+    dyn = add_dynamic_width(dense, 0.5, sort_by="none")
+    set_banded_width(dyn, 0.5, loop_time_inputs(dyn.config, "ddim", STEPS, None))
+    tok = set_token_capacity(add_token_router(dense, init_bias=1.0), 0.5)
+    pix = randomize(dc.create("custom", family="pixart", input_size=8, patch_size=2, in_channels=1, hidden_size=32,
+                              depth=3, num_heads=2, caption_channels=16, pixel=True, seed=0))
+    return {"dense": dense, "depth-pruned": prune_layers(dense, [1, 3]), "dynamic width": dyn,
+            "token capacity": tok, "pixart": pix}
+
+
+def run_sampler(m, policy=None, sampler="ddim", seed=1):
+    noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    if m.config.family == "pixart":
+        from dit_compress.model.pixart import Captions
+
+        g = torch.Generator().manual_seed(2)
+        y = Captions(torch.randn(3, 5, 16, generator=g), torch.ones(3, 5))
+        extra = {"negative": Captions(torch.randn(1, 5, 16, generator=g), torch.ones(1, 5))}
+    else:
+        y, extra = torch.tensor([1, 2, 3]), {}
+    return dc.sample(m, noise, y, sampler=sampler, steps=STEPS, cfg_scale=2.0,
+                     generator=torch.Generator().manual_seed(seed), feature_cache=policy, **extra)
+
+
+@pytest.mark.parametrize("spec", ["fora:1", "fbcache:0", "taylorseer:1,2"])
+@pytest.mark.parametrize("kind", ["dense", "depth-pruned", "dynamic width", "token capacity", "pixart"])
+def test_a_policy_that_never_skips_is_the_uncached_sampler_exactly(kind, spec):
+    m = kinds()[kind]
+    policy = parse_policy(spec)
+    assert torch.equal(run_sampler(m, policy), run_sampler(m))
+    assert policy.stats()["skip_rate"] == 0.0 and policy.stats()["blocks_computed"] == STEPS * m.config.depth
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_fora_runs_the_blocks_on_exactly_the_steps_it_says(n):
+    m = digits()
+    steps_run = []
+    hooks = [b.register_forward_pre_hook(lambda mod, a, i=i: steps_run.append(i)) for i, b in enumerate(m.blocks)]
+    policy = parse_policy(f"fora:{n}")
+    calls = []
+    m.register_forward_pre_hook(lambda mod, a, k: calls.append(k["run"].step), with_kwargs=True)
+    run_sampler(m, policy)
+    for h in hooks:
+        h.remove()
+    full = [s for s in calls if s % n == 0]
+    assert len(steps_run) == len(full) * m.config.depth  # every block on the full steps, none between
+    assert policy.stats()["blocks_skipped"] == (len(calls) - len(full)) * m.config.depth
+
+
+@pytest.mark.parametrize("spec", ["fora:2", "taylorseer:2,1", "fbcache:0.5"])
+def test_a_skipping_policy_changes_the_samples_and_the_meter_counts_what_ran(spec):
+    m = digits()
+    base = run_sampler(m)
+    policy = parse_policy(spec)
+    with FlopsMeter(m) as meter:
+        cached = run_sampler(m, policy)
+    assert not torch.equal(cached, base) and torch.isfinite(cached).all()
+    with FlopsMeter(m) as full:
+        run_sampler(m)
+    skip = policy.stats()["skip_rate"]
+    assert 0 < skip < 1
+    # the blocks that did not run cost nothing: the block FLOPs fall by the skip rate
+    assert abs(meter.result()["block_flops_ratio"] - (1 - skip) * full.result()["block_flops_ratio"]) < 1e-9
+
+
+def test_taylorseer_of_order_zero_is_fora():
+    m = digits()
+    assert torch.equal(run_sampler(m, "taylorseer:3,0"), run_sampler(m, "fora:3"))
+
+
+def test_fbcache_with_a_large_threshold_reuses_every_step_after_the_first():
+    m = digits()
+    policy = parse_policy("fbcache:1e9")
+    run_sampler(m, policy)
+    s = policy.stats()
+    calls = STEPS  # DDIM with CFG: one guided call per step
+    assert s["blocks_computed"] == m.config.depth + (calls - 1) and s["blocks_skipped"] == (calls - 1) * (m.config.depth - 1)
+
+
+@pytest.mark.parametrize("bad", ["fora:0", "fora:-1", "fora:x", "fbcache:-0.1", "fbcache:nan", "taylorseer:2",
+                                 "taylorseer:0,1", "taylorseer:2,9", "lru:4", "fora", 3])
+def test_a_bad_policy_is_one_line(bad):
+    with pytest.raises(dc.UsageError, match="unknown feature cache policy"):
+        parse_policy(bad)
+
+
+@pytest.mark.parametrize("args", [["--feature-cache", "fora:0", "--loop"], ["--feature-cache", "nope", "--loop"],
+                                  ["--variants", "@fora:0", "--loop"], ["--feature-cache", "fora:2"]])
+def test_bench_refuses_a_bad_policy_in_one_line(args):
+    r = runner.invoke(app, ["bench", "--shape", "DiT-S/2", *args])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "Traceback" not in r.output, r.output
+
+
+def test_a_cache_policy_cannot_run_in_a_cuda_graph():
+    from dit_compress.diffusion.caching import feature_cache
+    from dit_compress.model.graphs import why_not_graphable
+
+    m = digits()
+    with feature_cache(m, "fora:2"):
+        assert "feature cache" in why_not_graphable(m)
+        with pytest.raises(dc.UsageError, match="feature cache"):
+            dc.sample(m, torch.randn(1, 1, 8, 8), torch.tensor([1]), sampler="ddim", steps=2, cuda_graphs="on",
+                      feature_cache="fora:2")
+    assert m.__dict__.get("_block_hook") is None  # the run's policy is gone after it
