@@ -463,6 +463,8 @@ def eval_cmd(
     prompts: Optional[str] = typer.Option(None, "--prompts", help="Text-to-image models: a text file (one prompt per line) or caption shards (prepare-data --text-encoder); sampled in turn."),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="Encodes a prompt file (a local pipeline dir with text_encoder/ and tokenizer/); default: the source's, when it is a pipeline dir."),
     clip: Optional[str] = typer.Option(None, "--clip", help="A local CLIP model dir (CLIPModel + tokenizer + image processor): adds the CLIP score of each image with its prompt."),
+    feature_cache: Optional[str] = typer.Option(None, "--feature-cache", help="A feature caching policy over every sampling run: fora:N, fbcache:T, taylorseer:N,O (skip rate and FLOPs of what ran reported)."),
+    fidelity_ref: Optional[str] = typer.Option(None, "--fidelity-ref", help="An earlier eval output from the same noise (same seed, -n, shard and batch sizes), e.g. of the uncompressed model: adds the per-pixel MSE and PSNR against its samples."),
     force: bool = Force,
     json_out: bool = JsonOut,
     num_heads: Optional[int] = NumHeads, prediction: Optional[str] = Prediction, numerics: Optional[str] = Numerics,
@@ -482,6 +484,8 @@ def eval_cmd(
         ditc eval tinydit-d14/ -o eval/ -n 50000 --sampler ddpm --steps 250 --cfg-scale 1.5 --ref VIRTUAL_imagenet256_labeled.npz --inception-weights pt_inception-2015-12-05.pth --metrics fid,isc
 
         ditc eval pixart-pipeline/ --prompts prompts.txt --cfg-scale 4.5 --ref coco-val/ --inception-weights pt_inception.pth --clip ./clip-vit-b32 -n 1000 -o eval-t2i/
+
+        ditc eval digits-dit -o eval-fora2/ -n 500 --cfg-scale 2 --feature-cache fora:2 --fidelity-ref eval-base/
     """
     report = commands.evaluate_model(source, **_options(locals()))
     if report is None:  # not the main process

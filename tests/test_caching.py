@@ -132,3 +132,27 @@ def test_a_cache_policy_cannot_run_in_a_cuda_graph():
             dc.sample(m, torch.randn(1, 1, 8, 8), torch.tensor([1]), sampler="ddim", steps=2, cuda_graphs="on",
                       feature_cache="fora:2")
     assert m.__dict__.get("_block_hook") is None  # the run's policy is gone after it
+
+
+def test_eval_reports_the_cache_and_the_fidelity_to_the_base_from_the_same_noise(tmp_path):
+    import json
+
+    args = ["-n", 20, "--steps", 4, "--cfg-scale", 2, "--metrics", "fid", "--loss-data", "none", "--json"]
+    base = runner.invoke(app, ["eval", "digits-dit", "-o", str(tmp_path / "base"), *map(str, args), "--no-cache"])
+    assert base.exit_code == 0, base.output
+    same = runner.invoke(app, ["eval", "digits-dit", "-o", str(tmp_path / "same"), *map(str, args), "--no-cache",
+                               "--fidelity-ref", str(tmp_path / "base")])
+    rep = json.loads(same.stdout)
+    assert rep["metrics"]["fidelity_mse"] == 0.0 and rep["metrics"]["fidelity_psnr"] is None
+    r = runner.invoke(app, ["eval", "digits-dit", "-o", str(tmp_path / "fora"), *map(str, args),
+                            "--feature-cache", "fora:2", "--fidelity-ref", str(tmp_path / "base")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["feature_cache"]["skip_rate"] == 0.5 and abs(rep["inference_flops_ratio"] - 0.5) < 0.05
+    assert 0 < rep["metrics"]["fidelity_mse"] < 0.05 and rep["metrics"]["fidelity_psnr"] > 13
+    bad = runner.invoke(app, ["eval", "digits-dit", "-o", str(tmp_path / "bad"), *map(str, args), "--seed", "1",
+                              "--fidelity-ref", str(tmp_path / "base")])
+    assert bad.exit_code == 2 and "not the same noise" in bad.stderr
+    bad = runner.invoke(app, ["eval", "digits-dit", "-o", str(tmp_path / "bad"), *map(str, args),
+                              "--feature-cache", "fora:0"])
+    assert bad.exit_code == 2 and "unknown feature cache policy" in bad.stderr and not (tmp_path / "bad").exists()

@@ -47,7 +47,8 @@ def evaluate_model(source, *, output: str | Path, num_samples: int = 1000, sampl
              num_heads: int | None = None, prediction: str | None = None, numerics: str | None = None,
              compile: bool = False, device: str = "auto", cache: bool = True, force: bool = False,
              prompts: str | Path | None = None, text_encoder: str | Path | None = None,
-             clip: str | Path | None = None) -> dict | None:
+             clip: str | Path | None = None, feature_cache: str | None = None,
+             fidelity_ref: str | Path | None = None) -> dict | None:
     """Sample class-balanced images (text-to-image models: the ``prompts`` in turn, a text file
     encoded with ``text_encoder``, default the source pipeline's, or caption shards; ``clip``, a
     local CLIP model dir, adds the CLIP score) (sharded, resumable, split over ``accelerate launch``
@@ -59,7 +60,10 @@ def evaluate_model(source, *, output: str | Path, num_samples: int = 1000, sampl
     ``compile``: torch.compile the model first (the first batch's time, compile included, is
     reported apart from the steady seconds per image). ``device``: auto (the process's GPU
     under accelerate, CUDA when present, else the CPU), cpu, cuda or cuda:N. ``cache``: reuse a
-    finished eval whose every input is the same (the report says where it came from)."""
+    finished eval whose every input is the same (the report says where it came from).
+    ``feature_cache``: a caching policy over every sampling run (fora:N, fbcache:T,
+    taylorseer:N,O); ``fidelity_ref``: an earlier eval output from the same noise (e.g. of the
+    uncompressed model), against whose samples the per-pixel MSE and PSNR are reported."""
     from accelerate import PartialState  # heavy: imported on first use
 
     c = checks
@@ -84,6 +88,8 @@ def evaluate_model(source, *, output: str | Path, num_samples: int = 1000, sampl
     metric_list = parse_names(metrics, "metrics")
     fidelity.check_metrics(metric_list, num_samples, kid_subset_size)
     interval = parse_interval(guidance_interval)
+    parse_policy(feature_cache)  # an unknown policy is refused before the model is read
+    fidelity_ref = c.path("fidelity_ref", fidelity_ref, optional=True)
     resolve_device(device)  # checked before the model is read
     model = load_source(source, revision=revision, no_ema=no_ema, num_heads=num_heads, prediction=prediction,
                         numerics=numerics)
@@ -115,7 +121,8 @@ def evaluate_model(source, *, output: str | Path, num_samples: int = 1000, sampl
                                  barrier=state.wait_for_everyone, loss_data=None if loss_data == "none" else loss_data,
                                  timestep_spacing=timestep_spacing, guidance_interval=interval,
                                  source=source_name(source), grid=grid, compile=compile, force=force,
-                                 producer=producer, cache=cache, prompts=prompt_set, clip=clip)
+                                 producer=producer, cache=cache, prompts=prompt_set, clip=clip,
+                                 feature_cache=feature_cache, fidelity_ref=fidelity_ref)
 
 
 def resolve_device(device, auto=None) -> torch.device:

@@ -24,6 +24,8 @@ from ..assets import EVALS_DIR
 from ..data.batches import calibration_set
 from ..data.datasets import bundled_digits, check_fits, digits_arrays, load_data, shards_identity
 from ..data.vae import decode, load_vae
+from .. import checks
+from ..diffusion.caching import parse_policy
 from ..diffusion.calibration import calibration_losses
 from ..diffusion.measure import FlopsMeter
 from ..diffusion.sampling import (
@@ -106,11 +108,12 @@ def sample_shards(model, out_dir: Path, num_samples: int, sampler: str = "ddim",
                   cfg_scale: float = 1.0, cfg_channels: int | None = None, seed: int = 0, shard_size: int = 250,
                   batch_size: int = 125, vae=None, rank: int = 0, world: int = 1,
                   timestep_spacing: str | None = None, guidance_interval=None, compile: bool = False,
-                  batch_seconds: list | None = None, conds=None) -> list[int]:
+                  batch_seconds: list | None = None, conds=None, feature_cache=None) -> list[int]:
     """Write the shards this process owns (shard i -> process i % world); skip finished
     ones. Returns the shard ids written now; ``batch_seconds`` collects (images, seconds)
     of each sampled batch. ``conds``: the family's eval conditions (default: its own, e.g.
-    class-balanced labels)."""
+    class-balanced labels). ``feature_cache``: the caching policy (a ``BlockCache``), run
+    afresh for every batch (its counts add up over them)."""
 
     cfg = model.config
     conds = conds or family_of(model).eval_conditions(cfg, num_samples)
@@ -140,7 +143,8 @@ def sample_shards(model, out_dir: Path, num_samples: int, sampler: str = "ddim",
                 x = sample_batch(model, conds.batch(b, e), g, conds.negative, sampler=sampler, steps=steps,
                                  cfg_scale=cfg_scale,
                                  cfg_channels=cfg_channels, timestep_spacing=timestep_spacing,
-                                 guidance_interval=guidance_interval, compile=compile)
+                                 guidance_interval=guidance_interval, compile=compile,
+                                 **({"feature_cache": feature_cache} if feature_cache is not None else {}))
                 if batch_seconds is not None:
                     batch_seconds.append((e - b, time.perf_counter() - tb))
                 imgs.append(to_uint8(decode(model, x, vae)))
@@ -360,6 +364,41 @@ def cache_dirs() -> list[Path]:
     return [EVALS_DIR] + ([Path(user) / "evals"] if user else [])
 
 
+SAME_NOISE = ("seed", "num_samples", "shard_size", "batch_size")  # what fixes every sample's noise and condition
+
+
+def fidelity_reference(path, recipe: dict, labels) -> np.ndarray:
+    """The samples of an earlier eval output ``path`` made from the same noise as ``recipe``
+    (the settings ``SAME_NOISE`` and the same conditions), checked; anything else is one line."""
+    p = Path(checks.path("fidelity_ref", path))
+    try:
+        rep = json.loads((p / "report.json").read_bytes()[: 16 << 20])
+        with np.load(p / "samples.npz") as d:
+            imgs, ref_labels = d["arr_0"], d["labels"]
+    except Exception as e:  # noqa: BLE001 - not an eval output, or a damaged one
+        raise UsageError(f"`fidelity_ref` {path} is not a readable eval output (report.json and samples.npz): "
+                         f"{type(e).__name__}") from None
+    made = rep.get("producer") if isinstance(rep, dict) else None
+    if not isinstance(made, dict):
+        raise UsageError(f"`fidelity_ref` {path}: its report does not say how its samples were made")
+    for k in SAME_NOISE:
+        if made.get(k) != recipe.get(k):
+            raise UsageError(f"`fidelity_ref` {path} was sampled with {k} {made.get(k)} and this eval with "
+                             f"{recipe.get(k)}: not the same noise")
+    if len(ref_labels) != len(labels) or not np.array_equal(ref_labels, labels):
+        raise UsageError(f"`fidelity_ref` {path} holds samples of other conditions than this eval")
+    return imgs
+
+
+def fidelity_to(imgs: np.ndarray, ref: np.ndarray) -> dict:
+    """Per-pixel mean squared error (images in [0, 1]) of ``imgs`` against ``ref`` (the same noise
+    through another model or sampler), and the PSNR in dB (None for identical samples: infinite)."""
+    if imgs.shape != ref.shape:
+        raise UsageError(f"the fidelity reference's samples are {list(ref.shape)}, these {list(imgs.shape)}")
+    mse = float(((imgs.astype(np.float64) - ref.astype(np.float64)) / 255.0).__pow__(2).mean())
+    return {"fidelity_mse": mse, "fidelity_psnr": None if mse == 0 else float(10 * np.log10(1.0 / mse))}
+
+
 def entry_problem(entry: Path) -> tuple[str | None, dict | None]:
     """(why the cache entry cannot be served, None when it can; its report): sealed files only
     (the seal, written last, holds each file's digest), a report that is an eval report, samples
@@ -429,7 +468,8 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
              rank: int = 0, world: int = 1, barrier=None, loss_data: str | None = None,
              timestep_spacing: str | None = None, guidance_interval=None, source: str | None = None,
              grid: bool = True, compile: bool = False, force: bool = False, producer: dict | None = None,
-             cache: bool = True, prompts=None, clip: str | None = None) -> dict | None:
+             cache: bool = True, prompts=None, clip: str | None = None, feature_cache: str | None = None,
+             fidelity_ref: str | None = None) -> dict | None:
     """Sample, score and write ``out_dir`` (report.json/.md, samples.npz, samples/ and, with
     ``grid``, samples.png) atomically: returns the report on process 0, None elsewhere.
     Shards are sampled into ``out_dir``'s work dir, recorded with what produced them
@@ -437,7 +477,11 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
     ``cache``: an eval whose every input (model identity, settings, metrics, reference) matches
     a finished one (``cache_dirs``) is copied from it instead of recomputed, and says so.
     ``prompts`` (text-to-image models: a ``PromptSet``) are sampled in turn; ``clip`` (a local
-    CLIP model dir) adds the CLIP score of each image with its prompt."""
+    CLIP model dir) adds the CLIP score of each image with its prompt. ``feature_cache``: a caching
+    policy for every sampling run (its skip rate and the FLOPs of what ran are reported);
+    ``fidelity_ref``: an earlier eval's output made from the same noise (same seed, samples,
+    shard and batch sizes), e.g. of the uncompressed model: the per-pixel MSE and PSNR of these
+    samples against its samples are reported (sensitive where FID at a small N is not)."""
 
     require(model, "eval")
     conds = family_of(model).eval_conditions(model.config, num_samples, prompts)
@@ -468,6 +512,12 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
               "vae": vae_name or model.config.vae if model.config.latent_scale is not None else None,
               **(producer or {})}
     recipe["model"] = fingerprint(model)  # whatever the caller passed: the weights sampled are the key
+    policy = parse_policy(feature_cache)
+    if policy is not None:
+        recipe["feature_cache"] = policy.spec
+    ref_samples = fidelity_reference(fidelity_ref, recipe, conds.labels) if fidelity_ref is not None else None
+    if fidelity_ref is not None:
+        recipe["fidelity_ref"] = path_identity(str(fidelity_ref))
     if prompts is not None:
         recipe["prompts"] = {"data": data_identity(prompts.source), "encoded_by": prompts.encoded_by}
     if clip is not None:
@@ -484,10 +534,11 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
     t0 = time.time()
     batch_seconds: list = []
     try:
-        with FlopsMeter(model) if model.config.is_dynamic else contextlib.nullcontext() as meter:
+        measured = model.config.is_dynamic or policy is not None
+        with FlopsMeter(model) if measured else contextlib.nullcontext() as meter:
             written = sample_shards(model, work, num_samples, sampler, steps, cfg_scale, cfg_channels, seed,
                                     shard_size, batch_size, vae, rank, world, spacing, guidance_interval, compile,
-                                    batch_seconds, conds)
+                                    batch_seconds, conds, policy)
     except DitcError:  # a failed (not interrupted) run with nothing finished leaves nothing behind
         if rank == 0 and not list((work / "samples").glob("shard-*.npz")):
             shutil.rmtree(work, ignore_errors=True)
@@ -510,11 +561,16 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
         report["inference_flops_ratio"], report["inference_block_flops_ratio"] = r["flops_ratio"], r["block_flops_ratio"]
         report["token_keep_ratio"] = r["token_keep_ratio"]
         report["target_block_flops"] = model.config.flops_target
+    if policy is not None:
+        report["feature_cache"] = policy.stats()
     if num_samples < 50_000 and "fid" in metrics:
         report["warning"] = f"FID from {num_samples} samples (< 50,000) is biased upward: compare only with figures at the same N"
     report["metrics"] = compute_metrics(imgs, ref_kind, ref_val, metrics, ex_kw, kid_subset_size)
     if loss_data:
         report["metrics"].update(heldout_loss(model, loss_data, seed))
+    if ref_samples is not None:
+        report["metrics"].update(fidelity_to(imgs, ref_samples))
+        report["fidelity_ref"] = str(fidelity_ref)
     if clip is not None:
         report["metrics"]["clip_score"] = clip_score(imgs, [conds.texts[k] for k in labels], clip)
         report["clip_model"] = clip
