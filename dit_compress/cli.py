@@ -563,6 +563,35 @@ def _bench_table(report: dict, loop: bool, compile_: bool) -> None:
     out_console.print(rows_table(f"ditc bench (baseline {report['baseline']})", [{k: r.get(k) for k in cols} for r in report["rows"]]))
 
 
+@app.command("frontier")
+@handle_errors
+def frontier_cmd(
+    run_dirs: List[str] = typer.Argument(..., help="Recipe run dirs or eval outputs; the same eval name in several dirs (seeds) is one point with its mean and sd.", show_default=False),
+    output: str = Out,
+    base: Optional[str] = typer.Option(None, "--base", help="The source whose uncached evals at fewer sampler steps are the baseline (default: the one source with evals at several step counts)."),
+    force: bool = Force, json_out: bool = JsonOut,
+):
+    """Every eval on one speed-quality frontier: measured seconds per image against FID, fidelity
+    to the base from the same noise (PSNR) and held-out loss; Pareto-optimal points marked, and
+    the base model at fewer sampler steps always drawn (the cheapest competitor of every method).
+    Writes report.json/.md, frontier.md and frontier_fid/psnr/loss.png.
+
+    Examples:
+
+        ditc frontier runs/frontier-s0 runs/frontier-s1 runs/frontier-s2 -o frontier/
+
+        ditc frontier eval-base-10/ eval-base-50/ eval-fora2/ --base digits-dit -o frontier/
+    """
+    report = commands.frontier(run_dirs, output=output, base=base, force=force)
+    if json_out:
+        emit_json(report)
+        return
+    cols = ("point", "steps", "feature_cache", "seconds_per_image", "frechet_inception_distance", "fidelity_psnr",
+            "heldout_loss", "pareto_frechet_inception_distance", "beats_fewer_steps_frechet_inception_distance")
+    out_console.print(rows_table(f"ditc frontier (baseline: {report['base']} at fewer steps)",
+                                 [{k: r.get(k) for k in cols} for r in report["points"]]))
+
+
 @app.command("prepare-data")
 @handle_errors
 def prepare_data_cmd(

@@ -17,6 +17,7 @@ from ..diffusion.sampling import SAMPLERS, check_spacing, eval_sampler, resolve_
 from ..errors import DitcError, UsageError
 from ..evaluate import bench as bench_mod
 from ..evaluate import fidelity
+from ..evaluate import frontier as frontier_mod
 from ..formats import own_text_encoder
 from ..outputs import atomic_dir, is_main_process
 from ..model import Routing, routing
@@ -297,3 +298,23 @@ def prepare_data(images: str | Path, *, output: str | Path, vae: str | None = DE
                    batch_size, shard_size,
                    force=force, text_encoder=encoder)
     return {"op": "prepare-data", **info, **({"warning": info["note"]} if info.get("note") else {})}
+
+
+@writes_output("run_dirs")
+def frontier(run_dirs, *, output: str | Path, base: str | None = None, force: bool = False) -> dict:
+    """Every eval output in ``run_dirs`` (recipe run dirs, or eval outputs; the same name in
+    several dirs, e.g. seeds, is one point with its mean and sd) on one speed-quality frontier:
+    measured seconds per image against FID, fidelity to the base (PSNR) and held-out loss, with
+    the Pareto-optimal points marked and the plain baseline, the ``base`` model at fewer sampler
+    steps, always drawn (default: the one source with uncached evals at several step counts).
+    Writes report.json/.md, frontier.md and one PNG per measure to ``output`` atomically."""
+    if isinstance(run_dirs, (str, Path)):
+        run_dirs = [run_dirs]
+    dirs = [Path(checks.path("run_dirs", d)) for d in (run_dirs or [])]
+    if not dirs:
+        raise UsageError("`run_dirs` names nothing: give recipe run dirs or eval outputs")
+    for d in dirs:
+        if not d.is_dir():
+            raise UsageError(f"`run_dirs`: {d} is not a directory")
+    with atomic_dir(Path(output), force) as tmp:
+        return frontier_mod.frontier(dirs, tmp, base)
