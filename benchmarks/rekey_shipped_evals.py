@@ -55,7 +55,7 @@ def main() -> None:
                 rep["producer"]["prompts"]["data"] = fidelity.data_identity(str(caps))
             (entry / "report.json").write_text(json.dumps(rep, indent=2))
             (entry / SEAL).unlink(missing_ok=True)
-            seal(entry, fidelity.CACHED)
+            seal(entry, fidelity.CACHED, key=key)
             if key != entry.name:
                 entry.rename(EVALS_DIR / key)
             print(f"{entry.name} -> {key} ({rep['source']}, seed {rep['seed']})")

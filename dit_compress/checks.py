@@ -185,12 +185,12 @@ OPTION_BOUNDS = {
     "lora_rank": (int, 1, 2**15), "lora_alpha": (int, 1, 2**20), "t_strata": (int, 0, 1000),
     "threads": (int, 1, 4096), "max_length": (int, 1, 4096), "image_size": (int, 8, 8192),
     "num_heads": (int, 1, 2**15), "reduction": (int, 1, 2**15), "cfg_channels": (int, 1, 4096),
-    "cfg_scale": (float, 0.0, None), "ema": (float, 0.0, 1.0), "logit_ema": (float, 0.0, 1.0),
-    "lr": (float, 0.0, None, "open"), "logit_lr": (float, 0.0, None, "open"), "weight_decay": (float, 0.0, None),
-    "grad_clip": (float, 0.0, None), "tau": (float, 0.0, None, "open"), "tau_start": (float, 0.0, None, "open"),
-    "tau_end": (float, 0.0, None, "open"), "k_sigma": (float, 0.0, None, "open"), "kd_out": (float, 0.0, None),
+    "cfg_scale": (float, 0.0, None), "ema": (float, 0.0, 1.0, "hi_open"), "logit_ema": (float, 0.0, 1.0, "hi_open"),
+    "lr": (float, 0.0, None, "lo_open"), "logit_lr": (float, 0.0, None, "lo_open"), "weight_decay": (float, 0.0, None),
+    "grad_clip": (float, 0.0, None), "tau": (float, 0.0, None, "lo_open"), "tau_start": (float, 0.0, None, "lo_open"),
+    "tau_end": (float, 0.0, None, "lo_open"), "k_sigma": (float, 0.0, None, "lo_open"), "kd_out": (float, 0.0, None),
     "kd_plain": (float, 0.0, None), "kd_rep": (float, 0.0, None), "full_model_loss": (float, 0.0, None),
-    "target_flops": (float, 0.0, 1.0, "open"), "token_capacity": (float, 0.0, 1.0, "open"),
+    "target_flops": (float, 0.0, 1.0, "lo_open"), "token_capacity": (float, 0.0, 1.0, "lo_open"),
 }
 
 
@@ -199,7 +199,7 @@ def option(name: str, value):
     rule = OPTION_BOUNDS.get(name)
     if rule is None or value is None:
         return value
-    kind, lo, hi, *open_ = rule
+    kind, lo, hi, *flags = rule
     if kind is int:
         return integer(name, value, lo=lo, hi=hi)
-    return real(name, value, lo=lo, hi=hi, lo_open=bool(open_))
+    return real(name, value, lo=lo, hi=hi, lo_open="lo_open" in flags, hi_open="hi_open" in flags)

@@ -1,11 +1,12 @@
 """Content identities of files and folders: a SHA-256 of every byte, never a summary (names,
 sizes or times) that an edit can keep.
 
-A file's digest is remembered for as long as its inode, size, modification time and
+A file's digest is remembered for as long as its device, inode, size, modification time and
 status-change time stay the same (the status-change time cannot be set back by a user: any
-write or ``touch`` moves it), in this process and, when ``DITC_CACHE_DIR`` names a folder, in
-``file-hashes.json`` there, so a large file (a text encoder, a reference folder) is read once per
-change, not once per command.
+write or ``touch`` moves it), in this process and in ``file-hashes.json`` under
+``DITC_CACHE_DIR`` (default ``~/.cache/dit_compress``), written by the main process once per
+identity asked for, so a large file (a text encoder, a reference folder) is read once per change,
+not once per command.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ def _stamp(st: os.stat_result) -> list:
 
 
 def _memo_file() -> Path | None:
-    d = os.environ.get("DITC_CACHE_DIR")
-    return Path(d) / "file-hashes.json" if d else None
+    d = os.environ.get("DITC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "dit_compress")
+    return Path(d) / "file-hashes.json"
 
 
 def _load_memo() -> None:
@@ -44,21 +45,32 @@ def _load_memo() -> None:
                 _MEMO.setdefault(k, v)
 
 
-def _save_memo() -> None:
+_DIRTY = {"n": 0}
+
+
+def save_memo() -> None:
+    """Write the memo (merged with what another process wrote meanwhile); main process only."""
     f = _memo_file()
-    if f is None:
+    if f is None or not _DIRTY["n"] or os.environ.get("RANK", "0") not in ("", "0"):
         return
+    _DIRTY["n"] = 0
     try:
         f.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            disk = json.loads(f.read_bytes()[: 64 << 20])
+        except (OSError, ValueError):
+            disk = {}
+        merged = {**(disk if isinstance(disk, dict) else {}), **_MEMO}
         tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(_MEMO))
+        tmp.write_text(json.dumps(merged))
         os.replace(tmp, f)
     except OSError:  # a cache that cannot be written is skipped
         pass
 
 
-def file_digest(path) -> str:
-    """SHA-256 of every byte of the file ``path`` (remembered while the file is unchanged)."""
+def file_digest(path, save: bool = True) -> str:
+    """SHA-256 of every byte of the file ``path`` (remembered while the file is unchanged;
+    ``save=False`` leaves the writing of the memo to the caller, e.g. once per folder)."""
     p = Path(path)
     real = os.path.realpath(p)
     st = os.stat(real)
@@ -76,8 +88,9 @@ def file_digest(path) -> str:
     digest = h.hexdigest()
     if os.stat(real).st_ctime_ns == st.st_ctime_ns:  # not written while it was read
         _MEMO[real] = [_stamp(st), digest]
-        if st.st_size >= 1 << 20:
-            _save_memo()
+        _DIRTY["n"] += 1
+        if save:
+            save_memo()
     return digest
 
 
@@ -89,7 +102,8 @@ def tree_digest(path, skip=()) -> str:
         return file_digest(p)
     h = hashlib.sha256()
     for f in sorted(x for x in p.rglob("*") if x.is_file() and x.name not in skip):
-        h.update(f"{f.relative_to(p).as_posix()}\n{file_digest(f)}\n".encode())
+        h.update(f"{f.relative_to(p).as_posix()}\n{file_digest(f, save=False)}\n".encode())
+    save_memo()
     return h.hexdigest()
 
 
@@ -100,28 +114,32 @@ def bytes_digest(b: bytes) -> str:
 SEAL = "contents.sha256.json"
 
 
-def seal(folder, names) -> None:
-    """Write the digests of ``names`` (those present) in ``folder`` to its seal, last: a folder
-    whose seal is written is complete."""
+def seal(folder, names, key: str | None = None) -> None:
+    """Write the digests of ``names`` (those present) in ``folder``, and the ``key`` it is filed
+    under, to its seal, last: a folder whose seal is written is complete."""
     folder = Path(folder)
     digests = {n: file_digest(folder / n) for n in names if (folder / n).is_file()}
     tmp = folder / f".{SEAL}.tmp"
-    tmp.write_text(json.dumps(digests, indent=1, sort_keys=True))
+    tmp.write_text(json.dumps({"key": key, "files": digests}, indent=1, sort_keys=True))
     os.replace(tmp, folder / SEAL)
 
 
-def seal_problem(folder, required) -> str | None:
-    """Why ``folder`` is not as sealed (None when every sealed file is there with its digest and
-    the ``required`` files are sealed): no seal, a file missing, changed or unreadable."""
+def seal_problem(folder, required, key: str | None = None) -> str | None:
+    """Why ``folder`` is not as sealed (None when its seal names ``key`` and every sealed file
+    is there with its digest, the ``required`` ones among them): no seal, another key (an entry
+    copied or renamed), a file missing, changed or unreadable."""
     folder = Path(folder)
     try:
-        digests = json.loads((folder / SEAL).read_bytes()[: 1 << 20])
+        sealed = json.loads((folder / SEAL).read_bytes()[: 1 << 20])
     except FileNotFoundError:
         return "it has no seal (an unfinished or foreign entry)"
     except (OSError, ValueError):
         return "its seal cannot be read"
+    digests = sealed.get("files") if isinstance(sealed, dict) else None
     if not isinstance(digests, dict) or not all(isinstance(v, str) for v in digests.values()):
         return "its seal is malformed"
+    if key is not None and sealed.get("key") != key:
+        return "its seal was made for another key (a copied or renamed entry)"
     for n in required:
         if n not in digests:
             return f"{n} is not sealed"

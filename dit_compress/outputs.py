@@ -114,6 +114,20 @@ def _lock_file(res: Path) -> Path:
     return d / f"{key}.lock"
 
 
+def _flock(lock_file: Path, busy: str) -> int:
+    """An open, exclusively locked descriptor of ``lock_file``, taken at once; ``busy`` is the
+    one line when another process holds it."""
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise UsageError(busy) from None
+        raise
+    return fd
+
+
 @contextlib.contextmanager
 def claim_output(path, force: bool = False, sources=()):
     """``with claim_output(out, force, sources=[src]):`` the whole command: ``check_output``
@@ -127,15 +141,8 @@ def claim_output(path, force: bool = False, sources=()):
     if key in _HELD:
         yield res
         return
-    fd = os.open(_lock_file(res), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        os.close(fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise UsageError(f"output {path} is being written by another ditc process; wait for it or choose another "
-                             "output") from None
-        raise
+    fd = _flock(_lock_file(res), f"output {path} is being written by another ditc process; wait for it or choose "
+                                 "another output")
     _HELD[key] = fd
     try:
         # checked again under the lock: a writer that held it before us may have finished the output
@@ -156,14 +163,7 @@ def exclusive(path, what: str):
     if key in _HELD:
         yield res
         return
-    fd = os.open(_lock_file(Path(key)), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        os.close(fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise UsageError(f"{what} {path} is in use by another ditc process; wait for it or choose another") from None
-        raise
+    fd = _flock(_lock_file(Path(key)), f"{what} {path} is in use by another ditc process; wait for it or choose another")
     _HELD[key] = fd
     try:
         yield res

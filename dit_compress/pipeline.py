@@ -346,16 +346,22 @@ def fingerprints(steps: list[tuple[dict, dict]]) -> dict[str, str]:
     for every byte of it (a model replaced at the same path is another input)."""
     out, by_output = {}, {}
     for step, kwargs in steps:
-        def norm(v):
+        reads = set(getattr(COMMANDS[step["command"]], "reads", ()))
+
+        def norm(v, read: bool):
             if isinstance(v, list):
-                return [norm(x) for x in v]
+                return [norm(x, read) for x in v]
             if isinstance(v, str) and v in by_output:
                 return {"step": by_output[v]}
-            if isinstance(v, str) and v.strip() and Path(v).exists():  # a file or folder read: by its contents
-                return {"path": v, "content": tree_digest(v)}
+            if read and isinstance(v, str) and v.strip():  # an input the command reads: by its contents
+                try:
+                    return {"path": v, "content": tree_digest(v)} if Path(v).exists() else v
+                except OSError:
+                    return v
             return v
 
-        body = {"command": step["command"], "args": {k: norm(v) for k, v in sorted(kwargs.items()) if k != "output"}}
+        body = {"command": step["command"],
+                "args": {k: norm(v, k in reads) for k, v in sorted(kwargs.items()) if k != "output"}}
         fp = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:20]
         out[step["name"]] = fp
         if kwargs.get("output") is not None:

@@ -353,7 +353,7 @@ def test_the_gpu_attention_layout_one_qkv_gemm_per_width_equals_masked_dense(wid
     monkeypatch.setattr(layers, "FUSE_PROJECTIONS", True)
     one = outputs(m, x, t, y, "fast")
     assert torch.equal(one, three) and torch.allclose(one, outputs(m, x, t, y, "dense"), atol=1e-5)
-    assert any(b.attn.__dict__.get("_prefix_rows") for b in m.blocks)
+    assert any(layers._PREFIX_ROWS.get(b.attn) for b in m.blocks)
     with torch.no_grad():
         for b in m.blocks:
             b.attn.qkv.weight.mul_(1.5)

@@ -14,6 +14,7 @@ import dit_compress as dc
 from dit_compress.compress.dynamic import set_banded_width, set_token_capacity, set_token_keep
 from dit_compress.diffusion.sampling import loop_time_inputs
 from dit_compress.model import Routing, routing
+from dit_compress.model.graphs import graph_cache
 from dit_compress.train.trainer import to_device
 
 pytestmark = pytest.mark.gpu
@@ -84,7 +85,7 @@ def test_each_call_signature_is_captured_once_and_replays_the_eager_result(kind)
         assert profiles >= 2  # the bands: on 2 heads the middle one rounds to one of the others
     eager = _sample(m, "off")
     graphed = _sample(m, "on")
-    cache = m._graph_cache
+    cache = graph_cache(m)
     assert cache.captures == profiles and cache.replays == 12
     assert torch.allclose(graphed, eager, atol=1e-5), (graphed - eager).abs().max()
     again = _sample(m, "on")  # the same weights: the graphs are reused
@@ -92,7 +93,7 @@ def test_each_call_signature_is_captured_once_and_replays_the_eager_result(kind)
     with torch.no_grad():
         next(m.parameters()).mul_(1.01)  # an in-place weight update drops them
     _sample(m, "on")
-    assert m._graph_cache is not cache
+    assert graph_cache(m) is not cache
 
 
 def test_exact_token_counts_are_not_captured_and_auto_runs_them_eagerly():
@@ -107,3 +108,23 @@ def test_cpu_and_cuda_samples_agree():
     cpu = _sample(m, "off")
     cuda = _sample(m.to(CUDA), "on").cpu()
     assert (cpu - cuda).abs().max() < 1e-3
+
+
+def test_a_new_capacity_or_routing_mode_is_never_served_an_old_graph_and_a_sampled_model_copies():
+    """A graph is keyed by the model's config (a capacity replaces it), routing mode, training
+    flag and autocast state: changing any of them is another capture, never a stale replay; the
+    graphs live outside the module, so a sampled model deep-copies (EMA, transforms) and, moved to
+    the CPU, frees them."""
+    import copy
+
+    m = _dynamic(tokens=True, capacity=0.5)
+    first = _sample(m, "on")
+    set_token_capacity(m, 0.125)
+    assert torch.equal(_sample(m, "on"), _sample(m, "off")) and not torch.equal(_sample(m, "off"), first)
+    with routing(m, Routing.DENSE):
+        set_token_capacity(m, None)
+        assert torch.equal(_sample(m, "auto"), _sample(m, "off"))
+    copy.deepcopy(m)
+    m.cpu()
+    _sample(m, "auto")
+    assert graph_cache(m) is None

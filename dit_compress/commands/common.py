@@ -109,6 +109,7 @@ def writes_output(*read_params: str, required: bool = True):
             with claim_output(out, force, sources=reads):
                 return fn(*args, **kwargs)
 
+        wrapper.reads = read_params  # the options naming what the command reads (recipe steps identify them)
         return wrapper
 
     return deco

@@ -37,7 +37,8 @@ from .common import (
 )
 
 
-@writes_output("source", "ref", "loss_data", "prompts", "text_encoder", "clip")
+@writes_output("source", "ref", "loss_data", "prompts", "text_encoder", "clip", "fidelity_ref", "inception_weights",
+               "vae")
 def evaluate_model(source, *, output: str | Path, num_samples: int = 1000, sampler: str | None = None,
              steps: int | None = None, guidance_interval=None, cfg_scale: float = 1.0,
              cfg_channels: int | None = None, ref: str | None = None, metrics="fid,prc",
@@ -176,7 +177,7 @@ def bench_specs(sources=None, shape: str | None = None, variants=None, baseline:
     return specs
 
 
-@writes_output("sources", required=False)
+@writes_output("sources", "baseline", required=False)
 def bench(sources=None, *, shape: str | None = None, variants=None, baseline: str | None = None, batch_sizes="1,8",
           repeats: int = 5, warmup: int = 2, sampler: str | None = None, steps: int | None = None,
           device: str = "auto", dtype: str = "fp32", compile: bool = False, loop: bool = False,

@@ -4,7 +4,6 @@ image folders encoded on the fly."""
 
 from __future__ import annotations
 
-import functools
 import gzip
 import hashlib
 import json
@@ -16,6 +15,7 @@ import torch
 from safetensors.numpy import load_file
 
 from ..errors import DitcError, UsageError
+from ..hashing import file_digest, save_memo
 from ..model.family import family_of
 from ..model.pixart import Captions
 from .images import ImageFolderData
@@ -230,24 +230,14 @@ def shards_identity(root) -> str | None:
     if not files or not isinstance(producer, dict) or old_encoder_id:
         return None
     head = json.dumps({"texts": m.get("texts"), "text_encoder": encoder}, sort_keys=True)
-    stats = [f.stat() for f in files]
-    # one read per folder and state (the status-change time moves with any write)
-    return _shards_digest(head, tuple((str(f.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-                                      for f, st in zip(files, stats)))
-
-
-@functools.lru_cache(maxsize=32)
-def _shards_digest(head: str, files: tuple) -> str | None:
     h = hashlib.sha256(head.encode())
-    for path, *_ in files:
-        try:
-            arrays = load_file(path)
-        except Exception:  # noqa: BLE001 - an unreadable shard is identified by path; loading it reports it
-            return None
-        for k in sorted(arrays):
-            a = arrays[k]
-            h.update(f"{Path(path).name}:{k}:{a.dtype}:{a.shape}".encode())
-            h.update(np.ascontiguousarray(a).tobytes())
+    try:  # every byte of every shard file (safetensors written without metadata: its arrays, nothing else)
+        for f in files:
+            h.update(f"{f.name}:{file_digest(f, save=False)}\n".encode())
+    except OSError:
+        return None
+    finally:
+        save_memo()
     return "shards#" + h.hexdigest()[:32]
 
 

@@ -93,7 +93,7 @@ class FlopsMeter:
             kept, total = mask.sum(), float(mask.numel())
         layer = self.calls[-1]["layers"].setdefault(i, {})
         cap = getattr(self.model.blocks[i], "capacity", None) if name == "token_router" else None
-        if cap is not None and self.model.routing == Routing.FAST:  # the capacity ran, not the routers' own count
+        if cap is not None and self.model._mode() == Routing.FAST:  # the capacity ran, not the routers' own count
             wanted = kept
             B, N = logits.shape
             kept = float(capacity_tokens(cap, N) * B)

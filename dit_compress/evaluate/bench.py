@@ -46,14 +46,15 @@ from ..model.build import build_model, expected_shapes
 from ..model.family import family_of
 from ..model.compile import compile_model, compiled_graphs
 from ..model.dit import width_cache
-from ..model.graphs import cuda_graphs
+from ..model.graphs import cuda_graphs, graph_cache
 from ..model.flops import static_macs
 from ..model.routers import Routing, routing
 from ..model.run import RunContext
 from ..report import plot_points
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-VARIANT_RE = re.compile(r"^(d\d+|width[0-9.]+|dynwidth[0-9.]+|tokens[0-9.]+)$")
+SHARE = r"(?:\d+(?:\.\d+)?|\.\d+)"
+VARIANT_RE = re.compile(rf"^(d\d+|width{SHARE}|dynwidth{SHARE}|tokens{SHARE})$")
 
 
 def parse_spec(spec: str) -> tuple[str, list[str]]:
@@ -61,6 +62,9 @@ def parse_spec(spec: str) -> tuple[str, list[str]]:
     for v in variants:
         if not VARIANT_RE.match(v):
             raise UsageError(f"unknown bench variant {v!r} in {spec!r} (use dN, widthF, dynwidthF, tokensF, e.g. d14, width0.5)")
+        share = re.sub(r"^(dynwidth|width|tokens)", "", v)
+        if share != v and not 0.0 < float(share) <= 1.0:
+            raise UsageError(f"bench variant {v!r}: the share must be in (0, 1]")
     return base, variants
 
 
@@ -364,7 +368,7 @@ def _measure_one(spec, batch_sizes, repeats, warmup, schedule, dtype_name, compi
         rows = _static_forward_rows(model, cfg, batch_sizes, repeats, warmup, timesteps, dtype, graphs)
     stop.set()
     rss_thread.join()
-    cache = model.__dict__.get("_graph_cache")
+    cache = graph_cache(model)
     out["cuda_graphs"] = cache.captures if cache is not None else 0
     if dev.type == "cuda":
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20

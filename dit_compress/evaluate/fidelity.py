@@ -403,7 +403,7 @@ def entry_problem(entry: Path) -> tuple[str | None, dict | None]:
     """(why the cache entry cannot be served, None when it can; its report): sealed files only
     (the seal, written last, holds each file's digest), a report that is an eval report, samples
     that load."""
-    problem = seal_problem(entry, CACHED[:2])
+    problem = seal_problem(entry, CACHED[:2], key=entry.name)
     if problem is not None:
         return problem, None
     try:
@@ -413,12 +413,28 @@ def entry_problem(entry: Path) -> tuple[str | None, dict | None]:
     if not isinstance(report, dict) or not isinstance(report.get("metrics"), dict) or not report["metrics"]:
         return "its report holds no metrics", None
     try:
-        with np.load(entry / "samples.npz") as d:
-            if len(d["arr_0"]) != len(d["labels"]) or len(d["arr_0"]) != report.get("num_samples"):
-                return "its samples do not match its report", None
+        rows = npz_rows(entry / "samples.npz")
     except Exception:  # noqa: BLE001 - any unreadable samples file
         return "its samples cannot be read", None
+    if rows.get("arr_0") != report.get("num_samples") or rows.get("labels") != report.get("num_samples"):
+        return "its samples do not match its report", None
     return None, report
+
+
+def npz_rows(path: Path) -> dict:
+    """{array name: its length} of an .npz archive, read from the arrays' headers only (not
+    their data: an eval's samples can be gigabytes)."""
+    import zipfile
+
+    out = {}
+    with zipfile.ZipFile(path) as z:
+        for name in z.namelist():
+            with z.open(name) as f:
+                major, _ = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape = read(f)[0]
+            out[name[:-4] if name.endswith(".npy") else name] = shape[0] if shape else None
+    return out
 
 
 def _from_cache(key: str) -> tuple[Path, dict] | None:
@@ -451,7 +467,7 @@ def _to_cache(key: str, out_dir: Path) -> None:
         for f in CACHED:
             if (out_dir / f).exists():
                 shutil.copy2(out_dir / f, tmp / f)
-        seal(tmp, CACHED)
+        seal(tmp, CACHED, key=key)
         if target.exists():
             os.replace(target, old)
         os.replace(tmp, target)
@@ -511,19 +527,21 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
               "num_samples": num_samples, "shard_size": shard_size, "batch_size": batch_size, "compile": compile,
               "vae": vae_name or model.config.vae if model.config.latent_scale is not None else None,
               **(producer or {})}
-    recipe["model"] = fingerprint(model)  # whatever the caller passed: the weights sampled are the key
     policy = parse_policy(feature_cache)
     if policy is not None:
         recipe["feature_cache"] = policy.spec
-    ref_samples = fidelity_reference(fidelity_ref, recipe, conds.labels) if fidelity_ref is not None else None
-    if fidelity_ref is not None:
-        recipe["fidelity_ref"] = path_identity(str(fidelity_ref))
-    if prompts is not None:
-        recipe["prompts"] = {"data": data_identity(prompts.source), "encoded_by": prompts.encoded_by}
-    if clip is not None:
-        recipe["clip"] = path_identity(clip)
-    key = cache_key(recipe, metrics, ref, ex_kw, kid_subset_size, loss_data)
-    hit = _from_cache(key) if cache and world == 1 and not compile else None
+    ref_samples = fidelity_reference(fidelity_ref, recipe, conds.labels) if fidelity_ref is not None and rank == 0 else None
+    key = hit = None
+    if rank == 0:  # what identifies the eval (every byte of the model and of the files it reads): the main process
+        recipe["model"] = fingerprint(model)  # whatever the caller passed: the weights sampled are the key
+        if fidelity_ref is not None:
+            recipe["fidelity_ref"] = path_identity(str(fidelity_ref))
+        if prompts is not None:
+            recipe["prompts"] = {"data": data_identity(prompts.source), "encoded_by": prompts.encoded_by}
+        if clip is not None:
+            recipe["clip"] = path_identity(clip)
+        key = cache_key(recipe, metrics, ref, ex_kw, kid_subset_size, loss_data)
+        hit = _from_cache(key) if cache and world == 1 and not compile else None
     if hit is not None:
         return _cached_eval(hit, Path(out_dir), force, {"source": source, **_prompts_said(prompts)}, key)
     work = work_dir_for(out_dir)

@@ -10,9 +10,12 @@ static input tensors, and the output is copied out (a later replay overwrites th
 own). Token routing takes part only with a capacity (a static top-k); the exact per-sample
 counts are a data-dependent shape and cannot be captured.
 
-Graphs live on the model (``model._graphs``) for as long as its weights are the same tensors
-at the same versions: an in-place update of any weight (an optimiser step, ``load_state_dict``)
-or a change of device or dtype drops them. Module hooks inside the model do not run on a
+Graphs are kept per model (outside the module, so a copy or a pickle of it carries none) for as
+long as its weights are the same tensors at the same versions and its config is the same object:
+an in-place update of any weight (an optimiser step, ``load_state_dict``), a change of device or
+dtype, or a new config (a token capacity set) drops them; the routing mode, the training flag and
+the autocast state are part of each graph's key. (An update through ``p.data`` bypasses the
+version counter: call it with other weights, or not at all, after such an update.) Module hooks inside the model do not run on a
 replay, so a model with such hooks (a FLOPs meter, a feature cache) is not graphed.
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import weakref
 
 import torch
 
@@ -79,11 +83,25 @@ class _Graph:
     output: torch.Tensor
 
 
+def _model_state(model) -> tuple:
+    """What a captured forward depends on beyond its inputs and weights: the model's config
+    object (a token capacity or any other change replaces it), its routing mode, training flag
+    and the autocast state."""
+    mode = model._mode() if hasattr(model, "_mode") else None
+    return (id(model.config), mode, model.training, torch.is_autocast_enabled("cuda"),
+            torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None)
+
+
+_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its GraphCache (kept off the module:
+_ACTIVE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # a copy or pickle of the model carries none)
+
+
 class GraphCache:
     """The captured forwards of one model (see the module docstring)."""
 
     def __init__(self, model):
         self.weights = weights_state(model)
+        self.config = model.config
         self.graphs: dict = {}
         self.pool = torch.cuda.graph_pool_handle()
         self.captures = 0
@@ -95,7 +113,7 @@ class GraphCache:
         profile = model.graph_profile(t, run)
         if profile is False:  # widths not resolved on the host for this call: it runs eagerly
             return eager(x, t, cond)
-        key = (_signature(x), _signature(t), _signature(cond), profile)
+        key = (_signature(x), _signature(t), _signature(cond), profile, _model_state(model))
         entry = self.graphs.get(key)
         if entry is None:
             entry = self.graphs[key] = self._capture(eager, x, t, cond)
@@ -141,23 +159,33 @@ def cuda_graphs(model, mode="auto"):
     if mode == "on" and reason is not None:
         raise UsageError(f"cannot run CUDA graphs: {reason}")
     if reason is not None or not hasattr(inner, "graph_profile"):
+        if reason is not None and reason != "off" and isinstance(inner, torch.nn.Module):
+            _CACHES.pop(inner, None)  # e.g. moved off the GPU: its graphs and their memory go
         yield None
         return
-    cache = inner.__dict__.get("_graph_cache")
-    if cache is None or cache.weights != weights_state(inner):
-        cache = inner.__dict__["_graph_cache"] = GraphCache(inner)
-    previous = inner.__dict__.get("_graphs")
-    inner.__dict__["_graphs"] = cache
+    cache = _CACHES.get(inner)
+    if cache is None or cache.weights != weights_state(inner) or cache.config is not inner.config:
+        cache = _CACHES[inner] = GraphCache(inner)
+    previous = _ACTIVE.get(inner)
+    _ACTIVE[inner] = cache
     try:
         yield cache
     finally:
-        inner.__dict__["_graphs"] = previous
+        if previous is None:
+            _ACTIVE.pop(inner, None)
+        else:
+            _ACTIVE[inner] = previous
+
+
+def graph_cache(model) -> GraphCache | None:
+    """The graphs kept for ``model`` (None when it has none)."""
+    return _CACHES.get(getattr(model, "module", model))
 
 
 def active_graphs(model):
     """The graph cache a forward should go through now (None: run eagerly): set by
     ``cuda_graphs`` and not while a graph is being captured (the capture runs the eager forward)."""
-    cache = model.__dict__.get("_graphs")
+    cache = _ACTIVE.get(model) if _ACTIVE else None
     if cache is None or torch.cuda.is_current_stream_capturing():
         return None
     return cache

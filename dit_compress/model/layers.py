@@ -5,6 +5,7 @@ prefix of their heads / hidden channels through zero-copy weight views (dynamic 
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 import torch
@@ -66,18 +67,28 @@ def fuse_projections(x: torch.Tensor) -> bool:
     return x.is_cuda if FUSE_PROJECTIONS is None else FUSE_PROJECTIONS
 
 
+_PREFIX_ROWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # module -> {spans: rows}, off the module
+PREFIX_WIDTHS = 4  # gathered widths kept per module (the most recently used)
+
+
 def prefix_rows(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor, spans) -> tuple | None:
     """(weight, bias) of the rows ``spans`` ((start, stop), ...) of a projection, concatenated
-    contiguously, made once per span set and kept on ``module`` while the weight is the same
-    tensor at the same version (inference only: with gradients enabled None, the caller takes
-    views)."""
+    contiguously, made once per span set and kept for ``module`` (outside it: a copy or pickle
+    carries none) while the weight is the same tensor at the same version, for the
+    ``PREFIX_WIDTHS`` most recent widths (inference only: with gradients enabled None, the
+    caller takes views)."""
     if torch.is_grad_enabled():
         return None
     key = (tuple(spans), weight.data_ptr(), weight._version, bias.data_ptr(), bias._version)
-    cache = module.__dict__.setdefault("_prefix_rows", {})
-    if key not in cache:
-        cache.clear() if any(k[1:] != key[1:] for k in cache) else None  # the weights changed: drop every width
-        cache[key] = (torch.cat([weight[a:z] for a, z in spans]), torch.cat([bias[a:z] for a, z in spans]))
+    cache = _PREFIX_ROWS.setdefault(module, {})
+    if key in cache:
+        cache[key] = cache.pop(key)  # most recently used last
+        return cache[key]
+    if any(k[1:] != key[1:] for k in cache):  # the weights changed: drop every width
+        cache.clear()
+    while len(cache) >= PREFIX_WIDTHS:
+        cache.pop(next(iter(cache)))
+    cache[key] = (torch.cat([weight[a:z] for a, z in spans]), torch.cat([bias[a:z] for a, z in spans]))
     return cache[key]
 
 
