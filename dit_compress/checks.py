@@ -19,6 +19,7 @@ from .errors import UsageError
 MAX_STEPS = 10**9  # optimizer / sampler steps: far above any real run, far below "forever"
 MAX_COUNT = 10**8  # samples, calibration examples, repeats
 MAX_BATCH = 2**20
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
 
 
 def _show(value) -> str:
@@ -65,7 +66,7 @@ def real(name: str, value, *, lo: float | None = None, hi: float | None = None, 
         raise UsageError(f"`{name}` must be a finite number, got {value}")
     if ((lo is not None and (value < lo or (lo_open and value == lo)))
             or (hi is not None and (value > hi or (hi_open and value == hi)))):
-        raise UsageError(f"`{name}` must be {_range(lo, hi, lo_open, hi_open)}, got {value:g}")
+        raise UsageError(f"`{name}` must be {_range(lo, hi, lo_open, hi_open)}, got {value:.10g}")
     return value
 
 
@@ -178,10 +179,10 @@ def has_values(t) -> bool:
 # of a recipe before the first one runs (each command checks its own again when it runs).
 OPTION_BOUNDS = {
     "num_samples": (int, 1, MAX_COUNT), "batch_size": (int, 1, MAX_BATCH), "shard_size": (int, 1, MAX_COUNT),
-    "steps": (int, 1, MAX_STEPS), "seed": (int, 0, None), "calib_samples": (int, 1, MAX_COUNT),
-    "num_candidates": (int, 1, MAX_COUNT), "repeats": (int, 1, 10**6), "warmup": (int, 0, None),
-    "ckpt_every": (int, 0, None), "flops_hold": (int, 0, None), "flops_decay": (int, 1, None),
-    "full_model_steps": (int, 0, None), "grad_accum": (int, 1, 10**6), "kid_subset_size": (int, 1, MAX_COUNT),
+    "steps": (int, 1, MAX_STEPS), "seed": (int, 0, MAX_SEED), "calib_samples": (int, 1, MAX_COUNT),
+    "num_candidates": (int, 1, MAX_COUNT), "repeats": (int, 1, 10**6), "warmup": (int, 0, 10**6),
+    "ckpt_every": (int, 0, MAX_STEPS), "flops_hold": (int, 0, MAX_STEPS), "flops_decay": (int, 1, MAX_STEPS),
+    "full_model_steps": (int, 0, MAX_STEPS), "grad_accum": (int, 1, 10**6), "kid_subset_size": (int, 1, MAX_COUNT),
     "lora_rank": (int, 1, 2**15), "lora_alpha": (int, 1, 2**20), "t_strata": (int, 0, 1000),
     "threads": (int, 1, 4096), "max_length": (int, 1, 4096), "image_size": (int, 8, 8192),
     "num_heads": (int, 1, 2**15), "reduction": (int, 1, 2**15), "cfg_channels": (int, 1, 4096),

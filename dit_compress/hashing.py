@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from pathlib import Path
 
 CHUNK = 1 << 24
@@ -74,6 +75,8 @@ def file_digest(path, save: bool = True) -> str:
     p = Path(path)
     real = os.path.realpath(p)
     st = os.stat(real)
+    if not stat.S_ISREG(st.st_mode):  # a pipe, a device (/dev/zero) or a folder has no content to vouch for
+        raise OSError(f"{path} is not a regular file")
     _load_memo()
     hit = _MEMO.get(real)
     if hit is not None and hit[0] == _stamp(st):
@@ -98,8 +101,8 @@ def tree_digest(path, skip=()) -> str:
     """SHA-256 of a file, or of a folder: every file's relative name and content digest, in
     order (names in ``skip`` left out, e.g. a manifest of hashes written beside them)."""
     p = Path(path)
-    if p.is_file():
-        return file_digest(p)
+    if not p.is_dir():
+        return file_digest(p)  # a regular file, or an OSError naming what it is not
     h = hashlib.sha256()
     for f in sorted(x for x in p.rglob("*") if x.is_file() and x.name not in skip):
         h.update(f"{f.relative_to(p).as_posix()}\n{file_digest(f, save=False)}\n".encode())

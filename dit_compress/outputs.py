@@ -157,8 +157,9 @@ def claim_output(path, force: bool = False, sources=()):
 @contextlib.contextmanager
 def exclusive(path, what: str):
     """An exclusive lock on ``path`` (a run directory, say) for this process, taken at once or
-    refused in one line naming ``what``; nothing is written to ``path`` itself."""
-    res = _resolved(Path(path))
+    refused in one line naming ``what``; nothing is written to ``path`` itself. The lock is on
+    the real path: a symbolic link to the same directory takes the same lock."""
+    res = Path(os.path.realpath(path))
     key = "lock:" + str(res)
     if key in _HELD:
         yield res

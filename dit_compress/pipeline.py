@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import os
 import re
 import statistics
@@ -100,7 +101,7 @@ MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of text
 MAX_DEPTH = 32
 
 
-class _PlainLoader(yaml.SafeLoader):
+class _PlainLoader(yaml.SafeLoader):  # resolvers below: YAML 1.1's base-60 numbers ("1:2" -> 62) and dates stay text
     """YAML as plain data, judged while it is parsed: aliases refused (an alias bomb expands a
     few hundred bytes into billions of nodes), nesting deeper than ``MAX_DEPTH`` refused at the
     level where it happens (before Python's recursion limit)."""
@@ -117,6 +118,18 @@ class _PlainLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self.depth -= 1
+
+
+_PlainLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
+                                                             "tag:yaml.org,2002:timestamp")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_PlainLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$"),
+                                   list("-+0123456789"))
+_PlainLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
+    r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+PLAIN = (str, int, float, bool, type(None))
 
 
 def parse_yaml(p: Path):
@@ -153,6 +166,9 @@ def _check_plain(value, where, depth: int = 0) -> None:
     elif isinstance(value, list):
         for v in value:
             _check_plain(v, where, depth + 1)
+    elif not isinstance(value, PLAIN):
+        raise UsageError(f"recipe {where}: {type(value).__name__} value {str(value)[:40]!r} is not plain text, a "
+                         "number or a flag (quote it)")
 
 
 def _subst(value, variables: dict):
@@ -445,8 +461,10 @@ def _run(steps, resolved: dict, path: Path, run_dir: Path, echo, resume: bool, f
     for step, kwargs, done in todo:
         if done:
             echo(f"[{step['name']}] finished earlier, skipped")
-            timings.append({"step": step["name"], "command": step["command"],
-                            "seconds": _read_record(run_dir, step["name"]).get("seconds"), "skipped": True})
+            secs = _read_record(run_dir, step["name"]).get("seconds")
+            ok = isinstance(secs, (int, float)) and not isinstance(secs, bool) and math.isfinite(secs) and secs >= 0
+            timings.append({"step": step["name"], "command": step["command"], "seconds": secs if ok else None,
+                            "skipped": True})
             continue
         kwargs = dict(kwargs)
         if kwargs.get("output") is not None:
@@ -459,11 +477,15 @@ def _run(steps, resolved: dict, path: Path, run_dir: Path, echo, resume: bool, f
             if resume and "resume" in _params(step["command"]) and (work_dir_for(out) / "train_state").exists():
                 kwargs["resume"] = True
         echo(f"[{step['name']}] {_describe_call(step['command'], kwargs)}")
+        before = fingerprints(steps)[step["name"]]  # its inputs as they are now, just before it reads them
         t0 = time.time()
         run_step(step, kwargs)
         seconds = time.time() - t0
+        if fingerprints(steps)[step["name"]] != before:
+            raise DitcError(f"step {step['name']!r}: a file or folder it reads changed while it ran; its output is not "
+                            "recorded as finished: rerun to compute it again")
         if kwargs.get("output") is not None:
-            _record(run_dir, step, kwargs, prints[step["name"]], seconds)
+            _record(run_dir, step, kwargs, before, seconds)
         timings.append({"step": step["name"], "command": step["command"], "seconds": seconds, "skipped": False})
     return summarize(run_dir, resolved, timings)
 

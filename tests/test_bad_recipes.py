@@ -153,3 +153,14 @@ def test_hostile_recipe_files_are_refused_in_one_line(tmp_path, text, msg):
     p = tmp_path / "r.yaml"
     p.write_bytes(text if isinstance(text, bytes) else text.encode())
     refused(run("run", p), msg)
+
+
+def test_yaml_numbers_and_dates_that_are_text_stay_text_and_odd_types_are_refused_before_any_step(tmp_path):
+    from dit_compress.pipeline import parse_yaml
+
+    p = tmp_path / "r.yaml"
+    p.write_text("pattern: 1:2\nwhen: 2024-01-01\nn: 12\nx: 0.5\nbig: 1e3\n")
+    assert parse_yaml(p) == {"pattern": "1:2", "when": "2024-01-01", "n": 12, "x": 0.5, "big": 1000.0}
+    p.write_text("name: t\nsteps:\n  - {name: a, command: info, args: {source: !!binary aGVsbG8=}}\n")
+    r = run("run", p, "-o", tmp_path / "out")
+    assert r.exit_code == 2 and "is not plain text" in r.stderr and not (tmp_path / "out").exists(), r.output

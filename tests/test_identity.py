@@ -322,3 +322,126 @@ def test_prompts_of_unknown_words_only_are_noted(tmp_path):
             "-o", tmp_path / "e", "--json")
     assert r.exit_code == 0, r.output
     assert "1 prompt(s) hold only words the tokenizer does not know" in json.loads(r.stdout)["warning"]
+
+
+# ---------------------------------------------------------------------------- a hostile user's second round
+def test_prompts_through_a_pipe_are_identified_by_the_texts_read(tmp_path, monkeypatch):
+    """Two evals whose prompts come through pipes (the same kind of path, nothing to hash): the
+    second is not served the first's result."""
+    import os
+    import threading
+
+    from dit_compress.assets import embedded
+
+    monkeypatch.setenv("DITC_CACHE_DIR", str(tmp_path / "cache"))
+    pipe_dir = embedded("digits-pixart")
+    reports = []
+    for i, text in enumerate(("a seven\n", "the digit zero\n")):
+        fifo = tmp_path / f"p{i}"
+        os.mkfifo(fifo)
+        writer = threading.Thread(target=lambda f=fifo, t=text: f.write_text(t))
+        writer.start()
+        r = run("eval", "digits-pixart", "--prompts", fifo, "--text-encoder", pipe_dir, "-n", 4, "--steps", 2,
+                "--metrics", "fid", "--shard-size", 4, "--batch-size", 4, "-o", tmp_path / f"e{i}", "--json")
+        writer.join(5)
+        assert r.exit_code == 0, r.output
+        reports.append(json.loads(r.stdout))
+    assert "cached" not in reports[1]
+    assert reports[0]["producer"]["prompts"]["data"] != reports[1]["producer"]["prompts"]["data"]
+
+
+def test_an_input_replaced_while_its_step_runs_is_not_recorded_as_finished(tmp_path, monkeypatch):
+    import shutil
+
+    import dit_compress.pipeline as P
+
+    src = pixel_model(tmp_path / "src", 0)
+    real = P.run_step
+
+    def swap_then_run(step, kwargs):
+        shutil.rmtree(src)
+        pixel_model(src, 1)  # another model lands at the path while the step runs
+        return real(step, kwargs)
+
+    monkeypatch.setattr(P, "run_step", swap_then_run)
+    r = run("run", tiny_recipe(tmp_path, src), "-o", tmp_path / "run")
+    assert r.exit_code == 1 and "changed while it ran" in r.stderr, r.output
+    assert not (tmp_path / "run" / ".ditc-steps" / "conv.json").exists()
+
+
+@pytest.mark.parametrize("what", ["device", "fifo"])
+def test_a_cache_entry_file_that_is_a_device_or_a_pipe_is_skipped_not_read(tmp_path, monkeypatch, what):
+    import os
+
+    monkeypatch.setenv("DITC_CACHE_DIR", str(tmp_path / "cache"))
+    src = pixel_model(tmp_path / "m", 0)
+    assert run("eval", src, "-o", tmp_path / "e1", *EVAL_ARGS).exit_code == 0
+    entry = next((tmp_path / "cache" / "evals").iterdir())
+    (entry / "samples.npz").unlink()
+    if what == "device":
+        os.symlink("/dev/zero", entry / "samples.npz")
+    else:
+        os.mkfifo(entry / "samples.npz")
+    t0 = time.time()
+    r = run("eval", src, "-o", tmp_path / "e2", *EVAL_ARGS)
+    assert r.exit_code == 0 and "skipped" in r.stderr and time.time() - t0 < 60, r.output
+
+
+def test_a_work_shard_record_that_is_a_folder_is_resampled(tmp_path, monkeypatch):
+    src = pixel_model(tmp_path / "m", 0)
+    args = ["-n", 40, "--shard-size", 20, "--batch-size", 20, "--steps", 2, "--metrics", "fid", "--no-cache", "--json"]
+    interrupted_eval(monkeypatch, src, tmp_path / "e", args)
+    from dit_compress.outputs import work_dir_for
+
+    sdir = work_dir_for(tmp_path / "e") / "samples"
+    (sdir / "shard-00000.sha256").unlink()
+    (sdir / "shard-00000.sha256").mkdir()
+    (sdir / "shard-00000" / "000000.png").write_bytes(b"garbage")
+    r = run("eval", src, "-o", tmp_path / "e", *args)
+    assert r.exit_code == 0 and "sampled again" in r.stderr, r.output
+    from PIL import Image
+
+    assert Image.open(tmp_path / "e" / "samples" / "shard-00000" / "000000.png").size == (8, 8)
+
+
+def test_a_run_dir_through_a_link_takes_the_same_lock(tmp_path):
+    import os
+
+    from dit_compress.outputs import exclusive
+
+    (tmp_path / "run").mkdir()
+    os.symlink(tmp_path / "run", tmp_path / "link")
+    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom dit_compress.outputs import exclusive\n"
+                               f"with exclusive({str(tmp_path / 'run')!r}, 'run directory'):\n"
+                               "    print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(dc.UsageError, match="in use"):
+            with exclusive(tmp_path / "link", "run directory"):
+                pass
+    finally:
+        holder.kill()
+
+
+def test_recorded_seconds_that_are_not_a_duration_are_not_reported(tmp_path):
+    src = pixel_model(tmp_path / "src", 0)
+    assert run("run", tiny_recipe(tmp_path, src), "-o", tmp_path / "run").exit_code == 0
+    rec = tmp_path / "run" / ".ditc-steps" / "conv.json"
+    for bad in ('"abc"', "-5", '{"a": 1}', "NaN"):
+        rec.write_text(rec.read_text().rsplit('"seconds"', 1)[0] + f'"seconds": {bad}}}')
+        assert run("run", tiny_recipe(tmp_path, src), "-o", tmp_path / "run").exit_code == 0
+        assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"][0]["seconds"] is None
+
+
+def test_a_grid_with_a_very_long_prompt_is_drawn(tmp_path):
+    imgs = np.zeros((2, 8, 8, 3), np.uint8)
+    F.sample_grid_png(tmp_path / "g.png", imgs, np.array([0, 1]), 2, row_labels=["seven " * 200000, "zero"])
+    assert (tmp_path / "g.png").exists()
+
+
+def test_bench_token_capacity_leaves_the_dense_baseline_alone():
+    r = run("bench", "--shape", "DiT-S/2", "--variants", "tokens0.5", "--batch-sizes", 1, "--repeats", 1, "--warmup", 0,
+            "--token-capacity", 0.25, "--json")
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)["rows"]
+    assert rows[1]["flops_ratio"] > 1.3  # the routed model ran at its capacity, the baseline with none to cap

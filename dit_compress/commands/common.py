@@ -18,7 +18,7 @@ from ..formats import load_model
 from ..outputs import claim_output
 from ..model import DiT
 
-MAX_SEED = 2**63 - 1
+MAX_SEED = checks.MAX_SEED
 
 
 def load_facts(*, revision=None, no_ema=False, num_heads=None, prediction=None, numerics=None) -> dict:

@@ -155,7 +155,7 @@ def load_prompts(spec, cfg, text_encoder=None) -> PromptSet:
             raw = f.read(MAX_PROMPT_BYTES + 1)
         if len(raw) > MAX_PROMPT_BYTES:
             raise UsageError(f"the prompt file {p} is larger than {MAX_PROMPT_BYTES >> 20} MB; prompts are lines of text")
-        texts = [line.strip() for line in raw.decode("utf-8").splitlines() if line.strip()]
+        texts = [line.strip() for line in raw.decode("utf-8-sig").splitlines() if line.strip()]  # a BOM is no text
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read the prompt file {p}: {str(e)[:120]}") from None
     if not texts:

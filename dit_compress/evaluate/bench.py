@@ -53,12 +53,16 @@ from ..model.run import RunContext
 from ..report import plot_points
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-SHARE = r"(?:\d+(?:\.\d+)?|\.\d+)"
-VARIANT_RE = re.compile(rf"^(d\d+|width{SHARE}|dynwidth{SHARE}|tokens{SHARE})$")
+SHARE = r"(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)"
+VARIANT_RE = re.compile(rf"^(d[0-9]+|width{SHARE}|dynwidth{SHARE}|tokens{SHARE})$")
 
 
 def parse_spec(spec: str) -> tuple[str, list[str]]:
     base, *variants = spec.split("+")
+    kinds = [re.sub(r"[0-9.]+$", "", v) for v in variants]
+    twice = next((k for k in kinds if k != "d" and (kinds.count(k) > 1 or (k == "width" and "dynwidth" in kinds))), None)
+    if twice is not None:  # a second one would silently replace the first (depth prunes again: it chains)
+        raise UsageError(f"bench spec {spec!r} sets {twice} twice: the second would replace the first")
     for v in variants:
         if not VARIANT_RE.match(v):
             raise UsageError(f"unknown bench variant {v!r} in {spec!r} (use dN, widthF, dynwidthF, tokensF, e.g. d14, width0.5)")
@@ -163,7 +167,7 @@ def build(spec: str, seed: int = 0, load: dict | None = None, schedule=(None, No
             if model.config.tokens is None:
                 model = add_token_router(model)
             set_token_capacity(set_token_keep(model, share), share)  # the capacity the routers were set to
-    if token_capacity is not None:
+    if token_capacity is not None and model.config.tokens is not None:  # the others have no token routers to cap
         set_token_capacity(model, token_capacity)
     return model.eval()
 

@@ -128,8 +128,8 @@ def sample_shards(model, out_dir: Path, num_samples: int, sampler: str = "ddim",
         if problem is not None:
             if (sdir / f"shard-{i:05d}.npz").exists() or (sdir / f"shard-{i:05d}.sha256").exists():
                 note(f"work shard {sdir / f'shard-{i:05d}.npz'} {problem}: it is sampled again")
-            for f in (sdir / f"shard-{i:05d}.npz", sdir / f"shard-{i:05d}.sha256"):
-                f.unlink(missing_ok=True)
+            for f in (sdir / f"shard-{i:05d}.npz", sdir / f"shard-{i:05d}.sha256", sdir / f"shard-{i:05d}"):
+                _remove(f)
             todo.append(i)
     written = []
     with make_progress(f"sampling ({sampler} {steps})", len(mine) * shard_size, completed=(len(mine) - len(todo)) * shard_size) as bar:
@@ -150,10 +150,7 @@ def sample_shards(model, out_dir: Path, num_samples: int, sampler: str = "ddim",
                 imgs.append(to_uint8(decode(model, x, vae)))
                 bar.advance(e - b)
             arr = np.concatenate(imgs)
-            png_dir = sdir / f"shard-{i:05d}"
-            png_dir.mkdir(exist_ok=True)
-            for j, a in enumerate(arr):
-                Image.fromarray(a).save(png_dir / f"{lo + j:06d}.png")
+            write_pngs(sdir / f"shard-{i:05d}", arr, lo)
             tmp = sdir / f".shard-{i:05d}.npz.tmp"
             with open(tmp, "wb") as f:
                 np.savez(f, images=arr, labels=labels[lo:hi])
@@ -163,6 +160,22 @@ def sample_shards(model, out_dir: Path, num_samples: int, sampler: str = "ddim",
             os.replace(digest, sdir / f"shard-{i:05d}.sha256")  # the shard counts as done only now
             written.append(i)
     return written
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, link or folder at ``path`` (whatever a damaged work dir holds there)."""
+    if path.is_symlink() or path.is_file() or (path.exists() and not path.is_dir()):
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def write_pngs(png_dir: Path, arr: np.ndarray, lo: int) -> None:
+    """One PNG per image of a shard (``lo`` the first sample's index), replacing what was there."""
+    _remove(png_dir)
+    png_dir.mkdir()
+    for j, a in enumerate(arr):
+        Image.fromarray(a).save(png_dir / f"{lo + j:06d}.png")
 
 
 def shard_problem(sdir: Path, i: int, n: int) -> str | None:
@@ -182,7 +195,9 @@ def shard_problem(sdir: Path, i: int, n: int) -> str | None:
     return None
 
 
-def gather_samples(out_dir: Path, num_samples: int, shard_size: int) -> tuple[np.ndarray, np.ndarray]:
+def gather_samples(out_dir: Path, num_samples: int, shard_size: int, fresh=()) -> tuple[np.ndarray, np.ndarray]:
+    """Every shard's images and labels, each shard verified; the per-image PNGs of the shards not
+    written by this very process (``fresh``) are written again from the verified shard."""
     sdir = Path(out_dir) / "samples"
     n_shards = (num_samples + shard_size - 1) // shard_size
     imgs, labels = [], []
@@ -199,6 +214,8 @@ def gather_samples(out_dir: Path, num_samples: int, shard_size: int) -> tuple[np
             raise DitcError(f"work shard {f} cannot be read ({type(e).__name__}); delete it and rerun") from None
         if len(a) != n or len(lab) != n:
             raise DitcError(f"work shard {f} holds {len(a)} images where {n} belong; delete it and rerun")
+        if i not in fresh:  # resumed or another process's: the per-image files from the verified shard
+            write_pngs(sdir / f"shard-{i:05d}", a, i * shard_size)
         imgs.append(a)
         labels.append(lab)
     return np.concatenate(imgs), np.concatenate(labels)
@@ -336,7 +353,10 @@ def path_identity(value) -> str | None:
     whatever its sizes and times, is another input."""
     if value is None or not isinstance(value, str) or not Path(value).exists():
         return value
-    return f"{value}#{tree_digest(value)[:32]}"
+    try:
+        return f"{value}#{tree_digest(value)[:32]}"
+    except OSError as e:
+        raise UsageError(f"{value}: {e.strerror or e} (an input must be a regular file or a folder of them)") from None
 
 
 def data_identity(value) -> str | None:
@@ -468,13 +488,14 @@ def _to_cache(key: str, out_dir: Path) -> None:
             if (out_dir / f).exists():
                 shutil.copy2(out_dir / f, tmp / f)
         seal(tmp, CACHED, key=key)
-        if target.exists():
+        if target.exists() or target.is_symlink():
             os.replace(target, old)
         os.replace(tmp, target)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
     finally:
-        shutil.rmtree(old, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            _remove(old)
 
 
 def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None = None, steps: int | None = None,
@@ -536,8 +557,11 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
         recipe["model"] = fingerprint(model)  # whatever the caller passed: the weights sampled are the key
         if fidelity_ref is not None:
             recipe["fidelity_ref"] = path_identity(str(fidelity_ref))
-        if prompts is not None:
-            recipe["prompts"] = {"data": data_identity(prompts.source), "encoded_by": prompts.encoded_by}
+        if prompts is not None:  # caption shards by their files; a prompt file by the very texts that were read
+            data = (shards_identity(prompts.source) or
+                    ("texts#" + hashlib.sha256(json.dumps(prompts.texts).encode()).hexdigest()[:32]
+                     if prompts.encoded_by is not None and prompts.texts is not None else data_identity(prompts.source)))
+            recipe["prompts"] = {"data": data, "encoded_by": prompts.encoded_by}
         if clip is not None:
             recipe["clip"] = path_identity(clip)
         key = cache_key(recipe, metrics, ref, ex_kw, kid_subset_size, loss_data)
@@ -565,7 +589,7 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
         barrier()
     if rank != 0:
         return None
-    imgs, labels = gather_samples(work, num_samples, shard_size)
+    imgs, labels = gather_samples(work, num_samples, shard_size, set(written))
     report = {
         "num_samples": num_samples, "sampler": sampler, "steps": steps, "timestep_spacing": spacing, "cfg_scale": cfg_scale,
         "guidance_interval": guidance_interval,
@@ -650,7 +674,7 @@ def sample_grid_png(path: Path, imgs: np.ndarray, labels: np.ndarray, num_classe
             grid[c * H:(c + 1) * H, j * W:(j + 1) * W] = a
     img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
     if row_labels:
-        texts = [str(t) for t in row_labels[:rows]]
+        texts = [str(t) if len(str(t)) <= 80 else str(t)[:77] + "..." for t in row_labels[:rows]]
         margin = 6 * max(len(t) for t in texts) + 8  # PIL's default bitmap font: about 6 px a character
         framed = Image.new("RGB", (img.width + margin, img.height), "white")
         framed.paste(img, (margin, 0))

@@ -143,7 +143,7 @@ def check_mode(mode) -> str:
     if mode is None:
         mode = "auto"
     if mode not in MODES:
-        raise UsageError(f"`cuda_graphs` must be one of {', '.join(MODES)} (or true/false), got {mode!r}"[:200])
+        raise UsageError(f"`cuda_graphs` must be one of {', '.join(MODES)}, got {mode!r}"[:200])
     return mode
 
 
