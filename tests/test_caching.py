@@ -156,3 +156,51 @@ def test_eval_reports_the_cache_and_the_fidelity_to_the_base_from_the_same_noise
     bad = runner.invoke(app, ["eval", "digits-dit", "-o", str(tmp_path / "bad"), *map(str, args),
                               "--feature-cache", "fora:0"])
     assert bad.exit_code == 2 and "unknown feature cache policy" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def _fake_eval(d, source, steps, secs, fid, psnr=None, loss=0.1, policy=None, seed=0):
+    import json
+
+    d.mkdir(parents=True)
+    rep = {"source": source, "sampler": "ddim", "steps": steps, "num_samples": 100, "seed": seed,
+           "steady_seconds_per_image": secs,
+           "metrics": {"frechet_inception_distance": fid, "fidelity_psnr": psnr, "heldout_loss": loss}}
+    if policy:
+        rep["feature_cache"] = {"policy": policy, "skip_rate": 0.5}
+    (d / "report.json").write_text(json.dumps(rep))
+
+
+def test_the_frontier_marks_pareto_points_and_which_beat_fewer_steps(tmp_path):
+    """Hand-made eval reports with known positions: the baseline (base at 10/25/50 steps), a
+    cached point above the baseline curve, one below it, and a dominated one; two seeds of one
+    point averaged."""
+    import json
+
+    for seed in (0, 1):
+        root = tmp_path / f"s{seed}"
+        _fake_eval(root / "base-10", "digits-dit", 10, 1.0, 60.0)
+        _fake_eval(root / "base-25", "digits-dit", 25, 2.5, 50.0)
+        _fake_eval(root / "base-50", "digits-dit", 50, 5.0, 45.0)
+        _fake_eval(root / "fora2", "digits-dit", 50, 2.5, 46.0 + seed * 2, policy="fora:2")   # beats fewer steps
+        _fake_eval(root / "fora4", "digits-dit", 50, 1.75, 70.0, policy="fora:4")            # worse than fewer steps
+        _fake_eval(root / "slow", "digits-dit", 50, 6.0, 47.0, policy="fora:1")              # dominated
+    r = runner.invoke(app, ["frontier", str(tmp_path / "s0"), str(tmp_path / "s1"), "-o", str(tmp_path / "f"), "--json"])
+    assert r.exit_code == 0, r.output
+    pts = {p["point"]: p for p in json.loads(r.stdout)["points"]}
+    assert json.loads(r.stdout)["base"] == "digits-dit" and pts["base-10"]["baseline"]
+    f = "frechet_inception_distance"
+    assert pts["fora2"][f] == 47.0 and pts["fora2"][f"{f}_sd"] > 0 and pts["fora2"]["seeds"] == 2
+    assert pts["fora2"][f"beats_fewer_steps_{f}"] is True and pts["fora2"][f"pareto_{f}"] is True
+    assert pts["fora4"][f"beats_fewer_steps_{f}"] is False and pts["fora4"][f"pareto_{f}"] is False
+    assert pts["slow"][f"pareto_{f}"] is False and pts["slow"][f"beats_fewer_steps_{f}"] is None  # beyond the baseline
+    assert pts["base-10"][f"pareto_{f}"] and pts["base-50"][f"pareto_{f}"] and not pts["base-25"][f"pareto_{f}"]
+    assert (tmp_path / "f" / "frontier_fid.png").exists() and (tmp_path / "f" / "frontier.md").exists()
+
+
+def test_the_frontier_needs_a_baseline_at_several_steps(tmp_path):
+    _fake_eval(tmp_path / "r" / "base-50", "digits-dit", 50, 5.0, 45.0)
+    _fake_eval(tmp_path / "r" / "fora2", "digits-dit", 50, 2.5, 46.0, policy="fora:2")
+    r = runner.invoke(app, ["frontier", str(tmp_path / "r"), "-o", str(tmp_path / "f")])
+    assert r.exit_code == 2 and "base" in r.output and not (tmp_path / "f").exists()
+    r = runner.invoke(app, ["frontier", str(tmp_path / "nothing"), "-o", str(tmp_path / "f")])
+    assert r.exit_code == 2 and not (tmp_path / "f").exists()
