@@ -21,7 +21,9 @@ from .commands import (
     distill,
     evaluate_model,
     finetune,
+    frontier,
     info,
+    learn_cache,
     prepare_data,
     prune_depth,
 )
@@ -37,5 +39,5 @@ from .model.compile import compile_model
 
 __version__ = "0.1.0"
 __all__ = ["Captions", "DiT", "DiTConfig", "DitcError", "FormatError", "MissingFactError", "TrainingError", "UsageError", "add_dynamic_width", "add_token_router", "bench", "compile_model", "convert", "create",
-           "distill", "encode_prompts", "evaluate_model", "finetune", "info", "load_model", "prepare_data", "prune_depth", "sample",
+           "distill", "encode_prompts", "evaluate_model", "finetune", "frontier", "info", "learn_cache", "load_model", "prepare_data", "prune_depth", "sample",
            "save_model", "set_token_capacity", "training_losses", "__version__"]

@@ -563,6 +563,39 @@ def _bench_table(report: dict, loop: bool, compile_: bool) -> None:
     out_console.print(rows_table(f"ditc bench (baseline {report['baseline']})", [{k: r.get(k) for k in cols} for r in report["rows"]]))
 
 
+@app.command("learn-cache")
+@handle_errors
+def learn_cache_cmd(
+    source: str = Src, output: str = Out,
+    data: str = typer.Option(..., "--data", help="digits | a latents dir | an image folder: the batches the schedule is learned on.", show_default=False),
+    sampler: str = typer.Option("ddim", "--sampler", help="ddim | ddpm: the sampler the schedule is for."),
+    steps: int = typer.Option(50, "--steps", help="Its steps: the schedule holds one row per step."),
+    timestep_spacing: Optional[str] = Spacing,
+    iters: int = typer.Option(300, "--iters", help="Training draws (a batch and a step each)."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    lr: float = typer.Option(0.1, "--lr", help="Learning rate of the router logits (Adam)."),
+    sparsity: float = typer.Option(0.01, "--sparsity", help="Weight of the gates' mean in the loss: more caches more."),
+    threshold: float = typer.Option(0.5, "--threshold", help="Gates below it reuse their block's residual at that step."),
+    seed: int = Seed, force: bool = Force, json_out: bool = JsonOut,
+    revision: Optional[str] = Revision, no_ema: bool = NoEma,
+    num_heads: Optional[int] = NumHeads, prediction: Optional[str] = Prediction, numerics: Optional[str] = Numerics,
+):
+    """Learning-to-Cache: with the model frozen, learn for each step of a sampler and each block
+    whether the block may reuse its residual of the step before. The written model keeps the
+    schedule in its config; eval, bench and sample follow it for that sampler and step count
+    (another one is refused; --feature-cache none runs uncached).
+
+    Examples:
+
+        ditc learn-cache digits-dit --data digits --sampler ddim --steps 50 -o digits-l2c/
+
+        ditc eval digits-l2c/ -o eval-l2c/ -n 500 --sampler ddim --steps 50 --cfg-scale 2 --fidelity-ref eval-base/
+    """
+    opts = _options(locals())
+    _, report = commands.learn_cache(source, **opts)
+    _summary({k: v for k, v in report.items() if k != "history"}, json_out)
+
+
 @app.command("frontier")
 @handle_errors
 def frontier_cmd(

@@ -148,6 +148,10 @@ class DiTConfig:
     additional_conditions: bool = False  # resolution + aspect-ratio conditions (the 1024 px models)
     interpolation_scale: float | None = None  # positions / interpolation_scale (diffusers: sample_size // 64)
     pos_base_size: int | None = None  # the grid the positions are scaled to (diffusers: sample_size // patch)
+    # a learned feature-cache schedule (Learning-to-Cache, ditc learn-cache): the sampler it was
+    # learned for ({"sampler", "steps", "spacing"}) and "skip" [steps][depth]: whether block i reuses
+    # its residual of the step before at step n
+    cache_schedule: dict | None = None
 
     def __post_init__(self):
         if self.source_depth is None:  # the least depth the kept layers can have come from
@@ -241,6 +245,8 @@ class DiTConfig:
                              f"(the source's layers), got {kept}"[:200])
         if self.width is not None:
             self.width.validate()
+        if self.cache_schedule is not None:
+            self._check_cache_schedule()
         if self.tokens is not None:
             self.tokens.validate()
             if self.tokens.capacity is not None and len(self.tokens.capacity) != self.depth:
@@ -286,6 +292,21 @@ class DiTConfig:
             ):
                 return f"{family}-{name}/{self.patch_size}"
         return f"{family}(D={self.hidden_size},H={self.num_heads},depth={self.source_depth})/{self.patch_size}"
+
+    def _check_cache_schedule(self) -> None:
+        cs = self.cache_schedule
+        if not isinstance(cs, dict) or set(cs) != {"sampler", "steps", "spacing", "skip"}:
+            raise UsageError("`cache_schedule` must be {sampler, steps, spacing, skip}")
+        checks.text("cache_schedule.sampler", cs["sampler"])
+        steps = checks.integer("cache_schedule.steps", cs["steps"], lo=1, hi=checks.MAX_STEPS)
+        checks.text("cache_schedule.spacing", cs["spacing"], optional=True)
+        skip = cs["skip"]
+        if (not isinstance(skip, list) or len(skip) != steps
+                or any(not isinstance(r, list) or len(r) != self.depth or any(not isinstance(v, bool) for v in r)
+                       for r in skip)):
+            raise UsageError(f"`cache_schedule.skip` must be {steps} rows of {self.depth} true/false values (one per block)")
+        if any(skip[0]):
+            raise UsageError("`cache_schedule.skip`: the first step has nothing to reuse")
 
     # ------------------------------------------------------------------ json
     def to_dict(self) -> dict:

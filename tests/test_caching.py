@@ -204,3 +204,58 @@ def test_the_frontier_needs_a_baseline_at_several_steps(tmp_path):
     assert r.exit_code == 2 and "base" in r.output and not (tmp_path / "f").exists()
     r = runner.invoke(app, ["frontier", str(tmp_path / "nothing"), "-o", str(tmp_path / "f")])
     assert r.exit_code == 2 and not (tmp_path / "f").exists()
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    """digits-dit with a schedule learned for DDIM-6 (a short run with a strong pull to cache)."""
+    out = tmp_path_factory.mktemp("l2c") / "m"
+    model, report = dc.learn_cache("digits-dit", output=str(out), data="digits", sampler="ddim", steps=6, iters=60,
+                                   batch_size=8, sparsity=0.05, seed=0)
+    return out, report
+
+
+def test_a_learned_cache_skips_exactly_what_its_schedule_says(learned):
+    out, report = learned
+    m = dc.load_model(str(out))
+    skip = m.config.cache_schedule["skip"]
+    assert skip == [[bool(v) for v in row] for row in skip] and not any(skip[0])
+    assert 0 < report["skip_rate"] < 1 and report["blocks_reused_per_step"] == [sum(r) for r in skip]
+    calls = []
+    hooks = [b.register_forward_pre_hook(lambda mod, a, i=i: calls.append(i)) for i, b in enumerate(m.blocks)]
+    step_of = []
+    m.register_forward_pre_hook(lambda mod, a, k: step_of.append(k["run"].step), with_kwargs=True)
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    dc.sample(m, noise, torch.tensor([1, 2]), sampler="ddim", steps=6, cfg_scale=2.0)
+    for h in hooks:
+        h.remove()
+    assert len(step_of) == 6 and len(calls) == sum(m.config.depth - sum(skip[n]) for n in range(6))
+    # the uncached model, asked for explicitly, runs every block and differs
+    base = dc.sample(dc.load_model("digits-dit"), noise, torch.tensor([1, 2]), sampler="ddim", steps=6, cfg_scale=2.0)
+    plain = dc.sample(m, noise, torch.tensor([1, 2]), sampler="ddim", steps=6, cfg_scale=2.0, feature_cache="none")
+    assert torch.equal(plain, base)
+
+
+def test_a_learned_schedule_is_refused_for_another_sampler_or_step_count_and_follows_pruning(learned, tmp_path):
+    out, _ = learned
+    m = dc.load_model(str(out))
+    noise = torch.randn(1, 1, 8, 8)
+    for kw in ({"sampler": "ddim", "steps": 10}, {"sampler": "ddpm", "steps": 6}):
+        with pytest.raises(dc.UsageError, match="learned cache schedule is for ddim 6 steps"):
+            dc.sample(m, noise, torch.tensor([1]), **kw)
+    r = runner.invoke(app, ["eval", str(out), "-o", str(tmp_path / "e"), "-n", 4, "--steps", 8, "--metrics", "fid"])
+    assert r.exit_code == 2 and "learned cache schedule" in r.output and not (tmp_path / "e").exists()
+    pruned = prune_layers(m, [1, 3, 5])
+    assert pruned.config.cache_schedule["skip"] == [[row[i] for i in (1, 3, 5)] for row in m.config.cache_schedule["skip"]]
+
+
+@pytest.mark.parametrize("args,msg", [(["--threshold", "1.5"], "threshold"), (["--steps", "1"], "steps"),
+                                      (["--sampler", "euler"], "sampler"), (["--iters", "0"], "iters")])
+def test_learn_cache_bad_options_are_one_line(tmp_path, args, msg):
+    r = runner.invoke(app, ["learn-cache", "digits-dit", "--data", "digits", "-o", str(tmp_path / "o"), *args])
+    assert r.exit_code == 2 and msg in r.output and not (tmp_path / "o").exists(), r.output
+
+
+def test_learn_cache_refuses_a_velocity_model(tmp_path):
+    r = runner.invoke(app, ["learn-cache", "digits-sit", "--data", "digits", "--iters", 1, "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "eps-prediction" in r.output and not (tmp_path / "o").exists(), r.output

@@ -1,11 +1,17 @@
-"""``finetune`` and ``distill``: train a (compressed) model and write what it became."""
+"""``finetune``, ``distill`` and ``learn-cache``: train a (compressed) model, or its cache
+schedule, and write what it became."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from .. import checks
+from ..data.datasets import check_fits, load_data
+from ..diffusion.sampling import check_spacing, resolve_spacing
+from ..formats import write_checkpoint
+from ..model.family import require
 from ..train.api import train_and_save
+from ..train.cache import learn_cache as learn_cache_fn
 from ..train.losses import REP_MASK_FORMS, REP_PAIRS
 from ..train.trainer import TrainConfig
 from .common import load_source, seed as check_seed, source_name, writes_output
@@ -131,3 +137,37 @@ def distill(source, *, output: str | Path, teacher, data: str, kd_out: float = 0
           "rep_pairs": rep_pairs, "rep_mask_form": rep_mask_form, **dyn}
     return train_and_save(student, data, output, tcfg, force=force, resume=resume, teacher=t_model, kd=kd,
                           op="distill", extra={"teacher": source_name(teacher), "kd": kd})
+
+
+@writes_output("source", "data")
+def learn_cache(source, *, output: str | Path, data: str, sampler: str = "ddim", steps: int = 50,
+                timestep_spacing: str | None = None, iters: int = 300, batch_size: int = 16, lr: float = 0.1,
+                sparsity: float = 0.01, threshold: float = 0.5, seed: int = 0, force: bool = False,
+                revision: str | None = None, no_ema: bool = False, num_heads: int | None = None,
+                prediction: str | None = None, numerics: str | None = None):
+    """Learning-to-Cache: with the model frozen, learn for each step of ``sampler``/``steps`` and
+    each block whether the block reuses its residual of the step before (router gates trained
+    toward the full model's output under a pull toward caching, ``sparsity``; gates below
+    ``threshold`` reuse). Writes the model with the schedule in its config: every command that
+    samples it with that sampler and step count follows it. Returns (written model, report)."""
+    c = checks
+    data = c.text("data", data)
+    steps = c.integer("steps", steps, lo=2, hi=1000)
+    iters = c.integer("iters", iters, lo=1, hi=c.MAX_STEPS)
+    batch_size = c.integer("batch_size", batch_size, lo=1, hi=c.MAX_BATCH)
+    lr = c.real("lr", lr, lo=0.0, lo_open=True)
+    sparsity = c.real("sparsity", sparsity, lo=0.0)
+    threshold = c.real("threshold", threshold, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    seed = check_seed(seed)
+    sampler = c.choice("sampler", sampler, ("ddpm", "ddim"))
+    spacing = resolve_spacing(sampler, check_spacing(timestep_spacing))
+    model = load_source(source, revision=revision, no_ema=no_ema, num_heads=num_heads, prediction=prediction,
+                        numerics=numerics)
+    require(model, "training")
+    dataset = load_data(data, cfg=model.config)
+    check_fits(dataset, model.config)
+    out, report = learn_cache_fn(model, dataset, sampler, steps, spacing, iters, batch_size, lr, sparsity, threshold,
+                                 seed)
+    report["data"] = data
+    write_checkpoint(out, Path(output), force=force, report=report, title="ditc learn-cache")
+    return out, report

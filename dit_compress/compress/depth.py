@@ -104,7 +104,11 @@ def prune_layers(model, keep: list[int], op_params: dict | None = None):
     tokens = model.config.tokens
     if tokens is not None and tokens.capacity is not None:  # per-block data follows its blocks
         tokens = dataclasses.replace(tokens, capacity=[tokens.capacity[i] for i in keep])
-    cfg = model.config.copy(depth=len(keep), kept_layers=[model.config.kept_layers[i] for i in keep], tokens=tokens)
+    schedule = model.config.cache_schedule
+    if schedule is not None:  # a learned cache schedule keeps the columns of the kept blocks
+        schedule = {**schedule, "skip": [[row[i] for i in keep] for row in schedule["skip"]]}
+    cfg = model.config.copy(depth=len(keep), kept_layers=[model.config.kept_layers[i] for i in keep], tokens=tokens,
+                            cache_schedule=schedule)
     if op_params is not None:
         cfg = cfg.with_step("prune-depth", **op_params)
     stack = family_of(model).stack_key + "."

@@ -17,6 +17,9 @@ output whatever the input). Policies, by spec:
   residual changed by less than T (relative L1) since the last step that ran every block, the
   other blocks reuse their residual sum from that step. The decision reads one number back to
   the host per step (a data-dependent choice, as in cache-dit).
+- learned (Learning-to-Cache): a per-step, per-block schedule learned with the model frozen
+  (train/cache.py, ``ditc learn-cache``), kept in the model's config and followed whenever the
+  model samples with the sampler and steps it was learned for.
 - ``taylorseer:N,O`` (TaylorSeer; ``taylorseer:N:O`` in comma lists): every block computed on every N-th step; between, each block's
   residual is forecast by a Taylor series of order O whose derivatives are finite differences
   of the last O+1 computed residuals.
@@ -152,6 +155,34 @@ class TaylorSeer(BlockCache):
         for m in range(1, len(derivs[i])):
             forecast = forecast + derivs[i][m] * (k ** m / math.factorial(m))
         return h + forecast
+
+
+class LearnedCache(BlockCache):
+    """Learning-to-Cache: a schedule learned with the model frozen (``ditc learn-cache``) says,
+    per step and block, whether the block reuses its residual of the step before."""
+
+    def __init__(self, schedule: list[list[bool]], spec: str = "learned"):
+        super().__init__()
+        self.schedule, self.spec = schedule, spec
+
+    def block(self, i, h, compute, step, st, depth):
+        res = st.setdefault("res", {})
+        if step < len(self.schedule) and self.schedule[step][i] and i in res:
+            self.skip()
+            return h + res[i]
+        out = self.run_block(i, h, compute)
+        res[i] = out - h
+        return out
+
+
+def learned_policy(schedule: dict, sampler: str, steps: int, spacing) -> LearnedCache:
+    """The learned schedule of a model, for a run of ``sampler``/``steps``/``spacing``: the run it
+    was learned for, or a one-line refusal (its steps mean nothing for another run)."""
+    want = (schedule["sampler"], schedule["steps"], schedule["spacing"])
+    if (sampler, steps, spacing) != want:
+        raise UsageError(f"this model's learned cache schedule is for {want[0]} {want[1]} steps ({want[2]} spacing), "
+                         f"not {sampler} {steps} ({spacing}): sample with those, or pass feature_cache none")
+    return LearnedCache(schedule["skip"], f"learned ({want[0]} {want[1]})")
 
 
 def parse_policy(spec) -> BlockCache | None:

@@ -21,7 +21,7 @@ from ..model.family import family_of
 from ..model.run import RunContext, accepts_run
 from ..progress import make_progress
 from .caching import feature_cache as caching
-from .caching import parse_policy
+from .caching import learned_policy, parse_policy
 from .flow import FlowMatching
 from .gaussian import SPACINGS, GaussianDiffusion, spaced_timesteps
 
@@ -192,7 +192,9 @@ def sample(model, noise: torch.Tensor, y: torch.Tensor, sampler: str | None = No
     width profile) is captured once as a CUDA graph and replayed (model/graphs.py); ``auto``
     does so where the model can be captured, ``on`` refuses where it cannot. ``feature_cache``:
     a caching policy for this run (``fora:N``, ``fbcache:T``, ``taylorseer:N,O``, or a policy
-    object from ``diffusion.caching.parse_policy``, whose ``stats()`` count what it skipped).
+    object from ``diffusion.caching.parse_policy``, whose ``stats()`` count what it skipped); a
+    model with a learned schedule (``ditc learn-cache``) follows it when this is None, for the
+    sampler and steps it was learned for only, and runs uncached with ``feature_cache="none"``.
     ``y`` is the model family's condition: class labels, or ``Captions`` for a text-to-image
     model, whose guidance null is ``negative`` (the encoder's empty-prompt captions).
     The model runs in eval mode (restored afterwards); samples that are not finite stop the
@@ -218,6 +220,9 @@ def sample(model, noise: torch.Tensor, y: torch.Tensor, sampler: str | None = No
         guidance_interval = (lo, hi)
     graphs = check_graphs(cuda_graphs)
     policy = parse_policy(feature_cache)
+    schedule = getattr(model.config, "cache_schedule", None)
+    if feature_cache is None and schedule is not None:  # a learned schedule is followed unless "none" is asked
+        policy = learned_policy(schedule, sampler, steps, spacing)
     if compile:
         compile_model(model)
     was_training = bool(getattr(model, "training", False))

@@ -14,6 +14,7 @@ import os
 import shutil
 import statistics
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from ..data.batches import calibration_set
 from ..data.datasets import bundled_digits, check_fits, digits_arrays, load_data, shards_identity
 from ..data.vae import decode, load_vae
 from .. import checks
-from ..diffusion.caching import parse_policy
+from ..diffusion.caching import learned_policy, parse_policy
 from ..diffusion.calibration import calibration_losses
 from ..diffusion.measure import FlopsMeter
 from ..diffusion.sampling import (
@@ -444,8 +445,6 @@ def entry_problem(entry: Path) -> tuple[str | None, dict | None]:
 def npz_rows(path: Path) -> dict:
     """{array name: its length} of an .npz archive, read from the arrays' headers only (not
     their data: an eval's samples can be gigabytes)."""
-    import zipfile
-
     out = {}
     with zipfile.ZipFile(path) as z:
         for name in z.namelist():
@@ -549,6 +548,9 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
               "vae": vae_name or model.config.vae if model.config.latent_scale is not None else None,
               **(producer or {})}
     policy = parse_policy(feature_cache)
+    schedule = getattr(model.config, "cache_schedule", None)
+    if feature_cache is None and schedule is not None:  # the model's learned schedule, for this very sampler
+        policy = learned_policy(schedule, sampler, steps, spacing)
     if policy is not None:
         recipe["feature_cache"] = policy.spec
     ref_samples = fidelity_reference(fidelity_ref, recipe, conds.labels) if fidelity_ref is not None and rank == 0 else None
