@@ -16,7 +16,7 @@ FORMAT_VERSION = 1
 NUMERICS = ("original", "diffusers")
 PREDICTIONS = ("eps", "velocity")
 SORTS = ("magnitude", "taylor", "none")
-FAMILIES = ("dit", "pixart")  # model/family.py holds what each one is
+FAMILIES = ("dit", "pixart", "mar")  # model/family.py holds what each one is
 # Sizes a config may state, checked before anything is allocated: far above any published
 # DiT (XL/2 at 1024 px: 4,096 tokens, hidden 1152, 28 layers, 675M parameters), far below
 # what would exhaust a machine by a typo or a tampered file.
@@ -96,6 +96,61 @@ class TokenSpec:
             self.capacity = [checks.real("capacity", c, lo=0.0, hi=1.0, lo_open=True) for c in self.capacity]
 
 
+# MAR (LTH14/mar models/mar.py): mar_base / mar_large / mar_huge, encoder and decoder alike
+MAR_ARCHS = {"MAR-B": dict(hidden_size=768, depth=12, num_heads=12), "MAR-L": dict(hidden_size=1024, depth=16, num_heads=16),
+             "MAR-H": dict(hidden_size=1280, depth=20, num_heads=16)}
+MAR_MODEL_NAMES = {"mar_base": "MAR-B", "mar_large": "MAR-L", "mar_huge": "MAR-H"}
+# the head (DiffLoss MLP) each size is evaluated with in the MAR paper (README: depth / width)
+MAR_HEADS = {"MAR-B": (6, 1024), "MAR-L": (8, 1280), "MAR-H": (12, 1536)}
+
+
+@dataclass
+class MARSpec:
+    """What a MAR (masked autoregressive model with a per-token diffusion head) adds to the
+    shared fields: ``hidden_size`` / ``num_heads`` are the encoder's, ``depth`` counts both
+    stacks, ``kept_layers`` index the source's encoder blocks (0..E-1) then its decoder blocks
+    (E..E+D-1); ``stack_depths`` = [E, D] of the source."""
+
+    stack_depths: list[int] = field(default_factory=lambda: [16, 16])
+    decoder_hidden_size: int | None = None  # None: the encoder's
+    decoder_num_heads: int | None = None
+    buffer_size: int = 64
+    vae_stride: int = 16
+    diffloss_d: int = 3
+    diffloss_w: int = 1024
+    num_sampling_steps: str = "100"
+    diffusion_batch_mul: int = 4
+    mask_ratio_min: float = 0.7
+    attn_dropout: float = 0.1
+    proj_dropout: float = 0.1
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self, hidden: int) -> None:
+        sd = self.stack_depths
+        if not isinstance(sd, list) or len(sd) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in sd):
+            raise UsageError(f"`mar.stack_depths` must be [encoder depth, decoder depth], got {sd!r}"[:200])
+        for name, v in zip(("encoder", "decoder"), sd):
+            checks.integer(f"mar.stack_depths ({name})", v, lo=0, hi=MAX_DEPTH)
+        dh = checks.integer("mar.decoder_hidden_size", self.decoder_hidden_size, lo=1, hi=MAX_HIDDEN, optional=True)
+        dn = checks.integer("mar.decoder_num_heads", self.decoder_num_heads, lo=1, hi=MAX_HIDDEN, optional=True)
+        if (dh or hidden) % (dn or 1):
+            raise UsageError(f"decoder hidden size {dh or hidden} is not divisible by decoder_num_heads {dn}")
+        checks.integer("mar.buffer_size", self.buffer_size, lo=0, hi=MAX_TOKENS)
+        checks.integer("mar.vae_stride", self.vae_stride, lo=1, hi=1024)
+        checks.integer("mar.diffloss_d", self.diffloss_d, lo=1, hi=MAX_DEPTH)
+        checks.integer("mar.diffloss_w", self.diffloss_w, lo=1, hi=MAX_HIDDEN)
+        self.num_sampling_steps = str(checks.text("mar.num_sampling_steps", str(self.num_sampling_steps)))
+        if not self.num_sampling_steps.isdigit() or not 1 <= int(self.num_sampling_steps) <= 1000:
+            raise UsageError(f"`mar.num_sampling_steps` must be a step count in 1..1000 (the head's respacing), "
+                             f"got {self.num_sampling_steps!r}"[:200])
+        checks.integer("mar.diffusion_batch_mul", self.diffusion_batch_mul, lo=1, hi=1024)
+        checks.real("mar.mask_ratio_min", self.mask_ratio_min, lo=0.0, hi=1.0, hi_open=True)
+        checks.real("mar.attn_dropout", self.attn_dropout, lo=0.0, hi=1.0, hi_open=True)
+        checks.real("mar.proj_dropout", self.proj_dropout, lo=0.0, hi=1.0, hi_open=True)
+
+
 def _spec(kind, value, what: str):
     """A width/token spec from its JSON form, unknown fields refused."""
     if value is None or isinstance(value, kind):
@@ -152,6 +207,7 @@ class DiTConfig:
     # learned for ({"sampler", "steps", "spacing"}) and "skip" [steps][depth]: whether block i reuses
     # its residual of the step before at step n
     cache_schedule: dict | None = None
+    mar: MARSpec | None = None  # family "mar": the encoder/decoder split and the diffusion head
 
     def __post_init__(self):
         if self.source_depth is None:  # the least depth the kept layers can have come from
@@ -163,6 +219,7 @@ class DiTConfig:
             self.kept_layers = list(range(self.depth))
         self.width = _spec(WidthSpec, self.width, "width")
         self.tokens = _spec(TokenSpec, self.tokens, "tokens")
+        self.mar = _spec(MARSpec, self.mar, "mar")
         self.validate()
 
     # ------------------------------------------------------------------ derived
@@ -267,14 +324,43 @@ class DiTConfig:
         elif (self.caption_channels, self.caption_length, self.interpolation_scale, self.pos_base_size) != (None,) * 4 \
                 or self.additional_conditions:
             raise UsageError("caption and PixArt fields are set on a class-conditional DiT config")
+        if self.family == "mar":
+            if self.mar is None:
+                raise UsageError("a MAR config needs its `mar` fields (stack depths, buffer, diffusion head)")
+            self.mar.validate(self.hidden_size)
+            if sum(self.mar.stack_depths) != self.source_depth:
+                raise UsageError(f"MAR stack depths {self.mar.stack_depths} do not add up to the source depth "
+                                 f"{self.source_depth}")
+            if self.width is not None or self.tokens is not None or self.cache_schedule is not None:
+                raise UsageError("dynamic width, token routing and cache schedules are not defined for MAR models")
+        elif self.mar is not None:
+            raise UsageError("MAR fields are set on a config of family " + str(self.family))
         if not isinstance(self.lineage, list) or not all(isinstance(s, dict) for s in self.lineage):
             raise UsageError("`lineage` must be a list of objects")
         if not isinstance(self.provenance, dict):
             raise UsageError("`provenance` must be an object")
 
+    @property
+    def stack_split(self) -> list[int]:
+        """Blocks of this model in each stack (MAR: [encoder, decoder]; other families: [depth])."""
+        if self.family != "mar":
+            return [self.depth]
+        enc = self.mar.stack_depths[0]
+        n_enc = sum(1 for k in self.kept_layers if k < enc)
+        return [n_enc, self.depth - n_enc]
+
     def estimated_params(self) -> float:
         """Parameters this config describes (analytic, nothing allocated)."""
         D, L = float(self.hidden_size), float(self.depth)
+        if self.family == "mar":
+            m = self.mar
+            Dd = float(m.decoder_hidden_size or self.hidden_size)
+            e, d = self.stack_split if isinstance(self.kept_layers, list) and len(self.kept_layers) == self.depth \
+                else m.stack_depths
+            tok = (self.input_size // self.patch_size) ** 2 + m.buffer_size
+            blocks = e * (4 * D * D + 2 * D * self.mlp_hidden) + d * (4 + 2 * self.mlp_ratio) * Dd * Dd
+            head = m.diffloss_d * 5 * m.diffloss_w ** 2 + (Dd + 256) * m.diffloss_w
+            return blocks + head + tok * (D + 2 * Dd) + (self.num_classes + 1) * D
         if self.family == "pixart":
             block = 8 * D * D + 2 * D * self.mlp_hidden + 6 * D
             return L * block + (self.caption_channels or 0) * D + 8 * D * D + self.in_channels * self.patch_size ** 2 * D
@@ -283,6 +369,12 @@ class DiTConfig:
         return L * block + emb + self.num_patches * D + self.in_channels * self.patch_size ** 2 * D
 
     def describe_arch(self) -> str:
+        if self.family == "mar":
+            for name, arch in MAR_ARCHS.items():
+                if (arch["hidden_size"], arch["num_heads"], [arch["depth"]] * 2) == \
+                        (self.hidden_size, self.num_heads, self.mar.stack_depths):
+                    return name
+            return f"MAR(D={self.hidden_size},H={self.num_heads},depth={'+'.join(map(str, self.mar.stack_depths))})"
         family = "PixArt" if self.family == "pixart" else "DiT"
         for name, arch in ARCHS.items():
             if (
@@ -361,6 +453,8 @@ class DiTConfig:
         """``DiT-XL/2``, ``DiT-S/4``, ... with 256 px latents unless overridden; ``PixArt-XL/2-512``
         (and -256, -1024) with PixArt-α's published transformer config (T5-XXL captions of 120
         tokens; the 1024 px model with resolution/aspect-ratio conditions)."""
+        if isinstance(name, str) and name in MAR_ARCHS:
+            return cls(**mar_preset(name, **overrides))
         if isinstance(name, str) and name in PIXART_PRESETS:
             arch = dict(PIXART_PRESETS[name])
             arch.update(overrides)
@@ -370,10 +464,25 @@ class DiTConfig:
         m = re.fullmatch(r"(?:DiT-)?(S|B|L|XL)[/-](2|4|8)", name) if isinstance(name, str) else None
         if not m:
             raise UsageError(
-                f"unknown architecture {name!r}; expected e.g. DiT-XL/2, DiT-B/4, DiT-S/8"
+                f"unknown architecture {name!r}; expected e.g. DiT-XL/2, DiT-B/4, DiT-S/8, PixArt-XL/2-512, MAR-L"
             )
         arch = dict(ARCHS[m.group(1)])
         arch.update(patch_size=int(m.group(2)))
         arch.update(overrides)
         arch.setdefault("name", f"DiT-{m.group(1)}/{m.group(2)}")
         return cls(**arch)
+
+
+def mar_preset(name: str, **overrides) -> dict:
+    """The fields of a published MAR (256 px ImageNet, KL-16 latents: 16 x 16 tokens of 16
+    channels, 64 buffer tokens, the head the paper evaluates that size with), overrides on top
+    (a ``mar`` dict merges into the MAR fields)."""
+    arch = MAR_ARCHS[name]
+    hd, hw = MAR_HEADS[name]
+    mar = dict(stack_depths=[arch["depth"]] * 2, diffloss_d=hd, diffloss_w=hw)
+    mar.update(overrides.pop("mar", None) or {})
+    d = dict(family="mar", input_size=16, patch_size=1, in_channels=16, hidden_size=arch["hidden_size"],
+             depth=sum(mar["stack_depths"]), num_heads=arch["num_heads"], mlp_ratio=4.0, num_classes=1000,
+             learn_sigma=True, class_dropout_prob=0.1, latent_scale=0.2325, vae="mar-kl16", name=name, mar=mar)
+    d.update(overrides)
+    return d

@@ -63,7 +63,7 @@ def prune_depth(source, *, output: str | Path, pattern: str | None = None, group
                         numerics=numerics)
     if measure_cost is None:  # two model copies and an extra step: seconds on a testbed, minutes and ~20 GB at XL
         measure_cost = model.num_params() <= MEASURE_COST_UP_TO
-    grp = depth_mod.parse_groups(model.config.depth, pattern, groups) if (pattern or groups) else None
+    grp = depth_mod.parse_groups(model.config.depth, pattern, groups, model.config.stack_split) if (pattern or groups) else None
     if data is not None or method not in ("uniform", "oracle", "random"):
         require(model, "training")
     ds = load_data(data, cfg=model.config) if data is not None else None

@@ -30,7 +30,7 @@ from ..diffusion import objective_for
 from ..diffusion.calibration import calib_device, calibration_losses
 from ..errors import TrainingError, UsageError
 from ..model.build import build_model
-from ..model.family import family_of, require
+from ..model.family import block_prefixes, family_of, require
 from ..model.flops import gflops
 from ..report import plot_lines
 from ..train.losses import plain_loss
@@ -41,8 +41,14 @@ RECOVERIES = ("lora", "full", "frozen")
 
 
 # ---------------------------------------------------------------------------- patterns
-def parse_groups(depth: int, pattern: str | None = None, groups: str | None = None) -> list[tuple[int, int]]:
-    """``--pattern N:M`` repeated over the depth, or an explicit ``--groups 2:4,2:4,3:4``."""
+def parse_groups(depth: int, pattern: str | None = None, groups: str | None = None,
+                 stacks: list[int] | None = None) -> list[tuple[int, int]]:
+    """``--pattern N:M`` repeated over the depth, or an explicit ``--groups 2:4,2:4,3:4``. With
+    several block ``stacks`` (MAR's encoder and decoder: their block counts), a pattern repeats
+    within each stack and explicit groups must tile each stack: no group straddles two."""
+    stacks = [depth] if not stacks else list(stacks)
+    if sum(stacks) != depth:
+        raise UsageError(f"stacks {stacks} do not add up to the depth {depth}")
     if pattern and groups:
         raise UsageError("give either `pattern` or `groups`, not both")
     text = groups if groups else pattern
@@ -65,10 +71,17 @@ def parse_groups(depth: int, pattern: str | None = None, groups: str | None = No
         total = sum(m for _, m in out)
         if total != depth:
             raise UsageError(f"`groups` cover {total} layers but the model has {depth}")
+        bounds = set(itertools.accumulate(stacks))
+        ends = set(itertools.accumulate(m for _, m in out))
+        if not bounds <= ends:
+            raise UsageError(f"`groups` must tile each block stack {stacks} (encoder, decoder): a group may not "
+                             "straddle two; keep every group within one stack")
         return out
     n, m = out[0]
-    if depth % m:
-        raise UsageError(f"pattern {n}:{m} does not divide the depth {depth} (groups of {m} layers)")
+    for size in stacks:
+        if size % m:
+            where = f"the depth {depth}" if len(stacks) == 1 else f"a stack of {size} blocks (stacks {stacks})"
+            raise UsageError(f"pattern {n}:{m} does not divide {where} (groups of {m} layers)")
     return [(n, m)] * (depth // m)
 
 
@@ -111,13 +124,16 @@ def prune_layers(model, keep: list[int], op_params: dict | None = None):
                             cache_schedule=schedule)
     if op_params is not None:
         cfg = cfg.with_step("prune-depth", **op_params)
-    stack = family_of(model).stack_key + "."
+    old = {p + ".": i for i, p in enumerate(block_prefixes(model.config))}
+    new = block_prefixes(cfg)
+    stacks = tuple(k + "." for k in family_of(model).stack_keys)
     state = {}
     for k, v in model.state_dict().items():
-        if k.startswith(stack):
-            i, rest = k[len(stack):].split(".", 1)
-            if int(i) in keep:
-                state[f"{stack}{keep.index(int(i))}.{rest}"] = v.detach().clone()
+        if k.startswith(stacks):
+            head = ".".join(k.split(".", 2)[:2]) + "."
+            i = old[head]
+            if i in keep:
+                state[f"{new[keep.index(i)]}.{k[len(head):]}"] = v.detach().clone()
         else:
             state[k] = v.detach().clone()
     return build_model(cfg, state, dtype=next(model.parameters()).dtype)

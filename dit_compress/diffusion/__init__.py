@@ -3,6 +3,7 @@ import torch
 from ..errors import UsageError
 from .flow import FlowMatching
 from .gaussian import GaussianDiffusion
+from .mar import sample_mar
 from .sampling import check_inputs, sample
 
 
@@ -45,4 +46,4 @@ def training_losses(model, x0, t, y, noise=None, **model_kwargs) -> dict:
     return {k: res[k] for k in ("loss", "mse", "vb")}
 
 
-__all__ = ["FlowMatching", "GaussianDiffusion", "objective_for", "training_losses", "sample"]
+__all__ = ["FlowMatching", "GaussianDiffusion", "objective_for", "training_losses", "sample", "sample_mar"]

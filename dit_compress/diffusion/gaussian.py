@@ -14,6 +14,16 @@ def linear_betas(steps: int = 1000, start: float = 1e-4, end: float = 0.02) -> n
     return np.linspace(scale * start, scale * end, steps, dtype=np.float64)
 
 
+def cosine_betas(steps: int = 1000, max_beta: float = 0.999) -> np.ndarray:
+    """ADM's cosine schedule (Nichol & Dhariwal 2021): alpha_bar(t) = cos((t + 0.008) / 1.008 * pi / 2)^2,
+    beta_i = min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), max_beta)."""
+    def abar(t):
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    return np.array([min(1 - abar((i + 1) / steps) / abar(i / steps), max_beta) for i in range(steps)], dtype=np.float64)
+
+
+SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas}
 SPACINGS = ("linspace", "leading", "trailing")
 
 
@@ -104,10 +114,11 @@ class GaussianDiffusion:
 
     @classmethod
     def create(cls, steps: str | int | None = None, learn_sigma: bool = True, num_timesteps: int = 1000,
-               spacing: str = "linspace"):
+               spacing: str = "linspace", schedule: str = "linear"):
         """The 1000-step process, or one respaced to ``steps`` (an int with ``spacing``, or a
-        reference spec string such as ``"250"`` / ``"ddim50"``)."""
-        base = linear_betas(num_timesteps)
+        reference spec string such as ``"250"`` / ``"ddim50"``); DiT's linear betas, or ADM's
+        cosine schedule (MAR's head)."""
+        base = SCHEDULES[schedule](num_timesteps)
         if steps is None or (str(steps) == str(num_timesteps) and spacing == "linspace"):
             return cls(base, learn_sigma=learn_sigma)
         if isinstance(steps, int):

@@ -7,7 +7,6 @@ import numpy as np
 
 from ..diffusion.measure import fresh_token_share, inference_flops, width_profile
 from ..diffusion.sampling import eval_sampler, resolve_spacing, sampler_timesteps
-from ..model.flops import static_macs
 from ..model.family import family_of
 from ..report import plot_heatmap
 
@@ -17,37 +16,25 @@ def describe(model, sampler: str | None = None, steps: int | None = None, timest
     """``fresh_tokens``: the token routers were just added (their routed share follows from
     their bias; nothing needs sampling)."""
     cfg = model.config
-    s = static_macs(cfg)
-    sampler, steps = eval_sampler(cfg, sampler, steps)
-    spacing = resolve_spacing(sampler, timestep_spacing)
+    fam = family_of(cfg)
     info = {
         "name": cfg.name,
         "architecture": cfg.describe_arch(),
         "depth": cfg.depth,
         "source_depth": cfg.source_depth,
         "kept_layers": cfg.kept_layers,
-        "hidden_size": cfg.hidden_size,
-        "num_heads": cfg.num_heads,
-        "patch_size": cfg.patch_size,
-        "input": f"{cfg.in_channels}x{cfg.input_size}x{cfg.input_size}",
-        "tokens": cfg.num_patches,
-        "num_classes": cfg.num_classes if family_of(cfg).condition == "labels" else None,
-        "condition": family_of(cfg).condition_key(cfg),
-        "learn_sigma": cfg.learn_sigma,
-        "prediction": cfg.prediction if cfg.prediction == "eps" else
-        f"velocity ({cfg.path_type} path; network time: {'t, 1 = data (SiT)' if cfg.time_input == 'sit' else '1 - t, 1 = noise (REPA)'})",
-        "numerics": cfg.numerics,
-        "embedders": "per block (final layer: the source's block 0)" if cfg.block_embedders else "shared",
-        "latent": f"x{cfg.latent_scale} of {cfg.vae}" if cfg.latent_scale is not None else "pixels",
+        **fam.info_fields(model),
         "params": model.num_params(),
         "params_without_routers": model.num_params(include_routers=False),
-        "gflops": s["total"] / 1e9,
+        "gflops": fam.static_macs(cfg)["total"] / 1e9,
         "dynamic_width": cfg.width.to_dict() if cfg.width else None,
         "token_routing": cfg.tokens.to_dict() if cfg.tokens else None,
         "lineage": cfg.lineage,
         "provenance": cfg.provenance,
     }
     if cfg.is_dynamic:
+        sampler, steps = eval_sampler(cfg, sampler, steps)
+        spacing = resolve_spacing(sampler, timestep_spacing)
         share = fresh_token_share(cfg) if fresh_tokens and cfg.tokens is not None else None
         e = inference_flops(model, sampler, steps, spacing, cfg_scale, token_share=share)
         info["inference_gflops"] = e["gflops"]

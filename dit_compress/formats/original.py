@@ -14,6 +14,7 @@ import torch
 from ..config import ARCHS, DiTConfig
 from ..errors import FormatError, MissingFactError, UsageError
 from .ditc import state_for_save
+from .mar_fmt import extract_mar_state, infer_mar_config, is_mar_state, save_mar_original
 
 TRAINING_ONLY = ("projectors",)  # REPA: projector heads used only by its alignment loss
 
@@ -169,9 +170,24 @@ def infer_config(state: dict, args=None, num_heads: int | None = None, predictio
     )
 
 
+def _is_mar(obj) -> bool:
+    if not isinstance(obj, dict):
+        return False
+    inner = [obj.get(k) for k in ("model_ema", "model") if isinstance(obj.get(k), dict)]
+    return any(is_mar_state(s) for s in [obj, *inner])
+
+
 def load_original(file: Path, use_ema: bool = True, num_heads: int | None = None,
                   prediction: str | None = None) -> tuple[DiTConfig, dict]:
-    state, args = extract_state(safe_torch_load(file), use_ema)
+    obj = safe_torch_load(file)
+    if _is_mar(obj):
+        if prediction is not None:
+            raise UsageError(f"{file}: a MAR checkpoint (its head predicts eps by construction); `prediction` does not apply")
+        state, args = extract_mar_state(obj, use_ema)
+        cfg = infer_mar_config(state, args, num_heads, where=str(file))
+        cfg.name = cfg.name or Path(file).stem
+        return cfg, state
+    state, args = extract_state(obj, use_ema)
     skipped = sorted({k.split(".")[0] for k in state if k.split(".")[0] in TRAINING_ONLY})
     state = {k: v for k, v in state.items() if k.split(".")[0] not in TRAINING_ONLY}
     cfg = infer_config(state, args, num_heads, prediction, where=str(file), repa_keys=bool(skipped))
@@ -198,6 +214,9 @@ def save_original(model, file: Path, dtype: torch.dtype | None = None) -> None:
     reloads with no options."""
     cfg = model.config
     state = state_for_save(model, dtype)
+    if cfg.family == "mar":
+        save_mar_original(model, state, file)
+        return
     if plain_state_says_all(cfg):
         torch.save(state, file)
         return

@@ -6,8 +6,10 @@ layout; everything above model/ and formats/ reaches a model only through ``fami
     after_load(model)            buffers built from the config once the weights are in
     initialise(model, label_std) the reference training initialisation of a fresh model
                                  (``create``): DiT's, with the class table's std; PixArt-α's
-    stack_key                    the state-dict prefix of the block stack depth pruning cuts
-                                 (``model.blocks`` is that stack on every family)
+    stack_keys                   the state-dict prefixes of the block stacks depth pruning cuts, in
+                                 order (DiT: ``blocks``; MAR: ``encoder_blocks``, ``decoder_blocks``);
+                                 ``model.blocks`` is every stack as one list on every family, and
+                                 ``config.stack_split`` the blocks in each (``block_prefixes``)
     condition                    "labels" (class-conditional) or "captions" (text-to-image)
     check_condition(model, c, n) the condition of n samples, checked, on the model's device
     null_condition(model, c, negative)  the guidance null for ``c``: the null class, or the
@@ -26,10 +28,13 @@ layout; everything above model/ and formats/ reaches a model only through ``fami
     condition_key(cfg)           what a teacher must share with its student (classes, or the
                                  caption width)
     lora_targets                 the linears a LoRA recovery adapts (peft ``target_modules``)
+    info_fields(model)           what ``ditc info`` says of the network beyond the shared fields
+    static_macs(cfg)             one forward's multiply-accumulates for one sample, by part
     width_layout(cfg)            where dynamic width's heads and MLP channels sit in a block's
                                  linears (``WidthLayout``): sorting and routing use it
 
-A third family (MAR's two stacks, say) is a module and one more entry in ``FAMILIES``.
+A family is a module and one entry in ``FAMILIES``: MAR (two stacks, a per-token diffusion
+head and its own sampler) is the third.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ import torch
 
 from ..errors import DitcError, UsageError
 from .dit import DiT, sincos_2d
-from .flops import PIXART_CAPTION_TOKENS
+from .mar import MAR
+from .flops import PIXART_CAPTION_TOKENS, mar_static_macs, static_macs
 from .pixart import Captions, PixArt
 
 
@@ -89,12 +95,60 @@ def _device(model) -> torch.device:
     return torch.device("cpu")
 
 
+def _transformer_info(model) -> dict:
+    """``ditc info``'s fields of a DiT-style transformer (DiT, SiT, REPA, PixArt)."""
+    cfg = model.config
+    fam = family_of(cfg)
+    return {
+        "hidden_size": cfg.hidden_size,
+        "num_heads": cfg.num_heads,
+        "patch_size": cfg.patch_size,
+        "input": f"{cfg.in_channels}x{cfg.input_size}x{cfg.input_size}",
+        "tokens": cfg.num_patches,
+        "num_classes": cfg.num_classes if fam.condition == "labels" else None,
+        "condition": fam.condition_key(cfg),
+        "learn_sigma": cfg.learn_sigma,
+        "prediction": cfg.prediction if cfg.prediction == "eps" else
+        f"velocity ({cfg.path_type} path; network time: {'t, 1 = data (SiT)' if cfg.time_input == 'sit' else '1 - t, 1 = noise (REPA)'})",
+        "numerics": cfg.numerics,
+        "embedders": "per block (final layer: the source's block 0)" if cfg.block_embedders else "shared",
+        "latent": f"x{cfg.latent_scale} of {cfg.vae}" if cfg.latent_scale is not None else "pixels",
+    }
+
+
+def _mar_info(model) -> dict:
+    cfg, m = model.config, model.config.mar
+    enc, dec = cfg.stack_split
+    macs = mar_static_macs(cfg)
+    return {
+        "stacks": {"encoder": enc, "decoder": dec, "source": list(m.stack_depths)},
+        "hidden_size": cfg.hidden_size,
+        "num_heads": cfg.num_heads,
+        "decoder_hidden_size": m.decoder_hidden_size or cfg.hidden_size,
+        "decoder_num_heads": m.decoder_num_heads or cfg.num_heads,
+        "patch_size": cfg.patch_size,
+        "input": f"{cfg.in_channels}x{cfg.input_size}x{cfg.input_size}",
+        "tokens": cfg.num_patches,
+        "buffer_size": m.buffer_size,
+        "num_classes": cfg.num_classes,
+        "condition": "labels (the null class is the fake latent)",
+        "diffusion_head": f"SimpleMLPAdaLN {m.diffloss_d} blocks x {m.diffloss_w}, cosine schedule, "
+                          f"{m.num_sampling_steps} sampling steps per token",
+        "gflops_head_per_step": macs["head_per_step"] / 1e9,
+        "gflops_counts": "both stacks with every token visible, plus one head step on every token",
+        "latent": f"x{cfg.latent_scale} of {cfg.vae}" if cfg.latent_scale is not None else "pixels",
+    }
+
+
 class DiTFamily:
     """Class-conditional DiT / SiT / REPA (original layout ``blocks.i.attn.qkv``)."""
 
     name, stack_key, condition = "dit", "blocks", "labels"
+    stack_keys = ("blocks",)
     supports = frozenset({"width", "tokens", "training", "eval"})
     implemented = "every command"
+    info_fields = staticmethod(_transformer_info)
+    static_macs = staticmethod(static_macs)
 
     @staticmethod
     def module(cfg):
@@ -192,8 +246,11 @@ class PixArtFamily:
     """PixArt-α / Σ (diffusers layout ``transformer_blocks.i.attn1.to_q``)."""
 
     name, stack_key, condition = "pixart", "transformer_blocks", "captions"
+    stack_keys = ("transformer_blocks",)
     supports = frozenset({"width", "tokens", "training", "eval"})
     implemented = "every command"
+    info_fields = staticmethod(_transformer_info)
+    static_macs = staticmethod(static_macs)
 
     @staticmethod
     def module(cfg):
@@ -337,7 +394,63 @@ def _repeat(c: Captions, n: int) -> Captions:
     return c[torch.zeros(n, dtype=torch.long)]
 
 
-FAMILIES = {"dit": DiTFamily, "pixart": PixArtFamily}
+class MARFamily(DiTFamily):
+    """MAR (LTH14/mar layout ``encoder_blocks.i.attn.qkv``, ``decoder_blocks.i...``,
+    ``diffloss.net...``): class-conditional (label ``num_classes`` is the fake latent, the
+    guidance null), two stacks, its own objective and sampler (model/mar.py)."""
+
+    name, stack_key, condition = "mar", None, "labels"
+    stack_keys = ("encoder_blocks", "decoder_blocks")
+    supports = frozenset()
+    info_fields = staticmethod(_mar_info)
+    static_macs = staticmethod(mar_static_macs)
+    implemented = ("loading (checkpoint-last.pth with args, ditc), convert, depth pruning by pattern within each "
+                   "stack (uniform, random, --keep), info, and sampling through dit_compress.sample_mar")
+
+    @staticmethod
+    def module(cfg):
+        return MAR(cfg)
+
+    @staticmethod
+    def complete_state(cfg, state: dict) -> dict:
+        return state
+
+    @staticmethod
+    def after_load(model):
+        return model
+
+    @staticmethod
+    def initialise(model, label_std: float) -> None:
+        model.initialize_weights()  # MAR's own: every table normal(0.02)
+
+    # every linear of both stacks, the embeddings' projections and the head (LoRA recovery)
+    lora_targets = (r"((encoder|decoder)_blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])|z_proj|decoder_embed"
+                    r"|diffloss\.net\..*(linear|proj|mlp\.[02]|adaLN_modulation\.1|cond_embed))")
+
+    @staticmethod
+    def width_layout(cfg):
+        raise UsageError("dynamic width is not defined for MAR models (DyDiT covers DiT)")
+
+
+FAMILIES = {"dit": DiTFamily, "pixart": PixArtFamily, "mar": MARFamily}
+
+
+def block_prefixes(cfg) -> list[str]:
+    """The state-dict prefix of every block of a model, in ``model.blocks`` order
+    (``blocks.3``; MAR ``encoder_blocks.0`` .. then ``decoder_blocks.0`` ..)."""
+    keys = family_of(cfg).stack_keys
+    return [f"{key}.{i}" for key, n in zip(keys, cfg.stack_split) for i in range(n)]
+
+
+def stack_of_source(cfg, source_index: int) -> tuple[str, int]:
+    """(stack name, index within it) of a source block (``kept_layers`` numbering)."""
+    keys = family_of(cfg).stack_keys
+    bounds = cfg.mar.stack_depths if cfg.mar is not None else [cfg.source_depth]
+    for key, n in zip(keys, bounds):
+        if source_index < n:
+            return key, source_index
+        source_index -= n
+    raise UsageError(f"source block {source_index} is beyond the model's stacks")
 
 WHAT = {"width": "dynamic width (DyDiT's timestep-wise width routers)",
         "tokens": "token routing (DyDiT's spatial token routers)",

@@ -89,3 +89,25 @@ def dynamic_macs(cfg: DiTConfig, head_frac, channel_frac, token_frac, skipped=No
 
 def gflops(cfg: DiTConfig) -> float:
     return static_macs(cfg)["total"] / 1e9
+
+
+def mar_static_macs(cfg: DiTConfig) -> dict:
+    """One MAR network pass for one sample with every token visible (the encoder's upper
+    bound; sampling shows it fewer): both stacks over ``buffer + L`` tokens, then one step of
+    the per-token head on all ``L`` tokens (a sampling iteration runs the head's steps only on
+    the tokens it predicts)."""
+    m = cfg.mar
+    L = cfg.num_patches
+    T = L + m.buffer_size
+    tok = cfg.in_channels * cfg.patch_size ** 2
+    D, Dd = cfg.hidden_size, m.decoder_hidden_size or cfg.hidden_size
+    enc, dec = cfg.stack_split
+
+    def block(width):  # qkv + proj + MLP on T tokens, then scores and the weighted sum
+        return T * (4 * width * width + 2 * cfg.mlp_ratio * width * width) + 2 * T * T * width
+
+    w = m.diffloss_w
+    head = L * (tok * w + Dd * w + 256 * w + w * w + m.diffloss_d * 5 * w * w + 2 * w * w + w * 2 * tok)
+    embed = L * tok * D + D * Dd * T
+    return {"encoder": enc * block(D), "decoder": dec * block(Dd), "head_per_step": head, "embed_final": embed,
+            "total": enc * block(D) + dec * block(Dd) + head + embed}

@@ -1,0 +1,236 @@
+"""MAR's objective and sampler (LTH14/mar ``MAR.forward`` / ``forward_loss`` / ``sample_tokens``
+and ``DiffLoss``): the token diffusion loss (ADM's Gaussian diffusion on the cosine schedule,
+learned sigma, averaged over the masked tokens and ``diffusion_batch_mul`` copies) with every
+random draw explicit (``MARDraws``), and the masked autoregressive sampler with each sample's
+draws from its own generator, so a seed gives the same loss and the same images on any batch
+or process split.
+
+Departures from the official code, each the same distribution: label dropout is applied to the
+labels (index ``num_classes`` selects ``fake_latent``) by whoever draws the batch, not inside the
+encoder; a sample's head noise is drawn per token position from its own generator (the official
+code draws one stream for the whole batch, and a second, unused half under guidance).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .. import checks
+from ..config import DiTConfig
+from ..errors import UsageError
+from .gaussian import GaussianDiffusion
+
+
+def cosine_diffusion(steps: str | int | None = None) -> GaussianDiffusion:
+    """ADM's Gaussian diffusion with the cosine schedule (1000 steps, learned sigma), respaced
+    to ``steps`` for sampling (``create_diffusion(num_sampling_steps, noise_schedule="cosine")``)."""
+    return GaussianDiffusion.create(steps, learn_sigma=True, schedule="cosine")
+
+
+def processes(model) -> tuple[GaussianDiffusion, GaussianDiffusion]:
+    """(training process, sampling process) of a MAR's head, made once per model."""
+    cache = model.__dict__.setdefault("_mar_processes", {})
+    key = model.diffloss.num_sampling_steps
+    if key not in cache:
+        cache.clear()
+        cache[key] = (cosine_diffusion(), cosine_diffusion(key))
+    return cache[key]
+
+
+def head_losses(model, target, z, t, noise) -> dict:
+    """Per-token ADM hybrid loss (eps MSE + VLB with the eps term detached) of the head at steps
+    ``t`` with ``noise``; ``target`` and ``noise`` [N, C], ``z`` [N, Dz], ``t`` [N]."""
+    d = processes(model)[0]
+    xt = d.q_sample(target, t, noise)
+    out = model.diffloss.net(xt, t, z)
+    return d.losses_from_output(out, target, xt, t, noise)
+
+
+@torch.no_grad()
+def head_sample(model, z, noise, temperature: float = 1.0, cfg: float = 1.0, guided: bool | None = None):
+    """Token latents from the respaced process (``p_sample_loop``, no clipping); ``noise``
+    [S+1, N, C]: the start and one draw per step (``N`` conditional rows; under guidance
+    ``z`` holds 2N rows, conditional then null)."""
+    d = processes(model)[1]
+    net = model.diffloss.net
+    guided = cfg != 1.0 if guided is None else guided
+    x = torch.cat([noise[0], noise[0]]) if guided else noise[0]
+    for i in reversed(range(d.num_timesteps)):
+        k = d.step_coefficients(i)
+        t = torch.full((len(x),), d.timestep_map[i], device=x.device, dtype=torch.long)
+        out = net.forward_with_cfg(x, t, z, cfg) if guided else net(x, t, z)
+        mean, log_var, _, _ = d.p_mean_variance_step(out, x, k)
+        if i > 0:
+            eps = noise[d.num_timesteps - i]
+            eps = torch.cat([eps, eps]) if guided else eps
+            x = mean + torch.exp(0.5 * log_var) * eps * temperature
+        else:
+            x = mean
+    return x[: len(x) // 2] if guided else x
+
+
+def truncnorm_ratio(u: torch.Tensor, lo: float) -> torch.Tensor:
+    """The mask ratio from uniforms ``u``: a normal centred at 1 (std 0.25) truncated to
+    [lo, 1] (scipy's ``truncnorm((lo - 1) / 0.25, 0, loc=1, scale=0.25)``), by its inverse CDF."""
+    a = (lo - 1.0) / 0.25
+    cdf_a = 0.5 * (1 + math.erf(a / math.sqrt(2)))
+    p = cdf_a + u.double() * (0.5 - cdf_a)
+    return (1.0 + 0.25 * math.sqrt(2) * torch.special.erfinv(2 * p - 1)).clamp(lo, 1.0)
+
+
+@dataclass
+class MARDraws:
+    """The random draws of one training batch: per sample a generation ``order`` [B, L]
+    (a permutation of token positions), the batch's mask ``ratio`` (one scalar, repeated per
+    sample: the encoder takes the same number of tokens in every row), and per copy
+    (``diffusion_batch_mul``) and token a step ``t`` [B, mul, L] and ``noise`` [B, mul, L, C]."""
+
+    order: torch.Tensor
+    ratio: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor
+
+    def __getitem__(self, sl) -> "MARDraws":
+        return MARDraws(self.order[sl], self.ratio[sl], self.t[sl], self.noise[sl])
+
+    def to(self, device) -> "MARDraws":
+        return MARDraws(*(v.to(device) for v in (self.order, self.ratio, self.t, self.noise)))
+
+
+def draw(cfg: DiTConfig, n: int, generator: torch.Generator | None = None, num_timesteps: int = 1000) -> MARDraws:
+    """One batch's draws (official: ``sample_orders``, ``mask_ratio_generator.rvs(1)``,
+    ``torch.randint`` steps and Gaussian noise per token copy)."""
+    L = (cfg.input_size // cfg.patch_size) ** 2
+    C = cfg.in_channels * cfg.patch_size ** 2
+    mul = cfg.mar.diffusion_batch_mul
+    order = torch.argsort(torch.rand(n, L, generator=generator), dim=1)
+    ratio = truncnorm_ratio(torch.rand(1, generator=generator), cfg.mar.mask_ratio_min).float().expand(n).clone()
+    t = torch.randint(0, num_timesteps, (n, mul, L), generator=generator)
+    noise = torch.randn(n, mul, L, C, generator=generator)
+    return MARDraws(order, ratio, t, noise)
+
+
+def mask_from_order(order: torch.Tensor, n_masked: int) -> torch.Tensor:
+    """[B, L] float mask: 1 at the first ``n_masked`` positions of each order (official
+    ``random_masking`` / ``mask_by_order``)."""
+    mask = torch.zeros(order.shape, device=order.device)
+    return mask.scatter(1, order[:, :n_masked], 1.0)
+
+
+def token_losses(model, imgs, labels, draws: MARDraws) -> dict:
+    """The official ``forward``'s loss with its draws given: per sample, the mean head loss
+    over its masked tokens and token copies (``loss``, ``mse``, ``vb`` [B]). Labels equal to
+    ``num_classes`` take the fake latent (label dropout, drawn by the caller)."""
+    x = model.patchify(imgs)
+    B, L, C = x.shape
+    n_masked = int(math.ceil(L * float(draws.ratio[0])))
+    mask = mask_from_order(draws.order, n_masked)
+    z = model.conditions(x, mask, labels)
+    mul = draws.t.shape[1]
+    rows = lambda v: v.unsqueeze(1).expand(B, mul, *v.shape[1:]).reshape(B * mul * L, *v.shape[2:])  # noqa: E731
+    res = head_losses(model, rows(x), rows(z), draws.t.reshape(-1), draws.noise.reshape(-1, C))
+    w = mask.unsqueeze(1).expand(B, mul, L).reshape(B, -1)
+    per = lambda v: (v.view(B, -1) * w).sum(1) / w.sum(1)  # noqa: E731
+    return {k: per(res[k]) for k in ("loss", "mse", "vb")}
+
+
+@torch.no_grad()
+def sample_tokens(model, labels: torch.Tensor, num_iter: int = 64, cfg: float = 1.0, cfg_schedule: str = "linear",
+                  temperature: float = 1.0, generators: list | None = None, progress=None) -> torch.Tensor:
+    """The official masked autoregressive sampler: ``num_iter`` steps in a random order per
+    sample, mask ratio cos(pi/2 (step+1)/num_iter) with at least one token per step, CFG on
+    the linear (or constant) schedule, the head's respaced DDPM at ``temperature``. Sample
+    i draws its order and its tokens' noise from ``generators[i]`` alone (same images on any
+    batch split). ``labels`` of ``num_classes`` sample unconditionally. Returns latents
+    [B, C, H, W] (token scale: the VAE latent times ``latent_scale``)."""
+    check_sampling(num_iter, cfg, cfg_schedule, temperature, model.seq_len)
+    B, L, C = len(labels), model.seq_len, model.token_embed_dim
+    dev = model.fake_latent.device
+    if generators is None:
+        generators = [None] * B
+    if len(generators) != B:
+        raise UsageError(f"{len(generators)} generators for {B} samples")
+    S = processes(model)[1].num_timesteps
+    orders, noise = [], []
+    for g in generators:  # one draw per sample: its order, then every token position's noise
+        orders.append(torch.argsort(torch.rand(L, generator=g)))
+        noise.append(torch.randn(L, S + 1, C, generator=g))
+    orders = torch.stack(orders).to(dev)
+    noise = torch.stack(noise).to(dev)  # [B, L, S+1, C]
+    mask = torch.ones(B, L, device=dev)
+    tokens = torch.zeros(B, L, C, device=dev, dtype=model.fake_latent.dtype)
+    labels = labels.to(dev)
+    guided = cfg != 1.0
+    null = torch.full_like(labels, model.num_classes)
+    cond_labels = torch.cat([labels, null]) if guided else labels
+    remaining = L
+    for step in range(num_iter):
+        tk, mk = (torch.cat([tokens, tokens]), torch.cat([mask, mask])) if guided else (tokens, mask)
+        z = model.conditions(tk, mk, cond_labels)
+        mask_len = int(np.floor(L * np.cos(math.pi / 2.0 * (step + 1) / num_iter)))
+        mask_len = max(1, min(remaining - 1, mask_len))
+        mask_next = mask_from_order(orders, mask_len)
+        to_pred = mask.bool() if step >= num_iter - 1 else mask.bool() ^ mask_next.bool()
+        remaining = mask_len
+        mask = mask_next
+        pos = to_pred.nonzero(as_tuple=True)  # every row predicts the same count of tokens
+        zc = z[:B][pos]
+        if guided:
+            zc = torch.cat([zc, z[B:][pos]])
+            cfg_iter = 1 + (cfg - 1) * (L - mask_len) / L if cfg_schedule == "linear" else cfg
+        else:
+            cfg_iter = 1.0
+        eps = noise[pos].transpose(0, 1)  # [S+1, n, C]
+        tokens = tokens.clone()
+        tokens[pos] = head_sample(model, zc, eps.to(zc.dtype), temperature, cfg_iter, guided).to(tokens.dtype)
+        if progress is not None:
+            progress()
+    return model.unpatchify(tokens)
+
+
+def check_sampling(num_iter, cfg, cfg_schedule, temperature, seq_len: int) -> None:
+    """MAR's sampling options, in range, in one line each."""
+    checks.integer("num_iter", num_iter, lo=1, hi=seq_len)
+    checks.real("cfg_scale", cfg, lo=0.0)
+    checks.choice("cfg_schedule", cfg_schedule, ("linear", "constant"))
+    checks.real("temperature", temperature, lo=0.0, lo_open=True, hi=100.0)
+
+
+def sample_generators(seed: int, first_index: int, n: int, device="cpu") -> list:
+    """One generator per sample, seeded by (seed, the sample's index): sample i draws the same
+    order and noise whichever batch or process it falls in."""
+    seed, first_index = checks.integer("seed", seed, lo=0, hi=2**63 - 1), checks.integer("first_index", first_index, lo=0)
+    states = [np.random.SeedSequence([seed, first_index + i]).generate_state(2, np.uint32) for i in range(n)]
+    return [torch.Generator(device).manual_seed(int(s[0]) << 32 | int(s[1])) for s in states]
+
+
+def sample_mar(model, labels, *, num_iter: int = 64, cfg_scale: float = 1.0, cfg_schedule: str = "linear",
+               temperature: float = 1.0, seed: int = 0, first_index: int = 0, generators: list | None = None,
+               progress=None) -> torch.Tensor:
+    """Sample a MAR (``ditc`` loads it from main_mar.py's checkpoint-last.pth): ``labels`` [B]
+    class indices (``num_classes``: unconditional), ``num_iter`` autoregressive steps, guidance
+    ``cfg_scale`` on the ``linear`` (or ``constant``) schedule, head ``temperature``; sample i
+    draws from a generator seeded by (``seed``, ``first_index + i``) unless ``generators`` are
+    given. Returns the token latents [B, C, H, W] (VAE latent times ``config.latent_scale``)."""
+    inner = getattr(model, "module", model)
+    if getattr(inner.config, "family", None) != "mar" or not hasattr(inner, "conditions"):
+        raise UsageError("sample_mar samples MAR models; DiT, SiT and PixArt models sample with dit_compress.sample")
+    if not torch.is_tensor(labels):
+        labels = torch.as_tensor(np.asarray(labels))
+    if labels.dim() != 1 or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise UsageError(f"`labels` must be one class index per sample, got {labels.dtype} of shape {list(labels.shape)}")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) > inner.num_classes):
+        raise UsageError(f"`labels` hold classes outside 0..{inner.num_classes} ({inner.num_classes}: unconditional)")
+    if generators is None:
+        generators = sample_generators(seed, first_index, len(labels))
+    was = inner.training
+    inner.eval()
+    try:
+        return sample_tokens(inner, labels.long(), num_iter=num_iter, cfg=cfg_scale, cfg_schedule=cfg_schedule,
+                             temperature=temperature, generators=generators, progress=progress)
+    finally:
+        inner.train(was)

@@ -1,0 +1,242 @@
+"""MAR (issue 37): parity with an independent re-implementation saved in main_mar.py's own
+checkpoint layout, the token loss against a float64 re-derivation of ADM's loss on the cosine
+schedule, the masked autoregressive sampler against a float64 reference sampler, the
+interface's two stacks under depth pruning, round trips, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import dit_compress as dc
+from dit_compress.config import DiTConfig
+from dit_compress.errors import DitcError, FormatError, MissingFactError, UsageError
+from dit_compress.diffusion.mar import draw, mask_from_order, token_losses, truncnorm_ratio
+from reference_mar import RefMAR, adm_token_loss, args_for, official_checkpoint, ref_sample
+
+from typer.testing import CliRunner
+
+from dit_compress.cli import app
+
+CLASSES = 10
+
+
+class _Result:
+    def __init__(self, r):
+        self.returncode, self.stdout, self.stderr = r.exit_code, r.stdout, r.stderr
+
+
+def run_cli(args):
+    return _Result(CliRunner().invoke(app, [str(a) for a in args]))
+
+
+@pytest.fixture(scope="module")
+def ref():
+    torch.manual_seed(0)
+    return RefMAR(seq_side=4, tok=4, enc=(64, 3, 4), dec=(64, 3, 4), buffer=8, classes=CLASSES, head=(2, 48)).eval()
+
+
+@pytest.fixture(scope="module")
+def ckpt(ref, tmp_path_factory):
+    path = tmp_path_factory.mktemp("mar") / "checkpoint-last.pth"
+    official_checkpoint(ref, args_for(ref, ditc_num_heads=4), path, ema_offset=0.0)
+    return path
+
+
+def _inputs(n=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(n, 16, 4, generator=g)
+    order = torch.argsort(torch.rand(n, 16, generator=g), 1)
+    return tokens, mask_from_order(order, 11), torch.tensor([3, CLASSES, 7][:n])
+
+
+def test_conditions_and_head_equal_the_reference(ref, ckpt):
+    model = dc.load_model(ckpt)
+    assert model.config.family == "mar" and model.config.stack_split == [3, 3]
+    tokens, mask, labels = _inputs()
+    z = model.conditions(tokens, mask, labels)
+    z_ref = ref.decoder(ref.encoder(tokens, mask, ref.class_embedding(labels, CLASSES)), mask)
+    assert torch.allclose(z, z_ref, atol=1e-5, rtol=0), (z - z_ref).abs().max()
+    x, t = torch.randn(5, 4), torch.tensor([0, 5, 250, 600, 999])
+    c = torch.randn(5, 64)
+    assert torch.allclose(model.diffloss.net(x, t, c), ref.diffloss.net(x, t, c), atol=1e-5, rtol=0)
+
+
+def test_ema_weights_are_read_and_model_on_request(ref, tmp_path):
+    path = tmp_path / "checkpoint-last.pth"
+    official_checkpoint(ref, args_for(ref, ditc_num_heads=4), path, ema_offset=0.5)
+    ema = dc.load_model(path)
+    raw = dc.load_model(path, use_ema=False)
+    w = ref.state_dict()["z_proj.weight"]
+    assert torch.equal(raw.z_proj.weight, w) and torch.allclose(ema.z_proj.weight, w + 0.5)
+
+
+def test_token_loss_equals_a_float64_rederivation_of_adm(ref, ckpt):
+    model = dc.load_model(ckpt).train()
+    for p in ("attn_dropout", "proj_dropout"):  # dropout off: the loss is compared at given draws
+        setattr(model.config.mar, p, 0.0)
+    for b in model.blocks:
+        b.attn.attn_drop = b.attn.proj_drop = b.mlp.drop = 0.0
+    g = torch.Generator().manual_seed(4)
+    imgs = torch.randn(2, 4, 4, 4, generator=g).clamp(-1.2, 1.2)
+    labels = torch.tensor([1, CLASSES])
+    d = draw(model.config, 2, g)
+    d.t[0, 0, :4] = 0  # the decoder (discretized likelihood) term too
+    d.t[1, 1, :4] = 999
+    ours = token_losses(model, imgs, labels, d)["loss"].detach().double().numpy()
+    # the reference: official row order (token copies outermost), boolean masks, numpy ADM
+    x = ref.patchify(imgs)
+    n_masked = math.ceil(16 * float(d.ratio[0]))
+    mask = mask_from_order(d.order, n_masked)
+    with torch.no_grad():
+        z = ref.decoder(ref.encoder(x, mask, ref.class_embedding(labels, CLASSES)), mask)
+    mul = d.t.shape[1]
+    want = []
+    for b in range(2):
+        rows_x = x[b].repeat(mul, 1).double().numpy()
+        rows_t = d.t[b].reshape(-1).numpy()
+        rows_n = d.noise[b].reshape(-1, 4).double().numpy()
+        betas_ab = __import__("reference_mar").cosine_alpha_bar()[1]
+        xt = np.sqrt(betas_ab[rows_t])[:, None] * rows_x + np.sqrt(1 - betas_ab[rows_t])[:, None] * rows_n
+        with torch.no_grad():
+            out = ref.diffloss.net(torch.from_numpy(xt).float(), torch.from_numpy(rows_t), z[b].repeat(mul, 1))
+        out = out.double().numpy()
+        per = adm_token_loss(rows_x, out[:, :4], out[:, 4:], rows_t, rows_n)
+        w = mask[b].repeat(mul).numpy()
+        want.append((per * w).sum() / w.sum())
+    assert np.allclose(ours, want, rtol=1e-5, atol=1e-6), (ours, want)
+
+
+def test_mask_ratio_is_the_official_truncated_normal():
+    from scipy import stats
+
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(0))
+    r = truncnorm_ratio(u, 0.7).numpy()
+    want = stats.truncnorm((0.7 - 1.0) / 0.25, 0, loc=1.0, scale=0.25).ppf(u.double().numpy())
+    assert np.allclose(r, want, atol=1e-6) and r.min() >= 0.7 and r.max() <= 1.0
+
+
+@pytest.mark.parametrize("cfg_scale,num_iter", [(1.0, 4), (3.0, 3)])
+def test_sampler_equals_a_float64_reference_sampler(ref, ckpt, cfg_scale, num_iter):
+    model = dc.load_model(ckpt).double()
+    labels = torch.tensor([2, 5])
+    gens = [torch.Generator().manual_seed(100 + i) for i in range(2)]
+    got = dc.sample_mar(model, labels, num_iter=num_iter, cfg_scale=cfg_scale, temperature=0.9, generators=gens)
+    # the same draws, re-made: each sample's order, then its token positions' noise
+    S = 100  # the head's num_sampling_steps
+    orders, noise = [], []
+    for i in range(2):
+        g = torch.Generator().manual_seed(100 + i)
+        orders.append(torch.argsort(torch.rand(16, generator=g)))
+        noise.append(torch.randn(16, S + 1, 4, generator=g))
+    want = ref_sample(ref.double(), labels, torch.stack(orders), torch.stack(noise), num_iter, cfg_scale, 0.9, CLASSES)
+    ref.float()
+    assert torch.allclose(got, want, atol=1e-8, rtol=1e-8), (got - want).abs().max()
+
+
+def test_a_seed_gives_the_same_samples_on_any_batch_split(ckpt):
+    model = dc.load_model(ckpt).double()  # float64: a batch's size changes only the kernels' rounding
+    out = dc.sample_mar(model, torch.arange(4), num_iter=4, cfg_scale=2.0, seed=7)
+    a = dc.sample_mar(model, torch.arange(2), num_iter=4, cfg_scale=2.0, seed=7)
+    b = dc.sample_mar(model, torch.arange(2, 4), num_iter=4, cfg_scale=2.0, seed=7, first_index=2)
+    assert torch.allclose(out, torch.cat([a, b]), rtol=1e-10, atol=1e-10)
+    assert not torch.equal(out, dc.sample_mar(model, torch.arange(4), num_iter=4, cfg_scale=2.0, seed=8))
+
+
+def test_depth_pruning_keeps_groups_within_each_stack(ref, ckpt, tmp_path):
+    with pytest.raises(UsageError, match="within one stack"):  # 2 + 2 + 2 straddles 3 + 3
+        dc.prune_depth(str(ckpt), output=tmp_path / "x", method="uniform", groups="1:2,1:2,1:2")
+    with pytest.raises(UsageError, match="stack of 3"):
+        dc.prune_depth(str(ckpt), output=tmp_path / "x", method="uniform", pattern="1:2")
+    assert not (tmp_path / "x").exists()
+    pruned, report = dc.prune_depth(str(ckpt), output=tmp_path / "u", method="uniform", groups="1:3,2:3")
+    assert pruned.config.kept_layers == [2, 3, 5] and pruned.config.stack_split == [1, 2]
+    tokens, mask, labels = _inputs()
+    full_enc, full_dec = ref.encoder_blocks, ref.decoder_blocks
+    try:  # the reference with the same blocks deleted
+        ref.encoder_blocks = torch.nn.ModuleList([full_enc[2]])  # uniform: each group's last block first
+        ref.decoder_blocks = torch.nn.ModuleList([full_dec[0], full_dec[2]])
+        want = ref.decoder(ref.encoder(tokens, mask, ref.class_embedding(labels, CLASSES)), mask)
+    finally:
+        ref.encoder_blocks, ref.decoder_blocks = full_enc, full_dec
+    assert torch.allclose(pruned.conditions(tokens, mask, labels), want, atol=1e-5, rtol=0)
+    # its own file round trip, and the official layout (loads into the reference's key set)
+    dc.save_model(pruned, tmp_path / "p", format="ditc")
+    back = dc.load_model(tmp_path / "p")
+    assert back.config.kept_layers == [2, 3, 5] and torch.equal(back.conditions(tokens, mask, labels),
+                                                               pruned.conditions(tokens, mask, labels))
+    dc.save_model(pruned, tmp_path / "p.pth", format="original")
+    obj = torch.load(tmp_path / "p.pth", weights_only=False)
+    assert (obj["args"].encoder_depth, obj["args"].decoder_depth) == (1, 2)
+    small = RefMAR(seq_side=4, tok=4, enc=(64, 1, 4), dec=(64, 2, 4), buffer=8, classes=CLASSES, head=(2, 48))
+    small.load_state_dict(obj["model_ema"], strict=True)
+    again = dc.load_model(tmp_path / "p.pth")
+    assert again.config.kept_layers == [2, 3, 5] and again.config.mar.stack_depths == [3, 3]
+
+
+def test_mar_l_shape_is_a_preset():
+    cfg = DiTConfig.preset("MAR-L")
+    assert cfg.describe_arch() == "MAR-L" and cfg.stack_split == [16, 16] and cfg.mar.diffloss_d == 8
+    assert 4.5e8 < cfg.estimated_params() < 5.0e8  # 479M in TinyFusion's table
+
+
+# ---------------------------------------------------------------------------- bad inputs
+def test_state_dict_without_args_of_no_published_size_is_one_line(ref, tmp_path):
+    path = tmp_path / "plain.pth"
+    torch.save(ref.state_for_official(), path)
+    with pytest.raises(MissingFactError, match="training args"):
+        dc.load_model(path)
+    r = run_cli(["info", str(path)])
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "training args" in r.stderr
+
+
+def test_args_naming_another_size_are_refused(ref, tmp_path):
+    path = tmp_path / "c.pth"
+    official_checkpoint(ref, args_for(ref, model="mar_base"), path)
+    with pytest.raises(FormatError, match="mar_base"):
+        dc.load_model(path)
+    official_checkpoint(ref, args_for(ref), path)
+    with pytest.raises(MissingFactError, match="num_heads"):
+        dc.load_model(path)
+    assert dc.load_model(path, num_heads=4).config.num_heads == 4
+
+
+@pytest.mark.parametrize("field,value", [("mask_ratio_min", 1.0), ("mask_ratio_min", -0.1), ("diffusion_batch_mul", 0)])
+def test_training_facts_out_of_range_are_one_line(ref, tmp_path, field, value):
+    path = tmp_path / "c.pth"
+    official_checkpoint(ref, args_for(ref, ditc_num_heads=4, **{field: value}), path)
+    with pytest.raises(DitcError, match=field):
+        dc.load_model(path)
+
+
+@pytest.mark.parametrize("num_iter", [0, 17])
+def test_num_iter_out_of_range_is_one_line(ckpt, num_iter):
+    model = dc.load_model(ckpt)
+    with pytest.raises(UsageError, match="num_iter"):
+        dc.sample_mar(model, torch.arange(2), num_iter=num_iter)
+
+
+@pytest.mark.parametrize("command", [["add-dynamic-width"], ["add-token-router"]])
+def test_dynamic_transforms_are_refused_on_mar_and_write_nothing(ckpt, tmp_path, command):
+    out = tmp_path / "out"
+    r = run_cli([*command, str(ckpt), "-o", str(out)])
+    assert r.returncode == 2 and "mar models" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not out.exists()
+
+
+def test_info_and_convert_on_the_cli(ckpt, tmp_path):
+    r = run_cli(["info", str(ckpt), "--json"])
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["stacks"] == {"encoder": 3, "decoder": 3, "source": [3, 3]} and info["tokens"] == 16
+    assert info["params"] == sum(p.numel() for p in dc.load_model(ckpt).parameters())
+    r = run_cli(["convert", str(ckpt), "-o", str(tmp_path / "m")])
+    assert r.returncode == 0, r.stderr
+    r = run_cli(["prune-depth", str(tmp_path / "m"), "--groups", "2:3,1:3", "--method", "uniform",
+                 "-o", str(tmp_path / "pr")])
+    assert r.returncode == 0, r.stderr
+    assert dc.load_model(tmp_path / "pr").config.stack_split == [2, 1]
