@@ -602,6 +602,7 @@ def frontier_cmd(
     run_dirs: List[str] = typer.Argument(..., help="Recipe run dirs or eval outputs; the same eval name in several dirs (seeds) is one point with its mean and sd.", show_default=False),
     output: str = Out,
     base: Optional[str] = typer.Option(None, "--base", help="The source whose uncached evals at fewer sampler steps are the baseline (default: the one source with evals at several step counts)."),
+    seconds_from: Optional[List[str]] = typer.Option(None, "--seconds-from", help="A run dir whose evals alone give the seconds per image (timed on a quiet machine); the quality still averages every run dir. Repeatable.", show_default=False),
     force: bool = Force, json_out: bool = JsonOut,
 ):
     """Every eval on one speed-quality frontier: measured seconds per image against FID, fidelity
@@ -614,8 +615,10 @@ def frontier_cmd(
         ditc frontier runs/frontier-s0 runs/frontier-s1 runs/frontier-s2 -o frontier/
 
         ditc frontier eval-base-10/ eval-base-50/ eval-fora2/ --base digits-dit -o frontier/
+
+        ditc frontier runs/frontier-s0 runs/frontier-s1 --seconds-from runs/frontier-s0 -o frontier/
     """
-    report = commands.frontier(run_dirs, output=output, base=base, force=force)
+    report = commands.frontier(run_dirs, output=output, base=base, seconds_from=seconds_from, force=force)
     if json_out:
         emit_json(report)
         return

@@ -197,6 +197,31 @@ def test_the_frontier_marks_pareto_points_and_which_beat_fewer_steps(tmp_path):
     assert (tmp_path / "f" / "frontier_fid.png").exists() and (tmp_path / "f" / "frontier.md").exists()
 
 
+def test_the_frontier_takes_seconds_from_the_quiet_run_and_quality_from_all(tmp_path):
+    """Seed 1 ran on a busy machine (every clock 3x): with --seconds-from s0 the seconds are s0's
+    alone while FID still averages both seeds; a timing run missing a point is refused."""
+    import json
+
+    for seed, slow in ((0, 1.0), (1, 3.0)):
+        root = tmp_path / f"s{seed}"
+        _fake_eval(root / "base-10", "digits-dit", 10, 1.0 * slow, 60.0 + seed)
+        _fake_eval(root / "base-50", "digits-dit", 50, 5.0 * slow, 45.0 + seed)
+        _fake_eval(root / "fora2", "digits-dit", 50, 2.5 * slow, 46.0 + seed, policy="fora:2")
+    args = ["frontier", str(tmp_path / "s0"), str(tmp_path / "s1"), "-o", str(tmp_path / "f"), "--json"]
+    pts = {p["point"]: p for p in json.loads(runner.invoke(app, args).stdout)["points"]}
+    assert pts["fora2"]["seconds_per_image"] == 5.0  # the mean of 2.5 and 7.5
+    r = runner.invoke(app, [*args, "--seconds-from", str(tmp_path / "s0"), "--force"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    pts = {p["point"]: p for p in rep["points"]}
+    assert pts["fora2"]["seconds_per_image"] == 2.5 and pts["base-50"]["seconds_per_image"] == 5.0
+    assert pts["fora2"]["frechet_inception_distance"] == 46.5 and rep["seconds_from"] == [str(tmp_path / "s0")]
+    _fake_eval(tmp_path / "clock" / "base-10", "digits-dit", 10, 1.0, 60.0)
+    r = runner.invoke(app, ["frontier", str(tmp_path / "s0"), str(tmp_path / "s1"), "-o", str(tmp_path / "g"),
+                            "--seconds-from", str(tmp_path / "clock")])
+    assert r.exit_code == 2 and "holds no eval named" in r.stderr and not (tmp_path / "g").exists()
+
+
 def test_the_frontier_needs_a_baseline_at_several_steps(tmp_path):
     _fake_eval(tmp_path / "r" / "base-50", "digits-dit", 50, 5.0, 45.0)
     _fake_eval(tmp_path / "r" / "fora2", "digits-dit", 50, 2.5, 46.0, policy="fora:2")

@@ -302,20 +302,28 @@ def prepare_data(images: str | Path, *, output: str | Path, vae: str | None = DE
 
 
 @writes_output("run_dirs")
-def frontier(run_dirs, *, output: str | Path, base: str | None = None, force: bool = False) -> dict:
+def frontier(run_dirs, *, output: str | Path, base: str | None = None, seconds_from=None, force: bool = False) -> dict:
     """Every eval output in ``run_dirs`` (recipe run dirs, or eval outputs; the same name in
     several dirs, e.g. seeds, is one point with its mean and sd) on one speed-quality frontier:
     measured seconds per image against FID, fidelity to the base (PSNR) and held-out loss, with
     the Pareto-optimal points marked and the plain baseline, the ``base`` model at fewer sampler
     steps, always drawn (default: the one source with uncached evals at several step counts).
-    Writes report.json/.md, frontier.md and one PNG per measure to ``output`` atomically."""
-    if isinstance(run_dirs, (str, Path)):
-        run_dirs = [run_dirs]
-    dirs = [Path(checks.path("run_dirs", d)) for d in (run_dirs or [])]
+    ``seconds_from``: run dirs whose evals alone give the seconds per image (a run timed on a
+    quiet machine; the others' quality still counts). Writes report.json/.md, frontier.md and
+    one PNG per measure to ``output`` atomically."""
+    dirs = _dirs("run_dirs", run_dirs)
     if not dirs:
         raise UsageError("`run_dirs` names nothing: give recipe run dirs or eval outputs")
+    clock = _dirs("seconds_from", seconds_from) or None
+    with atomic_dir(Path(output), force) as tmp:
+        return frontier_mod.frontier(dirs, tmp, base, clock)
+
+
+def _dirs(what: str, value) -> list[Path]:
+    if isinstance(value, (str, Path)):
+        value = [value]
+    dirs = [Path(checks.path(what, d)) for d in (value or [])]
     for d in dirs:
         if not d.is_dir():
-            raise UsageError(f"`run_dirs`: {d} is not a directory")
-    with atomic_dir(Path(output), force) as tmp:
-        return frontier_mod.frontier(dirs, tmp, base)
+            raise UsageError(f"`{what}`: {d} is not a directory")
+    return dirs

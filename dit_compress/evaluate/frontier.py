@@ -49,22 +49,34 @@ def _seconds(rep: dict) -> float | None:
     return float(first) / n if first and n else None
 
 
-def collect(run_dirs) -> list[dict]:
+def collect(run_dirs, seconds_from=None) -> list[dict]:
     """One row per eval name: its model, sampler, steps, cache policy, seconds per image and
-    metrics, each a mean over the run dirs holding it (with the sd and count)."""
+    metrics, each a mean over the run dirs holding it (with the sd and count). ``seconds_from``
+    (run dirs): take seconds per image from these alone (a run timed on a quiet machine), the
+    quality from every run dir."""
     by_name: dict[str, list[dict]] = {}
     for rd in run_dirs:
         for name, rep in _eval_reports(Path(rd)):
             by_name.setdefault(name, []).append(rep)
+    timed: dict[str, list[dict]] | None = None
+    if seconds_from:
+        timed = {}
+        for rd in seconds_from:
+            for name, rep in _eval_reports(Path(rd)):
+                timed.setdefault(name, []).append(rep)
+        missing = sorted(set(by_name) - set(timed))
+        if missing:
+            raise UsageError(f"`seconds_from` holds no eval named {', '.join(missing[:5])}: it must time every point")
     rows = []
     for name, reps in by_name.items():
         first = reps[0]
         policy = (first.get("feature_cache") or {}).get("policy") if isinstance(first.get("feature_cache"), dict) else None
         row = {"point": name, "source": first.get("source"), "sampler": first.get("sampler"), "steps": first.get("steps"),
                "feature_cache": policy, "seeds": len(reps), "samples": first.get("num_samples")}
-        secs = [s for s in (_seconds(r) for r in reps) if s is not None]
+        clock = reps if timed is None else timed[name]
+        secs = [s for s in (_seconds(r) for r in clock) if s is not None]
         row["seconds_per_image"] = statistics.mean(secs) if secs else None
-        row["cached_timing"] = any("cached" in r for r in reps)  # a served eval keeps its first run's seconds
+        row["cached_timing"] = any("cached" in r for r in clock)  # a served eval keeps its first run's seconds
         for key in METRICS:
             vals = [float(r["metrics"][key]) for r in reps if r["metrics"].get(key) is not None]
             row[key] = statistics.mean(vals) if vals else None
@@ -137,16 +149,18 @@ def plot(rows: list[dict], path: Path, key: str) -> None:
         ax.legend(fontsize=7)
 
 
-def frontier(run_dirs, output, base: str | None = None) -> dict:
+def frontier(run_dirs, output, base: str | None = None, seconds_from=None) -> dict:
     """Collect, analyse and write ``output``: report.json/.md (the table) and one PNG per
     quality measure present (``frontier_fid.png``, ``frontier_psnr.png``, ``frontier_loss.png``)."""
-    rows = collect(run_dirs)
+    rows = collect(run_dirs, seconds_from)
     if not rows:
         raise UsageError("no eval outputs found in the given run dirs (folders holding report.json of `ditc eval`)")
     base, rows = analyse(rows, checks.text("base", base, optional=True))
     report = {"base": base, "run_dirs": [str(r) for r in run_dirs], "points": rows,
-              "note": "seconds per image are each eval's own measured sampling (steady state); evals served from a "
-                      "cache keep their first run's seconds (cached_timing)"}
+              "seconds_from": [str(r) for r in seconds_from] if seconds_from else None,
+              "note": "seconds per image are each eval's own measured sampling (steady state"
+                      + ("; taken from seconds_from alone" if seconds_from else "; the mean over run dirs")
+                      + "); evals served from a cache keep their first run's seconds (cached_timing)"}
     out = Path(output)
     write_report(out, report, "ditc frontier")
     names = {"frechet_inception_distance": "fid", "fidelity_psnr": "psnr", "heldout_loss": "loss"}
