@@ -240,3 +240,43 @@ def test_info_and_convert_on_the_cli(ckpt, tmp_path):
                  "-o", str(tmp_path / "pr")])
     assert r.returncode == 0, r.stderr
     assert dc.load_model(tmp_path / "pr").config.stack_split == [2, 1]
+
+
+def test_loop_macs_count_what_the_sampling_loop_runs(ckpt):
+    """The bench's FLOPs of a MAR loop equal what the loop ran: every linear (torch's flop
+    counter) plus attention scores and sums from the token counts each block saw (hooks)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dit_compress.diffusion.mar import loop_macs
+
+    model = dc.load_model(ckpt).eval()
+    for cfg_scale, num_iter in ((1.0, 4), (2.0, 3), (2.0, 16)):
+        attn = []
+        hooks = [b.register_forward_pre_hook(lambda mod, a: attn.append(2 * a[0].shape[0] * a[0].shape[1] ** 2
+                                                                        * a[0].shape[2])) for b in model.blocks]
+        with FlopCounterMode(display=False) as fc, torch.inference_mode():
+            dc.sample_mar(model, torch.arange(2), num_iter=num_iter, cfg_scale=cfg_scale, seed=0)
+        for h in hooks:
+            h.remove()
+        ran = (fc.get_total_flops() / 2 + sum(attn)) / 2  # MACs per image
+        assert loop_macs(model.config, num_iter, cfg_scale) == pytest.approx(ran, rel=1e-9)
+
+
+def test_bench_times_the_mar_loop_and_prunes_both_stacks_alike(ckpt, tmp_path):
+    from dit_compress.diffusion.mar import loop_macs
+    from dit_compress.evaluate.bench import _structure
+
+    cfg = _structure(DiTConfig.preset("MAR-L"), ["d16"])
+    assert cfg.stack_split == [8, 8] and cfg.kept_layers == [*range(1, 16, 2), *range(17, 32, 2)]
+    with pytest.raises(UsageError, match="split evenly"):
+        _structure(DiTConfig.preset("MAR-L"), ["d15"])
+    r = run_cli(["bench", ckpt, f"{ckpt}+d4", "--steps", "3", "--cfg-scale", "2.0", "--batch-sizes", "2",
+                 "--repeats", "1", "--warmup", "0", "--json"])
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)["rows"]
+    model = dc.load_model(ckpt)
+    pruned = dc.prune_depth(model, output=tmp_path / "p", method="uniform", groups="2:3,2:3")[0]
+    want = loop_macs(model.config, 3, 2.0) / loop_macs(pruned.config, 3, 2.0)
+    assert rows[1]["flops_ratio"] == pytest.approx(want) and rows[0]["seconds_per_image"] > 0
+    r = run_cli(["bench", ckpt, "--feature-cache", "fora:2", "--loop", "--steps", "3", "--batch-sizes", "1"])
+    assert r.returncode != 0 and "masked-AR" in r.stderr

@@ -1,10 +1,21 @@
 import torch
 
 from ..errors import UsageError
+from ..model.family import family_of
 from .flow import FlowMatching
 from .gaussian import GaussianDiffusion
-from .mar import sample_mar
+from .mar import MaskedARLoop, sample_mar
 from .sampling import check_inputs, sample
+
+
+LOOPS = {"masked-ar": MaskedARLoop}  # generation processes other than the diffusion samplers
+
+
+def generation_loop(model):
+    """The sampling loop ``ditc bench`` times for a model whose family's process is not one of
+    the diffusion samplers (``sample``), or None."""
+    cls = LOOPS.get(family_of(model).process)
+    return cls(model) if cls is not None else None
 
 
 def objective_for(config):
@@ -46,4 +57,4 @@ def training_losses(model, x0, t, y, noise=None, **model_kwargs) -> dict:
     return {k: res[k] for k in ("loss", "mse", "vb")}
 
 
-__all__ = ["FlowMatching", "GaussianDiffusion", "objective_for", "training_losses", "sample", "sample_mar"]
+__all__ = ["FlowMatching", "GaussianDiffusion", "objective_for", "training_losses", "sample", "sample_mar", "generation_loop"]

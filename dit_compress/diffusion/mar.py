@@ -22,6 +22,7 @@ import torch
 from .. import checks
 from ..config import DiTConfig
 from ..errors import UsageError
+from ..model.flops import mar_static_macs
 from .gaussian import GaussianDiffusion
 
 
@@ -167,15 +168,11 @@ def sample_tokens(model, labels: torch.Tensor, num_iter: int = 64, cfg: float = 
     guided = cfg != 1.0
     null = torch.full_like(labels, model.num_classes)
     cond_labels = torch.cat([labels, null]) if guided else labels
-    remaining = L
-    for step in range(num_iter):
+    for step, mask_len in enumerate(mask_lengths(L, num_iter)):
         tk, mk = (torch.cat([tokens, tokens]), torch.cat([mask, mask])) if guided else (tokens, mask)
         z = model.conditions(tk, mk, cond_labels)
-        mask_len = int(np.floor(L * np.cos(math.pi / 2.0 * (step + 1) / num_iter)))
-        mask_len = max(1, min(remaining - 1, mask_len))
         mask_next = mask_from_order(orders, mask_len)
         to_pred = mask.bool() if step >= num_iter - 1 else mask.bool() ^ mask_next.bool()
-        remaining = mask_len
         mask = mask_next
         pos = to_pred.nonzero(as_tuple=True)  # every row predicts the same count of tokens
         zc = z[:B][pos]
@@ -190,6 +187,68 @@ def sample_tokens(model, labels: torch.Tensor, num_iter: int = 64, cfg: float = 
         if progress is not None:
             progress()
     return model.unpatchify(tokens)
+
+
+def mask_lengths(seq_len: int, num_iter: int) -> list[int]:
+    """Tokens still masked after each sampling step: floor(L cos(pi/2 (step+1)/num_iter)), at
+    least one and fewer than before (the last step predicts every token left)."""
+    out, remaining = [], seq_len
+    for step in range(num_iter):
+        n = int(np.floor(seq_len * np.cos(math.pi / 2.0 * (step + 1) / num_iter)))
+        remaining = max(1, min(remaining - 1, n))
+        out.append(remaining)
+    return out
+
+
+def loop_macs(cfg: DiTConfig, num_iter: int, cfg_scale: float) -> float:
+    """Multiply-accumulates of one image's sampling loop, counted from the loop's own token
+    counts: each step runs the encoder on the buffer and the known tokens, the decoder on the
+    buffer and every token, and the head's respaced steps on the tokens the step predicts;
+    guidance doubles every row (the official code runs the conditional and the null batch)."""
+    m, L = cfg.mar, cfg.num_patches
+    D, Dd = cfg.hidden_size, m.decoder_hidden_size or cfg.hidden_size
+    enc, dec = cfg.stack_split
+    tok = cfg.in_channels * cfg.patch_size ** 2
+    head_token_step = mar_static_macs(cfg)["head_per_step"] / L
+    head_steps = len(cosine_diffusion(m.num_sampling_steps).timestep_map)
+
+    def block(width, T):
+        return T * (4 + 2 * cfg.mlp_ratio) * width * width + 2 * T * T * width
+
+    total, remaining = 0.0, L
+    for step, left in enumerate(mask_lengths(L, num_iter)):
+        known = L - remaining
+        total += L * tok * D + enc * block(D, m.buffer_size + known)  # z_proj on every token, as the official
+        total += (m.buffer_size + known) * D * Dd + dec * block(Dd, m.buffer_size + L)
+        total += (remaining if step == num_iter - 1 else remaining - left) * head_steps * head_token_step
+        remaining = left
+    return total * (2 if cfg_scale != 1.0 else 1)
+
+
+class MaskedARLoop:
+    """What ``ditc bench`` times for a masked autoregressive model: ``sample_mar`` at
+    ``num_iter`` steps (each running the head's respaced DDPM on its tokens), and the loop's
+    MACs (``loop_macs``)."""
+
+    default_steps = 64  # the official evaluation's num_iter
+
+    def __init__(self, model):
+        self.model = model
+
+    def steps(self, steps: int | None) -> int:
+        n = self.default_steps if steps is None else steps
+        check_sampling(n, 1.0, "linear", 1.0, self.model.seq_len)
+        return n
+
+    def describe(self, steps: int) -> str:
+        return f"masked-AR {steps} steps x head DDPM {processes(self.model)[1].num_timesteps}"
+
+    def macs_per_image(self, steps: int, cfg_scale: float) -> float:
+        return loop_macs(self.model.config, steps, cfg_scale)
+
+    def run(self, n: int, steps: int, cfg_scale: float, seed: int = 0) -> torch.Tensor:
+        labels = torch.arange(n) % self.model.num_classes
+        return sample_mar(self.model, labels, num_iter=steps, cfg_scale=cfg_scale, seed=seed)
 
 
 def check_sampling(num_iter, cfg, cfg_schedule, temperature, seq_len: int) -> None:

@@ -32,6 +32,7 @@ from ..compress.dynamic import (
     set_token_keep,
 )
 from ..config import DiTConfig, TokenSpec, WidthSpec
+from ..diffusion import generation_loop
 from ..diffusion.caching import POLICIES, parse_policy
 from ..diffusion.measure import FlopsMeter
 from ..diffusion.sampling import (
@@ -119,16 +120,20 @@ def _structure(cfg: DiTConfig, variants: list[str]) -> DiTConfig:
         elif v.startswith("tokens") and cfg.tokens is None:
             cfg = cfg.copy(tokens=TokenSpec())
         elif v.startswith("d") and not v.startswith("dyn"):
-            keep = _depth_keep(v, cfg.depth)
+            keep = _depth_keep(v, cfg.stack_split)
             cfg = cfg.copy(depth=len(keep), kept_layers=[cfg.kept_layers[i] for i in keep])
     return cfg
 
 
-def _depth_keep(v: str, depth: int) -> list[int]:
-    n = int(v[1:])
+def _depth_keep(v: str, stacks: list[int]) -> list[int]:
+    """Evenly spaced blocks, ending at the last, in each stack alike (``d16`` of MAR's 16 + 16
+    keeps 8 of each)."""
+    n, depth = int(v[1:]), sum(stacks)
     if not (0 < n <= depth):
         raise UsageError(f"variant {v}: depth {n} is not in 1..{depth}")
-    return uniform_keep([(n, depth)])  # evenly spaced, ending at the last
+    if any(n * s % depth for s in stacks):
+        raise UsageError(f"variant {v}: {n} of {depth} blocks does not split evenly over the stacks {stacks}")
+    return uniform_keep([(n * s // depth, s) for s in stacks])
 
 
 def build(spec: str, seed: int = 0, load: dict | None = None, schedule=(None, None, None), device="cpu",
@@ -156,7 +161,7 @@ def build(spec: str, seed: int = 0, load: dict | None = None, schedule=(None, No
             set_banded_width(model, share, sampler_timesteps(sampler, steps, schedule[2], model.config))
         elif v.startswith("d"):
             if not base.startswith("shape:"):
-                model = prune_layers(model, _depth_keep(v, model.config.depth))
+                model = prune_layers(model, _depth_keep(v, model.config.stack_split))
         elif v.startswith("width"):
             share = float(v[5:])
             if model.config.width is None:
@@ -301,8 +306,6 @@ def _measure_child(specs, batch_sizes, repeats, warmup, schedule, threads, dtype
 
 def _measure_one(spec, batch_sizes, repeats, warmup, schedule, dtype_name, compile_, dense, load, loop, device, graphs,
                  token_capacity) -> dict:
-    import psutil
-
     dev = torch.device(device)
     dtype = DTYPES[dtype_name]
     t0 = time.perf_counter()
@@ -312,6 +315,10 @@ def _measure_one(spec, batch_sizes, repeats, warmup, schedule, dtype_name, compi
     model = build(source, load=load, schedule=schedule, device=dev, dtype=dtype, token_capacity=token_capacity)
     _sync(dev)
     build_s = time.perf_counter() - t0
+    gen = generation_loop(model)
+    if gen is not None:
+        return _measure_generation(gen, spec, own_policy or (loop or {}).get("feature_cache"), batch_sizes, repeats,
+                                   warmup, schedule[1], (loop or {}).get("cfg_scale", 1.0), dev, build_s)
     sampler, steps, spacing = schedule
     sampler, steps = eval_sampler(model.config, sampler, steps)
     timesteps = sampler_timesteps(sampler, steps, spacing, model.config)
@@ -353,33 +360,81 @@ def _measure_one(spec, batch_sizes, repeats, warmup, schedule, dtype_name, compi
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         out["weights_cuda_mb"] = torch.cuda.memory_allocated(dev) / 2**20
-    proc = psutil.Process()
-    rss_after_load = proc.memory_info().rss
-    peak = [rss_after_load]
-    stop = threading.Event()
-
-    def sample_rss():  # resident memory while the forwards run (ru_maxrss would include building)
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            stop.wait(0.002)
-
-    rss_thread = threading.Thread(target=sample_rss, daemon=True)
-    rss_thread.start()
-    if loop is not None:
-        rows = _loop_rows(model, cfg, batch_sizes, repeats, warmup, sampler, steps, spacing, loop["cfg_scale"], dtype,
-                          graphs, loop.get("feature_cache"))
-    else:
-        rows = _static_forward_rows(model, cfg, batch_sizes, repeats, warmup, timesteps, dtype, graphs)
-    stop.set()
-    rss_thread.join()
+    with _peak_rss() as rss:
+        if loop is not None:
+            rows = _loop_rows(model, cfg, batch_sizes, repeats, warmup, sampler, steps, spacing, loop["cfg_scale"],
+                              dtype, graphs, loop.get("feature_cache"))
+        else:
+            rows = _static_forward_rows(model, cfg, batch_sizes, repeats, warmup, timesteps, dtype, graphs)
+    rss_after_load, peak = rss[0], rss
     cache = graph_cache(model)
     out["cuda_graphs"] = cache.captures if cache is not None else 0
     if dev.type == "cuda":
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
     if compile_:
         out["graphs"] = compiled_graphs() - graphs0
-    return {**out, "gflops": macs / 1e9, "rows": rows, "peak_rss_mb": peak[0] / 2**20,
-            "peak_mb": out.get("peak_cuda_mb", peak[0] / 2**20), "rss_after_load_mb": rss_after_load / 2**20}
+    return {**out, "gflops": macs / 1e9, "rows": rows, "peak_rss_mb": peak[1] / 2**20,
+            "peak_mb": out.get("peak_cuda_mb", peak[1] / 2**20), "rss_after_load_mb": rss_after_load / 2**20}
+
+
+@contextlib.contextmanager
+def _peak_rss():
+    """Sample the process's resident memory while the block runs (ru_maxrss would include
+    building): yields [after-load rss, peak rss], the peak filled in as it goes."""
+    import psutil
+
+    proc = psutil.Process()
+    got = [proc.memory_info().rss] * 2
+    stop = threading.Event()
+
+    def sample_rss():
+        while not stop.is_set():
+            got[1] = max(got[1], proc.memory_info().rss)
+            stop.wait(0.002)
+
+    thread = threading.Thread(target=sample_rss, daemon=True)
+    thread.start()
+    try:
+        yield got
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _measure_generation(gen, spec, policy, batch_sizes, repeats, warmup, steps, cfg_scale, dev, build_s) -> dict:
+    """A model sampled by its own generation process (MAR's masked-AR loop): always the whole
+    loop, CFG as given; FLOPs counted from the loop's own token counts."""
+    if policy not in (None, "none"):
+        raise UsageError(f"feature caches act across a diffusion sampler's steps; {spec} samples by {gen.describe(1)}")
+    model = gen.model
+    steps = gen.steps(steps)
+    macs = gen.macs_per_image(steps, cfg_scale)
+    out = {"spec": spec, "sampler": gen.describe(steps), "params": model.num_params(), "depth": model.config.depth,
+           "build_s": build_s, "loop_gflops_per_image": macs / 1e9, "cfg_scale": cfg_scale, "count_s": 0.0}
+    rows = []
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    with torch.inference_mode(), _peak_rss() as rss:
+        for bs in batch_sizes:
+            t0 = time.perf_counter()
+            for _ in range(warmup):
+                gen.run(bs, steps, cfg_scale)
+            _sync(dev)
+            warm = time.perf_counter() - t0
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                gen.run(bs, steps, cfg_scale, seed=1)
+                _sync(dev)
+                times.append(time.perf_counter() - t0)
+            med = statistics.median(times)
+            rows.append({"batch": bs, **_stats(times), "seconds_per_image": med / bs, "images_per_s": bs / med,
+                         "warmup_s": warm, "graphs_in_timed_runs": 0})
+    peak = rss[1]
+    if dev.type == "cuda":
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    return {**out, "gflops": macs / 1e9, "rows": rows, "cuda_graphs": 0, "peak_rss_mb": peak / 2**20,
+            "peak_mb": out.get("peak_cuda_mb", peak / 2**20), "rss_after_load_mb": rss[0] / 2**20}
 
 
 def _run_child(target, args, timeout: float, n: int = 1, poll: float = 1.0):

@@ -28,6 +28,9 @@ layout; everything above model/ and formats/ reaches a model only through ``fami
     condition_key(cfg)           what a teacher must share with its student (classes, or the
                                  caption width)
     lora_targets                 the linears a LoRA recovery adapts (peft ``target_modules``)
+    process                      the generation process that samples it: "diffusion" (the samplers of
+                                 diffusion/sampling.py) or "masked-ar" (diffusion/mar.py);
+                                 ``diffusion.generation_loop(model)`` is what bench times
     info_fields(model)           what ``ditc info`` says of the network beyond the shared fields
     static_macs(cfg)             one forward's multiply-accumulates for one sample, by part
     width_layout(cfg)            where dynamic width's heads and MLP channels sit in a block's
@@ -147,6 +150,7 @@ class DiTFamily:
     stack_keys = ("blocks",)
     supports = frozenset({"width", "tokens", "training", "eval"})
     implemented = "every command"
+    process = "diffusion"
     info_fields = staticmethod(_transformer_info)
     static_macs = staticmethod(static_macs)
 
@@ -249,6 +253,7 @@ class PixArtFamily:
     stack_keys = ("transformer_blocks",)
     supports = frozenset({"width", "tokens", "training", "eval"})
     implemented = "every command"
+    process = "diffusion"
     info_fields = staticmethod(_transformer_info)
     static_macs = staticmethod(static_macs)
 
@@ -402,10 +407,12 @@ class MARFamily(DiTFamily):
     name, stack_key, condition = "mar", None, "labels"
     stack_keys = ("encoder_blocks", "decoder_blocks")
     supports = frozenset()
+    process = "masked-ar"
     info_fields = staticmethod(_mar_info)
     static_macs = staticmethod(mar_static_macs)
     implemented = ("loading (checkpoint-last.pth with args, ditc), convert, depth pruning by pattern within each "
-                   "stack (uniform, random, --keep), info, and sampling through dit_compress.sample_mar")
+                   "stack (uniform, random, --keep), info, bench (its sampling loop) and sampling through "
+                   "dit_compress.sample_mar")
 
     @staticmethod
     def module(cfg):
