@@ -240,7 +240,9 @@ def create(arch: str = typer.Argument(..., help="DiT-S/2, DiT-B/4, DiT-XL/2 ... 
            name: Optional[str] = typer.Option(None),
            label_init_std: float = typer.Option(0.02, "--label-init-std", help="Std of the class-embedding init (reference 0.02; larger learns class conditioning faster on small budgets)."),
            seed: int = typer.Option(0),
-           family: str = typer.Option("dit", "--family", help="dit (class-conditional DiT / SiT) | pixart (text-to-image PixArt-alpha: give --caption-channels)."),
+           family: str = typer.Option("dit", "--family", help="dit (class-conditional DiT / SiT) | pixart (text-to-image PixArt-alpha: give --caption-channels) | mar (masked autoregressive: --depth counts both stacks, give --buffer-size and --head)."),
+           buffer_size: Optional[int] = typer.Option(None, "--buffer-size", help="MAR: the buffer tokens holding the class embedding (MAR's 64)."),
+           head: Optional[str] = typer.Option(None, "--head", help="MAR: the diffusion head's res-blocks,width (MAR-L 8,1280)."),
            caption_channels: Optional[int] = typer.Option(None, "--caption-channels", help="PixArt: the text encoder's feature width (T5-XXL 4096)."),
            caption_length: Optional[int] = typer.Option(None, "--caption-length", help="PixArt: the tokens its tokenizer pads captions to (PixArt-alpha 120)."),
            text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="PixArt: write a whole diffusers pipeline dir with this text encoder: a pipeline or encoder dir (copied; a latent model also takes the pipeline's vae/), or digits-t5 (the testbed's word-level T5, built; pixel models)."),
@@ -253,6 +255,8 @@ def create(arch: str = typer.Argument(..., help="DiT-S/2, DiT-B/4, DiT-XL/2 ... 
 
         ditc create custom --input-size 8 --patch-size 1 --in-channels 1 --hidden-size 128 --depth 12 --num-heads 4 --num-classes 10 --pixel -o digits-new/
 
+        ditc create custom --family mar --input-size 8 --patch-size 2 --in-channels 1 --hidden-size 128 --depth 8 --num-heads 4 --num-classes 10 --buffer-size 4 --head 3,128 --pixel -o mar-new/
+
         ditc create custom --family pixart --caption-channels 64 --caption-length 16 --input-size 8 --patch-size 1 --in-channels 1 --hidden-size 128 --depth 8 --num-heads 4 --pixel --text-encoder digits-t5 -o t2i-new/
     """
     model = commands.create(arch, output=output, input_size=input_size, in_channels=in_channels,
@@ -260,7 +264,7 @@ def create(arch: str = typer.Argument(..., help="DiT-S/2, DiT-B/4, DiT-XL/2 ... 
                             num_classes=num_classes, learn_sigma=learn_sigma, pixel=pixel, prediction=prediction,
                             name=name, label_init_std=label_init_std, seed=seed, family=family,
                             caption_channels=caption_channels, caption_length=caption_length,
-                            text_encoder=text_encoder, force=force)
+                            text_encoder=text_encoder, buffer_size=buffer_size, head=head, force=force)
     err_console.print(f"wrote {output} ({model.num_params():,} parameters)")
 
 

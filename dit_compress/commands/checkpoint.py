@@ -11,7 +11,7 @@ import torch
 from .. import checks
 from ..assets import embedded
 from ..data.digit_captions import build_text_encoder
-from ..config import FAMILIES, PREDICTIONS, DiTConfig
+from ..config import FAMILIES, MAR_ARCHS, PREDICTIONS, DiTConfig
 from ..errors import UsageError
 from ..evaluate.describe import describe
 from ..formats import FORMATS, parse_dtype, save_model, write_checkpoint
@@ -29,15 +29,19 @@ def create(arch: str, *, output: str | Path | None = None, input_size: int | Non
            num_heads: int | None = None, patch_size: int | None = None, num_classes: int | None = None,
            learn_sigma: bool = True, pixel: bool = False, prediction: str = "eps", name: str | None = None,
            label_init_std: float = 0.02, seed: int = 0, family: str = "dit", caption_channels: int | None = None,
-           caption_length: int | None = None, text_encoder: str | Path | None = None, force: bool = False) -> DiT:
+           caption_length: int | None = None, text_encoder: str | Path | None = None,
+           buffer_size: int | None = None, head: str | None = None, force: bool = False) -> DiT:
     """A freshly initialised network (its family's reference training initialisation): a
     preset (``"DiT-S/2"``, ``"PixArt-XL/2-512"``) or ``"custom"`` with every size given
     (``family="pixart"``: a text-to-image PixArt-α, with ``caption_channels``, the text
     encoder's width, and ``caption_length``, the tokens its tokenizer pads to). Written as a
     ditc checkpoint when ``output`` is given; a PixArt with ``text_encoder`` (a pipeline or
     encoder dir to copy, or ``"digits-t5"``: the text-to-image testbed's word-level T5, built
-    from its seed) is written as a whole diffusers PixArtAlphaPipeline dir. The config is
-    checked (types, ranges, a bound on its size) before anything is allocated."""
+    from its seed) is written as a whole diffusers PixArtAlphaPipeline dir. ``family="mar"``:
+    a masked autoregressive model, ``depth`` blocks split evenly into encoder and decoder, with
+    ``buffer_size`` buffer tokens and a diffusion ``head`` "res-blocks,width" (the MAR presets
+    state both). The config is checked (types, ranges, a bound on its size) before anything is
+    allocated."""
     checks.text("arch", arch)
     family = checks.choice("family", family, FAMILIES)
     learn_sigma, pixel = checks.flag("learn_sigma", learn_sigma), checks.flag("pixel", pixel)
@@ -52,12 +56,14 @@ def create(arch: str, *, output: str | Path | None = None, input_size: int | Non
         if (family if arch == "custom" else DiTConfig.preset(arch).family) != "pixart":
             raise UsageError("`text_encoder` makes a text-to-image pipeline: pick a PixArt preset, or `family` "
                              "pixart for a custom one")
+    mar = _mar_fields(family if arch == "custom" else None, arch, depth, buffer_size, head)
     if output is not None:
         return _create_into(arch, output, force, text_encoder, input_size=input_size, in_channels=in_channels,
                             hidden_size=hidden_size, depth=depth, num_heads=num_heads, patch_size=patch_size,
                             num_classes=num_classes, learn_sigma=learn_sigma, pixel=pixel, prediction=prediction,
                             name=name, label_init_std=label_init_std, seed=seed, family=family,
-                            caption_channels=caption_channels, caption_length=caption_length)
+                            caption_channels=caption_channels, caption_length=caption_length,
+                            buffer_size=buffer_size, head=head)
     over = {k: v for k, v in dict(input_size=input_size, in_channels=in_channels, hidden_size=hidden_size, depth=depth,
                                    num_heads=num_heads, patch_size=patch_size, num_classes=num_classes).items()
             if v is not None}
@@ -66,6 +72,8 @@ def create(arch: str, *, output: str | Path | None = None, input_size: int | Non
         over.update(latent_scale=None, vae=None)
     if name:
         over["name"] = name
+    if mar:
+        over["mar"] = mar
     captions = {k: v for k, v in dict(caption_channels=caption_channels, caption_length=caption_length).items()
                 if v is not None}
     if arch == "custom":
@@ -73,7 +81,8 @@ def create(arch: str, *, output: str | Path | None = None, input_size: int | Non
                 and k not in captions]
         if need:
             raise UsageError(f"custom architecture needs `{need[0]}`")
-        cfg = _custom_pixart(over, captions) if family == "pixart" else DiTConfig(**over)
+        cfg = _custom_pixart(over, captions) if family == "pixart" else DiTConfig(**over, **(
+            {"family": "mar", "class_dropout_prob": 0.1} if family == "mar" else {}))
     else:
         cfg = DiTConfig.preset(arch, **over, **captions)
     if captions and cfg.family != "pixart":
@@ -90,6 +99,34 @@ def create(arch: str, *, output: str | Path | None = None, input_size: int | Non
     model = family_of(cfg).module(cfg)
     family_of(cfg).initialise(model, label_init_std)
     return model
+
+
+def _mar_fields(custom_family, arch: str, depth, buffer_size, head) -> dict:
+    """The MAR fields ``create`` was given: for a custom MAR every one of them (nothing is
+    guessed), for a MAR preset any it overrides; refused on other families."""
+    mar_arch = arch in MAR_ARCHS or custom_family == "mar"
+    if not mar_arch:
+        if buffer_size is not None or head is not None:
+            raise UsageError("`buffer_size` and `head` are a MAR's (pass `family` mar, or a MAR preset)")
+        return {}
+    out = {}
+    if head is not None:
+        parts = checks.text("head", head).split(",")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise UsageError(f"`head` is the diffusion head's res-blocks,width, e.g. 3,128; got {head!r}"[:200])
+        out.update(diffloss_d=int(parts[0]), diffloss_w=int(parts[1]))
+    if buffer_size is not None:
+        out["buffer_size"] = checks.integer("buffer_size", buffer_size, lo=0, hi=1 << 16)
+    if custom_family == "mar":
+        for k, opt in (("buffer_size", "buffer_size"), ("diffloss_d", "head")):
+            if k not in out:
+                raise UsageError(f"custom MAR needs `{opt}`")
+        if depth is None or checks.integer("depth", depth, lo=2, hi=1 << 10) % 2:
+            raise UsageError(f"custom MAR needs an even `depth` (encoder and decoder halves), got {depth}")
+        out["stack_depths"] = [depth // 2, depth // 2]
+    elif depth is not None:
+        raise UsageError(f"`depth` of {arch} is its preset's (both stacks); use arch custom with family mar for another")
+    return out
 
 
 def _custom_pixart(over: dict, captions: dict) -> DiTConfig:

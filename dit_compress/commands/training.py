@@ -132,6 +132,7 @@ def distill(source, *, output: str | Path, teacher, data: str, kd_out: float = 0
     k_sigma = checks.real("k_sigma", k_sigma, lo=0.0, lo_open=True)
     no_rep_mask = checks.flag("no_rep_mask", no_rep_mask)
     student = load_source(source, **load)
+    require(student, "distill")
     t_model = load_source(teacher, what="teacher", **load)
     kd = {"out": kd_out, "plain": kd_plain, "rep": kd_rep, "k_sigma": None if no_rep_mask else k_sigma,
           "rep_pairs": rep_pairs, "rep_mask_form": rep_mask_form, **dyn}
@@ -163,7 +164,7 @@ def learn_cache(source, *, output: str | Path, data: str, sampler: str = "ddim",
     spacing = resolve_spacing(sampler, check_spacing(timestep_spacing))
     model = load_source(source, revision=revision, no_ema=no_ema, num_heads=num_heads, prediction=prediction,
                         numerics=numerics)
-    require(model, "training")
+    require(model, "cache")
     dataset = load_data(data, cfg=model.config)
     check_fits(dataset, model.config)
     out, report = learn_cache_fn(model, dataset, sampler, steps, spacing, iters, batch_size, lr, sparsity, threshold,

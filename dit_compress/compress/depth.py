@@ -31,7 +31,6 @@ from ..diffusion.calibration import calib_device, calibration_losses
 from ..errors import TrainingError, UsageError
 from ..model.build import build_model
 from ..model.family import block_prefixes, family_of, require
-from ..model.flops import gflops
 from ..report import plot_lines
 from ..train.losses import plain_loss
 from ..train.trainer import TrainConfig, Trainer
@@ -365,7 +364,8 @@ def search_setup(model, data, groups, lc: LearnedConfig) -> SearchSetup:
     def tau_at(step):
         return lc.tau_start + (lc.tau_end - lc.tau_start) * min(1.0, step / max(1, lc.steps))
 
-    base_loss = plain_loss(objective_for(model.config))
+    objective = objective_for(model.config)
+    base_loss = plain_loss(objective)
 
     def loss_fn(m, batch, step):
         search.tau = tau_at(step)  # a function of the step, so a resumed run anneals identically
@@ -379,7 +379,7 @@ def search_setup(model, data, groups, lc: LearnedConfig) -> SearchSetup:
     def status(w):
         return f"keep {w.search.decision()} conf {w.search.confidence():.2f}"
 
-    batch_fn = condition_dropout_batch_fn(data, lc.batch_size, model.config)
+    batch_fn = condition_dropout_batch_fn(data, lc.batch_size, model.config, draws=getattr(objective, "draws", None))
     return SearchSetup(wrapper, loss_fn, batch_fn, groups_param, on_step, status, history_probs)
 
 
@@ -427,7 +427,8 @@ def step_cost_ratio(model, groups, lc: LearnedConfig, data, reps: int = 3) -> di
     diff = objective_for(model.config)
     g = torch.Generator().manual_seed(0)
     x, y = draw_examples(data, lc.batch_size, g)
-    t = torch.randint(0, 1000, (lc.batch_size,), generator=g)
+    t = diff.batch_t({"t": torch.randint(0, 1000, (lc.batch_size,), generator=g),
+                      **(diff.draws(x, g) if hasattr(diff, "draws") else {})})
 
     def timed(module, params):
         opt = torch.optim.AdamW(params, lr=1e-6)
@@ -554,11 +555,14 @@ def prune_depth(model, method: str, groups=None, keep: list[int] | None = None, 
     if data is not None:
         require(model, "training")
         check_fits(data, model.config)
-        calib = calibration_set(data, calib_samples, seed=lc.seed + 12345)
+        calib = calibration_set(data, calib_samples, seed=lc.seed + 12345,
+                                draws=getattr(objective_for(model.config), "draws", None))
     sel = Selection(model, groups, data, calib, lc, work_dir, resume, num_candidates, influence_noisy, measure_cost,
                     report={"method": method, "source_depth": model.config.depth}, producer=producer)
     if groups is not None:
         sel.report["groups"] = [f"{n}:{m}" for n, m in groups]
+    if method in ("block-influence", "min-loss"):
+        require(model, "influence")
     if method != "oracle":
         selector, needs_data = SELECTORS[method]
         if needs_data:
@@ -571,7 +575,8 @@ def prune_depth(model, method: str, groups=None, keep: list[int] | None = None, 
     report = sel.report
     report.update(kept_layers=keep, kept_source_layers=pruned.config.kept_layers, depth_after=pruned.config.depth,
                   params_before=model.num_params(), params_after=pruned.num_params(),
-                  gflops_before=gflops(model.config), gflops_after=gflops(pruned.config), seconds=time.time() - t0)
+                  gflops_before=family_of(model).static_macs(model.config)["total"] / 1e9,
+                  gflops_after=family_of(pruned).static_macs(pruned.config)["total"] / 1e9, seconds=time.time() - t0)
     if calib is not None:
         report["calib_loss_chosen"] = calibration_loss(model, calib, keep)
         report["calib_loss_full"] = calibration_loss(model, calib, None)

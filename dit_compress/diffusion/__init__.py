@@ -1,26 +1,20 @@
 import torch
 
 from ..errors import UsageError
-from ..model.family import family_of
 from .flow import FlowMatching
 from .gaussian import GaussianDiffusion
-from .mar import MaskedARLoop, sample_mar
+from .mar import sample_mar
+from .processes import generation_loop, process_of
 from .sampling import check_inputs, sample
 
 
-LOOPS = {"masked-ar": MaskedARLoop}  # generation processes other than the diffusion samplers
-
-
-def generation_loop(model):
-    """The sampling loop ``ditc bench`` times for a model whose family's process is not one of
-    the diffusion samplers (``sample``), or None."""
-    cls = LOOPS.get(family_of(model).process)
-    return cls(model) if cls is not None else None
-
-
 def objective_for(config):
-    """The training objective a model's config states: DiT's Gaussian diffusion (eps) or
-    SiT's flow matching (velocity on the linear path)."""
+    """The training objective a model's config states: DiT's Gaussian diffusion (eps), SiT's
+    flow matching (velocity on the linear path), or its family's own process (MAR's token
+    loss)."""
+    proc = process_of(config)
+    if proc is not None:
+        return proc[0](config)
     if config.prediction == "velocity":
         return FlowMatching(config.time_input)
     return GaussianDiffusion.create(learn_sigma=config.learn_sigma)

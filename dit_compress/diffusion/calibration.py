@@ -20,8 +20,8 @@ def calibration_losses(model, calib, keep: list[int] | None = None, batch: int =
         for s in range(0, n, batch):
             sl = slice(s, s + batch)
             dev = calib_device(model)
-            res = diff.training_losses(model, calib.x[sl].to(dev), diff.continuous_t(calib.t[sl]).to(dev),
-                                       calib.y[sl].to(dev), noise=calib.noise[sl].to(dev))
+            b = {k: v.to(dev) for k, v in calib.batch(sl).items()}
+            res = diff.training_losses(model, b["x"], diff.batch_t(b), b["y"], noise=b["noise"])
             loss += float(res["loss"].sum())
             mse += float(res["mse"].sum())
     return {"loss": loss / n, "mse": mse / n}

@@ -23,6 +23,7 @@ from .. import checks
 from ..config import DiTConfig
 from ..errors import UsageError
 from ..model.flops import mar_static_macs
+from ..model.mar import patchify
 from .gaussian import GaussianDiffusion
 
 
@@ -42,16 +43,25 @@ def processes(model) -> tuple[GaussianDiffusion, GaussianDiffusion]:
     return cache[key]
 
 
-def head_losses(model, target, z, t, noise) -> dict:
-    """Per-token ADM hybrid loss (eps MSE + VLB with the eps term detached) of the head at steps
-    ``t`` with ``noise``; ``target`` and ``noise`` [N, C], ``z`` [N, Dz], ``t`` [N]."""
-    d = processes(model)[0]
+_TRAINING = {}
+
+
+def training_process() -> GaussianDiffusion:
+    """The head's training process (1000 cosine steps), made once."""
+    if "d" not in _TRAINING:
+        _TRAINING["d"] = cosine_diffusion()
+    return _TRAINING["d"]
+
+
+def head_losses(net, target, z, t, noise) -> dict:
+    """Per-token ADM hybrid loss (eps MSE + VLB with the eps term detached) of the head ``net``
+    at steps ``t`` with ``noise``; ``target`` and ``noise`` [N, C], ``z`` [N, Dz], ``t`` [N]."""
+    d = training_process()
     xt = d.q_sample(target, t, noise)
-    out = model.diffloss.net(xt, t, z)
+    out = net(xt, t, z)
     return d.losses_from_output(out, target, xt, t, noise)
 
 
-@torch.no_grad()
 def head_sample(model, z, noise, temperature: float = 1.0, cfg: float = 1.0, guided: bool | None = None):
     """Token latents from the respaced process (``p_sample_loop``, no clipping); ``noise``
     [S+1, N, C]: the start and one draw per step (``N`` conditional rows; under guidance
@@ -98,8 +108,8 @@ class MARDraws:
     def __getitem__(self, sl) -> "MARDraws":
         return MARDraws(self.order[sl], self.ratio[sl], self.t[sl], self.noise[sl])
 
-    def to(self, device) -> "MARDraws":
-        return MARDraws(*(v.to(device) for v in (self.order, self.ratio, self.t, self.noise)))
+    def to(self, device, non_blocking: bool = False) -> "MARDraws":
+        return MARDraws(*(v.to(device, non_blocking=non_blocking) for v in (self.order, self.ratio, self.t, self.noise)))
 
 
 def draw(cfg: DiTConfig, n: int, generator: torch.Generator | None = None, num_timesteps: int = 1000) -> MARDraws:
@@ -126,17 +136,42 @@ def token_losses(model, imgs, labels, draws: MARDraws) -> dict:
     """The official ``forward``'s loss with its draws given: per sample, the mean head loss
     over its masked tokens and token copies (``loss``, ``mse``, ``vb`` [B]). Labels equal to
     ``num_classes`` take the fake latent (label dropout, drawn by the caller)."""
-    x = model.patchify(imgs)
+    x = patchify(imgs, model.config.patch_size)
     B, L, C = x.shape
     n_masked = int(math.ceil(L * float(draws.ratio[0])))
     mask = mask_from_order(draws.order, n_masked)
-    z = model.conditions(x, mask, labels)
     mul = draws.t.shape[1]
     rows = lambda v: v.unsqueeze(1).expand(B, mul, *v.shape[1:]).reshape(B * mul * L, *v.shape[2:])  # noqa: E731
-    res = head_losses(model, rows(x), rows(z), draws.t.reshape(-1), draws.noise.reshape(-1, C))
     w = mask.unsqueeze(1).expand(B, mul, L).reshape(B, -1)
     per = lambda v: (v.view(B, -1) * w).sum(1) / w.sum(1)  # noqa: E731
-    return {k: per(res[k]) for k in ("loss", "mse", "vb")}
+
+    def head(net, z):  # inside the model's forward: one forward for wrappers and DDP
+        res = head_losses(net, rows(x), rows(z), draws.t.reshape(-1), draws.noise.reshape(-1, C).to(z.dtype))
+        return {k: per(res[k]) for k in ("loss", "mse", "vb")}
+
+    return model(x, mask, labels, head=head)
+
+
+class MaskedARObjective:
+    """``objective_for`` of a masked autoregressive model: what the trainer and the learned
+    depth search call on every objective. ``draws(x, g)`` adds the batch's MAR draws (orders,
+    mask ratio, head steps and noise) from the batch generator; ``training_losses`` is the
+    official token loss with them (``t`` is the draws, ``batch_t`` picks them)."""
+
+    def __init__(self, config: DiTConfig):
+        self.config = config
+
+    def draws(self, x: torch.Tensor, generator: torch.Generator) -> dict:
+        return {"draws": draw(self.config, len(x), generator)}
+
+    @staticmethod
+    def batch_t(batch: dict) -> MARDraws:
+        return batch["draws"]
+
+    def training_losses(self, model, x0, t, y, noise=None, return_aux: bool = False, run=None) -> dict:
+        if return_aux or run is not None:
+            raise UsageError("a MAR's objective has no block features or run context (RepKD, routers)")
+        return token_losses(model, x0, y, t)
 
 
 @torch.no_grad()
@@ -230,15 +265,32 @@ class MaskedARLoop:
     ``num_iter`` steps (each running the head's respaced DDPM on its tokens), and the loop's
     MACs (``loop_macs``)."""
 
+    name = "mar"
     default_steps = 64  # the official evaluation's num_iter
 
     def __init__(self, model):
         self.model = model
 
+    @classmethod
+    def resolve(cls, config: DiTConfig, sampler: str | None, steps: int | None) -> tuple[str, int]:
+        """(sampler name, num_iter) for a MAR: its own loop only, ``num_iter`` in 1..tokens."""
+        if sampler not in (None, cls.name):
+            raise UsageError(f"a MAR samples by its masked autoregressive loop (sampler {cls.name}, `steps` = num_iter); "
+                             f"{sampler!r} is a diffusion sampler")
+        n = cls.default_steps if steps is None else steps
+        checks.integer("num_iter (`steps`)", n, lo=1, hi=config.num_patches)
+        return cls.name, n
+
     def steps(self, steps: int | None) -> int:
-        n = self.default_steps if steps is None else steps
-        check_sampling(n, 1.0, "linear", 1.0, self.model.seq_len)
-        return n
+        return self.resolve(self.model.config, None, steps)[1]
+
+    def sample_batch(self, labels, generator: torch.Generator, steps: int, cfg_scale: float) -> torch.Tensor:
+        """One eval batch: each sample's generator seeded from the shard's ``generator`` in turn
+        (the same images on any device and process split)."""
+        labels = torch.as_tensor(np.asarray(labels)).long()
+        seeds = torch.randint(0, 2**62, (len(labels),), generator=generator).tolist()
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        return sample_mar(self.model, labels, num_iter=steps, cfg_scale=cfg_scale, generators=gens)
 
     def describe(self, steps: int) -> str:
         return f"masked-AR {steps} steps x head DDPM {processes(self.model)[1].num_timesteps}"

@@ -19,6 +19,7 @@ from ..model.graphs import cuda_graphs as graphed
 from ..model.dit import width_cache
 from ..model.family import family_of
 from ..model.run import RunContext, accepts_run
+from .processes import process_of
 from ..progress import make_progress
 from .caching import feature_cache as caching
 from .caching import learned_policy, parse_policy
@@ -57,6 +58,9 @@ def resolve_spacing(sampler: str, spacing: str | None) -> str | None:
 def resolve_sampler(config, sampler: str | None, steps: int | None) -> tuple[str, int]:
     """The sampler for this model (its natural one when ``sampler`` is None), checked
     against its prediction type."""
+    proc = process_of(config)
+    if proc is not None:  # a family with its own generation process (MAR's masked-AR loop)
+        return proc[1].resolve(config, sampler, steps)
     pred = getattr(config, "prediction", "eps")
     if sampler is not None and (not isinstance(sampler, str) or sampler not in SAMPLERS):
         raise UsageError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -84,6 +88,8 @@ def resolve_sampler(config, sampler: str | None, steps: int | None) -> tuple[str
 def eval_sampler(config, sampler: str | None, steps: int | None) -> tuple[str, int]:
     """``eval``/``bench``/``info`` defaults: a deterministic 50-step sampler of the model's
     family (DDIM for eps, ODE Euler for velocity) unless one is given."""
+    if process_of(config) is not None:
+        return resolve_sampler(config, sampler, steps)
     if sampler is None:
         sampler = "euler" if getattr(config, "prediction", "eps") == "velocity" else "ddim"
     return resolve_sampler(config, sampler, 50 if steps is None else steps)

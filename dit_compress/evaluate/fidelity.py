@@ -26,6 +26,7 @@ from ..data.batches import calibration_set
 from ..data.datasets import bundled_digits, check_fits, digits_arrays, load_data, shards_identity
 from ..data.vae import decode, load_vae
 from .. import checks
+from ..diffusion import generation_loop, objective_for
 from ..diffusion.caching import learned_policy, parse_policy
 from ..diffusion.calibration import calibration_losses
 from ..diffusion.measure import FlopsMeter
@@ -119,6 +120,7 @@ def sample_shards(model, out_dir: Path, num_samples: int, sampler: str = "ddim",
     cfg = model.config
     conds = conds or family_of(model).eval_conditions(cfg, num_samples)
     labels = conds.labels
+    gen = generation_loop(model)  # a family with its own loop (MAR) samples by it
     n_shards = (num_samples + shard_size - 1) // shard_size
     sdir = Path(out_dir) / "samples"
     sdir.mkdir(parents=True, exist_ok=True)
@@ -141,7 +143,8 @@ def sample_shards(model, out_dir: Path, num_samples: int, sampler: str = "ddim",
             for b in range(lo, hi, batch_size):
                 e = min(hi, b + batch_size)
                 tb = time.perf_counter()
-                x = sample_batch(model, conds.batch(b, e), g, conds.negative, sampler=sampler, steps=steps,
+                x = gen.sample_batch(conds.batch(b, e), g, steps, cfg_scale) if gen is not None else \
+                    sample_batch(model, conds.batch(b, e), g, conds.negative, sampler=sampler, steps=steps,
                                  cfg_scale=cfg_scale,
                                  cfg_channels=cfg_channels, timestep_spacing=timestep_spacing,
                                  guidance_interval=guidance_interval, compile=compile,
@@ -521,6 +524,13 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
 
     require(model, "eval")
     conds = family_of(model).eval_conditions(model.config, num_samples, prompts)
+    if generation_loop(model) is not None:
+        diffusion_only = [n for n, v in (("cfg_channels", cfg_channels), ("guidance_interval", guidance_interval),
+                                         ("timestep_spacing", timestep_spacing), ("feature_cache", feature_cache),
+                                         ("compile", compile)) if v]
+        if diffusion_only:
+            raise UsageError(f"`{diffusion_only[0]}` acts on a diffusion sampler; {model.config.name} samples by its "
+                             "masked autoregressive loop (`steps` = num_iter, `cfg_scale`)")
     if clip is not None:
         check_clip(clip, conds.texts)
     metrics = metrics or ["fid", "prc"]
@@ -693,5 +703,7 @@ def heldout_loss(model, spec: str, seed: int = 0, repeats: int = 4) -> dict:
 
     data = load_data(spec, cfg=model.config)
     check_fits(data, model.config)
-    r = calibration_losses(model, calibration_set(data, len(data) * repeats, seed=seed + 777), batch=256)
+    calib = calibration_set(data, len(data) * repeats, seed=seed + 777,
+                            draws=getattr(objective_for(model.config), "draws", None))
+    r = calibration_losses(model, calib, batch=256)
     return {"heldout_loss": r["loss"], "heldout_mse": r["mse"]}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ..model.flops import gflops
+from ..model.family import family_of
 
 
 def model_card(model, report: dict | None = None) -> str:
@@ -28,7 +28,7 @@ A Diffusion Transformer checkpoint written by `dit_compress` (`ditc`).
 | hidden / heads | {cfg.hidden_size} / {cfg.num_heads} |
 | input | {cfg.in_channels}x{cfg.input_size}x{cfg.input_size}, patch {cfg.patch_size} |
 | parameters | {model.num_params():,} |
-| static GFLOPs (MACs) | {gflops(cfg):.3f} |
+| static GFLOPs (MACs) | {family_of(cfg).static_macs(cfg)['total'] / 1e9:.3f} |
 | dynamic width | {cfg.width.to_dict() if cfg.width else "no"} |
 | token routing | {cfg.tokens.to_dict() if cfg.tokens else "no"} |
 

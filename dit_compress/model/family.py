@@ -148,7 +148,7 @@ class DiTFamily:
 
     name, stack_key, condition = "dit", "blocks", "labels"
     stack_keys = ("blocks",)
-    supports = frozenset({"width", "tokens", "training", "eval"})
+    supports = frozenset({"width", "tokens", "training", "distill", "influence", "cache", "eval"})
     implemented = "every command"
     process = "diffusion"
     info_fields = staticmethod(_transformer_info)
@@ -251,7 +251,7 @@ class PixArtFamily:
 
     name, stack_key, condition = "pixart", "transformer_blocks", "captions"
     stack_keys = ("transformer_blocks",)
-    supports = frozenset({"width", "tokens", "training", "eval"})
+    supports = frozenset({"width", "tokens", "training", "distill", "influence", "cache", "eval"})
     implemented = "every command"
     process = "diffusion"
     info_fields = staticmethod(_transformer_info)
@@ -406,13 +406,13 @@ class MARFamily(DiTFamily):
 
     name, stack_key, condition = "mar", None, "labels"
     stack_keys = ("encoder_blocks", "decoder_blocks")
-    supports = frozenset()
+    supports = frozenset({"training", "eval"})
     process = "masked-ar"
     info_fields = staticmethod(_mar_info)
     static_macs = staticmethod(mar_static_macs)
-    implemented = ("loading (checkpoint-last.pth with args, ditc), convert, depth pruning by pattern within each "
-                   "stack (uniform, random, --keep), info, bench (its sampling loop) and sampling through "
-                   "dit_compress.sample_mar")
+    implemented = ("loading (checkpoint-last.pth with args, ditc), convert, depth pruning within each stack "
+                   "(learned with LoRA, uniform, random, --keep), finetune, eval and bench (its masked-AR loop), info "
+                   "and sampling through dit_compress.sample_mar")
 
     @staticmethod
     def module(cfg):
@@ -461,8 +461,11 @@ def stack_of_source(cfg, source_index: int) -> tuple[str, int]:
 
 WHAT = {"width": "dynamic width (DyDiT's timestep-wise width routers)",
         "tokens": "token routing (DyDiT's spatial token routers)",
-        "training": "training and data-driven layer selection (finetune, distill, learned or block-influence "
-                    "prune-depth)",
+        "training": "training and data-driven layer selection (finetune, learned prune-depth)",
+        "distill": "distillation from a teacher (output KD and masked RepKD)",
+        "influence": "block-influence and calibration-loss layer selection (block-influence, min-loss and "
+                     "oracle scoring)",
+        "cache": "learned feature caching (learn-cache)",
         "eval": "eval (sampling from a prompt set, FID, CLIP score)"}
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ..config import DiTConfig
 from ..errors import UsageError
 from .layers import timestep_sinusoid
+from .routers import Routing
 
 LN_EPS = 1e-6  # mar_base/large/huge pass LayerNorm(eps=1e-6); z_proj_ln and the head use it too
 
@@ -75,6 +76,14 @@ class Block(nn.Module):
 
 
 # ---------------------------------------------------------------------------- diffusion head
+def patchify(x, p: int):
+    """[B, C, H, W] -> [B, (H/p)(W/p), C p p], the official token order."""
+    B, c, h, w = x.shape
+    x = x.reshape(B, c, h // p, p, w // p, p)
+    x = torch.einsum("nchpwq->nhwcpq", x)
+    return x.reshape(B, (h // p) * (w // p), c * p * p)
+
+
 def _modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
@@ -180,6 +189,7 @@ class MAR(nn.Module):
     def __init__(self, config: DiTConfig):
         super().__init__()
         self.config = config
+        self.routing = Routing.FAST  # no routers: the mode is held so every model answers routing(model, mode)
         m = config.mar
         D = config.hidden_size
         Dd = m.decoder_hidden_size or D
@@ -247,11 +257,7 @@ class MAR(nn.Module):
 
     # ------------------------------------------------------------------ official pieces
     def patchify(self, x):
-        B, c, h, w = x.shape
-        p = self.config.patch_size
-        x = x.reshape(B, c, h // p, p, w // p, p)
-        x = torch.einsum("nchpwq->nhwcpq", x)
-        return x.reshape(B, (h // p) * (w // p), c * p * p)
+        return patchify(x, self.config.patch_size)
 
     def unpatchify(self, x):
         B = x.shape[0]
@@ -299,6 +305,18 @@ class MAR(nn.Module):
             x = block(x)
         x = self.decoder_norm(x)
         return x[:, self.buffer_size:] + self.diffusion_pos_embed_learned
+
+    def forward(self, x, t, y, head=None, **kw):
+        """The network in the project's ``(x, t, y)`` call order, so wrappers that act on
+        ``model(x, t, y)`` (the learned depth search, DDP) see one forward: ``x`` the known
+        tokens [B, L, C], ``t`` the mask [B, L] (1 = unknown), ``y`` the labels. Returns the
+        conditions ``z``, or ``head(self.diffloss.net, z)`` when a head function is given (the
+        objective's loss, so the head's parameters are inside the same forward)."""
+        if kw:
+            raise UsageError(f"a MAR forward takes no {', '.join(sorted(kw))} (block features and run contexts are "
+                             "the diffusion transformers')")
+        z = self.conditions(x, t, y)
+        return z if head is None else head(self.diffloss.net, z)
 
     def conditions(self, tokens, mask, labels):
         """The head's condition ``z`` [B, L, Dd] of every token position, given the known

@@ -35,6 +35,7 @@ def train_model(model, data: TensorData, cfg: TrainConfig, work_dir: Path, teach
     require(model, "training")
     check_fits(data, model.config)
     if teacher is not None:
+        require(model, "distill")
         tc = teacher.config
         mc = model.config
         def takes(c):
@@ -53,6 +54,7 @@ def train_model(model, data: TensorData, cfg: TrainConfig, work_dir: Path, teach
     batch_fn = condition_dropout_batch_fn(
         data, cfg.batch_size, model.config,
         t_strata=int((kd or {}).get("t_strata", 4)) if model.config.is_dynamic else 0,
+        draws=getattr(diffusion, "draws", None),
     )
     trainer = Trainer(model, loss_fn, batch_fn, cfg, work_dir, desc=desc, status_fn=status_fn,
                       frozen_modules=[teacher] if teacher is not None else None, producer=producer)
