@@ -280,3 +280,96 @@ def test_bench_times_the_mar_loop_and_prunes_both_stacks_alike(ckpt, tmp_path):
     assert rows[1]["flops_ratio"] == pytest.approx(want) and rows[0]["seconds_per_image"] > 0
     r = run_cli(["bench", ckpt, "--feature-cache", "fora:2", "--loop", "--steps", "3", "--batch-sizes", "1"])
     assert r.returncode != 0 and "masked-AR" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def digits_mar(tmp_path_factory):
+    """A small MAR made the way a user makes one (``ditc create --family mar``) on the digits' shape."""
+    out = tmp_path_factory.mktemp("dm") / "m"
+    r = run_cli(["create", "custom", "--family", "mar", "--input-size", "8", "--patch-size", "2", "--in-channels", "1",
+                 "--hidden-size", "32", "--depth", "4", "--num-heads", "2", "--num-classes", "10", "--buffer-size", "2",
+                 "--head", "1,32", "--pixel", "-o", out])
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_create_a_custom_mar_states_every_fact(digits_mar, tmp_path):
+    cfg = dc.load_model(digits_mar).config
+    assert cfg.stack_split == [2, 2] and cfg.mar.buffer_size == 2 and (cfg.mar.diffloss_d, cfg.mar.diffloss_w) == (1, 32)
+    base = ["create", "custom", "--family", "mar", "--input-size", "8", "--patch-size", "2", "--in-channels", "1",
+            "--hidden-size", "32", "--num-heads", "2", "--num-classes", "10", "--pixel"]
+    for extra, msg in ((["--depth", "4", "--buffer-size", "2"], "needs --head"),
+                       (["--depth", "4", "--head", "1,32"], "needs --buffer-size"),
+                       (["--depth", "5", "--buffer-size", "2", "--head", "1,32"], "an even --depth"),
+                       (["--depth", "4", "--buffer-size", "2", "--head", "1x32"], "res-blocks,width")):
+        r = run_cli([*base, *extra, "-o", tmp_path / "x"])
+        assert r.returncode == 2 and msg in r.stderr and not (tmp_path / "x").exists(), r.stderr
+    r = run_cli(["create", "DiT-S/2", "--buffer-size", "4", "-o", tmp_path / "x"])
+    assert r.returncode == 2 and "MAR's" in r.stderr
+
+
+def test_finetune_lowers_the_held_out_token_loss(digits_mar, tmp_path):
+    from dit_compress.evaluate.fidelity import heldout_loss
+
+    before = heldout_loss(dc.load_model(digits_mar), "digits:test", repeats=1)["heldout_loss"]
+    model, report = dc.finetune(str(digits_mar), output=tmp_path / "ft", data="digits:train", steps=40, batch_size=32,
+                                lr=2e-3, ema=0.0)
+    after = heldout_loss(dc.load_model(tmp_path / "ft"), "digits:test", repeats=1)["heldout_loss"]
+    assert after < 0.8 * before, (before, after)
+    assert report["history"][-1]["loss"] < report["history"][0]["loss"]
+
+
+def test_learned_depth_search_prunes_within_each_stack_and_says_which(digits_mar, tmp_path):
+    pruned, report = dc.prune_depth(str(digits_mar), output=tmp_path / "p", pattern="1:2", method="learned",
+                                    data="digits:train", steps=8, batch_size=16, measure_cost=False)
+    keep = report["kept_layers"]
+    assert len(keep) == 2 and keep[0] in (0, 1) and keep[1] in (2, 3)  # one of each stack's pair
+    assert sorted(report["kept_by_stack"]) == ["decoder_blocks", "encoder_blocks"]
+    assert pruned.config.stack_split == [1, 1] and report["calib_loss_chosen"] > 0
+    r = run_cli(["distill", digits_mar, "--teacher", digits_mar, "--data", "digits", "-o", tmp_path / "d"])
+    assert r.returncode == 2 and "distillation" in r.stderr and not (tmp_path / "d").exists()
+
+
+def test_eval_samples_by_the_masked_ar_loop(digits_mar, tmp_path):
+    r = run_cli(["eval", digits_mar, "--num-samples", "20", "--steps", "3", "--cfg-scale", "2.0", "--batch-size", "7",
+                 "--metrics", "fid", "--loss-data", "none", "--no-cache", "-o", tmp_path / "e", "--json"])
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["sampler"] == "mar" and rep["steps"] == 3 and 0 <= rep["metrics"]["class_accuracy"] <= 1
+    # the same seed gives the same images whatever the batch size
+    r = run_cli(["eval", digits_mar, "--num-samples", "20", "--steps", "3", "--cfg-scale", "2.0", "--batch-size", "20",
+                 "--metrics", "fid", "--loss-data", "none", "--no-cache", "-o", tmp_path / "e2"])
+    assert r.returncode == 0, r.stderr
+    a, b = (np.load(tmp_path / d / "samples.npz")["arr_0"] for d in ("e", "e2"))
+    assert np.array_equal(a, b)
+    for extra, msg in ((["--sampler", "ddim"], "masked autoregressive"), (["--steps", "17"], "num_iter"),
+                       (["--feature-cache", "fora:2"], "feature-cache"), (["--cfg-channels", "1"], "cfg-channels")):
+        r = run_cli(["eval", digits_mar, "--num-samples", "4", *extra, "-o", tmp_path / "bad"])
+        assert r.returncode == 2 and msg in r.stderr and not (tmp_path / "bad").exists(), r.stderr
+
+
+def test_block_influence_reads_every_block_and_keeps_each_stacks_share(digits_mar, tmp_path):
+    """Block influence by hooks on both stacks: 1 - cos(input, output) of each block over the
+    tokens it sees, computed here independently on the same calibration draws."""
+    from dit_compress.data.batches import calibration_set
+    from dit_compress.data.datasets import load_data
+    from dit_compress.diffusion import objective_for
+
+    model = dc.load_model(digits_mar)
+    pruned, report = dc.prune_depth(str(digits_mar), output=tmp_path / "bi", groups="1:2,1:2",
+                                    method="block-influence", data="digits", calib_samples=32)
+    scores = report["block_influence"]
+    obj = objective_for(model.config)
+    data = load_data("digits", cfg=model.config)
+    calib = calibration_set(data, 32, seed=12345, draws=obj.draws)
+    b = calib.batch(slice(0, 32))
+    seen = []
+    hooks = [blk.register_forward_hook(lambda m, a, o: seen.append((a[0], o))) for blk in model.blocks]
+    with torch.no_grad():
+        obj.network_call(model, b)
+    for h in hooks:
+        h.remove()
+    want = [float((1 - torch.nn.functional.cosine_similarity(i, o, dim=-1)).mean()) for i, o in seen]
+    assert scores == pytest.approx(want, rel=1e-5)
+    # each stack of two keeps its last block (never the last one removed), whatever the scores
+    assert report["kept_layers"] == [1, 3] and pruned.config.stack_split == [1, 1]

@@ -30,7 +30,7 @@ from ..diffusion import objective_for
 from ..diffusion.calibration import calib_device, calibration_losses
 from ..errors import TrainingError, UsageError
 from ..model.build import build_model
-from ..model.family import block_prefixes, family_of, require
+from ..model.family import block_prefixes, family_of, require, stack_of_source
 from ..report import plot_lines
 from ..train.losses import plain_loss
 from ..train.trainer import TrainConfig, Trainer
@@ -149,6 +149,8 @@ def block_influence(model, calib: CalibSet, batch: int = 64, noisy: bool = False
     Fed the clean latents with random t, as TinyFusion's reference scorer does (``noisy``:
     x_t = q_sample(x, t) instead)."""
     diff = objective_for(model.config)
+    if hasattr(diff, "network_call"):  # a process with its own network inputs (MAR: tokens and mask)
+        return _hooked_influence(model, calib, batch, diff.network_call)
     depth = model.config.depth
     scores = torch.zeros(depth)
     count = 0
@@ -166,6 +168,32 @@ def block_influence(model, calib: CalibSet, batch: int = 64, noisy: bool = False
             h_in = h_out
         count += xt.shape[0] * aux.features[0].shape[1]
     return (scores / count).tolist()
+
+
+@torch.no_grad()
+def _hooked_influence(model, calib: CalibSet, batch: int, network_call) -> list[float]:
+    """Block Influence read by hooks on ``model.blocks`` (each block's input and output, over
+    the tokens it sees), the network run by ``network_call(model, batch)`` on the calibration
+    draws."""
+    blocks = list(model.blocks)
+    sums, counts = torch.zeros(len(blocks), dtype=torch.float64), torch.zeros(len(blocks), dtype=torch.float64)
+
+    def hook(i):
+        def fn(mod, args, out):
+            cos = torch.nn.functional.cosine_similarity(args[0].float(), out.float(), dim=-1)
+            sums[i] += float((1 - cos).sum())
+            counts[i] += cos.numel()
+        return fn
+
+    hooks = [b.register_forward_hook(hook(i)) for i, b in enumerate(blocks)]
+    dev = calib_device(model)
+    try:
+        for s in range(0, len(calib.y), batch):
+            network_call(model, {k: v.to(dev) for k, v in calib.batch(slice(s, s + batch)).items()})
+    finally:
+        for h in hooks:
+            h.remove()
+    return (sums / counts.clamp(min=1)).tolist()
 
 
 def keep_by_influence(scores: list[float], n_keep: int) -> list[int]:
@@ -482,9 +510,20 @@ def _select_random(s: Selection) -> list[int]:
 
 def _select_block_influence(s: Selection) -> list[int]:
     scores = block_influence(s.model, s.calib, noisy=s.influence_noisy)
-    s.report["influence_input"] = "noisy x_t" if s.influence_noisy else "clean latents, random t (TinyFusion's scorer)"
+    s.report["influence_input"] = ("the calibration tokens under their draws' masks"
+                                   if hasattr(objective_for(s.model.config), "network_call") else
+                                   "noisy x_t" if s.influence_noisy else "clean latents, random t (TinyFusion's scorer)")
     s.report["block_influence"] = scores
-    return keep_by_influence(scores, sum(n for n, _ in s.groups))
+    keep, start, gi = [], 0, 0
+    for size in s.model.config.stack_split:  # each stack keeps what its groups keep (one stack: all of them)
+        n_keep, covered = 0, 0
+        while covered < size and gi < len(s.groups):
+            n_keep += s.groups[gi][0]
+            covered += s.groups[gi][1]
+            gi += 1
+        keep += [start + i for i in keep_by_influence(scores[start:start + size], n_keep)]
+        start += size
+    return keep
 
 
 def _select_min_loss(s: Selection) -> list[int]:
@@ -573,7 +612,12 @@ def prune_depth(model, method: str, groups=None, keep: list[int] | None = None, 
         params.update(steps=lc.steps, recover=lc.recover, recovery_weights="merged" if keep_recovery_weights else "discarded")
     pruned = prune_layers(_recovered_source(sel, keep_recovery_weights), keep, params)
     report = sel.report
-    report.update(kept_layers=keep, kept_source_layers=pruned.config.kept_layers, depth_after=pruned.config.depth,
+    by_stack: dict[str, list[int]] = {}
+    for k in pruned.config.kept_layers:  # which blocks of which stack (MAR: encoder_blocks i, decoder_blocks j)
+        stack, i = stack_of_source(model.config, k)
+        by_stack.setdefault(stack, []).append(i)
+    report.update(kept_layers=keep, kept_source_layers=pruned.config.kept_layers, kept_by_stack=by_stack,
+                  depth_after=pruned.config.depth,
                   params_before=model.num_params(), params_after=pruned.num_params(),
                   gflops_before=family_of(model).static_macs(model.config)["total"] / 1e9,
                   gflops_after=family_of(pruned).static_macs(pruned.config)["total"] / 1e9, seconds=time.time() - t0)

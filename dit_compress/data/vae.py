@@ -20,6 +20,9 @@ def decode(model, x: torch.Tensor, vae=None) -> torch.Tensor:
 def load_vae(name: str | None):
     if name is None:
         return None
+    if name == "mar-kl16":  # the name MAR configs state for their own tokenizer
+        raise UsageError("MAR's KL-16 VAE (LTH14/mar models/vae.py, kl16.ckpt) is not loaded by this version: pass "
+                         "`vae`, a diffusers AutoencoderKL dir that decodes these latents")
     from diffusers import AutoencoderKL  # heavy: imported on first use
 
     try:

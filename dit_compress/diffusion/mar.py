@@ -168,6 +168,14 @@ class MaskedARObjective:
     def batch_t(batch: dict) -> MARDraws:
         return batch["draws"]
 
+    def network_call(self, model, batch: dict) -> torch.Tensor:
+        """The network on a batch's tokens with its draws' mask (the head's conditions ``z``),
+        no loss: what block-wise scores read."""
+        x = patchify(batch["x"], model.config.patch_size)
+        d = batch["draws"]
+        mask = mask_from_order(d.order, int(math.ceil(x.shape[1] * float(d.ratio[0]))))
+        return model(x, mask, batch["y"])
+
     def training_losses(self, model, x0, t, y, noise=None, return_aux: bool = False, run=None) -> dict:
         if return_aux or run is not None:
             raise UsageError("a MAR's objective has no block features or run context (RepKD, routers)")
@@ -266,7 +274,7 @@ class MaskedARLoop:
     MACs (``loop_macs``)."""
 
     name = "mar"
-    default_steps = 64  # the official evaluation's num_iter
+    default_steps = 64  # the official evaluation's num_iter (a model of fewer tokens: one step per token)
 
     def __init__(self, model):
         self.model = model
@@ -277,7 +285,7 @@ class MaskedARLoop:
         if sampler not in (None, cls.name):
             raise UsageError(f"a MAR samples by its masked autoregressive loop (sampler {cls.name}, `steps` = num_iter); "
                              f"{sampler!r} is a diffusion sampler")
-        n = cls.default_steps if steps is None else steps
+        n = min(cls.default_steps, config.num_patches) if steps is None else steps  # at most one step per token
         checks.integer("num_iter (`steps`)", n, lo=1, hi=config.num_patches)
         return cls.name, n
 

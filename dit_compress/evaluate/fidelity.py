@@ -529,7 +529,7 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
                                          ("timestep_spacing", timestep_spacing), ("feature_cache", feature_cache),
                                          ("compile", compile)) if v]
         if diffusion_only:
-            raise UsageError(f"`{diffusion_only[0]}` acts on a diffusion sampler; {model.config.name} samples by its "
+            raise UsageError(f"`{diffusion_only[0]}` acts on a diffusion sampler; {model.config.name or 'this MAR'} samples by its "
                              "masked autoregressive loop (`steps` = num_iter, `cfg_scale`)")
     if clip is not None:
         check_clip(clip, conds.texts)

@@ -406,12 +406,12 @@ class MARFamily(DiTFamily):
 
     name, stack_key, condition = "mar", None, "labels"
     stack_keys = ("encoder_blocks", "decoder_blocks")
-    supports = frozenset({"training", "eval"})
+    supports = frozenset({"training", "influence", "eval"})
     process = "masked-ar"
     info_fields = staticmethod(_mar_info)
     static_macs = staticmethod(mar_static_macs)
     implemented = ("loading (checkpoint-last.pth with args, ditc), convert, depth pruning within each stack "
-                   "(learned with LoRA, uniform, random, --keep), finetune, eval and bench (its masked-AR loop), info "
+                   "(learned with LoRA, block influence, min-loss, uniform, random, --keep), finetune, eval and bench (its masked-AR loop), info "
                    "and sampling through dit_compress.sample_mar")
 
     @staticmethod
