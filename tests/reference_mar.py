@@ -230,9 +230,10 @@ def respaced_cosine(count: int, T: int = 1000):
 
 
 @torch.no_grad()
-def ref_sample(ref: RefMAR, labels, orders, noise, num_iter, cfg, temperature, classes, head_steps=100):
+def ref_sample(ref: RefMAR, labels, orders, noise, num_iter, cfg, temperature, classes, head_steps=100, clip=False):
     """MAR's ``sample_tokens`` with the generation ``orders`` [B, L] and each token position's
-    head noise ``noise`` [B, L, S+1, C] given (start, then one per step from the last), float64."""
+    head noise ``noise`` [B, L, S+1, C] given (start, then one per step from the last), float64;
+    ``clip``: ADM's ``clip_denoised`` (x0 clamped to [-1, 1])."""
     B, L = orders.shape
     C = noise.shape[-1]
     use, betas = respaced_cosine(head_steps)
@@ -270,6 +271,8 @@ def ref_sample(ref: RefMAR, labels, orders, noise, num_iter, cfg, temperature, c
                     frac = (v + 1) / 2
                     lv = frac * math.log(betas[i]) + (1 - frac) * plog[i]
                     x0 = math.sqrt(1 / ab[i]) * x - math.sqrt(1 / ab[i] - 1) * eps
+                    if clip:
+                        x0 = x0.clamp(-1, 1)
                     c1 = betas[i] * math.sqrt(ab_prev[i]) / (1 - ab[i])
                     c2 = (1 - ab_prev[i]) * math.sqrt(1 - betas[i]) / (1 - ab[i])
                     mean = c1 * x0 + c2 * x

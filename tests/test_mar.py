@@ -120,12 +120,13 @@ def test_mask_ratio_is_the_official_truncated_normal():
     assert np.allclose(r, want, atol=1e-6) and r.min() >= 0.7 and r.max() <= 1.0
 
 
-@pytest.mark.parametrize("cfg_scale,num_iter", [(1.0, 4), (3.0, 3)])
-def test_sampler_equals_a_float64_reference_sampler(ref, ckpt, cfg_scale, num_iter):
+@pytest.mark.parametrize("cfg_scale,num_iter,clip", [(1.0, 4, False), (3.0, 3, False), (3.0, 3, True)])
+def test_sampler_equals_a_float64_reference_sampler(ref, ckpt, cfg_scale, num_iter, clip):
     model = dc.load_model(ckpt).double()
     labels = torch.tensor([2, 5])
     gens = [torch.Generator().manual_seed(100 + i) for i in range(2)]
-    got = dc.sample_mar(model, labels, num_iter=num_iter, cfg_scale=cfg_scale, temperature=0.9, generators=gens)
+    got = dc.sample_mar(model, labels, num_iter=num_iter, cfg_scale=cfg_scale, temperature=0.9, generators=gens,
+                        clip_denoised=clip)
     # the same draws, re-made: each sample's order, then its token positions' noise
     S = 100  # the head's num_sampling_steps
     orders, noise = [], []
@@ -133,7 +134,8 @@ def test_sampler_equals_a_float64_reference_sampler(ref, ckpt, cfg_scale, num_it
         g = torch.Generator().manual_seed(100 + i)
         orders.append(torch.argsort(torch.rand(16, generator=g)))
         noise.append(torch.randn(16, S + 1, 4, generator=g))
-    want = ref_sample(ref.double(), labels, torch.stack(orders), torch.stack(noise), num_iter, cfg_scale, 0.9, CLASSES)
+    want = ref_sample(ref.double(), labels, torch.stack(orders), torch.stack(noise), num_iter, cfg_scale, 0.9, CLASSES,
+                      clip=clip)
     ref.float()
     assert torch.allclose(got, want, atol=1e-8, rtol=1e-8), (got - want).abs().max()
 
@@ -373,3 +375,18 @@ def test_block_influence_reads_every_block_and_keeps_each_stacks_share(digits_ma
     assert scores == pytest.approx(want, rel=1e-5)
     # each stack of two keeps its last block (never the last one removed), whatever the scores
     assert report["kept_layers"] == [1, 3] and pruned.config.stack_split == [1, 1]
+
+
+def test_embedded_digits_mar_samples_the_digits_asked_for():
+    """The shipped MAR testbed at its documented sampling (8 steps, CFG 4.0 on the linear
+    schedule, temperature 1.0): the held-out digits classifier reads the class asked for."""
+    from dit_compress.evaluate.features import class_accuracy
+
+    model = dc.load_model("digits-mar")
+    cfg = model.config
+    assert cfg.family == "mar" and cfg.stack_split == [4, 4] and cfg.patch_size == 2 and cfg.latent_scale is None
+    assert cfg.lineage[0]["op"] == "create" and cfg.lineage[-1]["op"] == "convert"
+    y = torch.arange(60) % 10
+    x = dc.sample_mar(model, y, num_iter=8, cfg_scale=4.0, seed=0)
+    assert x.shape == (60, 1, 8, 8) and x.abs().max() <= 1.0
+    assert class_accuracy(x, y) >= 0.9

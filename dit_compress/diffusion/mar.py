@@ -62,10 +62,12 @@ def head_losses(net, target, z, t, noise) -> dict:
     return d.losses_from_output(out, target, xt, t, noise)
 
 
-def head_sample(model, z, noise, temperature: float = 1.0, cfg: float = 1.0, guided: bool | None = None):
-    """Token latents from the respaced process (``p_sample_loop``, no clipping); ``noise``
-    [S+1, N, C]: the start and one draw per step (``N`` conditional rows; under guidance
-    ``z`` holds 2N rows, conditional then null)."""
+def head_sample(model, z, noise, temperature: float = 1.0, cfg: float = 1.0, guided: bool | None = None,
+                clip: bool = False):
+    """Token latents from the respaced process (``p_sample_loop``; ``clip``: the predicted x0
+    clamped to [-1, 1] at each step, ADM's ``clip_denoised``); ``noise`` [S+1, N, C]: the start
+    and one draw per step (``N`` conditional rows; under guidance ``z`` holds 2N rows,
+    conditional then null)."""
     d = processes(model)[1]
     net = model.diffloss.net
     guided = cfg != 1.0 if guided is None else guided
@@ -74,7 +76,7 @@ def head_sample(model, z, noise, temperature: float = 1.0, cfg: float = 1.0, gui
         k = d.step_coefficients(i)
         t = torch.full((len(x),), d.timestep_map[i], device=x.device, dtype=torch.long)
         out = net.forward_with_cfg(x, t, z, cfg) if guided else net(x, t, z)
-        mean, log_var, _, _ = d.p_mean_variance_step(out, x, k)
+        mean, log_var, _, _ = d.p_mean_variance_step(out, x, k, clip)
         if i > 0:
             eps = noise[d.num_timesteps - i]
             eps = torch.cat([eps, eps]) if guided else eps
@@ -184,7 +186,8 @@ class MaskedARObjective:
 
 @torch.no_grad()
 def sample_tokens(model, labels: torch.Tensor, num_iter: int = 64, cfg: float = 1.0, cfg_schedule: str = "linear",
-                  temperature: float = 1.0, generators: list | None = None, progress=None) -> torch.Tensor:
+                  temperature: float = 1.0, generators: list | None = None, progress=None,
+                  clip: bool = False) -> torch.Tensor:
     """The official masked autoregressive sampler: ``num_iter`` steps in a random order per
     sample, mask ratio cos(pi/2 (step+1)/num_iter) with at least one token per step, CFG on
     the linear (or constant) schedule, the head's respaced DDPM at ``temperature``. Sample
@@ -226,7 +229,7 @@ def sample_tokens(model, labels: torch.Tensor, num_iter: int = 64, cfg: float = 
             cfg_iter = 1.0
         eps = noise[pos].transpose(0, 1)  # [S+1, n, C]
         tokens = tokens.clone()
-        tokens[pos] = head_sample(model, zc, eps.to(zc.dtype), temperature, cfg_iter, guided).to(tokens.dtype)
+        tokens[pos] = head_sample(model, zc, eps.to(zc.dtype), temperature, cfg_iter, guided, clip).to(tokens.dtype)
         if progress is not None:
             progress()
     return model.unpatchify(tokens)
@@ -329,12 +332,15 @@ def sample_generators(seed: int, first_index: int, n: int, device="cpu") -> list
 
 def sample_mar(model, labels, *, num_iter: int = 64, cfg_scale: float = 1.0, cfg_schedule: str = "linear",
                temperature: float = 1.0, seed: int = 0, first_index: int = 0, generators: list | None = None,
-               progress=None) -> torch.Tensor:
+               progress=None, clip_denoised: bool | None = None) -> torch.Tensor:
     """Sample a MAR (``ditc`` loads it from main_mar.py's checkpoint-last.pth): ``labels`` [B]
     class indices (``num_classes``: unconditional), ``num_iter`` autoregressive steps, guidance
     ``cfg_scale`` on the ``linear`` (or ``constant``) schedule, head ``temperature``; sample i
     draws from a generator seeded by (``seed``, ``first_index + i``) unless ``generators`` are
-    given. Returns the token latents [B, C, H, W] (VAE latent times ``config.latent_scale``)."""
+    given. ``clip_denoised``: clamp the head's predicted token to [-1, 1] at every step; default
+    for a pixel-space MAR only (its data range), never for latents (the official
+    ``clip_denoised=False``). Returns the token latents [B, C, H, W] (VAE latent times
+    ``config.latent_scale``; pixels in [-1, 1] for a pixel model)."""
     inner = getattr(model, "module", model)
     if getattr(inner.config, "family", None) != "mar" or not hasattr(inner, "conditions"):
         raise UsageError("sample_mar samples MAR models; DiT, SiT and PixArt models sample with dit_compress.sample")
@@ -346,10 +352,11 @@ def sample_mar(model, labels, *, num_iter: int = 64, cfg_scale: float = 1.0, cfg
         raise UsageError(f"`labels` hold classes outside 0..{inner.num_classes} ({inner.num_classes}: unconditional)")
     if generators is None:
         generators = sample_generators(seed, first_index, len(labels))
+    clip = inner.config.latent_scale is None if clip_denoised is None else bool(clip_denoised)
     was = inner.training
     inner.eval()
     try:
         return sample_tokens(inner, labels.long(), num_iter=num_iter, cfg=cfg_scale, cfg_schedule=cfg_schedule,
-                             temperature=temperature, generators=generators, progress=progress)
+                             temperature=temperature, generators=generators, progress=progress, clip=clip)
     finally:
         inner.train(was)

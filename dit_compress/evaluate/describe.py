@@ -17,6 +17,8 @@ def describe(model, sampler: str | None = None, steps: int | None = None, timest
     their bias; nothing needs sampling)."""
     cfg = model.config
     fam = family_of(cfg)
+    sampler, steps = eval_sampler(cfg, sampler, steps)  # checked for every model, used by dynamic ones
+    spacing = resolve_spacing(sampler, timestep_spacing)
     info = {
         "name": cfg.name,
         "architecture": cfg.describe_arch(),
@@ -33,8 +35,6 @@ def describe(model, sampler: str | None = None, steps: int | None = None, timest
         "provenance": cfg.provenance,
     }
     if cfg.is_dynamic:
-        sampler, steps = eval_sampler(cfg, sampler, steps)
-        spacing = resolve_spacing(sampler, timestep_spacing)
         share = fresh_token_share(cfg) if fresh_tokens and cfg.tokens is not None else None
         e = inference_flops(model, sampler, steps, spacing, cfg_scale, token_share=share)
         info["inference_gflops"] = e["gflops"]

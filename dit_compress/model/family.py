@@ -411,8 +411,8 @@ class MARFamily(DiTFamily):
     info_fields = staticmethod(_mar_info)
     static_macs = staticmethod(mar_static_macs)
     implemented = ("loading (checkpoint-last.pth with args, ditc), convert, depth pruning within each stack "
-                   "(learned with LoRA, block influence, min-loss, uniform, random, --keep), finetune, eval and bench (its masked-AR loop), info "
-                   "and sampling through dit_compress.sample_mar")
+                   "(learned with LoRA, block influence, min-loss, uniform, random, --keep), finetune, eval and "
+                   "bench (its masked-AR loop), info and sampling through dit_compress.sample_mar")
 
     @staticmethod
     def module(cfg):
