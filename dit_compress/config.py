@@ -372,9 +372,9 @@ class DiTConfig:
         if self.family == "mar":
             for name, arch in MAR_ARCHS.items():
                 if (arch["hidden_size"], arch["num_heads"], [arch["depth"]] * 2) == \
-                        (self.hidden_size, self.num_heads, self.mar.stack_depths):
+                        (self.hidden_size, self.num_heads, self.stack_split):
                     return name
-            return f"MAR(D={self.hidden_size},H={self.num_heads},depth={'+'.join(map(str, self.mar.stack_depths))})"
+            return f"MAR(D={self.hidden_size},H={self.num_heads},depth={'+'.join(map(str, self.stack_split))})"
         family = "PixArt" if self.family == "pixart" else "DiT"
         for name, arch in ARCHS.items():
             if (

@@ -209,6 +209,8 @@ def convert(source, *, output: str | Path, to: str = "ditc", dtype: str | None =
     output = Path(output)
     if to == "original" and output.suffix not in (".pt", ".pth"):
         raise UsageError(f"`to` original writes a single .pt file; give an output ending in .pt (got {output})")
+    if to == "diffusers" and model.config.family == "mar":
+        raise UsageError("diffusers has no MAR model: convert a MAR `to` ditc or original (main_mar.py's layout)")
     name = source_name(source)
     model.config = model.config.with_step("convert", to=to, dtype=dtype or "fp32", source=name)
     with encoder_source(text_encoder, model) if text_encoder is not None else contextlib.nullcontext() as enc:

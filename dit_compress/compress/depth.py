@@ -121,6 +121,9 @@ def prune_layers(model, keep: list[int], op_params: dict | None = None):
         schedule = {**schedule, "skip": [[row[i] for i in keep] for row in schedule["skip"]]}
     cfg = model.config.copy(depth=len(keep), kept_layers=[model.config.kept_layers[i] for i in keep], tokens=tokens,
                             cache_schedule=schedule)
+    if 0 in cfg.stack_split:
+        raise UsageError(f"`keep` {keep} removes every block of a stack ({cfg.stack_split} blocks per stack): keep at "
+                         "least one in each")
     if op_params is not None:
         cfg = cfg.with_step("prune-depth", **op_params)
     old = {p + ".": i for i, p in enumerate(block_prefixes(model.config))}
@@ -187,10 +190,13 @@ def _hooked_influence(model, calib: CalibSet, batch: int, network_call) -> list[
 
     hooks = [b.register_forward_hook(hook(i)) for i, b in enumerate(blocks)]
     dev = calib_device(model)
+    was = model.training
+    model.eval()  # dropout off: the scores of a fixed set are fixed
     try:
         for s in range(0, len(calib.y), batch):
             network_call(model, {k: v.to(dev) for k, v in calib.batch(slice(s, s + batch)).items()})
     finally:
+        model.train(was)
         for h in hooks:
             h.remove()
     return (sums / counts.clamp(min=1)).tolist()

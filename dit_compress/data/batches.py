@@ -83,5 +83,5 @@ def calibration_set(data, n: int, seed: int = 0, draws=None) -> CalibSet:
     t = torch.randint(0, 1000, (n,), generator=g)
     calib = CalibSet(x, y, t, torch.randn(x.shape, generator=g))
     if draws is not None:
-        calib.extra = draws(x, g)
+        calib.extra = draws(x, g, per_row=True)
     return calib

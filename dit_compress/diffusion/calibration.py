@@ -14,8 +14,18 @@ from . import objective_for
 def calibration_losses(model, calib, keep: list[int] | None = None, batch: int = 64) -> dict:
     """Mean training loss (DiT: hybrid; SiT: velocity) and MSE with only ``keep`` blocks active (others skipped)."""
     diff = objective_for(model.config)
-    loss = mse = 0.0
     n = len(calib.y)
+    inner = getattr(model, "module", model)
+    was = inner.training
+    inner.eval()  # dropout off (MAR's blocks have it): a fixed set gives a fixed loss
+    try:
+        return _losses(model, calib, keep, batch, diff, n)
+    finally:
+        inner.train(was)
+
+
+def _losses(model, calib, keep, batch, diff, n) -> dict:
+    loss = mse = 0.0
     with only_blocks(model, keep):
         for s in range(0, n, batch):
             sl = slice(s, s + batch)

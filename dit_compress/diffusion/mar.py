@@ -114,14 +114,16 @@ class MARDraws:
         return MARDraws(*(v.to(device, non_blocking=non_blocking) for v in (self.order, self.ratio, self.t, self.noise)))
 
 
-def draw(cfg: DiTConfig, n: int, generator: torch.Generator | None = None, num_timesteps: int = 1000) -> MARDraws:
+def draw(cfg: DiTConfig, n: int, generator: torch.Generator | None = None, num_timesteps: int = 1000,
+         per_row: bool = False) -> MARDraws:
     """One batch's draws (official: ``sample_orders``, ``mask_ratio_generator.rvs(1)``,
     ``torch.randint`` steps and Gaussian noise per token copy)."""
     L = (cfg.input_size // cfg.patch_size) ** 2
     C = cfg.in_channels * cfg.patch_size ** 2
     mul = cfg.mar.diffusion_batch_mul
     order = torch.argsort(torch.rand(n, L, generator=generator), dim=1)
-    ratio = truncnorm_ratio(torch.rand(1, generator=generator), cfg.mar.mask_ratio_min).float().expand(n).clone()
+    u = torch.rand(n if per_row else 1, generator=generator)
+    ratio = truncnorm_ratio(u, cfg.mar.mask_ratio_min).float().expand(n).clone()
     t = torch.randint(0, num_timesteps, (n, mul, L), generator=generator)
     noise = torch.randn(n, mul, L, C, generator=generator)
     return MARDraws(order, ratio, t, noise)
@@ -140,6 +142,8 @@ def token_losses(model, imgs, labels, draws: MARDraws) -> dict:
     ``num_classes`` take the fake latent (label dropout, drawn by the caller)."""
     x = patchify(imgs, model.config.patch_size)
     B, L, C = x.shape
+    if not bool((draws.ratio == draws.ratio[0]).all()):  # calibration draws: one ratio per row, grouped
+        return _by_ratio(draws, lambda idx: token_losses(model, imgs[idx], labels[idx], draws[idx]))
     n_masked = int(math.ceil(L * float(draws.ratio[0])))
     mask = mask_from_order(draws.order, n_masked)
     mul = draws.t.shape[1]
@@ -154,6 +158,21 @@ def token_losses(model, imgs, labels, draws: MARDraws) -> dict:
     return model(x, mask, labels, head=head)
 
 
+def _by_ratio(draws: "MARDraws", fn):
+    """``fn(rows)`` for each group of rows sharing a mask ratio (the encoder takes the same
+    number of tokens in every row of a call), the per-row results put back in order."""
+    out = None
+    for r in torch.unique(draws.ratio):
+        idx = (draws.ratio == r).nonzero().flatten()
+        part = fn(idx)
+        if out is None:
+            out = {k: torch.empty(len(draws.ratio), *v.shape[1:], dtype=v.dtype, device=v.device)
+                   for k, v in part.items()}
+        for k, v in part.items():
+            out[k][idx] = v
+    return out
+
+
 class MaskedARObjective:
     """``objective_for`` of a masked autoregressive model: what the trainer and the learned
     depth search call on every objective. ``draws(x, g)`` adds the batch's MAR draws (orders,
@@ -163,8 +182,10 @@ class MaskedARObjective:
     def __init__(self, config: DiTConfig):
         self.config = config
 
-    def draws(self, x: torch.Tensor, generator: torch.Generator) -> dict:
-        return {"draws": draw(self.config, len(x), generator)}
+    def draws(self, x: torch.Tensor, generator: torch.Generator, per_row: bool = False) -> dict:
+        """The batch's draws; ``per_row``: a mask ratio for every row (fixed calibration sets,
+        so held-out losses and block scores average over ratios, not one ratio per set)."""
+        return {"draws": draw(self.config, len(x), generator, per_row=per_row)}
 
     @staticmethod
     def batch_t(batch: dict) -> MARDraws:
@@ -175,6 +196,9 @@ class MaskedARObjective:
         no loss: what block-wise scores read."""
         x = patchify(batch["x"], model.config.patch_size)
         d = batch["draws"]
+        if not bool((d.ratio == d.ratio[0]).all()):
+            return _by_ratio(d, lambda idx: {"z": self.network_call(model, {"x": batch["x"][idx], "y": batch["y"][idx],
+                                                                             "draws": d[idx]})})["z"]
         mask = mask_from_order(d.order, int(math.ceil(x.shape[1] * float(d.ratio[0]))))
         return model(x, mask, batch["y"])
 
@@ -330,11 +354,12 @@ def sample_generators(seed: int, first_index: int, n: int, device="cpu") -> list
     return [torch.Generator(device).manual_seed(int(s[0]) << 32 | int(s[1])) for s in states]
 
 
-def sample_mar(model, labels, *, num_iter: int = 64, cfg_scale: float = 1.0, cfg_schedule: str = "linear",
+def sample_mar(model, labels, *, num_iter: int | None = None, cfg_scale: float = 1.0, cfg_schedule: str = "linear",
                temperature: float = 1.0, seed: int = 0, first_index: int = 0, generators: list | None = None,
                progress=None, clip_denoised: bool | None = None) -> torch.Tensor:
     """Sample a MAR (``ditc`` loads it from main_mar.py's checkpoint-last.pth): ``labels`` [B]
-    class indices (``num_classes``: unconditional), ``num_iter`` autoregressive steps, guidance
+    class indices (``num_classes``: unconditional), ``num_iter`` autoregressive steps (default 64,
+    the official fast setting, at most one per token), guidance
     ``cfg_scale`` on the ``linear`` (or ``constant``) schedule, head ``temperature``; sample i
     draws from a generator seeded by (``seed``, ``first_index + i``) unless ``generators`` are
     given. ``clip_denoised``: clamp the head's predicted token to [-1, 1] at every step; default
@@ -342,10 +367,19 @@ def sample_mar(model, labels, *, num_iter: int = 64, cfg_scale: float = 1.0, cfg
     ``clip_denoised=False``). Returns the token latents [B, C, H, W] (VAE latent times
     ``config.latent_scale``; pixels in [-1, 1] for a pixel model)."""
     inner = getattr(model, "module", model)
-    if getattr(inner.config, "family", None) != "mar" or not hasattr(inner, "conditions"):
+    if not hasattr(inner, "conditions") or not hasattr(inner, "diffloss") or not hasattr(inner, "config"):
         raise UsageError("sample_mar samples MAR models; DiT, SiT and PixArt models sample with dit_compress.sample")
     if not torch.is_tensor(labels):
-        labels = torch.as_tensor(np.asarray(labels))
+        try:
+            labels = torch.as_tensor(np.asarray(labels))
+        except (TypeError, ValueError, OverflowError):
+            raise UsageError(f"`labels` must be class indices, got {str(labels)[:60]!r}") from None
+    if labels.numel() == 0:
+        raise UsageError("`labels` is empty: give one class index per sample")
+    if num_iter is None:
+        num_iter = min(MaskedARLoop.default_steps, inner.seq_len)
+    if generators is not None and not all(isinstance(g, torch.Generator) for g in generators):
+        raise UsageError("`generators` must be torch.Generator objects, one per sample")
     if labels.dim() != 1 or labels.is_floating_point() or labels.dtype == torch.bool:
         raise UsageError(f"`labels` must be one class index per sample, got {labels.dtype} of shape {list(labels.shape)}")
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) > inner.num_classes):

@@ -206,6 +206,8 @@ def sample(model, noise: torch.Tensor, y: torch.Tensor, sampler: str | None = No
     The model runs in eval mode (restored afterwards); samples that are not finite stop the
     run with an error instead of reaching a metric.
     """
+    if process_of(model) is not None:
+        raise UsageError("this model samples by its own loop, not a diffusion sampler: use dit_compress.sample_mar")
     noise, y = check_inputs(model, noise, y)
     if negative is not None:  # checked whether guidance uses it or not (a class-conditional model refuses it)
         family_of(model).null_condition(model, y, negative)

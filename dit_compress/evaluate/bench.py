@@ -317,6 +317,10 @@ def _measure_one(spec, batch_sizes, repeats, warmup, schedule, dtype_name, compi
     build_s = time.perf_counter() - t0
     gen = generation_loop(model)
     if gen is not None:
+        if schedule[2] is not None or compile_ or dense or graphs == "on":
+            raise UsageError(f"{spec} samples by its own loop: timestep spacing, compile, dense masks and CUDA graphs "
+                             "act on the diffusion transformers")
+        gen.resolve(model.config, schedule[0], schedule[1])  # a diffusion sampler is refused, as eval does
         return _measure_generation(gen, spec, own_policy or (loop or {}).get("feature_cache"), batch_sizes, repeats,
                                    warmup, schedule[1], (loop or {}).get("cfg_scale", 1.0), dev, build_s)
     sampler, steps, spacing = schedule

@@ -125,11 +125,15 @@ def infer_mar_config(state: dict, args=None, num_heads: int | None = None, where
                                "(args.ditc_decoder_num_heads)")
     kept = getattr(args, "ditc_kept_layers", None) if args is not None else None
     kept = list(kept) if kept is not None else list(range(enc)) + list(range(source_depths[0], source_depths[0] + dec))
-    latent = vae_dim == 16 and stride == 16
+    if args is not None and hasattr(args, "ditc_latent_scale"):  # written by ditc: what the tokens are, stated
+        scale, vae = args.ditc_latent_scale, getattr(args, "ditc_vae", None)
+        prov["latent_scale"] = "args.ditc_latent_scale (written by ditc)"
+    else:  # main_mar.py's own: KL-16 latents (16 channels, stride 16) scaled by its 0.2325
+        latent = vae_dim == 16 and stride == 16
+        scale, vae = (MAR_LATENT_SCALE, "mar-kl16") if latent else (None, None)
     return DiTConfig(family="mar", input_size=side * p, patch_size=p, in_channels=vae_dim, hidden_size=D,
                      depth=enc + dec, num_heads=heads, mlp_ratio=mlp, num_classes=classes, learn_sigma=True,
-                     class_dropout_prob=drop, latent_scale=MAR_LATENT_SCALE if latent else None,
-                     vae="mar-kl16" if latent else None, source_depth=sum(source_depths), kept_layers=kept,
+                     class_dropout_prob=drop, latent_scale=scale, vae=vae, source_depth=sum(source_depths), kept_layers=kept,
                      mar=mar, provenance=prov, name=preset)
 
 
@@ -164,5 +168,5 @@ def save_mar_original(model, state: dict, file: Path) -> None:
         label_drop_prob=cfg.class_dropout_prob, attn_dropout=m.attn_dropout, proj_dropout=m.proj_dropout,
         class_num=cfg.num_classes, encoder_depth=enc, decoder_depth=dec, ditc_num_heads=cfg.num_heads,
         ditc_decoder_num_heads=m.decoder_num_heads, ditc_stack_depths=list(m.stack_depths),
-        ditc_kept_layers=list(cfg.kept_layers))
+        ditc_kept_layers=list(cfg.kept_layers), ditc_latent_scale=cfg.latent_scale, ditc_vae=cfg.vae)
     torch.save({"model": state, "model_ema": state, "args": args}, file)

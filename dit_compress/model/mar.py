@@ -277,6 +277,9 @@ class MAR(nn.Module):
         """[B, K] indices of the unmasked positions of each row, in order (every row keeps K)."""
         keep = mask_with_buffer == 0
         n = int(keep[0].sum())
+        if bool((keep.sum(1) != n).any()):
+            raise UsageError("every row of a MAR mask must hide the same number of tokens (the encoder takes the "
+                             "same count in each row)")
         return torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :n]
 
     def forward_mae_encoder(self, x, mask, class_embedding):
