@@ -572,7 +572,7 @@ def _bench_table(report: dict, loop: bool, compile_: bool) -> None:
 def learn_cache_cmd(
     source: str = Src, output: str = Out,
     data: str = typer.Option(..., "--data", help="digits | a latents dir | an image folder: the batches the schedule is learned on.", show_default=False),
-    sampler: str = typer.Option("ddim", "--sampler", help="ddim | ddpm: the sampler the schedule is for."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="The sampler the schedule is for: ddim | ddpm (eps models), euler | sde (flow models). [default: ddim, or euler for a flow model]", show_default=False),
     steps: int = typer.Option(50, "--steps", help="Its steps: the schedule holds one row per step."),
     timestep_spacing: Optional[str] = Spacing,
     iters: int = typer.Option(300, "--iters", help="Training draws (a batch and a step each)."),
@@ -592,6 +592,8 @@ def learn_cache_cmd(
     Examples:
 
         ditc learn-cache digits-dit --data digits --sampler ddim --steps 50 -o digits-l2c/
+
+        ditc learn-cache digits-sit --data digits --sampler euler --steps 50 -o sit-l2c/
 
         ditc eval digits-l2c/ -o eval-l2c/ -n 500 --sampler ddim --steps 50 --cfg-scale 2 --fidelity-ref eval-base/
     """

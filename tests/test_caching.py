@@ -281,6 +281,60 @@ def test_learn_cache_bad_options_are_one_line(tmp_path, args, msg):
     assert r.exit_code == 2 and msg in r.output and not (tmp_path / "o").exists(), r.output
 
 
-def test_learn_cache_refuses_a_velocity_model(tmp_path):
-    r = runner.invoke(app, ["learn-cache", "digits-sit", "--data", "digits", "--iters", 1, "-o", str(tmp_path / "o")])
-    assert r.exit_code == 2 and "eps-prediction" in r.output and not (tmp_path / "o").exists(), r.output
+def _net_times(m, sampler, steps):
+    """The time input of every network call of one sampling run (the sampler's own steps)."""
+    seen = []
+    h = m.register_forward_pre_hook(lambda mod, a, k: seen.append(float(a[1].flatten()[0])), with_kwargs=True)
+    try:
+        dc.sample(m, torch.randn(1, 1, 8, 8), torch.tensor([1]), sampler=sampler, steps=steps, cfg_scale=1.0,
+                  feature_cache="none")
+    finally:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("source,sampler", [("digits-dit", "ddim"), ("digits-dit", "ddpm"),
+                                            ("digits-sit", "euler"), ("digits-sit", "sde")])
+def test_learned_cache_trains_at_the_times_its_sampler_evaluates(source, sampler):
+    # what training expects is what inference runs: step n's training pair is at the sampler's n-th call
+    from dit_compress.train.cache import _Times
+    m = dc.load_model(source)
+    times = _Times(m.config, sampler, 7, "linspace")
+    x0 = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    noise = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    got = [float(times.at(n, x0, noise)[1][0]) for n in range(len(times))]
+    assert got == pytest.approx(_net_times(m, sampler, 7), abs=1e-6)
+    if source == "digits-sit":  # the straight path at the step's time (t = 0 noise, t = 1 data)
+        for n in range(len(times)):
+            t = float(times.calls[n])
+            assert torch.allclose(times.at(n, x0, noise)[0], t * x0 + (1 - t) * noise, atol=1e-6)  # t in float32
+
+
+def test_a_flow_model_learns_a_cache_for_its_euler_steps(tmp_path):
+    out = tmp_path / "m"
+    _, report = dc.learn_cache("digits-sit", output=str(out), data="digits", steps=6, iters=40, batch_size=8,
+                               sparsity=0.05, seed=0)
+    m = dc.load_model(str(out))
+    sched = m.config.cache_schedule
+    assert sched["sampler"] == "euler" and sched["steps"] == 6 and len(sched["skip"]) == 6
+    assert not any(sched["skip"][0]) and not any(sched["skip"][-1])  # nothing cached yet / never evaluated
+    assert 0 < report["skip_rate"] < 1
+    calls = []
+    hooks = [b.register_forward_pre_hook(lambda mod, a, i=i: calls.append(i)) for i, b in enumerate(m.blocks)]
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    dc.sample(m, noise, torch.tensor([1, 2]), sampler="euler", steps=6, cfg_scale=2.0)
+    for h in hooks:
+        h.remove()
+    assert len(calls) == sum(m.config.depth - sum(row) for row in sched["skip"][:5])  # 5 Euler calls
+    with pytest.raises(dc.UsageError, match="learned cache schedule is for euler 6 steps"):
+        dc.sample(m, noise, torch.tensor([1, 2]), sampler="sde", steps=6)
+
+
+@pytest.mark.parametrize("source,sampler,msg", [("digits-sit", "heun", "--sampler"),
+                                                ("digits-sit", "ddim", "euler or sde sampler"),
+                                                ("digits-dit", "sde", "ddpm or ddim sampler")])
+def test_learn_cache_refuses_a_sampler_of_the_other_process(tmp_path, source, sampler, msg):
+    r = runner.invoke(app, ["learn-cache", source, "--data", "digits", "--iters", 1, "--sampler", sampler,
+                            "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2 and msg in r.output and not (tmp_path / "o").exists(), r.output
+    assert len(r.output.strip().splitlines()) == 1

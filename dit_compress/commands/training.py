@@ -11,7 +11,7 @@ from ..diffusion.sampling import check_spacing, resolve_spacing
 from ..formats import write_checkpoint
 from ..model.family import require
 from ..train.api import train_and_save
-from ..train.cache import learn_cache as learn_cache_fn
+from ..train.cache import SAMPLERS as CACHE_SAMPLERS, default_sampler as default_cache_sampler, learn_cache as learn_cache_fn
 from ..train.losses import REP_MASK_FORMS, REP_PAIRS
 from ..train.trainer import TrainConfig
 from .common import load_source, seed as check_seed, source_name, writes_output
@@ -141,7 +141,7 @@ def distill(source, *, output: str | Path, teacher, data: str, kd_out: float = 0
 
 
 @writes_output("source", "data")
-def learn_cache(source, *, output: str | Path, data: str, sampler: str = "ddim", steps: int = 50,
+def learn_cache(source, *, output: str | Path, data: str, sampler: str | None = None, steps: int = 50,
                 timestep_spacing: str | None = None, iters: int = 300, batch_size: int = 16, lr: float = 0.1,
                 sparsity: float = 0.01, threshold: float = 0.5, seed: int = 0, force: bool = False,
                 revision: str | None = None, no_ema: bool = False, num_heads: int | None = None,
@@ -150,7 +150,9 @@ def learn_cache(source, *, output: str | Path, data: str, sampler: str = "ddim",
     each block whether the block reuses its residual of the step before (router gates trained
     toward the full model's output under a pull toward caching, ``sparsity``; gates below
     ``threshold`` reuse). Writes the model with the schedule in its config: every command that
-    samples it with that sampler and step count follows it. Returns (written model, report)."""
+    samples it with that sampler and step count follows it. ``sampler``: ddim / ddpm for eps
+    models, euler / sde for flow models (default ddim, or euler for a flow model). Returns
+    (written model, report)."""
     c = checks
     data = c.text("data", data)
     steps = c.integer("steps", steps, lo=2, hi=1000)
@@ -160,11 +162,17 @@ def learn_cache(source, *, output: str | Path, data: str, sampler: str = "ddim",
     sparsity = c.real("sparsity", sparsity, lo=0.0)
     threshold = c.real("threshold", threshold, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
     seed = check_seed(seed)
-    sampler = c.choice("sampler", sampler, ("ddpm", "ddim"))
-    spacing = resolve_spacing(sampler, check_spacing(timestep_spacing))
+    if sampler is not None:
+        sampler = c.choice("sampler", sampler, CACHE_SAMPLERS)
+    spacing = check_spacing(timestep_spacing)
+    if sampler is not None:
+        spacing = resolve_spacing(sampler, spacing)
     model = load_source(source, revision=revision, no_ema=no_ema, num_heads=num_heads, prediction=prediction,
                         numerics=numerics)
     require(model, "cache")
+    if sampler is None:
+        sampler = default_cache_sampler(model.config)
+        spacing = resolve_spacing(sampler, spacing)
     dataset = load_data(data, cfg=model.config)
     check_fits(dataset, model.config)
     out, report = learn_cache_fn(model, dataset, sampler, steps, spacing, iters, batch_size, lr, sparsity, threshold,

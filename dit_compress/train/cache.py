@@ -9,7 +9,15 @@ inputs), noises the batch to both times with one noise (the DDIM trajectory of a
 prediction), runs the full model at the previous time to fill the cache, and trains the gates of
 step n toward the full model's output at its time, under an L1 pull of the gates toward 0 (cache
 as much as the output allows). The schedule is the gates below ``threshold``: those blocks reuse
-at that step. Step 0 never reuses (nothing is cached yet). Eps-prediction models (DDPM / DDIM).
+at that step. Step 0 never reuses (nothing is cached yet).
+
+Eps-prediction models learn it for DDPM / DDIM (Learning-to-Cache's own setting); flow models
+(SiT, velocity prediction) for the Euler ODE and the SDE sampler, whose steps each call the
+network once: the pair of times is two consecutive points of SiT's time grid and the batch sits
+on the straight path x_t = t * x1 + (1 - t) * noise at both (the trajectory of a perfect
+velocity). The schedule keeps one row per point of the sampler's grid, as many as its steps;
+the Euler grid's last point (t = 1, the data) is never evaluated, so its row reuses nothing.
+Heun (two calls per step) and dopri5 (adaptive) have no fixed step to learn for and are refused.
 """
 
 from __future__ import annotations
@@ -20,12 +28,57 @@ import torch
 
 from ..data.batches import draw_examples
 from ..diffusion import objective_for
+from ..diffusion.flow import FlowMatching
 from ..diffusion.gaussian import GaussianDiffusion
+from ..diffusion.sampling import flow_times
 from ..errors import UsageError
 from ..model.run import RunContext
 from ..progress import make_progress
 
-SAMPLERS = ("ddpm", "ddim")
+EPS_SAMPLERS = ("ddpm", "ddim")
+FLOW_SAMPLERS = ("euler", "sde")
+SAMPLERS = EPS_SAMPLERS + FLOW_SAMPLERS
+
+
+def default_sampler(config) -> str:
+    """The sampler a schedule is learned for when none is named: DDIM, or Euler for a flow model."""
+    return "euler" if config.prediction == "velocity" else "ddim"
+
+
+class _Times:
+    """The sampler's steps as training pairs: for step n, the batch noised to its time (``noised``)
+    and the network's time input (``net_t``), on one noise."""
+
+    def __init__(self, config, sampler: str, steps: int, spacing):
+        if config.prediction == "velocity":
+            if sampler not in FLOW_SAMPLERS:
+                raise UsageError(f"learned caching on a flow model learns a schedule for the {' or '.join(FLOW_SAMPLERS)} "
+                                 f"sampler, not {sampler!r} (heun calls twice a step, dopri5 has no fixed steps)")
+            self.flow = FlowMatching(config.time_input)
+            grid = flow_times(sampler, steps)
+            self.calls = grid if sampler == "sde" else grid[:-1]  # the Euler endpoint is never evaluated
+        elif config.prediction == "eps":
+            if sampler not in EPS_SAMPLERS:
+                raise UsageError(f"learned caching on an eps-prediction model learns a schedule for the "
+                                 f"{' or '.join(EPS_SAMPLERS)} sampler, not {sampler!r}")
+            self.flow = None
+            diff = GaussianDiffusion.create(int(steps), learn_sigma=config.learn_sigma, spacing=spacing)
+            self.calls = [diff.timestep_map[i] for i in reversed(range(diff.num_timesteps))]  # the network's t at step n
+            self.full = objective_for(config)  # the 1000-step process: q_sample at any t
+        else:
+            raise UsageError(f"learned caching needs an eps or velocity model, not prediction {config.prediction!r}")
+
+    def __len__(self):
+        return len(self.calls)
+
+    def at(self, n: int, x0, noise):
+        """(x at step n's time, the network's time input), one per row of the batch."""
+        b, dev = x0.shape[0], x0.device
+        if self.flow is None:
+            t = torch.full((b,), self.calls[n], device=dev, dtype=torch.long)
+            return self.full.q_sample(x0, t, noise), t
+        s = torch.full((b,), float(self.calls[n]), device=dev, dtype=torch.float32)
+        return self.flow.q_sample(x0, s, noise), self.flow.model_t(s).to(x0.dtype)
 
 
 class _Capture:
@@ -64,19 +117,15 @@ def _hooked(model, hook):
     return _Ctx()
 
 
-def learn_cache(model, data, sampler: str = "ddim", steps: int = 50, spacing: str = "linspace", iters: int = 300,
+def learn_cache(model, data, sampler: str | None = None, steps: int = 50, spacing: str = "linspace", iters: int = 300,
                 batch_size: int = 16, lr: float = 0.1, sparsity: float = 0.01, threshold: float = 0.5, seed: int = 0,
                 init: float = 2.0) -> tuple[object, dict]:
     """(a copy of ``model`` whose config holds the learned schedule, a report): the gates' training
     history, the schedule and its skip rate. ``sparsity``: the weight of the gates' mean in the
-    loss (more caches more); ``threshold``: gates below it reuse."""
-    if model.config.prediction != "eps":
-        raise UsageError("learned caching is implemented for eps-prediction models (DDPM / DDIM samplers)")
-    if sampler not in SAMPLERS:
-        raise UsageError(f"learned caching learns a schedule for {', '.join(SAMPLERS)}, not {sampler!r}")
-    diff = GaussianDiffusion.create(int(steps), learn_sigma=model.config.learn_sigma, spacing=spacing)
-    times = [diff.timestep_map[i] for i in reversed(range(diff.num_timesteps))]  # the network's t at step n
-    full = objective_for(model.config)  # the 1000-step process: q_sample at any t
+    loss (more caches more); ``threshold``: gates below it reuse. ``sampler``: DDIM / DDPM for
+    eps models, Euler / SDE for flow models (default: DDIM, or Euler for a flow model)."""
+    sampler = default_sampler(model.config) if sampler is None else sampler
+    times = _Times(model.config, sampler, int(steps), spacing)
     depth = model.config.depth
     net = copy.deepcopy(model).eval().requires_grad_(False)
     dev = next(net.parameters()).device
@@ -91,9 +140,7 @@ def learn_cache(model, data, sampler: str = "ddim", steps: int = 50, spacing: st
             noise = torch.randn(x0.shape, generator=g)
             x0, noise = x0.to(dev), noise.to(dev)
             y = y.to(dev) if torch.is_tensor(y) else y.to(dev)
-            tp = torch.full((batch_size,), times[n - 1], device=dev, dtype=torch.long)
-            tc = torch.full((batch_size,), times[n], device=dev, dtype=torch.long)
-            xp, xc = full.q_sample(x0, tp, noise), full.q_sample(x0, tc, noise)
+            (xp, tp), (xc, tc) = times.at(n - 1, x0, noise), times.at(n, x0, noise)
             cap = _Capture()
             with torch.no_grad():
                 with _hooked(net, cap):
@@ -112,6 +159,7 @@ def learn_cache(model, data, sampler: str = "ddim", steps: int = 50, spacing: st
     with torch.no_grad():
         skip = (torch.sigmoid(logits) < threshold).tolist()
     skip[0] = [False] * depth
+    skip += [[False] * depth for _ in range(int(steps) - len(skip))]  # the Euler endpoint: never evaluated
     schedule = {"sampler": sampler, "steps": int(steps), "spacing": spacing, "skip": skip}
     out = copy.deepcopy(model)
     out.config = model.config.copy(cache_schedule=schedule).with_step(
