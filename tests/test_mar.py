@@ -280,8 +280,21 @@ def test_bench_times_the_mar_loop_and_prunes_both_stacks_alike(ckpt, tmp_path):
     pruned = dc.prune_depth(model, output=tmp_path / "p", method="uniform", groups="2:3,2:3")[0]
     want = loop_macs(model.config, 3, 2.0) / loop_macs(pruned.config, 3, 2.0)
     assert rows[1]["flops_ratio"] == pytest.approx(want) and rows[0]["seconds_per_image"] > 0
-    r = run_cli(["bench", ckpt, "--feature-cache", "fora:2", "--loop", "--steps", "3", "--batch-sizes", "1"])
-    assert r.returncode != 0 and "masked-AR" in r.stderr
+
+
+
+@pytest.mark.parametrize("args,msg", [(["--sampler", "ddim"], "diffusion sampler"),
+                                      (["--timestep-spacing", "trailing"], "timestep spacing"),
+                                      (["--steps", "300"], "num_iter"),
+                                      (["--loop", "--feature-cache", "fora:2"], "feature caches")])
+def test_bench_refuses_what_a_mar_loop_cannot_take_up_front(ckpt, tmp_path, args, msg):
+    # a shape is refused before any process starts; a loaded MAR in its child, with the same exit 2
+    for src in (["--shape", "MAR-B"], [str(ckpt)]):
+        r = run_cli(["bench", *src, *args, "--batch-sizes", "1", "--repeats", "1", "--warmup", "0",
+                     "-o", tmp_path / "b"])
+        assert r.returncode == 2 and msg in r.stderr and not (tmp_path / "b").exists(), (src, r.stderr)
+        if src[0] == "--shape":
+            assert "measuring" not in r.stdout + r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 @pytest.fixture(scope="module")
@@ -293,6 +306,16 @@ def digits_mar(tmp_path_factory):
                  "--head", "1,32", "--pixel", "-o", out])
     assert r.returncode == 0, r.stderr
     return out
+
+
+@pytest.mark.parametrize("args,msg", [(["--buffer-size", "0"], "--buffer-size"),
+                                      (["--prediction", "velocity"], "predicts eps")])
+def test_create_refuses_a_mar_without_buffer_tokens_or_predicting_velocity(tmp_path, args, msg):
+    base = ["create", "custom", "--family", "mar", "--input-size", "8", "--patch-size", "2", "--in-channels", "1",
+            "--hidden-size", "32", "--depth", "4", "--num-heads", "2", "--num-classes", "10", "--buffer-size", "2",
+            "--head", "1,32", "--pixel", "-o", tmp_path / "m"]
+    r = run_cli(base + args)
+    assert r.returncode == 2 and msg in r.stderr and not (tmp_path / "m").exists(), r.stderr
 
 
 def test_create_a_custom_mar_states_every_fact(digits_mar, tmp_path):

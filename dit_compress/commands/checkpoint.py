@@ -91,8 +91,9 @@ def create(arch: str, *, output: str | Path | None = None, input_size: int | Non
     if cfg.family != family and (arch == "custom" or family != "dit"):
         raise UsageError(f"{arch} is a {cfg.family} architecture, not {family}: leave out `family` or pick a "
                          f"{family} preset")
-    if cfg.family == "pixart" and cfg.prediction != "eps":
-        raise UsageError("a PixArt is an eps model (PixArtAlphaPipeline): `prediction` velocity is not supported on it")
+    if cfg.prediction not in family_of(cfg).predictions:
+        raise UsageError(f"a {cfg.family} model predicts {' or '.join(family_of(cfg).predictions)}: "
+                         f"`prediction` {cfg.prediction} is not supported on it")
     cfg.lineage.append({"op": "create", "arch": arch, "seed": seed, "label_init_std": label_init_std})
     check_memory(cfg)
     torch.manual_seed(seed)
@@ -116,7 +117,7 @@ def _mar_fields(custom_family, arch: str, depth, buffer_size, head) -> dict:
             raise UsageError(f"`head` is the diffusion head's res-blocks,width, e.g. 3,128; got {head!r}"[:200])
         out.update(diffloss_d=int(parts[0]), diffloss_w=int(parts[1]))
     if buffer_size is not None:
-        out["buffer_size"] = checks.integer("buffer_size", buffer_size, lo=0, hi=1 << 16)
+        out["buffer_size"] = checks.integer("buffer_size", buffer_size, lo=1, hi=1 << 16)  # the class rides on them
     if custom_family == "mar":
         for k, opt in (("buffer_size", "buffer_size"), ("diffloss_d", "head")):
             if k not in out:

@@ -219,6 +219,9 @@ def bench(sources=None, *, shape: str | None = None, variants=None, baseline: st
         resolve_spacing(sampler, timestep_spacing)  # checked before anything runs
     facts = load_facts(num_heads=num_heads, prediction=prediction, numerics=numerics)
     facts = {k: facts[k] for k in ("num_heads", "prediction", "numerics")}  # load_model keywords
+    for s in specs:  # a shape's options checked here; a loaded model's in its child, refused the same way
+        bench_mod.check_spec(s, {"schedule": (sampler, steps, timestep_spacing), "compile_": compile,
+                                 "dense": dense_masks, "graphs": graphs, "policy": feature_cache if loop else None})
     results, failed = [], {}
     if echo is not None:
         echo(f"measuring {', '.join(specs)} on {dev} ...")
@@ -226,6 +229,8 @@ def bench(sources=None, *, shape: str | None = None, variants=None, baseline: st
                                      compile, dense_masks, load=facts,
                                      loop={"cfg_scale": cfg_scale, "feature_cache": feature_cache} if loop else None,
                                      device=str(dev), graphs=graphs, token_capacity=token_capacity):
+        if res.get("usage"):  # an option the model cannot take: refused, nothing written
+            raise UsageError(f"{res['spec']}: {res['error']}")
         if "error" in res:  # the baseline is needed by every row; any other model's failure is reported
             msg = f"benchmark of {res['spec']} failed: {res['error']}"
             if not results:

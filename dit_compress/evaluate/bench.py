@@ -33,6 +33,7 @@ from ..compress.dynamic import (
 )
 from ..config import DiTConfig, TokenSpec, WidthSpec
 from ..diffusion import generation_loop
+from ..diffusion.processes import process_of
 from ..diffusion.caching import POLICIES, parse_policy
 from ..diffusion.measure import FlopsMeter
 from ..diffusion.sampling import (
@@ -84,12 +85,33 @@ def split_policy(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
-def check_spec(spec: str) -> None:
-    """A shape spec's variants checked against its architecture (e.g. a depth it has), and its
-    policy, before any process starts."""
-    base, variants = parse_spec(split_policy(spec)[0])
+def check_spec(spec: str, options: dict | None = None) -> None:
+    """A shape spec's variants checked against its architecture (e.g. a depth it has), its
+    policy, and (``options``: ``check_loop_options``' keywords) the bench options its sampling
+    process takes, before any process starts."""
+    source, own_policy = split_policy(spec)
+    base, variants = parse_spec(source)
     if base.startswith("shape:"):
-        _structure(DiTConfig.preset(base[len("shape:"):]), variants)
+        cfg = _structure(DiTConfig.preset(base[len("shape:"):]), variants)
+        if options is not None:
+            check_loop_options(spec, cfg, **{**options, "policy": own_policy or options.get("policy")})
+
+
+def check_loop_options(spec: str, cfg: DiTConfig, schedule=(None, None, None), compile_: bool = False,
+                       dense: bool = False, graphs: str = "off", policy: str | None = None):
+    """The bench options a model sampled by its own generation process (MAR) cannot take,
+    refused in one line; returns that process's loop class, or None for a diffusion model."""
+    proc = process_of(cfg)
+    if proc is None:
+        return None
+    loop = proc[1]
+    if schedule[2] is not None or compile_ or dense or graphs == "on":
+        raise UsageError(f"{spec} samples by its own loop: timestep spacing, compile, dense masks and CUDA graphs "
+                         "act on the diffusion transformers")
+    loop.resolve(cfg, schedule[0], schedule[1])  # a diffusion sampler or a num_iter out of range, as eval
+    if policy not in (None, "none"):
+        raise UsageError(f"feature caches act across a diffusion sampler's steps; {spec} samples by its own loop")
+    return loop
 
 
 def _random_state(shapes: dict, device: torch.device, dtype: torch.dtype, seed: int) -> dict:
@@ -297,6 +319,8 @@ def _measure_child(specs, batch_sizes, repeats, warmup, schedule, threads, dtype
         try:
             q.put(_measure_one(spec, batch_sizes, repeats, warmup, schedule, dtype_name, compile_, dense, load, loop,
                                device, graphs, token_capacity))
+        except UsageError as e:  # an option this model cannot take: the parent refuses the command (exit 2)
+            q.put({"spec": spec, "error": str(e), "usage": True})
         except Exception as e:  # noqa: BLE001 - reported to the parent as one line
             q.put({"spec": spec, "error": f"{type(e).__name__}: {e}"})
         gc.collect()
@@ -317,10 +341,8 @@ def _measure_one(spec, batch_sizes, repeats, warmup, schedule, dtype_name, compi
     build_s = time.perf_counter() - t0
     gen = generation_loop(model)
     if gen is not None:
-        if schedule[2] is not None or compile_ or dense or graphs == "on":
-            raise UsageError(f"{spec} samples by its own loop: timestep spacing, compile, dense masks and CUDA graphs "
-                             "act on the diffusion transformers")
-        gen.resolve(model.config, schedule[0], schedule[1])  # a diffusion sampler is refused, as eval does
+        check_loop_options(spec, model.config, schedule, compile_, dense, graphs,
+                           own_policy or (loop or {}).get("feature_cache"))
         return _measure_generation(gen, spec, own_policy or (loop or {}).get("feature_cache"), batch_sizes, repeats,
                                    warmup, schedule[1], (loop or {}).get("cfg_scale", 1.0), dev, build_s)
     sampler, steps, spacing = schedule

@@ -151,6 +151,7 @@ class DiTFamily:
     supports = frozenset({"width", "tokens", "training", "distill", "influence", "cache", "eval"})
     implemented = "every command"
     process = "diffusion"
+    predictions = ("eps", "velocity")  # what its network may be trained to predict
     info_fields = staticmethod(_transformer_info)
     static_macs = staticmethod(static_macs)
 
@@ -254,6 +255,7 @@ class PixArtFamily:
     supports = frozenset({"width", "tokens", "training", "distill", "influence", "cache", "eval"})
     implemented = "every command"
     process = "diffusion"
+    predictions = ("eps",)  # PixArtAlphaPipeline
     info_fields = staticmethod(_transformer_info)
     static_macs = staticmethod(static_macs)
 
@@ -408,6 +410,7 @@ class MARFamily(DiTFamily):
     stack_keys = ("encoder_blocks", "decoder_blocks")
     supports = frozenset({"training", "influence", "eval"})
     process = "masked-ar"
+    predictions = ("eps",)  # the diffusion head (DiffLoss)
     info_fields = staticmethod(_mar_info)
     static_macs = staticmethod(mar_static_macs)
     implemented = ("loading (checkpoint-last.pth with args, ditc), convert, depth pruning within each stack "
