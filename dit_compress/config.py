@@ -349,6 +349,13 @@ class DiTConfig:
         n_enc = sum(1 for k in self.kept_layers if k < enc)
         return [n_enc, self.depth - n_enc]
 
+    @property
+    def stack_widths(self) -> list[int]:
+        """The width of each stack's block outputs (MAR: [encoder, decoder]; others: [hidden_size])."""
+        if self.family != "mar":
+            return [self.hidden_size]
+        return [self.hidden_size, self.mar.decoder_hidden_size or self.hidden_size]
+
     def estimated_params(self) -> float:
         """Parameters this config describes (analytic, nothing allocated)."""
         D, L = float(self.hidden_size), float(self.depth)

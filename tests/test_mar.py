@@ -351,8 +351,6 @@ def test_learned_depth_search_prunes_within_each_stack_and_says_which(digits_mar
     assert len(keep) == 2 and keep[0] in (0, 1) and keep[1] in (2, 3)  # one of each stack's pair
     assert sorted(report["kept_by_stack"]) == ["decoder_blocks", "encoder_blocks"]
     assert pruned.config.stack_split == [1, 1] and report["calib_loss_chosen"] > 0
-    r = run_cli(["distill", digits_mar, "--teacher", digits_mar, "--data", "digits", "-o", tmp_path / "d"])
-    assert r.returncode == 2 and "distillation" in r.stderr and not (tmp_path / "d").exists()
 
 
 def test_eval_samples_by_the_masked_ar_loop(digits_mar, tmp_path):
@@ -455,3 +453,108 @@ def test_a_latent_mar_stays_latent_through_the_original_format(ref, ckpt, tmp_pa
     pix = dc.load_model("digits-mar")
     dc.save_model(pix, tmp_path / "p.pth", format="original")
     assert dc.load_model(tmp_path / "p.pth").config.latent_scale is None
+
+
+# ---------------------------------------------------------------------------- distillation
+def _ref_student(ref, enc_keep, dec_keep):
+    """The reference with only the kept blocks of each stack (an independent pruned student)."""
+    import copy
+
+    s = copy.deepcopy(ref)
+    s.encoder_blocks = torch.nn.ModuleList([s.encoder_blocks[i] for i in enc_keep])
+    s.decoder_blocks = torch.nn.ModuleList([s.decoder_blocks[i] for i in dec_keep])
+    return s
+
+
+def _ref_run(r, imgs, labels, mask):
+    """(z, encoder block outputs, decoder block outputs) of a reference MAR, float64."""
+    feats = []
+    hooks = [b.register_forward_hook(lambda m, a, o: feats.append(o)) for b in [*r.encoder_blocks, *r.decoder_blocks]]
+    with torch.no_grad():
+        z = r.decoder(r.encoder(r.patchify(imgs), mask, r.class_embedding(labels, CLASSES)), mask)
+    for h in hooks:
+        h.remove()
+    return z, feats
+
+
+def test_mar_distillation_losses_equal_a_float64_rederivation(ref, ckpt):
+    """Output KD on the head (eps MSE + the KL between the teacher's and the student's learned
+    Gaussians, in bits, over the masked token copies) and RepKD pairs within each stack, against
+    the independent reference pruned by hand."""
+    from dit_compress.compress.depth import prune_layers
+    from dit_compress.diffusion import objective_for
+    from dit_compress.train.losses import combined_loss, layer_map
+    from reference_mar import cosine_alpha_bar
+
+    teacher = dc.load_model(ckpt).double().eval()
+    student = prune_layers(dc.load_model(ckpt), [1, 3, 5]).double().eval()  # encoder block 1, decoder 0 and 2
+    # paper: (i + 1) * T // S - 1 within each stack (encoder 1 of 3, decoder 2 of 3, from 3)
+    assert layer_map(student.config, teacher.config, "paper") == [2, 3, 5]
+    # kept: up to the next kept block of the same stack (3 stands for 3..4), else the stack's last block
+    assert layer_map(student.config, teacher.config, "kept") == [2, 4, 5]
+    obj = objective_for(student.config)
+    g = torch.Generator().manual_seed(3)
+    imgs, labels = torch.randn(2, 4, 4, 4, generator=g, dtype=torch.float64), torch.tensor([4, CLASSES])
+    d = draw(student.config, 2, g)
+    batch = {"x": imgs, "y": labels, "draws": d, "t": d, "noise": None}
+    out_fn, _ = combined_loss(obj, student, teacher, {"out": 1.0, "plain": 0.0, "rep": 0.0}, 10)
+    rep_fn, _ = combined_loss(obj, student, teacher, {"out": 0.0, "plain": 0.0, "rep": 1.0, "k_sigma": None}, 10)
+    with torch.no_grad():
+        got_out, got_rep = float(out_fn(student, batch, 0)["loss"]), float(rep_fn(student, batch, 0)["loss"])
+
+    r_t = ref.double()
+    r_s = _ref_student(r_t, [1], [0, 2])
+    n = math.ceil(16 * float(d.ratio[0]))
+    mask = mask_from_order(d.order, n).double()
+    z_t, f_t = _ref_run(r_t, imgs, labels, mask)
+    z_s, f_s = _ref_run(r_s, imgs, labels, mask)
+    betas, ab = cosine_alpha_bar()
+    ab_prev = np.append(1.0, ab[:-1])
+    pvar = betas * (1 - ab_prev) / (1 - ab)
+    x = r_t.patchify(imgs).numpy()
+    kd_eps, kl = [], []
+    for b in range(2):
+        for k in range(d.t.shape[1]):
+            for pos in mask[b].nonzero().flatten().tolist():
+                i, e0 = int(d.t[b, k, pos]), d.noise[b, k, pos].double().numpy()
+                xt = math.sqrt(ab[i]) * x[b, pos] + math.sqrt(1 - ab[i]) * e0
+                outs = []
+                for r, z in ((r_s, z_s), (r_t, z_t)):
+                    with torch.no_grad():
+                        o = r.diffloss.net(torch.from_numpy(xt)[None], torch.tensor([i]), z[b, pos][None])[0].numpy()
+                    eps, v = o[:4], o[4:]
+                    min_log = math.log(pvar[1]) if i == 0 else math.log(pvar[i])
+                    log_var = (v + 1) / 2 * math.log(betas[i]) + (1 - (v + 1) / 2) * min_log
+                    x0_hat = xt / math.sqrt(ab[i]) - math.sqrt(1 / ab[i] - 1) * eps
+                    mean = (betas[i] * math.sqrt(ab_prev[i]) * x0_hat
+                            + (1 - ab_prev[i]) * math.sqrt(1 - betas[i]) * xt) / (1 - ab[i])
+                    outs.append((eps, mean, log_var))
+                (es, ms, ls), (et, mt, lt) = outs
+                kd_eps.append(np.mean((es - et) ** 2))
+                kl.append(np.mean(0.5 * (-1 + ls - lt + np.exp(lt - ls) + (mt - ms) ** 2 * np.exp(-ls))) / math.log(2))
+    assert got_out == pytest.approx(np.mean(kd_eps) + np.mean(kl), rel=1e-7)
+    pairs = [(0, 2), (1, 3), (2, 5)]  # paper pairs within each stack
+    want_rep = np.mean([float(((f_s[i] - f_t[j]) ** 2).mean()) for i, j in pairs])
+    assert got_rep == pytest.approx(want_rep, rel=1e-9)
+
+
+def test_distill_a_pruned_mar_on_the_cli_and_refusals(digits_mar, tmp_path):
+    p = tmp_path / "p"
+    assert run_cli(["prune-depth", digits_mar, "--pattern", "1:2", "--method", "uniform", "-o", p]).returncode == 0
+    r = run_cli(["distill", p, "--teacher", digits_mar, "--data", "digits", "--steps", 6, "--batch-size", 8,
+                 "--kd-rep", "1.0", "-o", tmp_path / "d"])
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "d" / "report.json").read_text())
+    assert rep["op"] == "distill" and all(np.isfinite(h["rep"]) and h["kd_eps"] >= 0 for h in rep["history"])
+    assert dc.load_model(tmp_path / "d").config.stack_split == [1, 1]
+    # a teacher of another width cannot pair block outputs: one line, nothing written
+    wide = tmp_path / "w"
+    assert run_cli(["create", "custom", "--family", "mar", "--input-size", "8", "--patch-size", "2", "--in-channels",
+                    "1", "--hidden-size", "48", "--depth", "4", "--num-heads", "2", "--num-classes", "10",
+                    "--buffer-size", "2", "--head", "1,32", "--pixel", "-o", wide]).returncode == 0
+    r = run_cli(["distill", p, "--teacher", wide, "--data", "digits", "--steps", 2, "--kd-rep", "1.0",
+                 "-o", tmp_path / "d2"])
+    assert r.returncode == 2 and "widths" in r.stderr and not (tmp_path / "d2").exists(), r.stderr
+    # a DiT teacher for a MAR student: refused by family
+    r = run_cli(["distill", p, "--teacher", "digits-dit", "--data", "digits", "--steps", 2, "-o", tmp_path / "d3"])
+    assert r.returncode == 2 and not (tmp_path / "d3").exists(), r.stderr

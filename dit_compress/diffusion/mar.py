@@ -59,7 +59,9 @@ def head_losses(net, target, z, t, noise) -> dict:
     d = training_process()
     xt = d.q_sample(target, t, noise)
     out = net(xt, t, z)
-    return d.losses_from_output(out, target, xt, t, noise)
+    res = d.losses_from_output(out, target, xt, t, noise)
+    res["output"], res["xt"] = out, xt
+    return res
 
 
 def head_sample(model, z, noise, temperature: float = 1.0, cfg: float = 1.0, guided: bool | None = None,
@@ -136,26 +138,75 @@ def mask_from_order(order: torch.Tensor, n_masked: int) -> torch.Tensor:
     return mask.scatter(1, order[:, :n_masked], 1.0)
 
 
-def token_losses(model, imgs, labels, draws: MARDraws) -> dict:
+def token_losses(model, imgs, labels, draws: MARDraws, return_aux: bool = False) -> dict:
     """The official ``forward``'s loss with its draws given: per sample, the mean head loss
     over its masked tokens and token copies (``loss``, ``mse``, ``vb`` [B]). Labels equal to
-    ``num_classes`` take the fake latent (label dropout, drawn by the caller)."""
+    ``num_classes`` take the fake latent (label dropout, drawn by the caller).
+
+    For distillation also the head's ``output``, ``xt`` and step ``t`` of the masked token
+    copies (the rows the loss averages) and ``teacher_call(teacher, features)``: the teacher's
+    head output on the same rows (same mask, steps and noise; its own conditions), with its
+    block outputs when ``features``; ``return_aux``: every block's output (``aux.features``,
+    encoder then decoder)."""
     x = patchify(imgs, model.config.patch_size)
     B, L, C = x.shape
     if not bool((draws.ratio == draws.ratio[0]).all()):  # calibration draws: one ratio per row, grouped
-        return _by_ratio(draws, lambda idx: token_losses(model, imgs[idx], labels[idx], draws[idx]))
+        if return_aux:
+            raise UsageError("distillation draws one mask ratio per batch (the encoder takes the same count per row)")
+        return _by_ratio(draws, lambda idx: {k: v for k, v in token_losses(model, imgs[idx], labels[idx],
+                                                                            draws[idx]).items()
+                                             if k in ("loss", "mse", "vb")})
     n_masked = int(math.ceil(L * float(draws.ratio[0])))
     mask = mask_from_order(draws.order, n_masked)
     mul = draws.t.shape[1]
     rows = lambda v: v.unsqueeze(1).expand(B, mul, *v.shape[1:]).reshape(B * mul * L, *v.shape[2:])  # noqa: E731
     w = mask.unsqueeze(1).expand(B, mul, L).reshape(B, -1)
     per = lambda v: (v.view(B, -1) * w).sum(1) / w.sum(1)  # noqa: E731
+    sel = w.reshape(-1) > 0  # the masked token copies: every row has as many
 
     def head(net, z):  # inside the model's forward: one forward for wrappers and DDP
         res = head_losses(net, rows(x), rows(z), draws.t.reshape(-1), draws.noise.reshape(-1, C).to(z.dtype))
-        return {k: per(res[k]) for k in ("loss", "mse", "vb")}
+        out = {k: per(res[k]) for k in ("loss", "mse", "vb")}
+        out.update(output=res["output"][sel], xt=res["xt"][sel], t=draws.t.reshape(-1)[sel])
+        return out
 
-    return model(x, mask, labels, head=head)
+    if return_aux:
+        with BlockOutputs(model) as feats:
+            res = model(x, mask, labels, head=head)
+        res["aux"] = feats
+    else:
+        res = model(x, mask, labels, head=head)
+
+    def teacher_call(teacher, features: bool):
+        def thead(net, z):
+            return net(res["xt"], res["t"], rows(z)[sel])
+
+        if not features:
+            return teacher(x, mask, labels, head=thead)
+        with BlockOutputs(teacher) as tfeats:
+            out = teacher(x, mask, labels, head=thead)
+        return out, tfeats
+
+    res["teacher_call"] = teacher_call
+    return res
+
+
+class BlockOutputs:
+    """Within ``with``: every block's output of a model's forwards (``features``, in
+    ``model.blocks`` order: encoder, then decoder), read by forward hooks."""
+
+    def __init__(self, model):
+        self.blocks = list(getattr(model, "module", model).blocks)
+        self.features = []
+
+    def __enter__(self):
+        self._hooks = [b.register_forward_hook(lambda mod, a, out: self.features.append(out)) for b in self.blocks]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        return False
 
 
 def _by_ratio(draws: "MARDraws", fn):
@@ -203,9 +254,18 @@ class MaskedARObjective:
         return model(x, mask, batch["y"])
 
     def training_losses(self, model, x0, t, y, noise=None, return_aux: bool = False, run=None) -> dict:
-        if return_aux or run is not None:
-            raise UsageError("a MAR's objective has no block features or run context (RepKD, routers)")
-        return token_losses(model, x0, y, t)
+        if run is not None:
+            raise UsageError("a MAR's objective has no run context (routers, a full-width pass)")
+        return token_losses(model, x0, y, t, return_aux=return_aux)
+
+    # the head's process: output KD compares the head's predictions on the masked token copies
+    @staticmethod
+    def split_output(out, x):
+        return training_process().split_output(out, x)
+
+    @staticmethod
+    def p_mean_variance(out, xt, t):
+        return training_process().p_mean_variance(out, xt, t)
 
 
 @torch.no_grad()

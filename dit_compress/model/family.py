@@ -408,13 +408,13 @@ class MARFamily(DiTFamily):
 
     name, stack_key, condition = "mar", None, "labels"
     stack_keys = ("encoder_blocks", "decoder_blocks")
-    supports = frozenset({"training", "influence", "eval"})
+    supports = frozenset({"training", "distill", "influence", "eval"})
     process = "masked-ar"
     predictions = ("eps",)  # the diffusion head (DiffLoss)
     info_fields = staticmethod(_mar_info)
     static_macs = staticmethod(mar_static_macs)
     implemented = ("loading (checkpoint-last.pth with args, ditc), convert, depth pruning within each stack "
-                   "(learned with LoRA, block influence, min-loss, uniform, random, --keep), finetune, eval and "
+                   "(learned with LoRA, block influence, min-loss, uniform, random, --keep), finetune, distill, eval and "
                    "bench (its masked-AR loop), info and sampling through dit_compress.sample_mar")
 
     @staticmethod

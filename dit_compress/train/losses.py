@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..diffusion.gaussian import GaussianDiffusion, mean_flat, normal_kl
-from ..model.family import family_of
+from ..errors import UsageError
+from ..model.family import family_of, stack_of_source
 from ..model.run import RunContext
 
 
@@ -22,28 +23,38 @@ REP_MASK_FORMS = ("paper", "joint")
 
 
 def layer_map(student_cfg, teacher_cfg, pairs: str = "paper") -> list[int]:
-    """Teacher block whose output each student block should reproduce.
+    """Teacher block whose output each student block should reproduce, within each stack
+    (MAR: encoder blocks to encoder blocks, decoder to decoder; one stack otherwise).
 
     ``paper`` (TinyFusion): fixed pairs by depth ratio, student i <-> teacher
-    (i + 1) * T // S - 1, i.e. 2i + 1 for 28 -> 14, whichever layers were kept.
+    (i + 1) * T // S - 1 within the stack, i.e. 2i + 1 for 28 -> 14, whichever layers were kept.
     ``kept``: a student block that stands for source layer k_i replaces source layers
     k_i .. k_{i+1}-1, so its output is matched to the teacher's output just before source
-    layer k_{i+1} (the last student block to the teacher's last block); equal to ``paper``
-    for a uniform 1:2 pruning.
+    layer k_{i+1} (the last student block of a stack to the teacher's last block of it); equal
+    to ``paper`` for a uniform 1:2 pruning.
     """
-    S, T = student_cfg.depth, teacher_cfg.depth
-    if pairs == "paper":
-        return [(i + 1) * T // S - 1 for i in range(S)]
-    if pairs != "kept":
+    if pairs not in REP_PAIRS:
         raise ValueError(f"unknown layer pairs {pairs!r}; choose {' or '.join(REP_PAIRS)}")
-    src = student_cfg.kept_layers
-    t_index = {k: j for j, k in enumerate(teacher_cfg.kept_layers)}
+    s_split, t_split = student_cfg.stack_split, teacher_cfg.stack_split
+    if len(s_split) != len(t_split):
+        raise UsageError(f"the student has {len(s_split)} stacks of blocks, the teacher {len(t_split)}")
+    if pairs == "paper":
+        out, to = [], 0
+        for S, T in zip(s_split, t_split):
+            out += [to + (i + 1) * T // S - 1 for i in range(S)]
+            to += T
+        return out
+    src, tk = student_cfg.kept_layers, teacher_cfg.kept_layers
+    stack_s = [stack_of_source(student_cfg, k)[0] for k in src]
+    stack_t = [stack_of_source(teacher_cfg, k)[0] for k in tk]
     out = []
-    for i in range(len(src)):
-        boundary = src[i + 1] - 1 if i + 1 < len(src) else teacher_cfg.kept_layers[-1]
+    for i, k in enumerate(src):
+        same = [j for j in range(len(tk)) if stack_t[j] == stack_s[i]]  # the teacher's blocks of this stack
+        nxt = i + 1 < len(src) and stack_s[i + 1] == stack_s[i]
+        boundary = src[i + 1] - 1 if nxt else tk[same[-1]]
         # the teacher may itself be pruned: take the last of its blocks at or before the boundary
-        cands = [j for k, j in t_index.items() if k <= boundary]
-        out.append(max(cands) if cands else 0)
+        cands = [j for j in same if tk[j] <= boundary]
+        out.append(max(cands) if cands else same[0])
     return out
 
 
@@ -88,12 +99,17 @@ def flops_schedule(kd: dict, total_steps: int) -> tuple[int, int]:
 def teacher_terms(diffusion, teacher, res: dict, x0, t, y, w_out: float, lmap, rep_w: float, k_sigma, mask_form):
     """Output KD (eps MSE + the learned variance's KL in bits, as the DiT hybrid loss) and,
     with a layer map, masked RepKD weighted ``rep_w``. Returns (loss, logs)."""
+    call = res.get("teacher_call")  # an objective whose network is not (x_t, t, y) -> output (MAR) says how
     with torch.no_grad():
-        tout = teacher(res["xt"], diffusion.model_t(t), y, return_aux=lmap is not None)
+        if call is not None:
+            tout = call(teacher, lmap is not None)
+        else:
+            tout = teacher(res["xt"], diffusion.model_t(t), y, return_aux=lmap is not None)
     if lmap is not None:
         tout, taux = tout
-    s_eps, s_v = diffusion.split_output(res["output"], x0)
-    t_eps, t_v = diffusion.split_output(tout, x0)
+    t = res.get("t", t)  # the steps the outputs were made at (MAR: the head's, one per token copy)
+    s_eps, s_v = diffusion.split_output(res["output"], res["xt"])
+    t_eps, t_v = diffusion.split_output(tout, res["xt"])
     kd_eps = ((s_eps - t_eps) ** 2).mean()
     logs = {"kd_eps": kd_eps.detach()}
     kd_var = torch.zeros((), device=x0.device)
@@ -140,6 +156,9 @@ def combined_loss(diffusion: GaussianDiffusion, model, teacher, kd: dict, total_
     full_steps = kd.get("full_steps")
     full_steps = total_steps if full_steps is None else int(full_steps)
     lmap = layer_map(model.config, teacher.config, kd.get("rep_pairs", "paper")) if (teacher is not None and beta > 0) else None
+    if lmap is not None and model.config.stack_widths != teacher.config.stack_widths:
+        raise UsageError(f"masked RepKD matches block outputs: the student's widths {model.config.stack_widths} differ from "
+                         f"the teacher's {teacher.config.stack_widths} (use kd_rep 0)")
     mask_form = kd.get("rep_mask_form", "paper")
     last = {}
 
