@@ -331,12 +331,16 @@ def distill(source: str = Src, output: str = Out, teacher: str = typer.Option(..
             num_heads: Optional[int] = NumHeads, prediction: Optional[str] = Prediction, numerics: Optional[str] = Numerics):
     """Distill a (compressed) student from a teacher: output KD, TinyFusion's masked
     representation KD (layer map from the kept-layer indices), mixed with the plain loss.
+    On a MAR the output KD compares the heads on the masked tokens and RepKD pairs blocks
+    within each stack.
 
     Examples:
 
         ditc distill tiny/ --teacher digits-dit --data digits --kd-rep 0.01 --steps 500 -o tiny-kd/
 
         ditc distill tiny/ --teacher DiT-XL-2 --data latents/ --kd-rep 0.01 --lr 2e-4 -o tiny-kd/
+
+        ditc distill tinymar/ --teacher digits-mar --data digits --kd-rep 0.01 --steps 300 -o tinymar-kd/
     """
     _, report = commands.distill(source, **_options(locals()))
     _summary(report, json_out)
