@@ -137,7 +137,7 @@ class MARSpec:
         dn = checks.integer("mar.decoder_num_heads", self.decoder_num_heads, lo=1, hi=MAX_HIDDEN, optional=True)
         if (dh or hidden) % (dn or 1):
             raise UsageError(f"decoder hidden size {dh or hidden} is not divisible by decoder_num_heads {dn}")
-        checks.integer("mar.buffer_size", self.buffer_size, lo=0, hi=MAX_TOKENS)
+        checks.integer("mar.buffer_size", self.buffer_size, lo=1, hi=MAX_TOKENS)  # the class embedding rides on them
         checks.integer("mar.vae_stride", self.vae_stride, lo=1, hi=1024)
         checks.integer("mar.diffloss_d", self.diffloss_d, lo=1, hi=MAX_DEPTH)
         checks.integer("mar.diffloss_w", self.diffloss_w, lo=1, hi=MAX_HIDDEN)
@@ -333,6 +333,8 @@ class DiTConfig:
                                  f"{self.source_depth}")
             if self.width is not None or self.tokens is not None or self.cache_schedule is not None:
                 raise UsageError("dynamic width, token routing and cache schedules are not defined for MAR models")
+            if self.prediction != "eps":
+                raise UsageError(f"a MAR's diffusion head predicts eps, not {self.prediction!r}")
         elif self.mar is not None:
             raise UsageError("MAR fields are set on a config of family " + str(self.family))
         if not isinstance(self.lineage, list) or not all(isinstance(s, dict) for s in self.lineage):

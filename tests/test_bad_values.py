@@ -127,6 +127,8 @@ def test_every_command_refuses_wrong_typed_and_out_of_range_options(files, tmp_p
     (["finetune", "{pix}", "-o", "{out}", "--data", "digits", "--grad-accum", "0"], "--grad-accum must be at least 1"),
     (["eval", "{pix}", "-o", "{out}", "-n", "2", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["eval", "{pix}", "-o", "{out}", "-n", "2", "--shard-size", "0"], "--shard-size must be at least 1"),
+    (["distill", "{pix}", "-o", "{out}", "--teacher", "{pix}", "--data", "digits", "--kd-out", "0", "--kd-plain", "0"],
+     "every loss weight is 0"),
 ])
 def test_named_bad_values_are_refused_in_one_line(files, tmp_path, args, text):
     """Items 5, 8 and 10 (options): NaN/inf guidance, dpm-solver at 1000 steps, degenerate

@@ -331,10 +331,11 @@ def test_a_flow_model_learns_a_cache_for_its_euler_steps(tmp_path):
 
 
 @pytest.mark.parametrize("source,sampler,msg", [("digits-sit", "heun", "--sampler"),
+                                                ("digits-sit --steps 2", "euler", "two network calls"),
                                                 ("digits-sit", "ddim", "euler or sde sampler"),
                                                 ("digits-dit", "sde", "ddpm or ddim sampler")])
 def test_learn_cache_refuses_a_sampler_of_the_other_process(tmp_path, source, sampler, msg):
-    r = runner.invoke(app, ["learn-cache", source, "--data", "digits", "--iters", 1, "--sampler", sampler,
+    r = runner.invoke(app, ["learn-cache", *source.split(), "--data", "digits", "--iters", 1, "--sampler", sampler,
                             "-o", str(tmp_path / "o")])
     assert r.exit_code == 2 and msg in r.output and not (tmp_path / "o").exists(), r.output
     assert len(r.output.strip().splitlines()) == 1

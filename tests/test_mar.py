@@ -499,10 +499,14 @@ def test_mar_distillation_losses_equal_a_float64_rederivation(ref, ckpt):
     batch = {"x": imgs, "y": labels, "draws": d, "t": d, "noise": None}
     out_fn, _ = combined_loss(obj, student, teacher, {"out": 1.0, "plain": 0.0, "rep": 0.0}, 10)
     rep_fn, _ = combined_loss(obj, student, teacher, {"out": 0.0, "plain": 0.0, "rep": 1.0, "k_sigma": None}, 10)
+    mrep_fn, _ = combined_loss(obj, student, teacher, {"out": 0.0, "plain": 0.0, "rep": 1.0, "k_sigma": 1.0}, 10)
     with torch.no_grad():
         got_out, got_rep = float(out_fn(student, batch, 0)["loss"]), float(rep_fn(student, batch, 0)["loss"])
+        got_mrep = float(mrep_fn(student, batch, 0)["loss"])
 
-    r_t = ref.double()
+    import copy
+
+    r_t = copy.deepcopy(ref).double()
     r_s = _ref_student(r_t, [1], [0, 2])
     n = math.ceil(16 * float(d.ratio[0]))
     mask = mask_from_order(d.order, n).double()
@@ -537,6 +541,15 @@ def test_mar_distillation_losses_equal_a_float64_rederivation(ref, ckpt):
     want_rep = np.mean([float(((f_s[i] - f_t[j]) ** 2).mean()) for i, j in pairs])
     assert got_rep == pytest.approx(want_rep, rel=1e-9)
 
+    def kept(h, k):  # TinyFusion's mask: elements within k sigma of the sample's mean (tokens and channels)
+        h = h.numpy()
+        mu = h.reshape(len(h), -1).mean(1)[:, None, None]
+        sd = h.reshape(len(h), -1).std(1, ddof=1)[:, None, None]
+        return h * (np.abs(h - mu) < k * sd)
+
+    want_mrep = np.mean([np.mean((kept(f_s[i], 1.0) - kept(f_t[j], 1.0)) ** 2) for i, j in pairs])
+    assert got_mrep == pytest.approx(want_mrep, rel=1e-9) and got_mrep < got_rep
+
 
 def test_distill_a_pruned_mar_on_the_cli_and_refusals(digits_mar, tmp_path):
     p = tmp_path / "p"
@@ -545,8 +558,10 @@ def test_distill_a_pruned_mar_on_the_cli_and_refusals(digits_mar, tmp_path):
                  "--kd-rep", "1.0", "-o", tmp_path / "d"])
     assert r.returncode == 0, r.stderr
     rep = json.loads((tmp_path / "d" / "report.json").read_text())
-    assert rep["op"] == "distill" and all(np.isfinite(h["rep"]) and h["kd_eps"] >= 0 for h in rep["history"])
-    assert dc.load_model(tmp_path / "d").config.stack_split == [1, 1]
+    assert rep["op"] == "distill" and all(np.isfinite(h["rep"]) and np.isfinite(h["kd_eps"]) for h in rep["history"])
+    written, before = dc.load_model(tmp_path / "d"), dc.load_model(p)
+    assert written.config.stack_split == [1, 1] and written.config.lineage[-1]["op"] == "distill"
+    assert any(not torch.equal(a, b) for a, b in zip(written.state_dict().values(), before.state_dict().values()))
     # a teacher of another width cannot pair block outputs: one line, nothing written
     wide = tmp_path / "w"
     assert run_cli(["create", "custom", "--family", "mar", "--input-size", "8", "--patch-size", "2", "--in-channels",
@@ -557,4 +572,11 @@ def test_distill_a_pruned_mar_on_the_cli_and_refusals(digits_mar, tmp_path):
     assert r.returncode == 2 and "widths" in r.stderr and not (tmp_path / "d2").exists(), r.stderr
     # a DiT teacher for a MAR student: refused by family
     r = run_cli(["distill", p, "--teacher", "digits-dit", "--data", "digits", "--steps", 2, "-o", tmp_path / "d3"])
-    assert r.returncode == 2 and not (tmp_path / "d3").exists(), r.stderr
+    assert r.returncode == 2 and "teacher takes" in r.stderr and not (tmp_path / "d3").exists(), r.stderr
+    # a MAR teacher with other tokens: the heads cannot compare token by token
+    other = tmp_path / "o"
+    assert run_cli(["create", "custom", "--family", "mar", "--input-size", "8", "--patch-size", "4", "--in-channels",
+                    "1", "--hidden-size", "32", "--depth", "4", "--num-heads", "2", "--num-classes", "10",
+                    "--buffer-size", "2", "--head", "1,32", "--pixel", "-o", other]).returncode == 0
+    r = run_cli(["distill", p, "--teacher", other, "--data", "digits", "--steps", 2, "-o", tmp_path / "d4"])
+    assert r.returncode == 2 and "4x4 tokens" in r.stderr and not (tmp_path / "d4").exists(), r.stderr

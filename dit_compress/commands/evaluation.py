@@ -230,7 +230,7 @@ def bench(sources=None, *, shape: str | None = None, variants=None, baseline: st
                                      loop={"cfg_scale": cfg_scale, "feature_cache": feature_cache} if loop else None,
                                      device=str(dev), graphs=graphs, token_capacity=token_capacity):
         if res.get("usage"):  # an option the model cannot take: refused, nothing written
-            raise UsageError(f"{res['spec']}: {res['error']}")
+            raise UsageError(res["error"])
         if "error" in res:  # the baseline is needed by every row; any other model's failure is reported
             msg = f"benchmark of {res['spec']} failed: {res['error']}"
             if not results:

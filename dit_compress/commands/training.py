@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import checks
+from ..errors import UsageError
 from ..data.datasets import check_fits, load_data
 from ..diffusion.sampling import check_spacing, resolve_spacing
 from ..formats import write_checkpoint
@@ -129,6 +130,8 @@ def distill(source, *, output: str | Path, teacher, data: str, kd_out: float = 0
     checks.choice("rep_mask_form", rep_mask_form, REP_MASK_FORMS)
     kd_out, kd_plain = checks.real("kd_out", kd_out, lo=0.0), checks.real("kd_plain", kd_plain, lo=0.0)
     kd_rep = checks.real("kd_rep", kd_rep, lo=0.0)
+    if kd_out == kd_plain == kd_rep == 0:
+        raise UsageError("every loss weight is 0 (`kd_out`, `kd_plain`, `kd_rep`): nothing would train")
     k_sigma = checks.real("k_sigma", k_sigma, lo=0.0, lo_open=True)
     no_rep_mask = checks.flag("no_rep_mask", no_rep_mask)
     student = load_source(source, **load)

@@ -162,12 +162,16 @@ def token_losses(model, imgs, labels, draws: MARDraws, return_aux: bool = False)
     rows = lambda v: v.unsqueeze(1).expand(B, mul, *v.shape[1:]).reshape(B * mul * L, *v.shape[2:])  # noqa: E731
     w = mask.unsqueeze(1).expand(B, mul, L).reshape(B, -1)
     per = lambda v: (v.view(B, -1) * w).sum(1) / w.sum(1)  # noqa: E731
-    sel = w.reshape(-1) > 0  # the masked token copies: every row has as many
+    # the masked token copies (the rows the loss averages), as indices into the [B, mul, L] rows: every
+    # sample's masked positions are the first n_masked of its order (no host sync to find them)
+    sel = (torch.arange(B, device=x.device).view(B, 1, 1) * (mul * L)
+           + torch.arange(mul, device=x.device).view(1, mul, 1) * L
+           + draws.order[:, None, :n_masked].to(x.device)).reshape(-1)
 
     def head(net, z):  # inside the model's forward: one forward for wrappers and DDP
         res = head_losses(net, rows(x), rows(z), draws.t.reshape(-1), draws.noise.reshape(-1, C).to(z.dtype))
         out = {k: per(res[k]) for k in ("loss", "mse", "vb")}
-        out.update(output=res["output"][sel], xt=res["xt"][sel], t=draws.t.reshape(-1)[sel])
+        out.update(output=res["output"][sel], xt=res["xt"][sel], t=draws.t.reshape(-1).to(sel.device)[sel])
         return out
 
     if return_aux:
@@ -177,9 +181,11 @@ def token_losses(model, imgs, labels, draws: MARDraws, return_aux: bool = False)
     else:
         res = model(x, mask, labels, head=head)
 
+    xt_kd, t_kd = res["xt"], res["t"]  # locals: the closure does not hold ``res`` (no reference cycle)
+
     def teacher_call(teacher, features: bool):
         def thead(net, z):
-            return net(res["xt"], res["t"], rows(z)[sel])
+            return net(xt_kd, t_kd, rows(z)[sel])
 
         if not features:
             return teacher(x, mask, labels, head=thead)

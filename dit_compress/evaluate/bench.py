@@ -97,6 +97,10 @@ def check_spec(spec: str, options: dict | None = None) -> None:
             check_loop_options(spec, cfg, **{**options, "policy": own_policy or options.get("policy")})
 
 
+class LoopOptionError(UsageError):
+    """A bench option a model's own generation loop cannot take: the whole bench is refused."""
+
+
 def check_loop_options(spec: str, cfg: DiTConfig, schedule=(None, None, None), compile_: bool = False,
                        dense: bool = False, graphs: str = "off", policy: str | None = None):
     """The bench options a model sampled by its own generation process (MAR) cannot take,
@@ -106,11 +110,14 @@ def check_loop_options(spec: str, cfg: DiTConfig, schedule=(None, None, None), c
         return None
     loop = proc[1]
     if schedule[2] is not None or compile_ or dense or graphs == "on":
-        raise UsageError(f"{spec} samples by its own loop: timestep spacing, compile, dense masks and CUDA graphs "
-                         "act on the diffusion transformers")
-    loop.resolve(cfg, schedule[0], schedule[1])  # a diffusion sampler or a num_iter out of range, as eval
+        raise LoopOptionError(f"{spec} samples by its own loop: timestep spacing, compile, dense masks and CUDA graphs "
+                              "act on the diffusion transformers")
+    try:
+        loop.resolve(cfg, schedule[0], schedule[1])  # a diffusion sampler or a num_iter out of range, as eval
+    except UsageError as e:
+        raise LoopOptionError(f"{spec}: {e}") from None
     if policy not in (None, "none"):
-        raise UsageError(f"feature caches act across a diffusion sampler's steps; {spec} samples by its own loop")
+        raise LoopOptionError(f"feature caches act across a diffusion sampler's steps; {spec} samples by its own loop")
     return loop
 
 
@@ -319,7 +326,7 @@ def _measure_child(specs, batch_sizes, repeats, warmup, schedule, threads, dtype
         try:
             q.put(_measure_one(spec, batch_sizes, repeats, warmup, schedule, dtype_name, compile_, dense, load, loop,
                                device, graphs, token_capacity))
-        except UsageError as e:  # an option this model cannot take: the parent refuses the command (exit 2)
+        except LoopOptionError as e:  # an option this model's loop cannot take: the parent refuses the bench (exit 2)
             q.put({"spec": spec, "error": str(e), "usage": True})
         except Exception as e:  # noqa: BLE001 - reported to the parent as one line
             q.put({"spec": spec, "error": f"{type(e).__name__}: {e}"})

@@ -156,6 +156,11 @@ class DiTFamily:
     static_macs = staticmethod(static_macs)
 
     @staticmethod
+    def teacher_facts(cfg) -> str:
+        """What a teacher must share with its student beyond its input and condition (distill)."""
+        return ""
+
+    @staticmethod
     def module(cfg):
         return DiT(cfg)
 
@@ -256,6 +261,7 @@ class PixArtFamily:
     implemented = "every command"
     process = "diffusion"
     predictions = ("eps",)  # PixArtAlphaPipeline
+    teacher_facts = DiTFamily.teacher_facts
     info_fields = staticmethod(_transformer_info)
     static_macs = staticmethod(static_macs)
 
@@ -411,6 +417,11 @@ class MARFamily(DiTFamily):
     supports = frozenset({"training", "distill", "influence", "eval"})
     process = "masked-ar"
     predictions = ("eps",)  # the diffusion head (DiffLoss)
+
+    @staticmethod
+    def teacher_facts(cfg) -> str:
+        """The heads compare token by token and the stacks see the buffer: same tokens, same buffer."""
+        return f", {cfg.patch_size}x{cfg.patch_size} tokens and {cfg.mar.buffer_size} buffer tokens"
     info_fields = staticmethod(_mar_info)
     static_macs = staticmethod(mar_static_macs)
     implemented = ("loading (checkpoint-last.pth with args, ditc), convert, depth pruning within each stack "

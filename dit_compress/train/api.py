@@ -39,7 +39,8 @@ def train_model(model, data: TensorData, cfg: TrainConfig, work_dir: Path, teach
         tc = teacher.config
         mc = model.config
         def takes(c):
-            return f"{c.in_channels}x{c.input_size}x{c.input_size} with {family_of(c).condition_key(c)}"
+            return (f"{c.in_channels}x{c.input_size}x{c.input_size} with {family_of(c).condition_key(c)}"
+                    f"{family_of(c).teacher_facts(c)}")
 
         if takes(tc) != takes(mc) or family_of(tc) is not family_of(mc):
             raise UsageError(f"teacher takes {takes(tc)} ({family_of(tc).name}), the student {takes(mc)} "

@@ -30,7 +30,7 @@ from ..data.batches import draw_examples
 from ..diffusion import objective_for
 from ..diffusion.flow import FlowMatching
 from ..diffusion.gaussian import GaussianDiffusion
-from ..diffusion.sampling import flow_times
+from ..diffusion.sampling import flow_times, resolve_spacing
 from ..errors import UsageError
 from ..model.run import RunContext
 from ..progress import make_progress
@@ -55,6 +55,7 @@ class _Times:
                 raise UsageError(f"learned caching on a flow model learns a schedule for the {' or '.join(FLOW_SAMPLERS)} "
                                  f"sampler, not {sampler!r} (heun calls twice a step, dopri5 has no fixed steps)")
             self.flow = FlowMatching(config.time_input)
+            self.channels = config.in_channels
             grid = flow_times(sampler, steps)
             self.calls = grid if sampler == "sde" else grid[:-1]  # the Euler endpoint is never evaluated
         elif config.prediction == "eps":
@@ -70,6 +71,10 @@ class _Times:
 
     def __len__(self):
         return len(self.calls)
+
+    def used(self, out):
+        """The output channels the sampler reads (a flow sampler ignores a SiT's sigma channels)."""
+        return out if self.flow is None else out[:, : self.channels]
 
     def at(self, n: int, x0, noise):
         """(x at step n's time, the network's time input), one per row of the batch."""
@@ -117,7 +122,7 @@ def _hooked(model, hook):
     return _Ctx()
 
 
-def learn_cache(model, data, sampler: str | None = None, steps: int = 50, spacing: str = "linspace", iters: int = 300,
+def learn_cache(model, data, sampler: str | None = None, steps: int = 50, spacing: str | None = None, iters: int = 300,
                 batch_size: int = 16, lr: float = 0.1, sparsity: float = 0.01, threshold: float = 0.5, seed: int = 0,
                 init: float = 2.0) -> tuple[object, dict]:
     """(a copy of ``model`` whose config holds the learned schedule, a report): the gates' training
@@ -125,7 +130,11 @@ def learn_cache(model, data, sampler: str | None = None, steps: int = 50, spacin
     loss (more caches more); ``threshold``: gates below it reuse. ``sampler``: DDIM / DDPM for
     eps models, Euler / SDE for flow models (default: DDIM, or Euler for a flow model)."""
     sampler = default_sampler(model.config) if sampler is None else sampler
+    spacing = resolve_spacing(sampler, spacing)  # DDPM / DDIM: linspace unless given; flow samplers: none
     times = _Times(model.config, sampler, int(steps), spacing)
+    if len(times) < 2:
+        raise UsageError(f"learned caching needs two network calls or more to reuse across: {sampler} with {steps} "
+                         f"steps calls the network {len(times)} time(s); raise `steps`")
     depth = model.config.depth
     net = copy.deepcopy(model).eval().requires_grad_(False)
     dev = next(net.parameters()).device
@@ -149,7 +158,7 @@ def learn_cache(model, data, sampler: str | None = None, steps: int = 50, spacin
             gates = torch.sigmoid(logits[n])
             with _hooked(net, _Mix(gates, cap.res)):
                 out = net(xc, tc, y, run=RunContext(step=n))
-            fit = ((out - target) ** 2).mean()
+            fit = ((times.used(out) - times.used(target)) ** 2).mean()
             loss = fit + sparsity * gates.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -165,7 +174,7 @@ def learn_cache(model, data, sampler: str | None = None, steps: int = 50, spacin
     out.config = model.config.copy(cache_schedule=schedule).with_step(
         "learn-cache", sampler=sampler, steps=int(steps), spacing=spacing, iters=iters, batch_size=batch_size, lr=lr,
         sparsity=sparsity, threshold=threshold, seed=seed)
-    rate = sum(map(sum, skip)) / (len(skip) * depth)
+    rate = sum(map(sum, skip[:len(times)])) / (len(times) * depth)  # over the steps that call the network
     report = {"op": "learn-cache", "sampler": sampler, "steps": int(steps), "spacing": spacing, "skip_rate": rate,
-              "blocks_reused_per_step": [sum(r) for r in skip], "history": history}
+              "network_calls": len(times), "blocks_reused_per_step": [sum(r) for r in skip], "history": history}
     return out, report

@@ -38,6 +38,9 @@ def layer_map(student_cfg, teacher_cfg, pairs: str = "paper") -> list[int]:
     s_split, t_split = student_cfg.stack_split, teacher_cfg.stack_split
     if len(s_split) != len(t_split):
         raise UsageError(f"the student has {len(s_split)} stacks of blocks, the teacher {len(t_split)}")
+    if any(S > T for S, T in zip(s_split, t_split)):
+        raise UsageError(f"the student has more blocks in a stack than the teacher ({s_split} against {t_split}): "
+                         "its blocks cannot each be paired with a teacher block")
     if pairs == "paper":
         out, to = [], 0
         for S, T in zip(s_split, t_split):
@@ -141,6 +144,10 @@ def _split_rows(res: dict, n: int) -> tuple[dict, dict]:
     return first, rest
 
 
+def _tokens(cfg) -> int:
+    return (cfg.input_size // cfg.patch_size) ** 2
+
+
 def combined_loss(diffusion: GaussianDiffusion, model, teacher, kd: dict, total_steps: int):
     """Plain diffusion loss, plus output KD / masked RepKD with a teacher, plus the FLOPs
     loss for dynamic models. Returns (loss_fn, status_fn)."""
@@ -156,6 +163,9 @@ def combined_loss(diffusion: GaussianDiffusion, model, teacher, kd: dict, total_
     full_steps = kd.get("full_steps")
     full_steps = total_steps if full_steps is None else int(full_steps)
     lmap = layer_map(model.config, teacher.config, kd.get("rep_pairs", "paper")) if (teacher is not None and beta > 0) else None
+    if lmap is not None and _tokens(model.config) != _tokens(teacher.config):
+        raise UsageError(f"masked RepKD matches block outputs token by token: the student sees {_tokens(model.config)} "
+                         f"tokens, the teacher {_tokens(teacher.config)} (use kd_rep 0)")
     if lmap is not None and model.config.stack_widths != teacher.config.stack_widths:
         raise UsageError(f"masked RepKD matches block outputs: the student's widths {model.config.stack_widths} differ from "
                          f"the teacher's {teacher.config.stack_widths} (use kd_rep 0)")
