@@ -458,7 +458,7 @@ def eval_cmd(
     metrics: str = typer.Option("fid,prc", "--metrics", help="Comma list of fid, isc, kid, prc."),
     inception_weights: Optional[str] = typer.Option(None, "--inception-weights", help="Local .pth of torch-fidelity's inception-v3-compat weights."),
     extractor: Optional[str] = typer.Option(None, "--extractor", help="digits-cnn (default for the digits testbed) or inception-v3-compat."),
-    vae: Optional[str] = typer.Option(None, "--vae", help="VAE for latent models (default: the config's, e.g. stabilityai/sd-vae-ft-ema)."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="VAE for latent models (default: the config's, e.g. stabilityai/sd-vae-ft-ema; a MAR: its kl16.ckpt)."),
     seed: int = Seed, shard_size: int = typer.Option(250, "--shard-size"), batch_size: int = typer.Option(125, "--batch-size"),
     kid_subset_size: Optional[int] = typer.Option(None, "--kid-subset-size"),
     dense_masks: bool = typer.Option(False, "--dense-masks", help="Dynamic models: masked-dense execution (checking reference) instead of sliced/gathered."),
@@ -644,7 +644,8 @@ def prepare_data_cmd(
     images: str = typer.Argument(..., help="Image folder: one sub-folder per class, or images with captions "
                                  "(a .txt beside each, or a metadata.jsonl) with --text-encoder.", show_default=False),
     output: str = Out,
-    vae: Optional[str] = typer.Option("stabilityai/sd-vae-ft-ema", "--vae", help="VAE (hub id or local dir); 'none' stores pixels."),
+    vae: Optional[str] = typer.Option("stabilityai/sd-vae-ft-ema", "--vae", help="VAE (hub id, local diffusers dir, or MAR's "
+                                      "kl16.ckpt); 'none' stores pixels."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Center-crop side of an image folder's images (default 256).", show_default=False),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="Captioned images: the pipeline's text "
                                                "encoder (a local pipeline dir with text_encoder/ and tokenizer/)."),
@@ -655,7 +656,8 @@ def prepare_data_cmd(
     force: bool = typer.Option(False, "--force", help="Replace an existing output, or start over when the work dir holds shards made from other inputs."),
     json_out: bool = JsonOut,
 ):
-    """Encode an image folder into latent shards (center crop, scale 0.18215) for `finetune` /
+    """Encode an image folder into latent shards (center crop; latents times the VAE's own
+    scaling factor: 0.18215 for SD's, 0.2325 for MAR's KL-16) for `finetune` /
     `distill` / `prune-depth --data`: class folders with image + horizontal flip; captioned
     images with their caption features (text-to-image models). Rerun to resume.
 
@@ -666,6 +668,8 @@ def prepare_data_cmd(
         ditc prepare-data my-images/ --vae ./local-vae --image-size 512 -o latents512/
 
         ditc prepare-data captioned/ --text-encoder ./PixArt-XL-2-512x512 --image-size 512 -o t2i-latents/
+
+        ditc prepare-data /data/imagenet/train --vae pretrained_models/vae/kl16.ckpt -o mar-latents/
     """
     _summary(commands.prepare_data(images, output=output, vae=vae, image_size=image_size, batch_size=batch_size,
                                    shard_size=shard_size, force=force, text_encoder=text_encoder,

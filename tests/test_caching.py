@@ -270,6 +270,10 @@ def test_a_learned_schedule_is_refused_for_another_sampler_or_step_count_and_fol
             dc.sample(m, noise, torch.tensor([1]), **kw)
     r = runner.invoke(app, ["eval", str(out), "-o", str(tmp_path / "e"), "-n", 4, "--steps", 8, "--metrics", "fid"])
     assert r.exit_code == 2 and "learned cache schedule" in r.output and not (tmp_path / "e").exists()
+    r = runner.invoke(app, ["bench", "--loop", str(out), "--steps", 8, "--batch-sizes", 1, "--repeats", 1,
+                            "--warmup", 0, "-o", str(tmp_path / "b")])  # refused as an option: exit 2, nothing timed
+    assert r.exit_code == 2 and "learned cache schedule is for ddim 6 steps" in r.output, r.output
+    assert not (tmp_path / "b").exists()
     pruned = prune_layers(m, [1, 3, 5])
     assert pruned.config.cache_schedule["skip"] == [[row[i] for i in (1, 3, 5)] for row in m.config.cache_schedule["skip"]]
 

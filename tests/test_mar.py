@@ -272,7 +272,7 @@ def test_bench_times_the_mar_loop_and_prunes_both_stacks_alike(ckpt, tmp_path):
     assert cfg.stack_split == [8, 8] and cfg.kept_layers == [*range(1, 16, 2), *range(17, 32, 2)]
     with pytest.raises(UsageError, match="split evenly"):
         _structure(DiTConfig.preset("MAR-L"), ["d15"])
-    r = run_cli(["bench", ckpt, f"{ckpt}+d4", "--steps", "3", "--cfg-scale", "2.0", "--batch-sizes", "2",
+    r = run_cli(["bench", "--loop", ckpt, f"{ckpt}+d4", "--steps", "3", "--cfg-scale", "2.0", "--batch-sizes", "2",
                  "--repeats", "1", "--warmup", "0", "--json"])
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)["rows"]
@@ -286,7 +286,8 @@ def test_bench_times_the_mar_loop_and_prunes_both_stacks_alike(ckpt, tmp_path):
 @pytest.mark.parametrize("args,msg", [(["--sampler", "ddim"], "diffusion sampler"),
                                       (["--timestep-spacing", "trailing"], "timestep spacing"),
                                       (["--steps", "300"], "num_iter"),
-                                      (["--loop", "--feature-cache", "fora:2"], "feature caches")])
+                                      (["--loop", "--feature-cache", "fora:2"], "feature caches"),
+                                      ([], "pass --loop")])
 def test_bench_refuses_what_a_mar_loop_cannot_take_up_front(ckpt, tmp_path, args, msg):
     # a shape is refused before any process starts; a loaded MAR in its child, with the same exit 2
     for src in (["--shape", "MAR-B"], [str(ckpt)]):
@@ -316,6 +317,21 @@ def test_create_refuses_a_mar_without_buffer_tokens_or_predicting_velocity(tmp_p
             "--head", "1,32", "--pixel", "-o", tmp_path / "m"]
     r = run_cli(base + args)
     assert r.returncode == 2 and msg in r.stderr and not (tmp_path / "m").exists(), r.stderr
+
+
+@pytest.mark.parametrize("args,msg", [(["--no-learn-sigma"], "always learns its variance"),
+                                      (["--head", "0,128"], "`head` needs at least one res-block")])
+def test_create_refuses_what_a_mar_head_cannot_be(tmp_path, args, msg):
+    base = ["create", "custom", "--family", "mar", "--input-size", "8", "--patch-size", "2", "--in-channels", "1",
+            "--hidden-size", "32", "--depth", "2", "--num-heads", "2", "--num-classes", "10", "--buffer-size", "2",
+            "--head", "2,32", "--pixel"]
+    r = run_cli([*base, *args, "-o", tmp_path / "m"])
+    assert r.returncode == 2 and msg in r.stderr and not (tmp_path / "m").exists(), r.stderr
+
+
+def test_bench_refuses_guidance_without_a_loop(tmp_path):
+    r = run_cli(["bench", "--shape", "DiT-S/2", "--cfg-scale", "1.5", "--batch-sizes", "1", "-o", tmp_path / "b"])
+    assert r.returncode == 2 and "add `loop`" in r.stderr and not (tmp_path / "b").exists(), r.stderr
 
 
 def test_create_a_custom_mar_states_every_fact(digits_mar, tmp_path):
@@ -580,3 +596,78 @@ def test_distill_a_pruned_mar_on_the_cli_and_refusals(digits_mar, tmp_path):
                     "--buffer-size", "2", "--head", "1,32", "--pixel", "-o", other]).returncode == 0
     r = run_cli(["distill", p, "--teacher", other, "--data", "digits", "--steps", 2, "-o", tmp_path / "d4"])
     assert r.returncode == 2 and "4x4 tokens" in r.stderr and not (tmp_path / "d4").exists(), r.stderr
+
+
+# ---------------------------------------------------------------------------- MAR's KL-16 VAE
+from reference_ldm_vae import RefKLVAE, randomized  # noqa: E402
+
+from dit_compress.data.vae import decode, load_vae  # noqa: E402
+
+
+@pytest.mark.parametrize("shape", [dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, embed_dim=4, enc_attn_levels=(2,)),
+                                   dict(ch=32, ch_mult=(1, 2), num_res_blocks=2, embed_dim=4, enc_attn_levels=(0, 1),
+                                        dec_attn_levels=(1,))])
+def test_kl_vae_in_mars_layout_loads_exactly_as_diffusers_autoencoder(tmp_path, shape):
+    ref = randomized(RefKLVAE(**shape), seed=3).eval()
+    torch.save({"model": ref.state_dict()}, tmp_path / "kl16.ckpt")
+    for source in (tmp_path / "kl16.ckpt", tmp_path):  # the file, or the folder holding kl16.ckpt
+        vae = load_vae(str(source))
+        assert vae.config.scaling_factor == 0.2325
+        g = torch.Generator().manual_seed(0)
+        x, z = torch.randn(2, 3, 16, 16, generator=g), torch.randn(2, 4, 4, 4, generator=g)
+        with torch.no_grad():
+            mean, std = ref.moments(x)
+            post = vae.encode(x).latent_dist
+            torch.testing.assert_close(post.mean, mean, rtol=0, atol=1e-5)
+            torch.testing.assert_close(post.std, std, rtol=0, atol=1e-5)
+            torch.testing.assert_close(vae.decode(z).sample, ref.decode(z), rtol=0, atol=1e-5)
+
+
+def test_the_published_kl16_layout_loads_and_decodes_mar_latents(ckpt, tmp_path):
+    """KL-16's own shape (128 channels, (1, 1, 2, 2, 4), attention at the encoder's deepest level),
+    decoding a MAR's token latents divided by its 0.2325, as engine_mar.py does."""
+    ref = randomized(RefKLVAE(), seed=4).eval()
+    torch.save({"model": ref.state_dict()}, tmp_path / "kl16.ckpt")
+    vae = load_vae(str(tmp_path / "kl16.ckpt"))
+    assert list(vae.config.down_block_types) == ["DownEncoderBlock2D"] * 4 + ["AttnDownEncoderBlock2D"]
+    model = dc.load_model(ckpt)
+    assert (model.config.latent_scale, model.config.vae) == (0.2325, "mar-kl16")
+    tokens = torch.randn(1, 4, 2, 2)
+    lat = torch.cat([tokens, tokens, tokens, tokens], 1)  # 16 channels: KL-16's latent width
+    model.config.in_channels = 16  # decode reads only the scale; the shape is the VAE's
+    with torch.no_grad():
+        torch.testing.assert_close(decode(model, lat, vae), ref.decode(lat / 0.2325), rtol=0, atol=1e-5)
+
+
+def test_kl16_missing_or_foreign_is_one_line(ckpt, tmp_path):
+    r = run_cli(["eval", ckpt, "--num-samples", "2", "--steps", "2", "--loss-data", "none", "-o", tmp_path / "e"])
+    assert r.returncode == 2 and "--vae" in r.stderr and "kl16.ckpt" in r.stderr and not (tmp_path / "e").exists()
+    torch.save({"model": {"encoder.conv_in.weight": torch.zeros(32, 3, 3, 3)}}, tmp_path / "other.ckpt")
+    (tmp_path / "cut.ckpt").write_bytes(b"PK\x03\x04 truncated")
+    ref = RefKLVAE(32, (1, 2), 1, 4, enc_attn_levels=())
+    sd = ref.state_dict()
+    sd["decoder.up.0.extra.weight"] = torch.zeros(3)
+    torch.save({"model": sd}, tmp_path / "extra.ckpt")
+    for name, msg in (("other.ckpt", "no decoder.conv_in.weight"), ("cut.ckpt", "not a readable"),
+                      ("extra.ckpt", "no place")):
+        with pytest.raises(FormatError, match=msg):
+            load_vae(str(tmp_path / name))
+        r = run_cli(["eval", ckpt, "--num-samples", "2", "--steps", "2", "--loss-data", "none",
+                     "--vae", tmp_path / name, "-o", tmp_path / "e"])
+        assert r.returncode == 1 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "e").exists()
+
+
+def test_latent_shards_of_another_scale_are_refused(ckpt, tmp_path):
+    """Shards scaled by SD's 0.18215 would train a MAR (0.2325) on the wrong data silently."""
+    from safetensors.numpy import save_file
+
+    d = tmp_path / "shards"
+    d.mkdir()
+    save_file({"latents": np.zeros((4, 2, 4, 4, 4), np.float32), "labels": np.arange(4, dtype=np.int64)},
+              str(d / "shard-00000.safetensors"))
+    (d / "manifest.json").write_text(json.dumps({"count": 4, "scale": 0.18215, "shards": 1, "flipped": True}))
+    from dit_compress.data.datasets import load_data
+
+    with pytest.raises(UsageError, match="scaled by 0.18215 but this model's are scaled by 0.2325"):
+        load_data(str(d), cfg=dc.load_model(ckpt).config)

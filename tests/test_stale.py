@@ -107,6 +107,7 @@ def test_resume_refuses_a_changed_option_model_or_data(tmp_path, monkeypatch):
     cases = [(["finetune", a, *args, "--lr", "3e-4"], "lr was 0.0001 in the interrupted run but is 0.0003 now"),
              (["finetune", a, *args, "--ema", "0.5"], "ema was 0.0 in the interrupted run but is 0.5 now"),
              (["finetune", a, *args, "--schedule", "cosine"], "schedule was constant"),
+             (["finetune", a, *args[:3], "400", *args[4:]], "the default EMA is scaled to the steps: 4 then, 400 now"),
              (["finetune", b, *args], "the model being trained differs"),
              (["finetune", a, *args[:1], "digits:test", *args[2:]], "the data differs")]
     for cmd, text in cases:

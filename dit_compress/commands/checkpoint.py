@@ -94,6 +94,9 @@ def create(arch: str, *, output: str | Path | None = None, input_size: int | Non
     if cfg.prediction not in family_of(cfg).predictions:
         raise UsageError(f"a {cfg.family} model predicts {' or '.join(family_of(cfg).predictions)}: "
                          f"`prediction` {cfg.prediction} is not supported on it")
+    if cfg.learn_sigma not in family_of(cfg).learn_sigma_choices:
+        raise UsageError(f"a {cfg.family} model's network always {'learns' if cfg.learn_sigma is False else 'fixes'} "
+                         f"its variance: `learn_sigma` {cfg.learn_sigma} is not supported on it")
     cfg.lineage.append({"op": "create", "arch": arch, "seed": seed, "label_init_std": label_init_std})
     check_memory(cfg)
     torch.manual_seed(seed)
@@ -115,6 +118,8 @@ def _mar_fields(custom_family, arch: str, depth, buffer_size, head) -> dict:
         parts = checks.text("head", head).split(",")
         if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
             raise UsageError(f"`head` is the diffusion head's res-blocks,width, e.g. 3,128; got {head!r}"[:200])
+        if min(int(parts[0]), int(parts[1])) < 1:
+            raise UsageError(f"`head` needs at least one res-block and a width of at least 1, got {head!r}"[:200])
         out.update(diffloss_d=int(parts[0]), diffloss_w=int(parts[1]))
     if buffer_size is not None:
         out["buffer_size"] = checks.integer("buffer_size", buffer_size, lo=1, hi=1 << 16)  # the class rides on them

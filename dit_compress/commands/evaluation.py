@@ -213,6 +213,8 @@ def bench(sources=None, *, shape: str | None = None, variants=None, baseline: st
     c.choice("dtype", dtype, bench_mod.DTYPES)
     compile, loop, dense_masks = c.flag("compile", compile), c.flag("loop", loop), c.flag("dense_masks", dense_masks)
     cfg_scale = c.real("cfg_scale", cfg_scale, lo=0.0)
+    if cfg_scale != 1.0 and not loop:
+        raise UsageError("`cfg_scale` guides a sampling loop; single forwards run without it: add `loop`")
     threads = c.integer("threads", threads, lo=1, hi=4096, optional=True)
     check_spacing(timestep_spacing)
     if sampler is not None:
@@ -221,7 +223,8 @@ def bench(sources=None, *, shape: str | None = None, variants=None, baseline: st
     facts = {k: facts[k] for k in ("num_heads", "prediction", "numerics")}  # load_model keywords
     for s in specs:  # a shape's options checked here; a loaded model's in its child, refused the same way
         bench_mod.check_spec(s, {"schedule": (sampler, steps, timestep_spacing), "compile_": compile,
-                                 "dense": dense_masks, "graphs": graphs, "policy": feature_cache if loop else None})
+                                 "dense": dense_masks, "graphs": graphs, "policy": feature_cache if loop else None,
+                                 "loop": loop})
     results, failed = [], {}
     if echo is not None:
         echo(f"measuring {', '.join(specs)} on {dev} ...")

@@ -296,6 +296,8 @@ def load_data(spec: str, num_classes: int | None = None, cfg=None) -> TensorData
         feats = sorted(root.glob("*_features"))
         if list(root.glob("shard-*.safetensors")):
             data = load_shards(root)
+            if cfg is not None:
+                check_scale(root, cfg, spec)
         elif feats:
             labels = root / feats[0].name.replace("_features", "_labels")
             if not labels.is_dir():
@@ -319,6 +321,19 @@ class _Classes:
 
     def __init__(self, num_classes: int):
         self.num_classes = num_classes
+
+
+def check_scale(root: Path, cfg, spec: str) -> None:
+    """Latent shards are scaled by their VAE's factor (``prepare-data``'s manifest says which); a
+    model trained on latents of another scale learns the wrong data without any error."""
+    try:
+        scale = json.loads((root / "manifest.json").read_bytes()[: 64 << 20]).get("scale")
+    except (OSError, ValueError, AttributeError):
+        return
+    want = getattr(cfg, "latent_scale", None)
+    if isinstance(scale, (int, float)) and want is not None and abs(scale - want) > 1e-6 * abs(want):
+        raise UsageError(f"data {spec} holds latents scaled by {scale:g} but this model's are scaled by {want:g}: "
+                         "encode the images with the model's own VAE (`ditc prepare-data --vae ...`)")
 
 
 def check_fits(data: TensorData, cfg) -> None:

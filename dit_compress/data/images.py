@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 from ..errors import DitcError, UsageError
 from ..outputs import atomic_dir, resumable_work
 from ..progress import make_progress
-from .vae import load_vae
+from .vae import load_vae, vae_identity
 
 EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -165,14 +165,15 @@ class ImageFolderData:
         else:
             if self._vae is None:
                 self._vae = load_vae(c.vae)
-            px = load_pixels(files, c.input_size * 8, 3)
+            stride = 2 ** (len(self._vae.config.block_out_channels) - 1)  # the VAE's own downsampling
+            px = load_pixels(files, c.input_size * stride, 3)
             with torch.no_grad():
                 x = self._vae.encode(px).latent_dist.sample(generator) * c.latent_scale
         return x, self.y[idx]
 
 
 def prepare(images: Path, out: Path, vae_name: str | None, image_size: int, batch_size: int = 32,
-            shard_size: int = 1024, scale: float = 0.18215, progress: bool = True, force: bool = False,
+            shard_size: int = 1024, scale: float | None = None, progress: bool = True, force: bool = False,
             text_encoder=None) -> dict:
     """Encode an image folder into ``shard-*.safetensors`` (latents [n, 2, C, h, w]: image and
     its flip; with ``text_encoder`` (a ``text.TextEncoder``) the images with their captions:
@@ -195,14 +196,16 @@ def prepare(images: Path, out: Path, vae_name: str | None, image_size: int, batc
         files, labels, classes = scan(images)
         where = None
     flip = text_encoder is None
+    vae = load_vae(vae_name) if vae_name else None
+    if vae is not None and scale is None:  # the VAE's own factor: 0.18215 for SD's, 0.2325 for MAR's KL-16
+        scale = float(vae.config.scaling_factor)
     listing = hashlib.sha256("\n".join(f"{f.relative_to(images)}:{f.stat().st_size}:{f.stat().st_mtime_ns}:{lab}"
                                        for f, lab in zip(files, labels)).encode()).hexdigest()[:20]
     producer = {"images": str(Path(images).resolve()), "files": listing, "count": len(files), "vae": vae_name,
-                "image_size": image_size, "batch_size": batch_size, "shard_size": shard_size,
+                **vae_identity(vae_name), "image_size": image_size, "batch_size": batch_size, "shard_size": shard_size,
                 "scale": scale if vae_name else None,
                 "text_encoder": text_encoder.identity() if text_encoder is not None else None}
     work, _ = resumable_work(out, producer, force, what="prepare-data")
-    vae = load_vae(vae_name) if vae_name else None
     null = text_encoder.null() if text_encoder is not None else None
     truncated = 0
     n_shards = (len(files) + shard_size - 1) // shard_size
@@ -241,7 +244,7 @@ def prepare(images: Path, out: Path, vae_name: str | None, image_size: int, batc
             save_file(arrays, str(tmp))
             os.replace(tmp, target)
             done += 1
-    manifest = {"images": str(images), "count": len(files), "classes": classes, "vae": vae_name,
+    manifest = {"images": str(images), "count": len(files), "classes": classes, "vae": vae_name, **vae_identity(vae_name),
                 "image_size": image_size, "scale": scale if vae is not None else None, "shards": n_shards,
                 "flipped": flip, "producer": producer}
     if text_encoder is not None:

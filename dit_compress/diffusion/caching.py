@@ -180,8 +180,10 @@ def learned_policy(schedule: dict, sampler: str, steps: int, spacing) -> Learned
     was learned for, or a one-line refusal (its steps mean nothing for another run)."""
     want = (schedule["sampler"], schedule["steps"], schedule["spacing"])
     if (sampler, steps, spacing) != want:
-        raise UsageError(f"this model's learned cache schedule is for {want[0]} {want[1]} steps ({want[2]} spacing), "
-                         f"not {sampler} {steps} ({spacing}): sample with those, or pass feature_cache none")
+        sp = lambda v: f" ({v} spacing)" if v is not None else ""  # noqa: E731 - flow samplers have none
+        raise UsageError(f"this model's learned cache schedule is for {want[0]} {want[1]} steps{sp(want[2])}, "
+                         f"not {sampler} {steps}{sp(spacing)}: sample with those, or run it uncached "
+                         "(`feature_cache` none, --feature-cache none)")
     return LearnedCache(schedule["skip"], f"learned ({want[0]} {want[1]})")
 
 

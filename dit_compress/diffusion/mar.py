@@ -113,7 +113,10 @@ class MARDraws:
         return MARDraws(self.order[sl], self.ratio[sl], self.t[sl], self.noise[sl])
 
     def to(self, device, non_blocking: bool = False) -> "MARDraws":
-        return MARDraws(*(v.to(device, non_blocking=non_blocking) for v in (self.order, self.ratio, self.t, self.noise)))
+        """On ``device``, except ``ratio``: it sets how many tokens are masked (a shape), so it stays
+        on the host and reading it costs no device sync."""
+        return MARDraws(*(v.to(device, non_blocking=non_blocking) for v in (self.order,)), self.ratio.cpu(),
+                        *(v.to(device, non_blocking=non_blocking) for v in (self.t, self.noise)))
 
 
 def draw(cfg: DiTConfig, n: int, generator: torch.Generator | None = None, num_timesteps: int = 1000,

@@ -34,11 +34,12 @@ from ..compress.dynamic import (
 from ..config import DiTConfig, TokenSpec, WidthSpec
 from ..diffusion import generation_loop
 from ..diffusion.processes import process_of
-from ..diffusion.caching import POLICIES, parse_policy
+from ..diffusion.caching import POLICIES, learned_policy, parse_policy
 from ..diffusion.measure import FlopsMeter
 from ..diffusion.sampling import (
     eval_sampler,
     loop_time_inputs,
+    resolve_spacing,
     sample,
     sampler_timesteps,
 )
@@ -102,13 +103,13 @@ class LoopOptionError(UsageError):
 
 
 def check_loop_options(spec: str, cfg: DiTConfig, schedule=(None, None, None), compile_: bool = False,
-                       dense: bool = False, graphs: str = "off", policy: str | None = None):
+                       dense: bool = False, graphs: str = "off", policy: str | None = None, loop: bool = True):
     """The bench options a model sampled by its own generation process (MAR) cannot take,
     refused in one line; returns that process's loop class, or None for a diffusion model."""
     proc = process_of(cfg)
     if proc is None:
         return None
-    loop = proc[1]
+    timed_loop, loop = loop, proc[1]
     if schedule[2] is not None or compile_ or dense or graphs == "on":
         raise LoopOptionError(f"{spec} samples by its own loop: timestep spacing, compile, dense masks and CUDA graphs "
                               "act on the diffusion transformers")
@@ -118,6 +119,9 @@ def check_loop_options(spec: str, cfg: DiTConfig, schedule=(None, None, None), c
         raise LoopOptionError(f"{spec}: {e}") from None
     if policy not in (None, "none"):
         raise LoopOptionError(f"feature caches act across a diffusion sampler's steps; {spec} samples by its own loop")
+    if not timed_loop:
+        raise LoopOptionError(f"{spec} is timed over its own sampling loop (it has no single forward to time): pass "
+                              "--loop")
     return loop
 
 
@@ -349,7 +353,7 @@ def _measure_one(spec, batch_sizes, repeats, warmup, schedule, dtype_name, compi
     gen = generation_loop(model)
     if gen is not None:
         check_loop_options(spec, model.config, schedule, compile_, dense, graphs,
-                           own_policy or (loop or {}).get("feature_cache"))
+                           own_policy or (loop or {}).get("feature_cache"), loop=loop is not None)
         return _measure_generation(gen, spec, own_policy or (loop or {}).get("feature_cache"), batch_sizes, repeats,
                                    warmup, schedule[1], (loop or {}).get("cfg_scale", 1.0), dev, build_s)
     sampler, steps, spacing = schedule
@@ -362,6 +366,11 @@ def _measure_one(spec, batch_sizes, repeats, warmup, schedule, dtype_name, compi
     cfg = model.config
     out = {"spec": spec, "sampler": f"{sampler} {steps}", "params": model.num_params(), "depth": cfg.depth,
            "build_s": build_s}
+    if loop is not None and loop.get("feature_cache") is None and getattr(cfg, "cache_schedule", None) is not None:
+        try:  # a learned schedule holds for its own sampler and steps: refused as an option, before timing
+            learned_policy(cfg.cache_schedule, sampler, steps, resolve_spacing(sampler, spacing))
+        except UsageError as e:
+            raise LoopOptionError(f"{spec}: {e}") from None
     t0 = time.perf_counter()
     if loop is not None:
         macs, calls, capacity = _loop_macs(model, cfg, sampler, steps, spacing, loop["cfg_scale"], dtype,

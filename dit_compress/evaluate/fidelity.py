@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 from ..assets import EVALS_DIR
 from ..data.batches import calibration_set
 from ..data.datasets import bundled_digits, check_fits, digits_arrays, load_data, shards_identity
-from ..data.vae import decode, load_vae
+from ..data.vae import decode, load_vae, vae_identity
 from .. import checks
 from ..diffusion import generation_loop, objective_for
 from ..diffusion.caching import learned_policy, parse_policy
@@ -556,6 +556,7 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
               "cfg_channels": cfg_channels, "guidance_interval": guidance_interval, "seed": seed,
               "num_samples": num_samples, "shard_size": shard_size, "batch_size": batch_size, "compile": compile,
               "vae": vae_name or model.config.vae if model.config.latent_scale is not None else None,
+              **(vae_identity(vae_name or model.config.vae) if model.config.latent_scale is not None else {}),
               **(producer or {})}
     policy = parse_policy(feature_cache)
     schedule = getattr(model.config, "cache_schedule", None)

@@ -152,6 +152,7 @@ class DiTFamily:
     implemented = "every command"
     process = "diffusion"
     predictions = ("eps", "velocity")  # what its network may be trained to predict
+    learn_sigma_choices = (True, False)  # whether its network may predict its variance, or not
     info_fields = staticmethod(_transformer_info)
     static_macs = staticmethod(static_macs)
 
@@ -417,6 +418,7 @@ class MARFamily(DiTFamily):
     supports = frozenset({"training", "distill", "influence", "eval"})
     process = "masked-ar"
     predictions = ("eps",)  # the diffusion head (DiffLoss)
+    learn_sigma_choices = (True,)  # DiffLoss always learns the variance (learn_sigma=True in models/diffloss.py)
 
     @staticmethod
     def teacher_facts(cfg) -> str:

@@ -171,16 +171,24 @@ class Trainer:
                             "the same steps or start over")
         for key in sorted(set(saved) | set(self.cfg.to_dict())):
             if key not in ("steps", "log_every", "ckpt_every") and saved.get(key) != getattr(self.cfg, key, None):
+                hint = ""
+                if key == "ema" and saved.get("steps") != self.cfg.steps:  # the default EMA follows the step count
+                    hint = (f" (the default EMA is scaled to the steps: {saved.get('steps')} then, {self.cfg.steps} "
+                            f"now); resume with the same steps, or give the EMA {saved.get(key)} explicitly")
                 raise DitcError(
-                    f"`resume`: {key} was {saved.get(key)} in the interrupted run but is {getattr(self.cfg, key, None)} now"
-                )
+                    f"`resume`: {key} was {saved.get(key)} in the interrupted run but is {getattr(self.cfg, key, None)} "
+                    f"now{hint}")
         mine = json.loads(json.dumps(self.producer, default=str))
         old = meta.get("producer", {})
         for key in sorted(set(old) | set(mine)):
             if old.get(key) != mine.get(key):
                 what = {"source": "the model being trained", "teacher": "the teacher", "data": "the data"}.get(key, key)
-                raise DitcError(f"`resume`: {what} differs from the interrupted run's ({key}: {str(old.get(key))[:60]} "
-                                f"then, {str(mine.get(key))[:60]} now); resume with the same inputs or start over")
+                a, b, name = old.get(key), mine.get(key), key
+                if isinstance(a, dict) and isinstance(b, dict):  # e.g. the KD weights: name the one that changed
+                    sub = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+                    a, b, name = a.get(sub), b.get(sub), f"{key}.{sub}"
+                raise DitcError(f"`resume`: {what} differs from the interrupted run's ({name}: {str(a)[:60]} "
+                                f"then, {str(b)[:60]} now); resume with the same inputs or start over")
         if meta.get("processes", acc.num_processes) != acc.num_processes:
             raise DitcError(f"`resume`: the interrupted run had {meta['processes']} processes and this one has "
                             f"{acc.num_processes}; the batches would differ")
