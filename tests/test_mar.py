@@ -320,7 +320,7 @@ def test_create_refuses_a_mar_without_buffer_tokens_or_predicting_velocity(tmp_p
 
 
 @pytest.mark.parametrize("args,msg", [(["--no-learn-sigma"], "always learns its variance"),
-                                      (["--head", "0,128"], "`head` needs at least one res-block")])
+                                      (["--head", "0,128"], "head needs at least one res-block")])
 def test_create_refuses_what_a_mar_head_cannot_be(tmp_path, args, msg):
     base = ["create", "custom", "--family", "mar", "--input-size", "8", "--patch-size", "2", "--in-channels", "1",
             "--hidden-size", "32", "--depth", "2", "--num-heads", "2", "--num-classes", "10", "--buffer-size", "2",
@@ -331,7 +331,7 @@ def test_create_refuses_what_a_mar_head_cannot_be(tmp_path, args, msg):
 
 def test_bench_refuses_guidance_without_a_loop(tmp_path):
     r = run_cli(["bench", "--shape", "DiT-S/2", "--cfg-scale", "1.5", "--batch-sizes", "1", "-o", tmp_path / "b"])
-    assert r.returncode == 2 and "add `loop`" in r.stderr and not (tmp_path / "b").exists(), r.stderr
+    assert r.returncode == 2 and "add --loop" in r.stderr and not (tmp_path / "b").exists(), r.stderr
 
 
 def test_create_a_custom_mar_states_every_fact(digits_mar, tmp_path):
@@ -604,6 +604,16 @@ from reference_ldm_vae import RefKLVAE, randomized  # noqa: E402
 from dit_compress.data.vae import decode, load_vae  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def latent_mar(ckpt, tmp_path_factory):
+    """The reference MAR stated as a latent model of MAR's KL-16 (as main_mar.py's own files are)."""
+    model = dc.load_model(ckpt)
+    model.config.latent_scale, model.config.vae = 0.2325, "mar-kl16"
+    out = tmp_path_factory.mktemp("latent") / "m"
+    dc.save_model(model, out)
+    return out
+
+
 @pytest.mark.parametrize("shape", [dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, embed_dim=4, enc_attn_levels=(2,)),
                                    dict(ch=32, ch_mult=(1, 2), num_res_blocks=2, embed_dim=4, enc_attn_levels=(0, 1),
                                         dec_attn_levels=(1,))])
@@ -623,14 +633,14 @@ def test_kl_vae_in_mars_layout_loads_exactly_as_diffusers_autoencoder(tmp_path, 
             torch.testing.assert_close(vae.decode(z).sample, ref.decode(z), rtol=0, atol=1e-5)
 
 
-def test_the_published_kl16_layout_loads_and_decodes_mar_latents(ckpt, tmp_path):
+def test_the_published_kl16_layout_loads_and_decodes_mar_latents(latent_mar, tmp_path):
     """KL-16's own shape (128 channels, (1, 1, 2, 2, 4), attention at the encoder's deepest level),
     decoding a MAR's token latents divided by its 0.2325, as engine_mar.py does."""
     ref = randomized(RefKLVAE(), seed=4).eval()
     torch.save({"model": ref.state_dict()}, tmp_path / "kl16.ckpt")
     vae = load_vae(str(tmp_path / "kl16.ckpt"))
     assert list(vae.config.down_block_types) == ["DownEncoderBlock2D"] * 4 + ["AttnDownEncoderBlock2D"]
-    model = dc.load_model(ckpt)
+    model = dc.load_model(latent_mar)
     assert (model.config.latent_scale, model.config.vae) == (0.2325, "mar-kl16")
     tokens = torch.randn(1, 4, 2, 2)
     lat = torch.cat([tokens, tokens, tokens, tokens], 1)  # 16 channels: KL-16's latent width
@@ -639,8 +649,10 @@ def test_the_published_kl16_layout_loads_and_decodes_mar_latents(ckpt, tmp_path)
         torch.testing.assert_close(decode(model, lat, vae), ref.decode(lat / 0.2325), rtol=0, atol=1e-5)
 
 
-def test_kl16_missing_or_foreign_is_one_line(ckpt, tmp_path):
-    r = run_cli(["eval", ckpt, "--num-samples", "2", "--steps", "2", "--loss-data", "none", "-o", tmp_path / "e"])
+def test_kl16_missing_or_foreign_is_one_line(latent_mar, tmp_path):
+    ev = ["eval", latent_mar, "--num-samples", "2", "--steps", "2", "--loss-data", "none", "--ref", "digits",
+          "--extractor", "digits-cnn"]
+    r = run_cli([*ev, "-o", tmp_path / "e"])
     assert r.returncode == 2 and "--vae" in r.stderr and "kl16.ckpt" in r.stderr and not (tmp_path / "e").exists()
     torch.save({"model": {"encoder.conv_in.weight": torch.zeros(32, 3, 3, 3)}}, tmp_path / "other.ckpt")
     (tmp_path / "cut.ckpt").write_bytes(b"PK\x03\x04 truncated")
@@ -648,17 +660,16 @@ def test_kl16_missing_or_foreign_is_one_line(ckpt, tmp_path):
     sd = ref.state_dict()
     sd["decoder.up.0.extra.weight"] = torch.zeros(3)
     torch.save({"model": sd}, tmp_path / "extra.ckpt")
-    for name, msg in (("other.ckpt", "no decoder.conv_in.weight"), ("cut.ckpt", "not a readable"),
+    for name, msg in (("other.ckpt", "no encoder.conv_out.weight"), ("cut.ckpt", "not a readable PyTorch checkpoint"),
                       ("extra.ckpt", "no place")):
         with pytest.raises(FormatError, match=msg):
             load_vae(str(tmp_path / name))
-        r = run_cli(["eval", ckpt, "--num-samples", "2", "--steps", "2", "--loss-data", "none",
-                     "--vae", tmp_path / name, "-o", tmp_path / "e"])
+        r = run_cli([*ev, "--vae", tmp_path / name, "-o", tmp_path / "e"])
         assert r.returncode == 1 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not (tmp_path / "e").exists()
 
 
-def test_latent_shards_of_another_scale_are_refused(ckpt, tmp_path):
+def test_latent_shards_of_another_scale_are_refused(latent_mar, tmp_path):
     """Shards scaled by SD's 0.18215 would train a MAR (0.2325) on the wrong data silently."""
     from safetensors.numpy import save_file
 
@@ -670,4 +681,4 @@ def test_latent_shards_of_another_scale_are_refused(ckpt, tmp_path):
     from dit_compress.data.datasets import load_data
 
     with pytest.raises(UsageError, match="scaled by 0.18215 but this model's are scaled by 0.2325"):
-        load_data(str(d), cfg=dc.load_model(ckpt).config)
+        load_data(str(d), cfg=dc.load_model(latent_mar).config)

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from ..errors import DitcError, MissingFactError, UsageError
-from ..formats.ldm_vae import is_ldm_vae_file, load_ldm_vae
+from ..hashing import tree_digest
+from .ldm_vae import is_ldm_vae_file, load_ldm_vae
 
 
 def decode(model, x: torch.Tensor, vae=None) -> torch.Tensor:
@@ -41,8 +42,6 @@ def vae_identity(name: str | None) -> dict:
     replaced file is a different VAE to every cache), or ``{}`` for a hub id or no VAE."""
     if not name or not Path(name).exists():
         return {}
-    from ..hashing import tree_digest
-
     try:
         return {"vae_identity": tree_digest(Path(name))}
     except OSError as e:

@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 
 from ..config import MAR_ARCHS, MAR_MODEL_NAMES, DiTConfig
+from ..data.ldm_vae import MAR_LATENT_SCALE
 from ..errors import FormatError, MissingFactError, UsageError
 
 # main_mar.py's defaults, used only for a plain state dict of a published size (each noted)
 OFFICIAL_DEFAULTS = dict(img_size=256, vae_stride=16, patch_size=1, vae_embed_dim=16, num_sampling_steps="100",
                          diffusion_batch_mul=1, mask_ratio_min=0.7, label_drop_prob=0.1, attn_dropout=0.1,
                          proj_dropout=0.1)
-MAR_LATENT_SCALE = 0.2325  # engine_mar.py: vae.encode(x).sample().mul_(0.2325)
 
 
 def is_mar_state(state: dict) -> bool:

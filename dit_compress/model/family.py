@@ -262,6 +262,7 @@ class PixArtFamily:
     implemented = "every command"
     process = "diffusion"
     predictions = ("eps",)  # PixArtAlphaPipeline
+    learn_sigma_choices = (True, False)
     teacher_facts = DiTFamily.teacher_facts
     info_fields = staticmethod(_transformer_info)
     static_macs = staticmethod(static_macs)
