@@ -69,6 +69,26 @@ class RefUp(nn.Module):
         return self.conv(x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3))
 
 
+def _level(cin, cout, n_res, attn):
+    """One resolution level: ``n_res`` res-blocks, each followed by attention when ``attn``."""
+    lvl = nn.Module()
+    lvl.block, lvl.attn = nn.ModuleList(), nn.ModuleList()
+    for _ in range(n_res):
+        lvl.block.append(RefRes(cin, cout))
+        cin = cout
+        if attn:
+            lvl.attn.append(RefAttn(cout))
+    return lvl
+
+
+def _run_level(lvl, h, resample: str):
+    for j, blk in enumerate(lvl.block):
+        h = blk(h)
+        if len(lvl.attn):
+            h = lvl.attn[j](h)
+    return getattr(lvl, resample)(h) if hasattr(lvl, resample) else h
+
+
 class RefEncoder(nn.Module):
     def __init__(self, ch, ch_mult, num_res_blocks, z, attn_levels, in_channels=3):
         super().__init__()
@@ -76,14 +96,7 @@ class RefEncoder(nn.Module):
         self.down = nn.ModuleList()
         cin = ch
         for i, m in enumerate(ch_mult):
-            lvl = nn.Module()
-            lvl.block = nn.ModuleList()
-            lvl.attn = nn.ModuleList()
-            for _ in range(num_res_blocks):
-                lvl.block.append(RefRes(cin, ch * m))
-                cin = ch * m
-                if i in attn_levels:
-                    lvl.attn.append(RefAttn(cin))
+            lvl, cin = _level(cin, ch * m, num_res_blocks, i in attn_levels), ch * m
             if i != len(ch_mult) - 1:
                 lvl.downsample = RefDown(cin)
             self.down.append(lvl)
@@ -95,12 +108,7 @@ class RefEncoder(nn.Module):
     def forward(self, x):
         h = self.conv_in(x)
         for lvl in self.down:
-            for j, blk in enumerate(lvl.block):
-                h = blk(h)
-                if len(lvl.attn):
-                    h = lvl.attn[j](h)
-            if hasattr(lvl, "downsample"):
-                h = lvl.downsample(h)
+            h = _run_level(lvl, h, "downsample")
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -114,14 +122,7 @@ class RefDecoder(nn.Module):
         self.mid.block_1, self.mid.attn_1, self.mid.block_2 = RefRes(cin, cin), RefAttn(cin), RefRes(cin, cin)
         ups = {}
         for i in reversed(range(len(ch_mult))):  # built deepest first, stored by level
-            lvl = nn.Module()
-            lvl.block = nn.ModuleList()
-            lvl.attn = nn.ModuleList()
-            for _ in range(num_res_blocks + 1):
-                lvl.block.append(RefRes(cin, ch * ch_mult[i]))
-                cin = ch * ch_mult[i]
-                if i in attn_levels:
-                    lvl.attn.append(RefAttn(cin))
+            lvl, cin = _level(cin, ch * ch_mult[i], num_res_blocks + 1, i in attn_levels), ch * ch_mult[i]
             if i != 0:
                 lvl.upsample = RefUp(cin)
             ups[i] = lvl
@@ -133,12 +134,7 @@ class RefDecoder(nn.Module):
         h = self.conv_in(z)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         for lvl in reversed(self.up):
-            for j, blk in enumerate(lvl.block):
-                h = blk(h)
-                if len(lvl.attn):
-                    h = lvl.attn[j](h)
-            if hasattr(lvl, "upsample"):
-                h = lvl.upsample(h)
+            h = _run_level(lvl, h, "upsample")
         return self.conv_out(F.silu(self.norm_out(h)))
 
 

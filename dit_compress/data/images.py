@@ -244,7 +244,7 @@ def prepare(images: Path, out: Path, vae_name: str | None, image_size: int, batc
             save_file(arrays, str(tmp))
             os.replace(tmp, target)
             done += 1
-    manifest = {"images": str(images), "count": len(files), "classes": classes, "vae": vae_name, **vae_identity(vae_name),
+    manifest = {"images": str(images), "count": len(files), "classes": classes, "vae": vae_name,
                 "image_size": image_size, "scale": scale if vae is not None else None, "shards": n_shards,
                 "flipped": flip, "producer": producer}
     if text_encoder is not None:

@@ -33,11 +33,12 @@ def is_ldm_vae_file(name: str | Path) -> bool:
 
 
 def _levels(keys, prefix: str) -> list[int]:
-    return sorted({int(m.group(1)) for k in keys if (m := re.match(rf"{prefix}\.(\d+)\.", k))})
+    """The indices ``i`` of the keys ``{prefix}.{i}.*``, in order."""
+    return sorted({int(m.group(1)) for k in keys if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", k))})
 
 
 def _count(keys, prefix: str) -> int:
-    return len({int(m.group(1)) for k in keys if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", k))})
+    return len(_levels(keys, prefix))
 
 
 class _Used(dict):

@@ -187,6 +187,16 @@ def learned_policy(schedule: dict, sampler: str, steps: int, spacing) -> Learned
     return LearnedCache(schedule["skip"], f"learned ({want[0]} {want[1]})")
 
 
+def run_policy(config, feature_cache, sampler: str, steps: int, spacing) -> BlockCache | None:
+    """The policy a sampling run follows: ``feature_cache`` when given (``none``: uncached), else the
+    model's learned schedule, which holds for its own sampler and steps only (another is refused)."""
+    policy = parse_policy(feature_cache)
+    schedule = getattr(config, "cache_schedule", None)
+    if feature_cache is None and schedule is not None:
+        policy = learned_policy(schedule, sampler, steps, spacing)
+    return policy
+
+
 def parse_policy(spec) -> BlockCache | None:
     """A policy from its spec (None for ``none`` or None); anything else is one line."""
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "none", "off")):

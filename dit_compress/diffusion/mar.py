@@ -115,8 +115,8 @@ class MARDraws:
     def to(self, device, non_blocking: bool = False) -> "MARDraws":
         """On ``device``, except ``ratio``: it sets how many tokens are masked (a shape), so it stays
         on the host and reading it costs no device sync."""
-        return MARDraws(*(v.to(device, non_blocking=non_blocking) for v in (self.order,)), self.ratio.cpu(),
-                        *(v.to(device, non_blocking=non_blocking) for v in (self.t, self.noise)))
+        move = lambda v: v.to(device, non_blocking=non_blocking)  # noqa: E731
+        return MARDraws(move(self.order), self.ratio.cpu(), move(self.t), move(self.noise))
 
 
 def draw(cfg: DiTConfig, n: int, generator: torch.Generator | None = None, num_timesteps: int = 1000,

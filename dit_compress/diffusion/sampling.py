@@ -22,7 +22,7 @@ from ..model.run import RunContext, accepts_run
 from .processes import process_of
 from ..progress import make_progress
 from .caching import feature_cache as caching
-from .caching import learned_policy, parse_policy
+from .caching import run_policy
 from .flow import FlowMatching
 from .gaussian import SPACINGS, GaussianDiffusion, spaced_timesteps
 
@@ -227,10 +227,7 @@ def sample(model, noise: torch.Tensor, y: torch.Tensor, sampler: str | None = No
             raise UsageError(f"guidance interval must satisfy 0 <= low <= high <= 1, got {guidance_interval}")
         guidance_interval = (lo, hi)
     graphs = check_graphs(cuda_graphs)
-    policy = parse_policy(feature_cache)
-    schedule = getattr(model.config, "cache_schedule", None)
-    if feature_cache is None and schedule is not None:  # a learned schedule is followed unless "none" is asked
-        policy = learned_policy(schedule, sampler, steps, spacing)
+    policy = run_policy(model.config, feature_cache, sampler, steps, spacing)
     if compile:
         compile_model(model)
     was_training = bool(getattr(model, "training", False))

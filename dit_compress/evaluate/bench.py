@@ -34,7 +34,7 @@ from ..compress.dynamic import (
 from ..config import DiTConfig, TokenSpec, WidthSpec
 from ..diffusion import generation_loop
 from ..diffusion.processes import process_of
-from ..diffusion.caching import POLICIES, learned_policy, parse_policy
+from ..diffusion.caching import POLICIES, parse_policy, run_policy
 from ..diffusion.measure import FlopsMeter
 from ..diffusion.sampling import (
     eval_sampler,
@@ -109,20 +109,20 @@ def check_loop_options(spec: str, cfg: DiTConfig, schedule=(None, None, None), c
     proc = process_of(cfg)
     if proc is None:
         return None
-    timed_loop, loop = loop, proc[1]
+    loop_cls = proc[1]
     if schedule[2] is not None or compile_ or dense or graphs == "on":
         raise LoopOptionError(f"{spec} samples by its own loop: timestep spacing, compile, dense masks and CUDA graphs "
                               "act on the diffusion transformers")
     try:
-        loop.resolve(cfg, schedule[0], schedule[1])  # a diffusion sampler or a num_iter out of range, as eval
+        loop_cls.resolve(cfg, schedule[0], schedule[1])  # a diffusion sampler or a num_iter out of range, as eval
     except UsageError as e:
         raise LoopOptionError(f"{spec}: {e}") from None
     if policy not in (None, "none"):
         raise LoopOptionError(f"feature caches act across a diffusion sampler's steps; {spec} samples by its own loop")
-    if not timed_loop:
+    if not loop:
         raise LoopOptionError(f"{spec} is timed over its own sampling loop (it has no single forward to time): pass "
                               "--loop")
-    return loop
+    return loop_cls
 
 
 def _random_state(shapes: dict, device: torch.device, dtype: torch.dtype, seed: int) -> dict:
@@ -366,9 +366,9 @@ def _measure_one(spec, batch_sizes, repeats, warmup, schedule, dtype_name, compi
     cfg = model.config
     out = {"spec": spec, "sampler": f"{sampler} {steps}", "params": model.num_params(), "depth": cfg.depth,
            "build_s": build_s}
-    if loop is not None and loop.get("feature_cache") is None and getattr(cfg, "cache_schedule", None) is not None:
+    if loop is not None:
         try:  # a learned schedule holds for its own sampler and steps: refused as an option, before timing
-            learned_policy(cfg.cache_schedule, sampler, steps, resolve_spacing(sampler, spacing))
+            run_policy(cfg, loop.get("feature_cache"), sampler, steps, resolve_spacing(sampler, spacing))
         except UsageError as e:
             raise LoopOptionError(f"{spec}: {e}") from None
     t0 = time.perf_counter()

@@ -27,7 +27,7 @@ from ..data.datasets import bundled_digits, check_fits, digits_arrays, load_data
 from ..data.vae import decode, load_vae, vae_identity
 from .. import checks
 from ..diffusion import generation_loop, objective_for
-from ..diffusion.caching import learned_policy, parse_policy
+from ..diffusion.caching import run_policy
 from ..diffusion.calibration import calibration_losses
 from ..diffusion.measure import FlopsMeter
 from ..diffusion.sampling import (
@@ -558,10 +558,7 @@ def evaluate(model, out_dir: Path, num_samples: int = 1000, sampler: str | None 
               "vae": vae_name or model.config.vae if model.config.latent_scale is not None else None,
               **(vae_identity(vae_name or model.config.vae) if model.config.latent_scale is not None else {}),
               **(producer or {})}
-    policy = parse_policy(feature_cache)
-    schedule = getattr(model.config, "cache_schedule", None)
-    if feature_cache is None and schedule is not None:  # the model's learned schedule, for this very sampler
-        policy = learned_policy(schedule, sampler, steps, spacing)
+    policy = run_policy(model.config, feature_cache, sampler, steps, spacing)
     if policy is not None:
         recipe["feature_cache"] = policy.spec
     ref_samples = fidelity_reference(fidelity_ref, recipe, conds.labels) if fidelity_ref is not None and rank == 0 else None
