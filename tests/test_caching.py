@@ -233,10 +233,11 @@ def test_the_frontier_needs_a_baseline_at_several_steps(tmp_path):
 
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory):
-    """digits-dit with a schedule learned for DDIM-6 (a short run with a strong pull to cache)."""
+    """digits-dit with a schedule learned for DDIM-6 (a short run with a strong pull to cache and a
+    threshold a short run reaches)."""
     out = tmp_path_factory.mktemp("l2c") / "m"
     model, report = dc.learn_cache("digits-dit", output=str(out), data="digits", sampler="ddim", steps=6, iters=60,
-                                   batch_size=8, sparsity=0.05, seed=0)
+                                   batch_size=8, sparsity=0.05, threshold=0.5, seed=0)
     return out, report
 
 
@@ -246,6 +247,9 @@ def test_a_learned_cache_skips_exactly_what_its_schedule_says(learned):
     skip = m.config.cache_schedule["skip"]
     assert skip == [[bool(v) for v in row] for row in skip] and not any(skip[0])
     assert 0 < report["skip_rate"] < 1 and report["blocks_reused_per_step"] == [sum(r) for r in skip]
+    # Learning-to-Cache's layout: only every other call, counting back from the last, may reuse
+    assert report["cacheable_steps"] == [1, 3, 5]
+    assert not any(any(skip[n]) for n in (0, 2, 4))
     calls = []
     hooks = [b.register_forward_pre_hook(lambda mod, a, i=i: calls.append(i)) for i, b in enumerate(m.blocks)]
     step_of = []
@@ -314,14 +318,45 @@ def test_learned_cache_trains_at_the_times_its_sampler_evaluates(source, sampler
             assert torch.allclose(times.at(n, x0, noise)[0], t * x0 + (1 - t) * noise, atol=1e-6)  # t in float32
 
 
+def test_cacheable_steps_are_learning_to_cache_routers():
+    # the reference trains the routers of the even indices of the respaced steps (index K-1 is the
+    # first call, 0 the last), each pairing with the odd index before it in sampling order
+    from dit_compress.train.cache import cacheable_steps
+    for calls in (2, 5, 6, 20, 25, 50):
+        ref = sorted(calls - 1 - idx for idx in range(0, calls - 1, 2))  # idx even, with a call before it
+        assert cacheable_steps(calls) == ref
+        assert cacheable_steps(calls, every_step=True) == list(range(1, calls))
+    assert cacheable_steps(50) == list(range(1, 50, 2))
+
+
+@pytest.mark.parametrize("source,sampler", [("digits-dit", "ddim"), ("digits-sit", "euler")])
+def test_learned_cache_trains_where_the_sampler_goes(source, sampler):
+    # a training pair's second input is the sampler's own step from the first with the full
+    # model's output: record the sampler's inputs and outputs call by call and replay them
+    from dit_compress.train.cache import _Times
+    m = dc.load_model(source)
+    seen = []
+    h = m.register_forward_hook(lambda mod, a, k, out: seen.append((a[0].clone(), out.clone())), with_kwargs=True)
+    try:
+        dc.sample(m, torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([1, 2]),
+                  sampler=sampler, steps=7, cfg_scale=1.0, feature_cache="none")
+    finally:
+        h.remove()
+    times = _Times(m.config, sampler, 7, "linspace" if sampler == "ddim" else None)
+    for n in range(len(times) - 1):
+        x, out = seen[n]
+        assert torch.allclose(times.advance(n, x, out), seen[n + 1][0], atol=1e-5), n
+
+
 def test_a_flow_model_learns_a_cache_for_its_euler_steps(tmp_path):
     out = tmp_path / "m"
     _, report = dc.learn_cache("digits-sit", output=str(out), data="digits", steps=6, iters=40, batch_size=8,
-                               sparsity=0.05, seed=0)
+                               sparsity=0.05, threshold=0.5, seed=0)
     m = dc.load_model(str(out))
     sched = m.config.cache_schedule
     assert sched["sampler"] == "euler" and sched["steps"] == 6 and len(sched["skip"]) == 6
     assert not any(sched["skip"][0]) and not any(sched["skip"][-1])  # nothing cached yet / never evaluated
+    assert report["cacheable_steps"] == [2, 4] and not any(sched["skip"][1]) and not any(sched["skip"][3])
     assert 0 < report["skip_rate"] < 1
     calls = []
     hooks = [b.register_forward_pre_hook(lambda mod, a, i=i: calls.append(i)) for i, b in enumerate(m.blocks)]

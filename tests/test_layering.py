@@ -11,7 +11,7 @@ PKG = Path(__file__).resolve().parents[1] / "dit_compress"
 
 # lowest first; a module may import its own layer and the layers before it
 LAYERS = [
-    {"errors", "progress", "report", "hashing"},
+    {"errors", "progress", "report", "hashing", "torchfiles"},
     {"checks", "outputs"},
     {"config"},
     {"assets"},

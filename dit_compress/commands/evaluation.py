@@ -221,10 +221,13 @@ def bench(sources=None, *, shape: str | None = None, variants=None, baseline: st
         resolve_spacing(sampler, timestep_spacing)  # checked before anything runs
     facts = load_facts(num_heads=num_heads, prediction=prediction, numerics=numerics)
     facts = {k: facts[k] for k in ("num_heads", "prediction", "numerics")}  # load_model keywords
-    for s in specs:  # a shape's options checked here; a loaded model's in its child, refused the same way
-        bench_mod.check_spec(s, {"schedule": (sampler, steps, timestep_spacing), "compile_": compile,
-                                 "dense": dense_masks, "graphs": graphs, "policy": feature_cache if loop else None,
-                                 "loop": loop})
+    shapes = [bench_mod.check_spec(s, {"schedule": (sampler, steps, timestep_spacing), "compile_": compile,
+                                       "dense": dense_masks, "graphs": graphs,
+                                       "policy": feature_cache if loop else None, "loop": loop})
+              for s in specs]  # a shape's options checked here; a loaded model's in its child, refused the same way
+    no_tokens = "`token_capacity` caps token routers and none of the benched models has them (add-token-router)"
+    if token_capacity is not None and all(cfg is not None and cfg.tokens is None for cfg in shapes):
+        raise UsageError(no_tokens)
     results, failed = [], {}
     if echo is not None:
         echo(f"measuring {', '.join(specs)} on {dev} ...")
@@ -245,6 +248,8 @@ def bench(sources=None, *, shape: str | None = None, variants=None, baseline: st
             results.append(res)
             if echo is not None:
                 echo(f"measured {res['spec']}")
+    if token_capacity is not None and not any(r.get("token_capacity") is not None for r in results):
+        raise UsageError(no_tokens + "; nothing written")  # loaded models: known once their processes read them
     rows = bench_mod.compare(results)
     report = {"mode": "sampling loop" if loop else "single forward", "cfg_scale": cfg_scale if loop else None,
               "cuda_graphs": graphs, "feature_cache": feature_cache,

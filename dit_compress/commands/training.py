@@ -110,8 +110,8 @@ def finetune(source, *, output: str | Path, data: str, steps: int = 1000, batch_
 
 @writes_output("source", "teacher", "data")
 def distill(source, *, output: str | Path, teacher, data: str, kd_out: float = 0.9, kd_plain: float = 0.1,
-            kd_rep: float = 0.0, k_sigma: float = 2.0, no_rep_mask: bool = False, rep_pairs: str = "paper",
-            rep_mask_form: str = "paper", steps: int = 1000, batch_size: int = 64, lr: float = 1e-4, ema: float | None = None, seed: int = 0,
+            kd_rep: float = 0.0, k_sigma: float | None = None, no_rep_mask: bool = False, rep_pairs: str = "paper",
+            rep_mask_form: str | None = None, steps: int = 1000, batch_size: int = 64, lr: float = 1e-4, ema: float | None = None, seed: int = 0,
             grad_clip: float = 1.0, grad_accum: int = 1, warmup: int = 0, schedule: str = "constant",
             ckpt_every: int = 0, mixed_precision: str = "no", weight_decay: float = 0.0,
             flops_hold: int | None = None, flops_decay: int | None = None, full_model_loss: float = 1.0,
@@ -121,19 +121,25 @@ def distill(source, *, output: str | Path, teacher, data: str, kd_out: float = 0
             resume: bool = False, force: bool = False):
     """Distill a (compressed) student from ``teacher``: output KD, TinyFusion's masked
     representation KD (weight ``kd_rep``, decaying to 0; layer pairs ``rep_pairs``, mask form
-    ``rep_mask_form``), mixed with the plain loss. Other keywords as for ``finetune``.
+    ``rep_mask_form``, default "paper"; the mask keeps activations within ``k_sigma`` standard
+    deviations, default 2 as TinyFusion; ``no_rep_mask`` drops it, and then refuses the two mask
+    options), mixed with the plain loss. Other keywords as for ``finetune``.
     Returns (written model, report)."""
     tcfg, dyn, load = _split(locals())
     data = checks.text("data", data)
     checks.flag("resume", resume)
     checks.choice("rep_pairs", rep_pairs, REP_PAIRS)
-    checks.choice("rep_mask_form", rep_mask_form, REP_MASK_FORMS)
     kd_out, kd_plain = checks.real("kd_out", kd_out, lo=0.0), checks.real("kd_plain", kd_plain, lo=0.0)
     kd_rep = checks.real("kd_rep", kd_rep, lo=0.0)
     if kd_out == kd_plain == kd_rep == 0:
         raise UsageError("every loss weight is 0 (`kd_out`, `kd_plain`, `kd_rep`): nothing would train")
-    k_sigma = checks.real("k_sigma", k_sigma, lo=0.0, lo_open=True)
     no_rep_mask = checks.flag("no_rep_mask", no_rep_mask)
+    if no_rep_mask and (k_sigma is not None or rep_mask_form is not None):
+        raise UsageError(f"`{'k_sigma' if k_sigma is not None else 'rep_mask_form'}` shapes the RepKD mask and "
+                         "`no_rep_mask` drops it: give one or the other")
+    k_sigma = checks.real("k_sigma", 2.0 if k_sigma is None else k_sigma, lo=0.0, lo_open=True)
+    rep_mask_form = checks.choice("rep_mask_form", "paper" if rep_mask_form is None else rep_mask_form,
+                                  REP_MASK_FORMS)
     student = load_source(source, **load)
     require(student, "distill")
     t_model = load_source(teacher, what="teacher", **load)
@@ -146,13 +152,15 @@ def distill(source, *, output: str | Path, teacher, data: str, kd_out: float = 0
 @writes_output("source", "data")
 def learn_cache(source, *, output: str | Path, data: str, sampler: str | None = None, steps: int = 50,
                 timestep_spacing: str | None = None, iters: int = 300, batch_size: int = 16, lr: float = 0.1,
-                sparsity: float = 0.01, threshold: float = 0.5, seed: int = 0, force: bool = False,
+                sparsity: float = 0.01, threshold: float = 0.1, every_step: bool = False, seed: int = 0,
+                force: bool = False,
                 revision: str | None = None, no_ema: bool = False, num_heads: int | None = None,
                 prediction: str | None = None, numerics: str | None = None):
     """Learning-to-Cache: with the model frozen, learn for each step of ``sampler``/``steps`` and
     each block whether the block reuses its residual of the step before (router gates trained
-    toward the full model's output under a pull toward caching, ``sparsity``; gates below
-    ``threshold`` reuse). Writes the model with the schedule in its config: every command that
+    toward the full model's output under a pull toward caching, ``sparsity``; gates at or below
+    ``threshold`` reuse; every other step may reuse, or every step after the first with
+    ``every_step``). Writes the model with the schedule in its config: every command that
     samples it with that sampler and step count follows it. ``sampler``: ddim / ddpm for eps
     models, euler / sde for flow models (default ddim, or euler for a flow model). Returns
     (written model, report)."""
@@ -179,7 +187,7 @@ def learn_cache(source, *, output: str | Path, data: str, sampler: str | None = 
     dataset = load_data(data, cfg=model.config)
     check_fits(dataset, model.config)
     out, report = learn_cache_fn(model, dataset, sampler, steps, spacing, iters, batch_size, lr, sparsity, threshold,
-                                 seed)
+                                 seed, every_step=bool(every_step))
     report["data"] = data
     write_checkpoint(out, Path(output), force=force, report=report, title="ditc learn-cache")
     return out, report

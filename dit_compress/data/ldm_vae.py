@@ -13,13 +13,13 @@ constant its training and sampling multiply and divide latents by."""
 
 from __future__ import annotations
 
-import pickle
 import re
 from pathlib import Path
 
 import torch
 
 from ..errors import FormatError
+from ..torchfiles import safe_torch_load
 
 MAR_LATENT_SCALE = 0.2325  # engine_mar.py: vae.encode(x).sample().mul_(0.2325); MAR's sampling divides by it
 LDM_SUFFIXES = (".ckpt", ".pt", ".pth")
@@ -154,12 +154,7 @@ def load_ldm_vae(name: str | Path):
 
     p = Path(name)
     file = p / "kl16.ckpt" if p.is_dir() else p
-    try:  # tensors only: nothing pickled is executed
-        obj = torch.load(file, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FormatError(f"{file} is not a readable PyTorch checkpoint of tensors (truncated, corrupt or holding "
-                          f"other objects): {msg}") from None
+    obj = safe_torch_load(file)  # tensors only: nothing pickled is executed
     sd = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise FormatError(f"{file}: expected a state dict or {{'model': state dict}} of a KL autoencoder")

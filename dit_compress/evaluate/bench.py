@@ -86,16 +86,19 @@ def split_policy(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
-def check_spec(spec: str, options: dict | None = None) -> None:
+def check_spec(spec: str, options: dict | None = None):
     """A shape spec's variants checked against its architecture (e.g. a depth it has), its
     policy, and (``options``: ``check_loop_options``' keywords) the bench options its sampling
-    process takes, before any process starts."""
+    process takes, before any process starts. Returns the shape's structure (a config), or None
+    for a model to be loaded (checked in its own process)."""
     source, own_policy = split_policy(spec)
     base, variants = parse_spec(source)
-    if base.startswith("shape:"):
-        cfg = _structure(DiTConfig.preset(base[len("shape:"):]), variants)
-        if options is not None:
-            check_loop_options(spec, cfg, **{**options, "policy": own_policy or options.get("policy")})
+    if not base.startswith("shape:"):
+        return None
+    cfg = _structure(DiTConfig.preset(base[len("shape:"):]), variants)
+    if options is not None:
+        check_loop_options(spec, cfg, **{**options, "policy": own_policy or options.get("policy")})
+    return cfg
 
 
 class LoopOptionError(UsageError):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import pickle
 import re
 from pathlib import Path
 
@@ -13,25 +12,11 @@ import torch
 
 from ..config import ARCHS, DiTConfig
 from ..errors import FormatError, MissingFactError, UsageError
+from ..torchfiles import safe_torch_load  # noqa: F401  (also this module's name for it)
 from .ditc import state_for_save
 from .mar_fmt import extract_mar_state, infer_mar_config, is_mar_state, save_mar_original
 
 TRAINING_ONLY = ("projectors",)  # REPA: projector heads used only by its alignment loss
-
-
-def safe_torch_load(file: Path):
-    """``torch.load(weights_only=True)`` allowing only argparse.Namespace besides tensors."""
-    file = Path(file)
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()
-        detail = next((line for line in first if "GLOBAL" in line or "Unsupported" in line), first[0] if first else "")
-        raise FormatError(f"{file}: refused to unpickle a non-tensor object, nothing was executed ({detail.strip()})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise FormatError(f"{file} is not a readable PyTorch checkpoint (truncated or corrupt?): {msg}") from None
 
 
 def extract_state(obj, use_ema: bool = True) -> tuple[dict, object]:

@@ -1,23 +1,30 @@
-"""Learning-to-Cache (horseee/learning-to-cache): with the model frozen, learn for every step of
-one sampler and every block whether that block may reuse its residual from the step before.
+"""Learning-to-Cache (horseee/learning-to-cache): with the model frozen, learn for steps of one
+sampler and every block whether that block may reuse its residual from the step before.
 
-Each block at each step has a router logit; its gate beta = sigmoid(logit) mixes, in training,
-the block's computed output with its cached one (the block's input plus the residual it had at
-the previous step): out = beta * block(h) + (1 - beta) * (h + residual_prev). A training draw
-takes a batch of data, a sampler step n >= 1 and its previous step n - 1 (their network time
-inputs), noises the batch to both times with one noise (the DDIM trajectory of a perfect x0
-prediction), runs the full model at the previous time to fill the cache, and trains the gates of
-step n toward the full model's output at its time, under an L1 pull of the gates toward 0 (cache
-as much as the output allows). The schedule is the gates below ``threshold``: those blocks reuse
-at that step. Step 0 never reuses (nothing is cached yet).
+Each block at each cacheable step has a router logit; its gate beta = sigmoid(logit) mixes, in
+training, the block's computed output with its cached one (the block's input plus the residual it
+had at the previous step): out = beta * block(h) + (1 - beta) * (h + residual_prev). A training
+draw takes a batch of data and a cacheable step n; it noises the batch to step n - 1's time, runs
+the full model there (filling the cache) and takes the sampler's own deterministic step with that
+output (DDIM eta 0 for the eps samplers, an Euler step for the flow samplers: Learning-to-Cache's
+``router_training_losses``), then trains step n's gates toward the full model's output at the
+point it reached, under an L1 pull of the gates toward 0 (cache as much as the output allows).
+The schedule is the gates at or below ``threshold``: those blocks reuse at that step.
 
-Eps-prediction models learn it for DDPM / DDIM (Learning-to-Cache's own setting); flow models
-(SiT, velocity prediction) for the Euler ODE and the SDE sampler, whose steps each call the
-network once: the pair of times is two consecutive points of SiT's time grid and the batch sits
-on the straight path x_t = t * x1 + (1 - t) * noise at both (the trajectory of a perfect
-velocity). The schedule keeps one row per point of the sampler's grid, as many as its steps;
-the Euler grid's last point (t = 1, the data) is never evaluated, so its row reuses nothing.
-Heun (two calls per step) and dopri5 (adaptive) have no fixed step to learn for and are refused.
+Which steps may reuse (Learning-to-Cache's layout): every other network call, counting back from
+the last, so every cacheable step follows a fully computed one and a reused residual is never more
+than one step old; ``every_step=True`` lets every call after the first reuse (a cached residual
+can then be several steps old). Step 0 never reuses (nothing is cached yet). Departures from the
+paper, named in docs/paper-defaults.md: one gate per block (the paper: one each for attention
+and MLP), logits start at ``init`` (the paper: randn), and the budget (the paper: about 20K AdamW
+steps at lr 1e-3 on ImageNet; the L1 weight is on the gates' mean, the paper's on their sum).
+
+Eps-prediction models learn it for DDPM / DDIM (Learning-to-Cache's own setting, trained on the
+DDIM step for both); flow models (SiT, velocity prediction) for the Euler ODE and the SDE sampler,
+whose steps each call the network once (trained on the Euler step for both). The schedule keeps one
+row per point of the sampler's grid, as many as its steps; the Euler grid's last point (t = 1, the
+data) is never evaluated, so its row reuses nothing. Heun (two calls per step) and dopri5
+(adaptive) have no fixed step to learn for and are refused.
 """
 
 from __future__ import annotations
@@ -72,6 +79,17 @@ class _Times:
     def __len__(self):
         return len(self.calls)
 
+    def advance(self, n: int, x, out):
+        """The sampler's deterministic step from call ``n`` to call ``n + 1`` with the full model's
+        output ``out`` at ``x``: DDIM (eta 0) for the eps samplers, Euler for the flow samplers."""
+        C = x.shape[1]
+        pred = out[:, :C]
+        if self.flow is not None:
+            return x + (float(self.calls[n + 1]) - float(self.calls[n])) * pred
+        a0, a1 = (float(self.full.alphas_cumprod[self.calls[k]]) for k in (n, n + 1))
+        x0 = (x - (1.0 - a0) ** 0.5 * pred) / a0 ** 0.5
+        return a1 ** 0.5 * x0 + (1.0 - a1) ** 0.5 * pred
+
     def used(self, out):
         """The output channels the sampler reads (a flow sampler ignores a SiT's sigma channels)."""
         return out if self.flow is None else out[:, : self.channels]
@@ -110,6 +128,16 @@ class _Mix:
         return g * out + (1 - g) * (h + self.res[i])
 
 
+def cacheable_steps(calls: int, every_step: bool = False) -> list[int]:
+    """The network calls (0-based, in sampling order) whose blocks may reuse: every other call
+    counting back from the last (Learning-to-Cache: the routers of the even indices of the
+    respaced steps, each reusing what the odd step before it computed), or with ``every_step``
+    every call after the first."""
+    if every_step:
+        return list(range(1, calls))
+    return [n for n in range(1, calls) if (calls - 1 - n) % 2 == 0]
+
+
 def _hooked(model, hook):
     class _Ctx:
         def __enter__(self):
@@ -123,11 +151,12 @@ def _hooked(model, hook):
 
 
 def learn_cache(model, data, sampler: str | None = None, steps: int = 50, spacing: str | None = None, iters: int = 300,
-                batch_size: int = 16, lr: float = 0.1, sparsity: float = 0.01, threshold: float = 0.5, seed: int = 0,
-                init: float = 2.0) -> tuple[object, dict]:
+                batch_size: int = 16, lr: float = 0.1, sparsity: float = 0.01, threshold: float = 0.1, seed: int = 0,
+                init: float = 2.0, every_step: bool = False) -> tuple[object, dict]:
     """(a copy of ``model`` whose config holds the learned schedule, a report): the gates' training
     history, the schedule and its skip rate. ``sparsity``: the weight of the gates' mean in the
-    loss (more caches more); ``threshold``: gates below it reuse. ``sampler``: DDIM / DDPM for
+    loss (more caches more); ``threshold``: gates at or below it reuse (Learning-to-Cache's 0.1);
+    ``every_step``: every step after the first may reuse, not every other one. ``sampler``: DDIM / DDPM for
     eps models, Euler / SDE for flow models (default: DDIM, or Euler for a flow model)."""
     sampler = default_sampler(model.config) if sampler is None else sampler
     spacing = resolve_spacing(sampler, spacing)  # DDPM / DDIM: linspace unless given; flow samplers: none
@@ -136,6 +165,7 @@ def learn_cache(model, data, sampler: str | None = None, steps: int = 50, spacin
         raise UsageError(f"learned caching needs two network calls or more to reuse across: {sampler} with {steps} "
                          f"steps calls the network {len(times)} time(s); raise `steps`")
     depth = model.config.depth
+    rows = cacheable_steps(len(times), every_step)
     net = copy.deepcopy(model).eval().requires_grad_(False)
     dev = next(net.parameters()).device
     logits = torch.full((len(times), depth), float(init), device=dev, requires_grad=True)
@@ -145,15 +175,17 @@ def learn_cache(model, data, sampler: str | None = None, steps: int = 50, spacin
     with make_progress("learning the cache schedule", iters) as bar:
         for it in range(iters):
             x0, y = draw_examples(data, batch_size, g)
-            n = int(torch.randint(1, len(times), (1,), generator=g))
+            n = rows[int(torch.randint(0, len(rows), (1,), generator=g))]
             noise = torch.randn(x0.shape, generator=g)
             x0, noise = x0.to(dev), noise.to(dev)
             y = y.to(dev) if torch.is_tensor(y) else y.to(dev)
-            (xp, tp), (xc, tc) = times.at(n - 1, x0, noise), times.at(n, x0, noise)
+            xp, tp = times.at(n - 1, x0, noise)
+            tc = times.at(n, x0, noise)[1]
             cap = _Capture()
             with torch.no_grad():
                 with _hooked(net, cap):
-                    net(xp, tp, y, run=RunContext(step=n - 1))
+                    prev = net(xp, tp, y, run=RunContext(step=n - 1))
+                xc = times.advance(n - 1, xp, prev)  # where the sampler goes from there
                 target = net(xc, tc, y)
             gates = torch.sigmoid(logits[n])
             with _hooked(net, _Mix(gates, cap.res)):
@@ -166,15 +198,16 @@ def learn_cache(model, data, sampler: str | None = None, steps: int = 50, spacin
             history.append({"iter": it, "fit": float(fit.detach()), "gate_mean": float(gates.detach().mean())})
             bar.advance(1)
     with torch.no_grad():
-        skip = (torch.sigmoid(logits) < threshold).tolist()
-    skip[0] = [False] * depth
+        skip = (torch.sigmoid(logits) <= threshold).tolist()
+    allowed = set(rows)
+    skip = [row if n in allowed else [False] * depth for n, row in enumerate(skip)]
     skip += [[False] * depth for _ in range(int(steps) - len(skip))]  # the Euler endpoint: never evaluated
     schedule = {"sampler": sampler, "steps": int(steps), "spacing": spacing, "skip": skip}
     out = copy.deepcopy(model)
     out.config = model.config.copy(cache_schedule=schedule).with_step(
         "learn-cache", sampler=sampler, steps=int(steps), spacing=spacing, iters=iters, batch_size=batch_size, lr=lr,
-        sparsity=sparsity, threshold=threshold, seed=seed)
+        sparsity=sparsity, threshold=threshold, seed=seed, every_step=bool(every_step))
     rate = sum(map(sum, skip[:len(times)])) / (len(times) * depth)  # over the steps that call the network
     report = {"op": "learn-cache", "sampler": sampler, "steps": int(steps), "spacing": spacing, "skip_rate": rate,
-              "network_calls": len(times), "blocks_reused_per_step": [sum(r) for r in skip], "history": history}
+              "network_calls": len(times), "cacheable_steps": rows, "blocks_reused_per_step": [sum(r) for r in skip], "history": history}
     return out, report
