@@ -129,9 +129,12 @@ def test_every_command_refuses_wrong_typed_and_out_of_range_options(files, tmp_p
     (["eval", "{pix}", "-o", "{out}", "-n", "2", "--shard-size", "0"], "--shard-size must be at least 1"),
     (["distill", "{pix}", "-o", "{out}", "--teacher", "{pix}", "--data", "digits", "--kd-out", "0", "--kd-plain", "0"],
      "every loss weight is 0"),
-    (["distill", "{pix}", "-o", "{out}", "--teacher", "{pix}", "--data", "digits", "--no-rep-mask", "--k-sigma", "3"],
+    (["distill", "{pix}", "-o", "{out}", "--teacher", "{pix}", "--data", "digits", "--k-sigma", "3"],
+     "--k-sigma shapes masked RepKD, which is off (--kd-rep 0)"),
+    (["distill", "{pix}", "-o", "{out}", "--teacher", "{pix}", "--data", "digits", "--kd-rep", "0.01", "--no-rep-mask",
+      "--k-sigma", "3"],
      "--k-sigma shapes the RepKD mask and --no-rep-mask drops it"),
-    (["distill", "{pix}", "-o", "{out}", "--teacher", "{pix}", "--data", "digits", "--no-rep-mask",
+    (["distill", "{pix}", "-o", "{out}", "--teacher", "{pix}", "--data", "digits", "--kd-rep", "0.01", "--no-rep-mask",
       "--rep-mask-form", "joint"], "--rep-mask-form shapes the RepKD mask"),
 ])
 def test_named_bad_values_are_refused_in_one_line(files, tmp_path, args, text):

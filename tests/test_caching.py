@@ -282,6 +282,34 @@ def test_a_learned_schedule_is_refused_for_another_sampler_or_step_count_and_fol
     assert pruned.config.cache_schedule["skip"] == [[row[i] for i in (1, 3, 5)] for row in m.config.cache_schedule["skip"]]
 
 
+def test_feature_cache_none_runs_a_learned_model_uncached_in_eval_and_bench(learned, tmp_path):
+    """`--feature-cache none` turns the model's own schedule off: eval samples what the uncached base
+    samples from the same noise (at any step count), and bench times the uncached loop; without it
+    bench reports the schedule's skips."""
+    import json
+
+    out, _ = learned
+    args = ["-n", "20", "--steps", "6", "--cfg-scale", "2", "--metrics", "fid", "--loss-data", "none", "--json",
+            "--no-cache"]
+    base = runner.invoke(app, ["eval", "digits-dit", "-o", str(tmp_path / "base"), *args])
+    assert base.exit_code == 0, base.output
+    r = runner.invoke(app, ["eval", str(out), "-o", str(tmp_path / "off"), *args, "--feature-cache", "none",
+                            "--fidelity-ref", str(tmp_path / "base")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["metrics"]["fidelity_mse"] == 0.0 and "feature_cache" not in rep
+    r = runner.invoke(app, ["eval", str(out), "-o", str(tmp_path / "off8"), *args[:2], "--steps", "8", *args[4:],
+                            "--feature-cache", "none"])
+    assert r.exit_code == 0, r.output
+    bench = ["bench", "--loop", str(out), "--batch-sizes", "1", "--repeats", "1", "--warmup", "0", "--json"]
+    r = runner.invoke(app, [*bench, "--steps", "8", "--feature-cache", "none", "-o", str(tmp_path / "b8")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, [*bench, "--steps", "6", "-o", str(tmp_path / "b6")])
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.stdout)["rows"][0]
+    assert row["feature_cache"]["policy"] == "learned (ddim 6)" and row["feature_cache"]["skip_rate"] > 0
+
+
 @pytest.mark.parametrize("args,msg", [(["--threshold", "1.5"], "threshold"), (["--steps", "1"], "steps"),
                                       (["--sampler", "euler"], "sampler"), (["--iters", "0"], "iters")])
 def test_learn_cache_bad_options_are_one_line(tmp_path, args, msg):
@@ -316,6 +344,46 @@ def test_learned_cache_trains_at_the_times_its_sampler_evaluates(source, sampler
         for n in range(len(times)):
             t = float(times.calls[n])
             assert torch.allclose(times.at(n, x0, noise)[0], t * x0 + (1 - t) * noise, atol=1e-6)  # t in float32
+
+
+def test_learn_cache_pairs_are_one_ddim_step_apart_and_gates_at_or_below_the_threshold_skip():
+    """One training draw, seen from outside: the full model runs at step n-1's time, its output is
+    taken one DDIM (eta 0) step by a float64 re-derivation of DDIM's update, and both the target and
+    the routed model run exactly there, at step n's time. The schedule is the final gates at or below
+    the threshold, on cacheable steps only (gates left at exactly 0.5 with threshold 0.5: all skip)."""
+    import numpy as np
+
+    from dit_compress.data.datasets import load_data
+    from dit_compress.train.cache import learn_cache
+
+    m = dc.load_model("digits-dit")
+    calls = []
+
+    def rec(mod, args, kwargs, out):
+        calls.append((args[0].detach().clone(), float(args[1].flatten()[0]), out.detach().clone()))
+
+    m.register_forward_hook(rec, with_kwargs=True)  # the deep copy inside learn_cache keeps it
+    data = load_data("digits", cfg=m.config)
+    out, report = learn_cache(m, data, sampler="ddim", steps=6, iters=1, batch_size=2, seed=3, init=0.0, lr=1e-12,
+                              threshold=0.5)
+    assert len(calls) == 3
+    (x1, t1, o1), (x2, t2, _), (x3, t3, _) = calls
+    betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)  # DiT's linear schedule
+    acp = np.cumprod(1.0 - betas)
+    ddim6 = [999 - round(i * 999 / 5) for i in range(6)]  # linspace spacing, 6 calls
+    assert round(t1) in ddim6 and round(t2) == ddim6[ddim6.index(round(t1)) + 1]
+    a, a_next = acp[round(t1)], acp[round(t2)]
+    eps = o1[:, : x1.shape[1]].double()
+    x0 = (x1.double() - np.sqrt(1 - a) * eps) / np.sqrt(a)
+    want = np.sqrt(a_next) * x0 + np.sqrt(1 - a_next) * eps
+    assert torch.allclose(x2.double(), want, atol=1e-4) and torch.equal(x2, x3) and t3 == t2
+    depth = m.config.depth
+    assert all(g == 0.5 for row in report["gates"] for g in row)
+    skip = out.config.cache_schedule["skip"]
+    assert skip == [[n in report["cacheable_steps"]] * depth for n in range(6)]
+    _, report = learn_cache(m, data, sampler="ddim", steps=6, iters=1, batch_size=2, seed=3, init=0.0, lr=1e-12,
+                            threshold=0.49)
+    assert report["blocks_reused_per_step"] == [0] * 6
 
 
 def test_cacheable_steps_are_learning_to_cache_routers():

@@ -323,6 +323,7 @@ def test_a_token_capacity_outside_0_1_is_refused(capacity):
     (["--cuda-graphs", "sometimes"], "cuda-graphs"),
     (["--device", "cuda"], "no CUDA device"),
     (["--variants", "d6,width0.5", "--token-capacity", "0.5"], "none of the benched models has them"),
+    (["--variants", "tokens0.5", "--dense-masks", "--token-capacity", "0.5"], "give one or the other"),
 ])
 def test_bench_bad_speed_options_are_one_line_exit_2(args, msg):
     r = runner.invoke(app, ["bench", "--shape", "DiT-S/2", "--device", "cpu", *args])

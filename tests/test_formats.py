@@ -121,6 +121,17 @@ def test_pickle_with_unknown_global_is_refused(tmp_path, capsys):
     assert "pwned" not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("content", [b"hello, this is not a checkpoint\n", bytes(range(256)) * 4, b"\x80\x02}q\x00X"])
+def test_text_or_garbage_named_pt_is_one_line(tmp_path, content):
+    """Plain text and garbage bytes make the unpickler raise KeyError / IndexError deep inside: the
+    loader turns every such failure into its own one-line FormatError."""
+    p = tmp_path / "bad.pt"
+    p.write_bytes(content)
+    with pytest.raises(FormatError, match="bad.pt") as e:
+        load_model(p)
+    assert "\n" not in str(e.value)
+
+
 def test_bf16_save_load(tmp_path):
     m = tiny_model(seed=6)
     save_model(m, tmp_path / "b", dtype="bf16")

@@ -226,6 +226,9 @@ def bench(sources=None, *, shape: str | None = None, variants=None, baseline: st
                                        "policy": feature_cache if loop else None, "loop": loop})
               for s in specs]  # a shape's options checked here; a loaded model's in its child, refused the same way
     no_tokens = "`token_capacity` caps token routers and none of the benched models has them (add-token-router)"
+    if token_capacity is not None and dense_masks:
+        raise UsageError("`token_capacity` caps the fast token path and `dense_masks` times the masked-dense reference, "
+                         "which runs every token: give one or the other")
     if token_capacity is not None and all(cfg is not None and cfg.tokens is None for cfg in shapes):
         raise UsageError(no_tokens)
     results, failed = [], {}
@@ -248,7 +251,7 @@ def bench(sources=None, *, shape: str | None = None, variants=None, baseline: st
             results.append(res)
             if echo is not None:
                 echo(f"measured {res['spec']}")
-    if token_capacity is not None and not any(r.get("token_capacity") is not None for r in results):
+    if token_capacity is not None and not failed and not any(r.get("token_capacity") is not None for r in results):
         raise UsageError(no_tokens + "; nothing written")  # loaded models: known once their processes read them
     rows = bench_mod.compare(results)
     report = {"mode": "sampling loop" if loop else "single forward", "cfg_scale": cfg_scale if loop else None,

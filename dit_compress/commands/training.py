@@ -134,6 +134,10 @@ def distill(source, *, output: str | Path, teacher, data: str, kd_out: float = 0
     if kd_out == kd_plain == kd_rep == 0:
         raise UsageError("every loss weight is 0 (`kd_out`, `kd_plain`, `kd_rep`): nothing would train")
     no_rep_mask = checks.flag("no_rep_mask", no_rep_mask)
+    shaping = [n for n, v in (("k_sigma", k_sigma), ("rep_mask_form", rep_mask_form), ("no_rep_mask", no_rep_mask)) if v]
+    if kd_rep == 0 and shaping:
+        raise UsageError(f"`{shaping[0]}` shapes masked RepKD, which is off (`kd_rep` 0): set `kd_rep` "
+                         "(TinyFusion: 0.01) or leave it out")
     if no_rep_mask and (k_sigma is not None or rep_mask_form is not None):
         raise UsageError(f"`{'k_sigma' if k_sigma is not None else 'rep_mask_form'}` shapes the RepKD mask and "
                          "`no_rep_mask` drops it: give one or the other")
@@ -172,6 +176,7 @@ def learn_cache(source, *, output: str | Path, data: str, sampler: str | None = 
     lr = c.real("lr", lr, lo=0.0, lo_open=True)
     sparsity = c.real("sparsity", sparsity, lo=0.0)
     threshold = c.real("threshold", threshold, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    every_step = c.flag("every_step", every_step)
     seed = check_seed(seed)
     if sampler is not None:
         sampler = c.choice("sampler", sampler, CACHE_SAMPLERS)
@@ -187,7 +192,7 @@ def learn_cache(source, *, output: str | Path, data: str, sampler: str | None = 
     dataset = load_data(data, cfg=model.config)
     check_fits(dataset, model.config)
     out, report = learn_cache_fn(model, dataset, sampler, steps, spacing, iters, batch_size, lr, sparsity, threshold,
-                                 seed, every_step=bool(every_step))
+                                 seed, every_step=every_step)
     report["data"] = data
     write_checkpoint(out, Path(output), force=force, report=report, title="ditc learn-cache")
     return out, report

@@ -183,7 +183,7 @@ def learned_policy(schedule: dict, sampler: str, steps: int, spacing) -> Learned
         sp = lambda v: f" ({v} spacing)" if v is not None else ""  # noqa: E731 - flow samplers have none
         raise UsageError(f"this model's learned cache schedule is for {want[0]} {want[1]} steps{sp(want[2])}, "
                          f"not {sampler} {steps}{sp(spacing)}: sample with those, or run it uncached "
-                         "(`feature_cache` none, --feature-cache none)")
+                         "(`feature_cache` none)")
     return LearnedCache(schedule["skip"], f"learned ({want[0]} {want[1]})")
 
 

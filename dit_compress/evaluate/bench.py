@@ -295,16 +295,16 @@ def _loop_rows(model, cfg, batch_sizes, repeats, warmup, sampler, steps, spacing
             compiled0 = compiled_graphs()
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                policy = parse_policy(feature_cache)
+                policy = run_policy(model.config, feature_cache, sampler, steps, resolve_spacing(sampler, spacing))
                 sample(model, x, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale, timestep_spacing=spacing,
                        generator=torch.Generator().manual_seed(1), negative=negative, cuda_graphs=graphs,
-                       feature_cache=policy)
+                       feature_cache=policy if policy is not None else "none")
                 _sync(dev)
                 times.append(time.perf_counter() - t0)
         med = statistics.median(times)
         rows.append({"batch": bs, **_stats(times), "seconds_per_image": med / bs, "images_per_s": bs / med,
                      "warmup_s": warm, "graphs_in_timed_runs": compiled_graphs() - compiled0,
-                     **({"feature_cache": policy.stats()} if feature_cache is not None else {})})
+                     **({"feature_cache": policy.stats()} if policy is not None else {})})
     return rows
 
 

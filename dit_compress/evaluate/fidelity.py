@@ -148,7 +148,8 @@ def sample_shards(model, out_dir: Path, num_samples: int, sampler: str = "ddim",
                                  cfg_scale=cfg_scale,
                                  cfg_channels=cfg_channels, timestep_spacing=timestep_spacing,
                                  guidance_interval=guidance_interval, compile=compile,
-                                 **({"feature_cache": feature_cache} if feature_cache is not None else {}))
+                                 # resolved already: None runs uncached, not the model's learned schedule
+                                 feature_cache=feature_cache if feature_cache is not None else "none")
                 if batch_seconds is not None:
                     batch_seconds.append((e - b, time.perf_counter() - tb))
                 imgs.append(to_uint8(decode(model, x, vae)))

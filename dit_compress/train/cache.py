@@ -16,8 +16,10 @@ the last, so every cacheable step follows a fully computed one and a reused resi
 than one step old; ``every_step=True`` lets every call after the first reuse (a cached residual
 can then be several steps old). Step 0 never reuses (nothing is cached yet). Departures from the
 paper, named in docs/paper-defaults.md: one gate per block (the paper: one each for attention
-and MLP), logits start at ``init`` (the paper: randn), and the budget (the paper: about 20K AdamW
-steps at lr 1e-3 on ImageNet; the L1 weight is on the gates' mean, the paper's on their sum).
+and MLP), logits start at ``init`` (the paper: randn), labels are not dropped to the null class
+(the reference drops 10%), one Adam state for all gates, and the budget (the reference: AdamW at
+lr 1e-3, batch 64, thousands of steps on ImageNet; the L1 weight is on the gates' mean, the
+reference's on their sum).
 
 Eps-prediction models learn it for DDPM / DDIM (Learning-to-Cache's own setting, trained on the
 DDIM step for both); flow models (SiT, velocity prediction) for the Euler ODE and the SDE sampler,
@@ -198,7 +200,8 @@ def learn_cache(model, data, sampler: str | None = None, steps: int = 50, spacin
             history.append({"iter": it, "fit": float(fit.detach()), "gate_mean": float(gates.detach().mean())})
             bar.advance(1)
     with torch.no_grad():
-        skip = (torch.sigmoid(logits) <= threshold).tolist()
+        gates = torch.sigmoid(logits)
+        skip = (gates <= threshold).tolist()
     allowed = set(rows)
     skip = [row if n in allowed else [False] * depth for n, row in enumerate(skip)]
     skip += [[False] * depth for _ in range(int(steps) - len(skip))]  # the Euler endpoint: never evaluated
@@ -209,5 +212,6 @@ def learn_cache(model, data, sampler: str | None = None, steps: int = 50, spacin
         sparsity=sparsity, threshold=threshold, seed=seed, every_step=bool(every_step))
     rate = sum(map(sum, skip[:len(times)])) / (len(times) * depth)  # over the steps that call the network
     report = {"op": "learn-cache", "sampler": sampler, "steps": int(steps), "spacing": spacing, "skip_rate": rate,
-              "network_calls": len(times), "cacheable_steps": rows, "blocks_reused_per_step": [sum(r) for r in skip], "history": history}
+              "network_calls": len(times), "cacheable_steps": rows, "blocks_reused_per_step": [sum(r) for r in skip],
+              "gates": [[round(float(v), 6) for v in row] for row in gates.tolist()], "history": history}
     return out, report
