@@ -278,6 +278,9 @@ def test_a_learned_schedule_is_refused_for_another_sampler_or_step_count_and_fol
                             "--warmup", 0, "-o", str(tmp_path / "b")])  # refused as an option: exit 2, nothing timed
     assert r.exit_code == 2 and "learned cache schedule is for ddim 6 steps" in r.output, r.output
     assert not (tmp_path / "b").exists()
+    for fmt, name in (("original", "c.pt"), ("diffusers", "c-diffusers")):  # never dropped silently
+        r = runner.invoke(app, ["convert", str(out), "--to", fmt, "-o", str(tmp_path / name)])
+        assert r.exit_code == 2 and "learned cache schedule" in r.output and not (tmp_path / name).exists(), r.output
     pruned = prune_layers(m, [1, 3, 5])
     assert pruned.config.cache_schedule["skip"] == [[row[i] for i in (1, 3, 5)] for row in m.config.cache_schedule["skip"]]
 

@@ -182,6 +182,9 @@ def save_model(model, path, format: str = "ditc", dtype=None, force: bool = Fals
         raise UsageError(f"`model` must be a model made or loaded by ditc, got {type(model).__name__} (load it with "
                          "dit_compress.load_model first)")
     path = Path(checks.path("path", path))
+    if format in ("original", "diffusers") and getattr(model.config, "cache_schedule", None) is not None:
+        raise UsageError(f"this model's learned cache schedule has no place in the {format} layout and would be lost: "
+                         "save it as ditc, or convert the model it was learned from (the weights are the same)")
     if format == "original":
         if model.config.is_dynamic:
             raise UsageError("a model with dynamic routers cannot be saved in the original layout; save it as ditc")
