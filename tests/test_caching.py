@@ -278,6 +278,11 @@ def test_a_learned_schedule_is_refused_for_another_sampler_or_step_count_and_fol
                             "--warmup", 0, "-o", str(tmp_path / "b")])  # refused as an option: exit 2, nothing timed
     assert r.exit_code == 2 and "learned cache schedule is for ddim 6 steps" in r.output, r.output
     assert not (tmp_path / "b").exists()
+    import json
+    r = runner.invoke(app, ["info", str(out), "--json"])
+    lc = json.loads(r.stdout)["learned_cache"]
+    skip = m.config.cache_schedule["skip"]
+    assert lc["sampler"] == "ddim" and lc["steps"] == 6 and lc["blocks_reused_per_step"] == [sum(x) for x in skip]
     for fmt, name in (("original", "c.pt"), ("diffusers", "c-diffusers")):  # never dropped silently
         r = runner.invoke(app, ["convert", str(out), "--to", fmt, "-o", str(tmp_path / name)])
         assert r.exit_code == 2 and "learned cache schedule" in r.output and not (tmp_path / name).exists(), r.output
